@@ -1,0 +1,317 @@
+"""CPU backend: pure-PyTorch reference implementations of every operator.
+
+This module is the specification of the operator interface. Each function documents its shapes and
+dtypes; the NPU backend (``ops.npu``) implements the same signature with torch_npu kernels and must
+return the same numbers within the tolerance stated in its docstring.
+
+Notation: T tokens (all requests packed, "TND"), R requests, H heads, D head_dim, E experts,
+k experts per token, NB cache blocks, BS block size.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NAME = "cpu"
+
+
+# --------------------------------------------------------------------------------------------
+# Normalisation
+# --------------------------------------------------------------------------------------------
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim: ``x / sqrt(mean(x^2) + eps) * weight``.
+
+    x: [..., N] any float dtype; weight: [N]. Computed in fp32, returned in x.dtype (the weight is
+    applied after casting back, as Hugging Face Qwen3 does).
+    """
+    xf = x.float()
+    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * (xf * rstd).to(x.dtype)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual add then RMSNorm: returns ``(rms_norm(x + residual), x + residual)``.
+
+    x, residual: [..., N] same dtype; weight: [N]. The sum is formed in x.dtype (as an unfused
+    ``x + residual`` would be) and is the new residual stream.
+    """
+    new_residual = x + residual
+    return rms_norm(new_residual, weight, eps), new_residual
+
+
+def head_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Per-head RMSNorm (Qwen3 QK-Norm): x [T, H, D], weight [D] shared by all heads."""
+    return rms_norm(x, weight, eps)
+
+
+# --------------------------------------------------------------------------------------------
+# Rotary embedding (neox / rotate-half style)
+# --------------------------------------------------------------------------------------------
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rotary_embedding(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+                     cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply neox-style rotary embedding to q and k.
+
+    q: [T, Hq, D], k: [T, Hk, D]; positions: [T] int (position of each token);
+    cos_sin_cache: [max_pos, D] fp32, first half cos(pos * inv_freq) * mscale, second half
+    sin(...) * mscale (see ``ops.rope.rope_cos_sin_cache``). For each token and head:
+    ``out = x * cos + rotate_half(x) * sin`` with cos/sin repeated to D, computed in fp32 and
+    returned in the input dtype.
+    """
+    cs = cos_sin_cache.index_select(0, positions.long())
+    half = cs.shape[-1] // 2
+    cos = torch.cat((cs[:, :half], cs[:, :half]), dim=-1).unsqueeze(1)  # [T, 1, D]
+    sin = torch.cat((cs[:, half:], cs[:, half:]), dim=-1).unsqueeze(1)
+
+    def apply(x):
+        xf = x.float()
+        return (xf * cos + _rotate_half(xf) * sin).to(x.dtype)
+
+    return apply(q), apply(k)
+
+
+# --------------------------------------------------------------------------------------------
+# Activation
+# --------------------------------------------------------------------------------------------
+
+def swiglu(x: torch.Tensor) -> torch.Tensor:
+    """SwiGLU on a fused gate/up tensor: x [..., 2I] -> silu(x[..., :I]) * x[..., I:] ([..., I]).
+
+    Computed in fp32, returned in x.dtype.
+    """
+    gate, up = x.float().chunk(2, dim=-1)
+    return (torch.nn.functional.silu(gate) * up).to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Paged KV cache and attention
+# --------------------------------------------------------------------------------------------
+
+def write_kv_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
+                   value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Scatter this step's keys/values into the paged cache, in place.
+
+    key, value: [T, Hkv, D]; key_cache, value_cache: [NB, BS, Hkv, D] (same dtype as key);
+    slot_mapping: [T] int (int32 or int64). Token t goes to block ``slot // BS`` at offset
+    ``slot % BS``; a slot of -1 means "do not write" (padding tokens).
+    """
+    nb, bs = key_cache.shape[0], key_cache.shape[1]
+    slots = slot_mapping.long()
+    keep = slots >= 0
+    slots = slots[keep]
+    if slots.numel() and int(slots.max()) >= nb * bs:
+        raise ValueError(f"slot {int(slots.max())} is outside the cache of {nb} blocks x {bs}")
+    key_cache.view(nb * bs, *key_cache.shape[2:])[slots] = key[keep].to(key_cache.dtype)
+    value_cache.view(nb * bs, *value_cache.shape[2:])[slots] = value[keep].to(value_cache.dtype)
+
+
+def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                    block_tables: torch.Tensor, query_start_loc: torch.Tensor,
+                    seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention of packed queries over a paged KV cache (prefill, chunked prefill, decode).
+
+    query: [T, Hq, D], tokens of R requests packed in order; request r owns query rows
+    ``query_start_loc[r]:query_start_loc[r+1]`` (query_start_loc: [R+1] int, starts at 0).
+    key_cache, value_cache: [NB, BS, Hkv, D], already holding every key of the requests, this
+    step's included. block_tables: [R, max_blocks] int32, logical block i of request r lives in
+    physical block ``block_tables[r, i]``. seq_lens: [R] int, number of keys of request r (cached
+    prefix + this step's tokens). Bottom-right causal: with Lq queries and Lk keys, query j sees
+    keys 0 .. Lk - Lq + j. GQA: query head h reads kv head ``h // (Hq // Hkv)``.
+    Softmax in fp32; returns [T, Hq, D] in query.dtype.
+    """
+    T, Hq, D = query.shape
+    bs, Hkv = key_cache.shape[1], key_cache.shape[2]
+    if Hq % Hkv:
+        raise ValueError(f"query heads {Hq} are not a multiple of kv heads {Hkv}")
+    group = Hq // Hkv
+    out = torch.empty_like(query)
+    starts = query_start_loc.tolist()
+    lens = seq_lens.tolist()
+    for r in range(len(lens)):
+        q0, q1, lk = starts[r], starts[r + 1], lens[r]
+        lq = q1 - q0
+        if lq == 0:
+            continue
+        nblk = (lk + bs - 1) // bs
+        blocks = block_tables[r, :nblk].long()
+        k = key_cache[blocks].reshape(nblk * bs, Hkv, D)[:lk].float()
+        v = value_cache[blocks].reshape(nblk * bs, Hkv, D)[:lk].float()
+        k = k.repeat_interleave(group, dim=1)  # [Lk, Hq, D]
+        v = v.repeat_interleave(group, dim=1)
+        q = query[q0:q1].float()
+        scores = torch.einsum("qhd,khd->hqk", q, k) * scale  # [Hq, Lq, Lk]
+        qpos = torch.arange(lq).unsqueeze(1) + (lk - lq)
+        kpos = torch.arange(lk).unsqueeze(0)
+        scores.masked_fill_(kpos > qpos, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        out[q0:q1] = torch.einsum("hqk,khd->qhd", probs, v).to(query.dtype)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# int8 quantisation
+# --------------------------------------------------------------------------------------------
+
+def dynamic_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token symmetric int8 quantisation.
+
+    x: [M, K] float. scale[m] = max_k |x[m, k]| / 127 (fp32); xq = round(x / scale) (half to even),
+    int8. A row of zeros gets scale 0 and quantises to zeros. Returns (xq [M, K] int8, scale [M] fp32).
+    """
+    xf = x.float()
+    scale = xf.abs().amax(dim=-1) / 127.0
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    xq = torch.round(xf / safe.unsqueeze(-1)).clamp(-128, 127).to(torch.int8)
+    return xq, scale
+
+
+def static_quant(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """Per-tensor static int8 quantisation with zero point.
+
+    x: [..., K] float; scale: [1] float (the checkpoint's ``input_scale``); offset: [1] (int8 or
+    float, the ``input_offset``). xq = clamp(round(x / scale + offset), -128, 127) (round half to
+    even), int8.
+    """
+    y = torch.round(x.float() / scale.float() + offset.float())
+    return y.clamp(-128, 127).to(torch.int8)
+
+
+def int8_matmul(xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
+    """The int32 accumulator of an int8 GEMM: xq [M, K] int8 @ wq [K, N] int8 -> [M, N] int32."""
+    if xq.shape[0] == 0:
+        return torch.zeros(0, wq.shape[1], dtype=torch.int32)
+    return torch._int_mm(xq.contiguous(), wq.contiguous())
+
+
+def quant_matmul(xq: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor,
+                 pertoken_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                 output_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """int8 x int8 GEMM with int32 accumulation and dequantisation.
+
+    xq: [M, K] int8; wq: [K, N] int8 (weight stored transposed, K-major rows); scale: [N] fp32
+    per-output-channel dequant scale (static W8A8: input_scale * weight_scale; dynamic: weight_scale);
+    pertoken_scale: [M] fp32 or None (dynamic quant of the activations); bias: [N] int32 or None,
+    added to the int32 accumulator before scaling (msModelSlim's ``quant_bias``).
+    y[m, n] = (acc[m, n] + bias[n]) * scale[n] * pertoken_scale[m], cast to output_dtype.
+    """
+    acc = int8_matmul(xq, wq)
+    if bias is not None:
+        acc = acc + bias.to(torch.int32)
+    y = acc.float() * scale.float()
+    if pertoken_scale is not None:
+        y = y * pertoken_scale.float().unsqueeze(-1)
+    return y.to(output_dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Mixture of experts
+# --------------------------------------------------------------------------------------------
+
+def moe_gating_topk(router_logits: torch.Tensor, k: int, renormalize: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax router with top-k selection.
+
+    router_logits: [T, E] (any float dtype). Softmax over E in fp32, keep the k largest
+    probabilities (ties: lower expert id first); if ``renormalize`` divide them by their sum.
+    Returns (weights [T, k] fp32, expert_ids [T, k] int32), each row sorted by descending weight.
+    """
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    weights, ids = torch.topk(probs, k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids.to(torch.int32)
+
+
+def moe_route(x: torch.Tensor, expert_ids: torch.Tensor, num_experts: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Permute token copies so that rows for the same expert are contiguous.
+
+    x: [T, Hd]; expert_ids: [T, k] int. The T*k (token, slot) pairs are flattened in row-major order
+    (pair index p = t * k + j) and stably sorted by expert id.
+    Returns:
+      sorted_x [T*k, Hd]: ``sorted_x[i] = x[sorted_pairs[i] // k]``;
+      sorted_pairs [T*k] int32: the pair index p of each sorted row;
+      tokens_per_expert [E] int64: how many rows each expert received (zeros allowed).
+    """
+    T, k = expert_ids.shape
+    flat = expert_ids.reshape(-1).long()
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= num_experts):
+        raise ValueError(f"expert ids must lie in [0, {num_experts}), got "
+                         f"[{int(flat.min())}, {int(flat.max())}]")
+    order = torch.sort(flat, stable=True).indices
+    sorted_x = x.index_select(0, order // k)
+    counts = torch.bincount(flat, minlength=num_experts)
+    return sorted_x, order.to(torch.int32), counts.to(torch.int64)
+
+
+def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, group_sizes: torch.Tensor) -> torch.Tensor:
+    """Per-group float GEMM over rows sorted by group.
+
+    x: [M, K]; weight: [G, K, N]; group_sizes: [G] int64 counts summing to M. Rows
+    ``offset_g : offset_g + group_sizes[g]`` are multiplied by weight[g]. Returns [M, N] in x.dtype
+    (fp32 accumulation).
+    """
+    out = torch.empty(x.shape[0], weight.shape[2], dtype=x.dtype)
+    start = 0
+    for g, n in enumerate(group_sizes.tolist()):
+        if n:
+            out[start:start + n] = (x[start:start + n].float() @ weight[g].float()).to(x.dtype)
+        start += n
+    if start != x.shape[0]:
+        raise ValueError(f"group sizes sum to {start}, x has {x.shape[0]} rows")
+    return out
+
+
+def grouped_quant_matmul(xq: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor,
+                         pertoken_scale: torch.Tensor, group_sizes: torch.Tensor,
+                         output_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Per-group int8 GEMM (W8A8_DYNAMIC experts).
+
+    xq: [M, K] int8 rows sorted by group; wq: [G, K, N] int8; scale: [G, N] fp32 per-channel weight
+    scale; pertoken_scale: [M] fp32; group_sizes: [G] int64. For a row m of group g:
+    y[m, n] = acc[m, n] * scale[g, n] * pertoken_scale[m], acc the int32 accumulator.
+    """
+    out = torch.empty(xq.shape[0], wq.shape[2], dtype=output_dtype)
+    start = 0
+    for g, n in enumerate(group_sizes.tolist()):
+        if n:
+            out[start:start + n] = quant_matmul(xq[start:start + n], wq[g], scale[g],
+                                                pertoken_scale[start:start + n], None, output_dtype)
+        start += n
+    if start != xq.shape[0]:
+        raise ValueError(f"group sizes sum to {start}, x has {xq.shape[0]} rows")
+    return out
+
+
+def moe_combine(expert_out: torch.Tensor, sorted_pairs: torch.Tensor, weights: torch.Tensor
+                ) -> torch.Tensor:
+    """Weighted un-permute: the inverse of ``moe_route`` followed by the top-k weighted sum.
+
+    expert_out: [T*k, Hd] rows in sorted order; sorted_pairs: [T*k] int (from moe_route);
+    weights: [T, k] fp32. out[t] = sum_j weights[t, j] * expert_out[row of pair t*k+j],
+    accumulated in fp32, returned [T, Hd] in expert_out.dtype.
+    """
+    T, k = weights.shape
+    unsorted = torch.empty(T * k, expert_out.shape[-1], dtype=torch.float32)
+    unsorted[sorted_pairs.long()] = expert_out.float()
+    out = (unsorted.view(T, k, -1) * weights.float().unsqueeze(-1)).sum(dim=1)
+    return out.to(expert_out.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Weight preparation
+# --------------------------------------------------------------------------------------------
+
+def prepare_weight(weight: torch.Tensor) -> torch.Tensor:
+    """Put a [K, N] or [G, K, N] matmul weight into the backend's preferred layout.
+
+    On the CPU this is the identity; on the NPU it casts to FRACTAL_NZ. Numerically the identity.
+    """
+    return weight

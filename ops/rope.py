@@ -1,0 +1,65 @@
+"""Rotary-embedding tables (backend independent; computed once at model build).
+
+``rope_cos_sin_cache`` returns the [max_positions, head_dim] fp32 table consumed by
+``ops.rotary_embedding``: first half cos(pos * inv_freq) * mscale, second half sin(...) * mscale.
+Plain RoPE and YaRN ("rope_type": "yarn") follow the YaRN paper and the Hugging Face definition.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _yarn_inv_freq(head_dim: int, theta: float, scaling: dict) -> tuple[torch.Tensor, float]:
+    factor = float(scaling["factor"])
+    original = int(scaling["original_max_position_embeddings"])
+    beta_fast = float(scaling.get("beta_fast") or 32)
+    beta_slow = float(scaling.get("beta_slow") or 1)
+    truncate = scaling.get("truncate", True)
+
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        def mscale(s, m=1.0):
+            return 1.0 if s <= 1 else 0.1 * m * math.log(s) + 1.0
+        m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        attention_factor = mscale(factor, m) / mscale(factor, m_all) if (m and m_all) else mscale(factor)
+
+    def correction_dim(rotations: float) -> float:
+        return head_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolation_weight = 1 - ramp
+
+    pos_freqs = theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    extrapolated = 1.0 / pos_freqs
+    interpolated = 1.0 / (factor * pos_freqs)
+    inv_freq = interpolated * (1 - extrapolation_weight) + extrapolated * extrapolation_weight
+    return inv_freq, float(attention_factor)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [head_dim/2] and the cos/sin multiplier (1.0 unless YaRN)."""
+    rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if rope_type in (None, "default"):
+        inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        return inv, 1.0
+    if rope_type == "yarn":
+        return _yarn_inv_freq(head_dim, theta, scaling)
+    raise ValueError(f"rope_type {rope_type!r} is not supported; Qwen3 uses 'default' or 'yarn'")
+
+
+def rope_cos_sin_cache(head_dim: int, max_positions: int, theta: float,
+                       scaling: dict | None = None) -> torch.Tensor:
+    """[max_positions, head_dim] fp32: cat(cos * mscale, sin * mscale) of pos * inv_freq."""
+    inv_freq, mscale = rope_inv_freq(head_dim, theta, scaling)
+    pos = torch.arange(max_positions, dtype=torch.float32)
+    freqs = torch.outer(pos, inv_freq)
+    return torch.cat((freqs.cos() * mscale, freqs.sin() * mscale), dim=-1)

@@ -1,0 +1,249 @@
+"""Qwen3 / Qwen3-MoE configuration: a validated view of a Hugging Face ``config.json``.
+
+Accepts both the classic keys (``rope_theta``, ``rope_scaling``, ``num_experts``) and the
+transformers-5 spelling (``rope_parameters``, ``num_local_experts``). ``FAMILY`` holds the eight
+published Qwen3 models with their published parameter counts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, replace
+
+import torch
+
+
+class ConfigError(ValueError):
+    """A config.json that cannot describe a Qwen3 model; the message says what to fix."""
+
+
+DENSE_ARCHS = ("Qwen3ForCausalLM",)
+MOE_ARCHS = ("Qwen3MoeForCausalLM",)
+# The project's own architecture names (registered with vLLM under these, selected with
+# --hf-overrides); they describe the same checkpoints.
+PROJECT_DENSE_ARCH = "AscendQwen3ForCausalLM"
+PROJECT_MOE_ARCH = "AscendQwen3MoeForCausalLM"
+SUPPORTED_ARCHS = DENSE_ARCHS + MOE_ARCHS + (PROJECT_DENSE_ARCH, PROJECT_MOE_ARCH)
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
+                  "float": "float32"}
+
+
+def parse_dtype(value) -> torch.dtype:
+    """'bfloat16' | 'float16' | 'float32' (or bf16/fp16/fp32, or a torch.dtype) -> torch.dtype."""
+    if isinstance(value, torch.dtype):
+        if value in DTYPES.values():
+            return value
+        value = str(value).replace("torch.", "")
+    name = _DTYPE_ALIASES.get(str(value).lower(), str(value).lower())
+    if name not in DTYPES:
+        raise ConfigError(f"unsupported dtype {value!r}; use one of bfloat16, float16, float32")
+    return DTYPES[name]
+
+
+@dataclass(frozen=True)
+class Qwen3Config:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    dtype: torch.dtype
+    # MoE (num_experts == 0 for dense models)
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = field(default_factory=tuple)
+    name: str = ""
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return (self.is_moe and layer not in self.mlp_only_layers
+                and (layer + 1) % self.decoder_sparse_step == 0)
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def with_dtype(self, dtype) -> "Qwen3Config":
+        return replace(self, dtype=parse_dtype(dtype))
+
+    def max_rope_positions(self) -> int:
+        return self.max_position_embeddings
+
+    # ------------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: dict, name: str = "") -> "Qwen3Config":
+        where = f" in {name}" if name else ""
+        if not isinstance(d, dict):
+            raise ConfigError(f"config{where} must be a JSON object, found {type(d).__name__}")
+        archs = d.get("architectures") or []
+        if not archs:
+            mt = d.get("model_type")
+            archs = {"qwen3": ["Qwen3ForCausalLM"], "qwen3_moe": ["Qwen3MoeForCausalLM"]}.get(mt, [])
+        if not archs:
+            raise ConfigError(f"config{where} names no architecture (no 'architectures' list and no "
+                              f"qwen3/qwen3_moe 'model_type'); supported: {', '.join(SUPPORTED_ARCHS)}")
+        arch = archs[0]
+        if arch not in SUPPORTED_ARCHS:
+            raise ConfigError(f"unknown architecture {arch!r}{where}; this project runs "
+                              f"{', '.join(SUPPORTED_ARCHS)}")
+        moe = arch in MOE_ARCHS or arch == PROJECT_MOE_ARCH
+
+        required = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"]
+        required += ["moe_intermediate_size", "num_experts_per_tok"] if moe else ["intermediate_size"]
+        missing = [k for k in required if k not in d]
+        if moe and "num_experts" not in d and "num_local_experts" not in d:
+            missing.append("num_experts")
+        rope = d.get("rope_parameters") or {}
+        theta = d.get("rope_theta", rope.get("rope_theta"))
+        if theta is None:
+            missing.append("rope_theta")
+        if missing:
+            raise ConfigError(f"config{where} ({arch}) is missing required key(s): {', '.join(missing)}; "
+                              f"a Hugging Face Qwen3 config.json has them")
+
+        heads = int(d["num_attention_heads"])
+        kv_heads = int(d.get("num_key_value_heads") or heads)
+        hidden = int(d["hidden_size"])
+        head_dim = int(d.get("head_dim") or hidden // heads)
+        if heads % kv_heads:
+            raise ConfigError(f"num_attention_heads={heads} is not a multiple of "
+                              f"num_key_value_heads={kv_heads}{where}")
+        if head_dim % 2:
+            raise ConfigError(f"head_dim={head_dim}{where} must be even for rotary embedding")
+
+        scaling = d.get("rope_scaling")
+        if scaling is None and rope.get("rope_type", "default") not in ("default", None):
+            scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+        if scaling is not None:
+            scaling = dict(scaling)
+            rtype = scaling.get("rope_type", scaling.get("type"))
+            if rtype == "yarn":
+                if "factor" not in scaling:
+                    raise ConfigError(f"yarn rope scaling{where} needs 'factor'")
+                scaling.setdefault("original_max_position_embeddings",
+                                   int(d.get("max_position_embeddings", 32768)))
+                scaling["rope_type"] = "yarn"
+            elif rtype in (None, "default"):
+                scaling = None
+            else:
+                raise ConfigError(f"rope scaling type {rtype!r}{where} is not supported; Qwen3 uses "
+                                  f"none or 'yarn'")
+
+        dtype_name = d.get("torch_dtype") or d.get("dtype") or "bfloat16"
+        try:
+            dtype = parse_dtype(dtype_name)
+        except ConfigError as exc:
+            raise ConfigError(f"{exc}{where} (config 'torch_dtype')") from None
+
+        kw = dict(
+            architecture=arch, vocab_size=int(d["vocab_size"]), hidden_size=hidden,
+            num_layers=int(d["num_hidden_layers"]), num_heads=heads, num_kv_heads=kv_heads,
+            head_dim=head_dim, intermediate_size=int(d.get("intermediate_size") or 0),
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)), rope_theta=float(theta),
+            rope_scaling=scaling, max_position_embeddings=int(d.get("max_position_embeddings", 32768)),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)), dtype=dtype, name=name,
+        )
+        if d.get("attention_bias"):
+            raise ConfigError(f"attention_bias=true{where}: Qwen3 has no QKV bias")
+        if moe:
+            kw.update(
+                num_experts=int(d.get("num_experts") or d.get("num_local_experts")),
+                num_experts_per_tok=int(d["num_experts_per_tok"]),
+                moe_intermediate_size=int(d["moe_intermediate_size"]),
+                norm_topk_prob=bool(d.get("norm_topk_prob", False)),
+                decoder_sparse_step=int(d.get("decoder_sparse_step", 1)),
+                mlp_only_layers=tuple(int(i) for i in (d.get("mlp_only_layers") or ())),
+            )
+            if kw["num_experts_per_tok"] > kw["num_experts"]:
+                raise ConfigError(f"num_experts_per_tok={kw['num_experts_per_tok']} exceeds "
+                                  f"num_experts={kw['num_experts']}{where}")
+            cfg = cls(**kw)
+            dense_layers = [i for i in range(cfg.num_layers) if not cfg.is_moe_layer(i)]
+            if dense_layers and cfg.intermediate_size <= 0:
+                raise ConfigError(f"layers {dense_layers} are dense (mlp_only_layers / "
+                                  f"decoder_sparse_step){where} but intermediate_size is missing")
+            return cfg
+        return cls(**kw)
+
+    @classmethod
+    def from_model_dir(cls, path: str) -> "Qwen3Config":
+        cfg = os.path.join(path, "config.json")
+        if not os.path.isfile(cfg):
+            raise ConfigError(f"no config.json in {path!r}; point --model at a Hugging Face Qwen3 "
+                              f"checkpoint directory")
+        try:
+            with open(cfg) as f:
+                d = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{cfg} is not valid JSON: {exc}") from None
+        return cls.from_dict(d, name=cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# The published Qwen3 family (values from the models' Hugging Face config.json files).
+# ---------------------------------------------------------------------------------------------
+
+def _dense(layers, heads, kv, hidden, ffn, tied):
+    return {"architectures": ["Qwen3ForCausalLM"], "num_hidden_layers": layers,
+            "num_attention_heads": heads, "num_key_value_heads": kv, "hidden_size": hidden,
+            "intermediate_size": ffn, "tie_word_embeddings": tied, "head_dim": 128,
+            "vocab_size": 151936, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+            "max_position_embeddings": 40960, "torch_dtype": "bfloat16"}
+
+
+def _moe(layers, heads, kv, hidden, ffn, expert_ffn):
+    d = _dense(layers, heads, kv, hidden, ffn, False)
+    d.update({"architectures": ["Qwen3MoeForCausalLM"], "num_experts": 128, "num_experts_per_tok": 8,
+              "moe_intermediate_size": expert_ffn, "norm_topk_prob": True, "decoder_sparse_step": 1,
+              "mlp_only_layers": []})
+    return d
+
+
+# name -> (config.json dict, published total parameters, published active parameters or None)
+FAMILY: dict[str, tuple[dict, float, float | None]] = {
+    "Qwen3-0.6B": (_dense(28, 16, 8, 1024, 3072, True), 0.6e9, None),
+    "Qwen3-1.7B": (_dense(28, 16, 8, 2048, 6144, True), 1.7e9, None),
+    "Qwen3-4B": (_dense(36, 32, 8, 2560, 9728, True), 4.0e9, None),
+    "Qwen3-8B": (_dense(36, 32, 8, 4096, 12288, False), 8.2e9, None),
+    "Qwen3-14B": (_dense(40, 40, 8, 5120, 17408, False), 14.8e9, None),
+    "Qwen3-32B": (_dense(64, 64, 8, 5120, 25600, False), 32.8e9, None),
+    "Qwen3-30B-A3B": (_moe(48, 32, 4, 2048, 6144, 768), 30.5e9, 3.3e9),
+    "Qwen3-235B-A22B": (_moe(94, 64, 4, 4096, 12288, 1536), 235e9, 22e9),
+}
+
+YARN_128K = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+
+
+def family_config(name: str, yarn: bool = False, dtype=None) -> Qwen3Config:
+    """The config of a published Qwen3 model by name; ``yarn=True`` adds the 128K YaRN scaling."""
+    if name not in FAMILY:
+        raise ConfigError(f"unknown Qwen3 model {name!r}; known: {', '.join(FAMILY)}")
+    d = dict(FAMILY[name][0])
+    if yarn:
+        if name in ("Qwen3-0.6B", "Qwen3-1.7B"):
+            raise ConfigError(f"{name} has a native 32K context and no published YaRN extension")
+        d["rope_scaling"] = dict(YARN_128K)
+        d["max_position_embeddings"] = 131072
+    cfg = Qwen3Config.from_dict(d, name=name)
+    return cfg.with_dtype(dtype) if dtype is not None else cfg

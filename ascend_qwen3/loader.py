@@ -1,0 +1,134 @@
+"""Load a Hugging Face Qwen3 / Qwen3-MoE safetensors checkpoint into the project's graph.
+
+Reads a single ``model.safetensors``, a sharded set with ``model.safetensors.index.json``, or any
+``*.safetensors`` files in the directory. Each rank reads only its slices of each tensor
+(``safe_open(...).get_slice(name)[slices]``), as given by the sharding plan. Every problem is
+reported with the tensor name, what was expected and what was found.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import time
+from contextlib import ExitStack
+
+import torch
+from safetensors import safe_open
+
+from .config import ConfigError, Qwen3Config, parse_dtype
+from .parallel import SINGLE, ParallelContext
+from .parallel.plan import rank_plan
+
+logger = logging.getLogger("ascend_qwen3.loader")
+
+FLOAT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match its config; the message names the tensor and the fix."""
+
+
+def checkpoint_files(model_dir: str) -> dict[str, str]:
+    """Map every tensor name to the safetensors file holding it."""
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise CheckpointError(f"{index} is not a valid safetensors index ({exc}); it needs a "
+                                  f"'weight_map' object") from None
+        out = {}
+        for name, fname in weight_map.items():
+            path = os.path.join(model_dir, fname)
+            if not os.path.isfile(path):
+                raise CheckpointError(f"{index} maps {name!r} to {fname!r}, which is not in {model_dir}")
+            out[name] = path
+        return out
+    files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
+    if not files:
+        raise CheckpointError(f"no *.safetensors files in {model_dir!r}; convert the checkpoint to "
+                              f"safetensors (pytorch_model.bin is not read)")
+    out = {}
+    for path in files:
+        with safe_open(path, "pt") as f:
+            for name in f.keys():
+                out[name] = path
+    return out
+
+
+
+def load_weights(model: torch.nn.Module, model_dir: str, cfg: Qwen3Config,
+                 ctx: ParallelContext = SINGLE) -> dict:
+    """Fill ``model``'s parameters from ``model_dir`` following the sharding plan of ctx's rank.
+
+    Returns stats: tensors read, bytes read, seconds.
+    """
+    t0 = time.perf_counter()
+    files = checkpoint_files(model_dir)
+    plan = rank_plan(cfg, ctx.tp_size, ctx.tp_rank, ctx.ep)
+    params = dict(model.named_parameters())
+    missing = sorted({a.name for a in plan if a.name not in files})
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" ... ({len(missing)} in all)" if len(missing) > 8 else "")
+        raise CheckpointError(f"checkpoint {model_dir!r} is missing tensor(s) required by its config "
+                              f"({cfg.architecture}, {cfg.num_layers} layers): {shown}")
+    filled = {name: 0 for name in params}
+    nbytes = 0
+    with ExitStack() as stack:
+        handles = {}
+        for a in plan:
+            path = files[a.name]
+            if path not in handles:
+                handles[path] = stack.enter_context(safe_open(path, "pt"))
+            sl = handles[path].get_slice(a.name)
+            shape, dt = tuple(sl.get_shape()), sl.get_dtype()
+            if shape != a.shape:
+                raise CheckpointError(f"tensor {a.name!r} in {os.path.basename(path)} has shape "
+                                      f"{list(shape)}, but the config implies {list(a.shape)}; the "
+                                      f"checkpoint and config.json disagree")
+            if dt not in FLOAT_DTYPES:
+                raise CheckpointError(f"tensor {a.name!r} has dtype {dt}; a float checkpoint needs "
+                                      f"F32, BF16 or F16 (quantised checkpoints need a "
+                                      f"quant_model_description.json)")
+            t = sl[a.src]
+            if a.transpose:
+                t = t.transpose(-1, -2)
+            p = params.get(a.param)
+            if p is None:
+                raise CheckpointError(f"internal: plan names parameter {a.param!r} that the model lacks")
+            dst = p.data[a.dst]
+            if tuple(dst.shape) != tuple(t.shape):
+                raise CheckpointError(f"slice of {a.name!r} has shape {list(t.shape)} but parameter "
+                                      f"{a.param} expects {list(dst.shape)} at {a.dst}")
+            dst.copy_(t.to(p.dtype))
+            filled[a.param] += t.numel()
+            nbytes += t.numel() * t.element_size()
+    for name, p in params.items():
+        if filled[name] != p.numel():
+            # the only legitimate gap: vocabulary padding rows of the last rank
+            if name in ("embed_tokens.weight", "lm_head.weight") and filled[name] < p.numel():
+                p.data[filled[name] // p.shape[1]:].zero_()
+                continue
+            raise CheckpointError(f"parameter {name} received {filled[name]} of {p.numel()} values "
+                                  f"from the checkpoint")
+    stats = {"tensors": len(plan), "bytes": nbytes, "seconds": time.perf_counter() - t0}
+    logger.info("loaded %d tensors (%.1f MB) from %s in %.2fs (rank %d/%d)", stats["tensors"],
+                nbytes / 1e6, model_dir, stats["seconds"], ctx.tp_rank, ctx.tp_size)
+    return stats
+
+
+def load_model(model_dir: str, dtype=None, ctx: ParallelContext = SINGLE, device="cpu",
+               max_positions: int | None = None):
+    """Build the graph for ``model_dir``'s config and load its weights. Returns (model, config)."""
+    from .model import Qwen3ForCausalLM
+
+    cfg = Qwen3Config.from_model_dir(model_dir)
+    if dtype is not None:
+        cfg = cfg.with_dtype(parse_dtype(dtype))
+    model = Qwen3ForCausalLM(cfg, ctx, device=device, max_positions=max_positions)
+    load_weights(model, model_dir, cfg, ctx)
+    return model.eval(), cfg

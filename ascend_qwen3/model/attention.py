@@ -1,0 +1,44 @@
+"""Qwen3 self-attention: fused QKV, QK-Norm, RoPE, paged KV cache, GQA."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import ops
+from ..config import Qwen3Config
+from ..parallel import ParallelContext
+from ..parallel.layers import ColumnParallelLinear, RowParallelLinear, empty_param
+from ..parallel.plan import local_heads
+from .metadata import AttentionMetadata
+
+
+class Qwen3Attention(nn.Module):
+    def __init__(self, cfg: Qwen3Config, ctx: ParallelContext, *, device=None):
+        super().__init__()
+        self.head_dim = cfg.head_dim
+        self.num_heads, self.num_kv_heads = local_heads(cfg, ctx.tp_size)
+        self.eps = cfg.rms_norm_eps
+        self.scale = cfg.head_dim ** -0.5
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = ColumnParallelLinear(cfg.hidden_size, self.q_size + 2 * self.kv_size, ctx,
+                                             dtype=cfg.dtype, device=device)
+        self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, ctx,
+                                        dtype=cfg.dtype, device=device)
+        self.q_norm = empty_param(cfg.head_dim, dtype=cfg.dtype, device=device)
+        self.k_norm = empty_param(cfg.head_dim, dtype=cfg.dtype, device=device)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                kv_cache: tuple[torch.Tensor, torch.Tensor], cos_sin_cache: torch.Tensor) -> torch.Tensor:
+        T = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = ops.head_rms_norm(q.reshape(T, self.num_heads, self.head_dim), self.q_norm, self.eps)
+        k = ops.head_rms_norm(k.reshape(T, self.num_kv_heads, self.head_dim), self.k_norm, self.eps)
+        q, k = ops.rotary_embedding(q, k, positions, cos_sin_cache)
+        v = v.reshape(T, self.num_kv_heads, self.head_dim)
+        key_cache, value_cache = kv_cache
+        ops.write_kv_cache(k, v, key_cache, value_cache, meta.slot_mapping)
+        out = ops.paged_attention(q, key_cache, value_cache, meta.block_tables, meta.query_start_loc,
+                                  meta.seq_lens, self.scale)
+        return self.o_proj(out.reshape(T, self.q_size))

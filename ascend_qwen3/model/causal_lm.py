@@ -1,0 +1,60 @@
+"""Qwen3ForCausalLM: embedding, decoder layers, final norm, LM head (tied or not).
+
+The forward takes the packed tokens of a step (TND) with their positions and attention metadata,
+the same shape of call a serving engine makes, so the standalone generation loop and the vLLM
+plugin drive the same graph.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import ops
+from ..config import Qwen3Config
+from ..parallel import SINGLE, ParallelContext
+from ..parallel.layers import ParallelLMHead, VocabParallelEmbedding
+from .decoder import Qwen3DecoderLayer
+from .metadata import AttentionMetadata
+from .norm import RMSNorm
+
+
+class Qwen3ForCausalLM(nn.Module):
+    def __init__(self, cfg: Qwen3Config, ctx: ParallelContext = SINGLE, *, device=None,
+                 max_positions: int | None = None):
+        super().__init__()
+        self.config, self.ctx = cfg, ctx
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, ctx, dtype=cfg.dtype,
+                                                   device=device)
+        self.layers = nn.ModuleList(Qwen3DecoderLayer(cfg, i, ctx, device=device)
+                                    for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=cfg.dtype, device=device)
+        self.lm_head = ParallelLMHead(self.embed_tokens, ctx, tied=cfg.tie_word_embeddings,
+                                      dtype=cfg.dtype, device=device)
+        self.max_positions = max_positions or cfg.max_position_embeddings
+        cache = (torch.empty(self.max_positions, cfg.head_dim, device="meta")
+                 if torch.device(device or "cpu").type == "meta" else
+                 ops.rope_cos_sin_cache(cfg.head_dim, self.max_positions, cfg.rope_theta,
+                                        cfg.rope_scaling).to(device))
+        self.register_buffer("cos_sin_cache", cache, persistent=False)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """input_ids, positions: [T]; kv_caches: one (key_cache, value_cache) per layer.
+
+        Returns the final hidden states [T, hidden] (normed).
+        """
+        if len(kv_caches) != len(self.layers):
+            raise ValueError(f"got {len(kv_caches)} KV caches for {len(self.layers)} layers")
+        if positions.numel() and int(positions.max()) >= self.max_positions:
+            raise ValueError(f"position {int(positions.max())} exceeds the model's rotary table of "
+                             f"{self.max_positions} positions (max_position_embeddings)")
+        h, residual = self.embed_tokens(input_ids), None
+        for layer, kv in zip(self.layers, kv_caches):
+            h, residual = layer(h, residual, positions, meta, kv, self.cos_sin_cache)
+        h, _ = self.norm(h, residual)
+        return h
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[T, hidden] -> [T, vocab] logits (model dtype)."""
+        return self.lm_head(hidden)

@@ -1,0 +1,38 @@
+"""One pre-norm Qwen3 decoder layer (attention + dense MLP or sparse MoE), residual fused."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import Qwen3Config
+from ..parallel import ParallelContext
+from .attention import Qwen3Attention
+from .metadata import AttentionMetadata
+from .mlp import Qwen3MLP
+from .moe import Qwen3SparseMoeBlock
+from .norm import RMSNorm
+
+
+class Qwen3DecoderLayer(nn.Module):
+    def __init__(self, cfg: Qwen3Config, layer: int, ctx: ParallelContext, *, device=None):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=cfg.dtype, device=device)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=cfg.dtype,
+                                                device=device)
+        self.self_attn = Qwen3Attention(cfg, ctx, device=device)
+        if cfg.is_moe_layer(layer):
+            self.mlp = Qwen3SparseMoeBlock(cfg, ctx, device=device)
+        else:
+            self.mlp = Qwen3MLP(cfg.hidden_size, cfg.intermediate_size, ctx, dtype=cfg.dtype,
+                                device=device)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
+                meta: AttentionMetadata, kv_cache, cos_sin_cache: torch.Tensor):
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, positions, meta, kv_cache, cos_sin_cache)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual

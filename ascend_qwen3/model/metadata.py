@@ -1,0 +1,31 @@
+"""Per-step attention metadata shared by every layer of one forward pass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    """Describes the packed tokens of one step (several requests, TND layout).
+
+    query_start_loc: [R+1] int32, request r's tokens are rows query_start_loc[r]:query_start_loc[r+1].
+    seq_lens: [R] int32, keys of request r after this step (cached prefix + new tokens).
+    block_tables: [R, max_blocks] int32, physical cache block of each logical block (pad with 0).
+    slot_mapping: [T] int64, cache slot of each token (-1: do not write).
+    """
+
+    query_start_loc: torch.Tensor
+    seq_lens: torch.Tensor
+    block_tables: torch.Tensor
+    slot_mapping: torch.Tensor
+
+    @property
+    def num_requests(self) -> int:
+        return int(self.seq_lens.shape[0])
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.slot_mapping.shape[0])

@@ -1,0 +1,22 @@
+"""Qwen3 dense feed-forward: fused gate/up projection, SwiGLU, down projection."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import ops
+from ..parallel import ParallelContext
+from ..parallel.layers import ColumnParallelLinear, RowParallelLinear, divide
+
+
+class Qwen3MLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int, ctx: ParallelContext, *, dtype,
+                 device=None):
+        super().__init__()
+        local = divide(intermediate_size, ctx.tp_size, "intermediate_size")
+        self.gate_up_proj = ColumnParallelLinear(hidden_size, 2 * local, ctx, dtype=dtype, device=device)
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, ctx, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(ops.swiglu(self.gate_up_proj(x)))

@@ -1,0 +1,108 @@
+"""Linear and embedding layers that hold one tensor-parallel slice of their weight.
+
+Each layer creates its per-rank parameter (on any device, ``meta`` included) and says how its
+forward joins the slices; which rows or columns of a checkpoint tensor a rank holds is decided by
+``ascend_qwen3.parallel.plan`` and applied by the loader. With tp_size == 1 they are plain layers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .context import ParallelContext
+
+
+def empty_param(*shape, dtype, device=None) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
+
+
+def divide(total: int, parts: int, what: str) -> int:
+    if total % parts:
+        raise ValueError(f"{what}={total} is not divisible by tp={parts}")
+    return total // parts
+
+
+class LinearBase(nn.Module):
+    """A float linear y = x @ W^T, W [out_local, in_local] in checkpoint orientation.
+
+    ``forward`` goes through ``self.method`` so quantised variants can replace the compute while the
+    layer keeps its parallel role (column: outputs split; row: inputs split, outputs all-reduced).
+    """
+
+    def __init__(self, in_local: int, out_local: int, *, dtype, device=None):
+        super().__init__()
+        self.in_local, self.out_local = in_local, out_local
+        self.weight = empty_param(out_local, in_local, dtype=dtype, device=device)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+class ColumnParallelLinear(LinearBase):
+    """Output features split over ranks; the result stays split (no communication)."""
+
+    def __init__(self, in_features: int, out_local: int, ctx: ParallelContext, *, dtype, device=None):
+        super().__init__(in_features, out_local, dtype=dtype, device=device)
+        self.ctx = ctx
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.matmul(x)
+
+
+class RowParallelLinear(LinearBase):
+    """Input features split over ranks; partial outputs summed with an all-reduce."""
+
+    def __init__(self, in_features: int, out_features: int, ctx: ParallelContext, *, dtype,
+                 device=None, reduce: bool = True):
+        super().__init__(divide(in_features, ctx.tp_size, "input features"), out_features,
+                         dtype=dtype, device=device)
+        self.ctx, self.reduce = ctx, reduce
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.matmul(x)
+        return self.ctx.all_reduce(y) if self.reduce else y
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding rows split by vocabulary range; ids outside a rank's range contribute zeros."""
+
+    def __init__(self, vocab_size: int, dim: int, ctx: ParallelContext, *, dtype, device=None):
+        super().__init__()
+        self.ctx = ctx
+        self.vocab_size = vocab_size
+        self.per_rank = -(-vocab_size // ctx.tp_size)  # ceil: the last rank may be padded
+        self.start = ctx.tp_rank * self.per_rank
+        self.weight = empty_param(self.per_rank, dim, dtype=dtype, device=device)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.ctx.tp_size == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.start
+        outside = (local < 0) | (local >= self.per_rank)
+        y = F.embedding(local.masked_fill(outside, 0), self.weight)
+        y = y.masked_fill(outside.unsqueeze(-1), 0)
+        return self.ctx.all_reduce(y)
+
+
+class ParallelLMHead(nn.Module):
+    """Logits over a vocabulary split by rank, gathered to the full vocabulary.
+
+    With tied embeddings it reads the embedding's (identically split) weight.
+    """
+
+    def __init__(self, embedding: VocabParallelEmbedding, ctx: ParallelContext, *, tied: bool,
+                 dtype, device=None):
+        super().__init__()
+        self.ctx, self.tied = ctx, tied
+        self.vocab_size, self.per_rank = embedding.vocab_size, embedding.per_rank
+        self._embedding = [embedding]  # not a submodule: the weight is owned by the embedding
+        if not tied:
+            self.weight = empty_param(self.per_rank, embedding.weight.shape[1], dtype=dtype,
+                                      device=device)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        w = self._embedding[0].weight if self.tied else self.weight
+        logits = self.ctx.all_gather_last(F.linear(hidden, w))
+        return logits[..., :self.vocab_size]

@@ -1,0 +1,171 @@
+"""The sharding plan: which slice of every checkpoint tensor each tensor-parallel rank holds.
+
+``rank_plan(cfg, tp, rank, ep)`` is the single source of truth for sharding. It maps every
+checkpoint tensor (Hugging Face names) to the destination parameter of the project's graph, the
+slice of the checkpoint tensor to read and the slice of the parameter to fill. The model's
+parameter shapes (``local_heads``, ``local_experts``) and the loader both follow it, and it can be
+printed and tested without building the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import Qwen3Config
+
+
+class ShardingError(ValueError):
+    """A (config, tp, ep) combination that cannot be sharded; the message names valid choices."""
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """Copy ``checkpoint[name][src]`` (transposed if asked) into ``param[dst]``."""
+
+    name: str                      # checkpoint tensor name
+    shape: tuple[int, ...]         # full checkpoint shape expected
+    param: str                     # parameter name in Qwen3ForCausalLM
+    src: tuple[slice, ...]         # slice of the checkpoint tensor read by this rank
+    dst: tuple                     # index into the parameter
+    transpose: bool = False
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s, full in zip(self.src, self.shape):
+            n *= len(range(*s.indices(full)))
+        return n
+
+
+def _tp_ok(cfg: Qwen3Config, tp: int, ep: bool) -> str | None:
+    """None if tp works for cfg, else the reason."""
+    if tp < 1:
+        return "tp must be >= 1"
+    if cfg.num_heads % tp:
+        return f"tp={tp} does not divide {cfg.num_heads} query heads"
+    if cfg.num_kv_heads % tp and tp % cfg.num_kv_heads:
+        return f"tp={tp} neither divides nor is a multiple of {cfg.num_kv_heads} KV heads"
+    dense_layers = [i for i in range(cfg.num_layers) if not cfg.is_moe_layer(i)]
+    if dense_layers and cfg.intermediate_size % tp:
+        return f"tp={tp} does not divide intermediate_size={cfg.intermediate_size}"
+    if cfg.is_moe:
+        if ep and cfg.num_experts % tp:
+            return f"expert parallel size {tp} does not divide {cfg.num_experts} experts"
+        if not ep and cfg.moe_intermediate_size % tp:
+            return f"tp={tp} does not divide moe_intermediate_size={cfg.moe_intermediate_size}"
+    return None
+
+
+def valid_tp_sizes(cfg: Qwen3Config, ep: bool = False, limit: int = 64) -> list[int]:
+    return [t for t in range(1, limit + 1) if _tp_ok(cfg, t, ep) is None]
+
+
+def check_parallel(cfg: Qwen3Config, tp: int, ep: bool = False) -> None:
+    """Raise ShardingError, naming the valid choices, if (cfg, tp, ep) cannot be sharded."""
+    label = cfg.name or cfg.architecture
+    if ep and not cfg.is_moe:
+        raise ShardingError(f"expert parallel was requested for {label}, which is a dense model; "
+                            f"drop --ep")
+    why = _tp_ok(cfg, tp, ep)
+    if why:
+        choices = ", ".join(map(str, [t for t in valid_tp_sizes(cfg, ep) if t <= 64]))
+        mode = " with expert parallel" if ep else ""
+        raise ShardingError(f"{why} of {label}; use tp in {{{choices}}}{mode}")
+
+
+def local_heads(cfg: Qwen3Config, tp: int) -> tuple[int, int]:
+    """(query heads, kv heads) per rank; kv heads are replicated when tp exceeds them."""
+    return cfg.num_heads // tp, max(1, cfg.num_kv_heads // tp)
+
+
+def kv_head_start(cfg: Qwen3Config, tp: int, rank: int) -> int:
+    """First KV head held by ``rank`` (with replication, consecutive ranks share one head)."""
+    if tp <= cfg.num_kv_heads:
+        return rank * (cfg.num_kv_heads // tp)
+    return rank * cfg.num_kv_heads // tp
+
+
+def local_experts(cfg: Qwen3Config, ctx) -> tuple[int, int, int]:
+    """(first expert, number of experts, expert FFN width) held by ``ctx``'s rank."""
+    if ctx.ep:
+        per = cfg.num_experts // ctx.tp_size
+        return ctx.tp_rank * per, per, cfg.moe_intermediate_size
+    return 0, cfg.num_experts, cfg.moe_intermediate_size // ctx.tp_size
+
+
+def _rows(start, n):
+    return slice(start, start + n)
+
+
+ALL = slice(None)
+
+
+def rank_plan(cfg: Qwen3Config, tp: int = 1, rank: int = 0, ep: bool = False) -> list[Assignment]:
+    """Every checkpoint tensor this rank reads, with source and destination slices."""
+    check_parallel(cfg, tp, ep)
+    if not 0 <= rank < tp:
+        raise ShardingError(f"rank {rank} is outside tp={tp}")
+    H, D, V = cfg.hidden_size, cfg.head_dim, cfg.vocab_size
+    hq, hkv = local_heads(cfg, tp)
+    q0, kv0 = rank * hq, kv_head_start(cfg, tp, rank)
+    per_vocab = -(-V // tp)
+    v0 = rank * per_vocab
+    v_n = max(0, min(V, v0 + per_vocab) - v0)
+    plan: list[Assignment] = []
+    add = plan.append
+
+    add(Assignment("model.embed_tokens.weight", (V, H), "embed_tokens.weight",
+                   (_rows(v0, v_n), ALL), (slice(0, v_n), ALL)))
+    if not cfg.tie_word_embeddings:
+        add(Assignment("lm_head.weight", (V, H), "lm_head.weight", (_rows(v0, v_n), ALL),
+                       (slice(0, v_n), ALL)))
+    add(Assignment("model.norm.weight", (H,), "norm.weight", (ALL,), (ALL,)))
+
+    for i in range(cfg.num_layers):
+        c, p = f"model.layers.{i}.", f"layers.{i}."
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            add(Assignment(c + norm + ".weight", (H,), p + norm + ".weight", (ALL,), (ALL,)))
+        a, pa = c + "self_attn.", p + "self_attn."
+        qkv = pa + "qkv_proj.weight"
+        add(Assignment(a + "q_proj.weight", (cfg.num_heads * D, H), qkv,
+                       (_rows(q0 * D, hq * D), ALL), (slice(0, hq * D), ALL)))
+        add(Assignment(a + "k_proj.weight", (cfg.num_kv_heads * D, H), qkv,
+                       (_rows(kv0 * D, hkv * D), ALL), (_rows(hq * D, hkv * D), ALL)))
+        add(Assignment(a + "v_proj.weight", (cfg.num_kv_heads * D, H), qkv,
+                       (_rows(kv0 * D, hkv * D), ALL), (_rows((hq + hkv) * D, hkv * D), ALL)))
+        add(Assignment(a + "o_proj.weight", (H, cfg.num_heads * D), pa + "o_proj.weight",
+                       (ALL, _rows(q0 * D, hq * D)), (ALL, ALL)))
+        add(Assignment(a + "q_norm.weight", (D,), pa + "q_norm", (ALL,), (ALL,)))
+        add(Assignment(a + "k_norm.weight", (D,), pa + "k_norm", (ALL,), (ALL,)))
+
+        m, pm = c + "mlp.", p + "mlp."
+        if cfg.is_moe_layer(i):
+            add(Assignment(m + "gate.weight", (cfg.num_experts, H), pm + "gate", (ALL, ALL), (ALL, ALL)))
+            from .context import ParallelContext
+            first, count, inter = local_experts(cfg, ParallelContext(rank, tp, ep))
+            I = cfg.moe_intermediate_size
+            f0 = 0 if ep else rank * inter
+            for e in range(first, first + count):
+                le, pe = e - first, m + f"experts.{e}."
+                add(Assignment(pe + "gate_proj.weight", (I, H), pm + "experts.w13",
+                               (_rows(f0, inter), ALL), (le, ALL, slice(0, inter)), transpose=True))
+                add(Assignment(pe + "up_proj.weight", (I, H), pm + "experts.w13",
+                               (_rows(f0, inter), ALL), (le, ALL, _rows(inter, inter)), transpose=True))
+                add(Assignment(pe + "down_proj.weight", (H, I), pm + "experts.w2",
+                               (ALL, _rows(f0, inter)), (le, ALL, ALL), transpose=True))
+        else:
+            I = cfg.intermediate_size
+            il = I // tp
+            add(Assignment(m + "gate_proj.weight", (I, H), pm + "gate_up_proj.weight",
+                           (_rows(rank * il, il), ALL), (slice(0, il), ALL)))
+            add(Assignment(m + "up_proj.weight", (I, H), pm + "gate_up_proj.weight",
+                           (_rows(rank * il, il), ALL), (_rows(il, il), ALL)))
+            add(Assignment(m + "down_proj.weight", (H, I), pm + "down_proj.weight",
+                           (ALL, _rows(rank * il, il)), (ALL, ALL)))
+    return plan
+
+
+def shard_plan(cfg: Qwen3Config, tp: int = 1, ep: bool = False) -> list[list[Assignment]]:
+    """The plan of every rank, rank order."""
+    check_parallel(cfg, tp, ep)
+    return [rank_plan(cfg, tp, r, ep) for r in range(tp)]

@@ -169,3 +169,18 @@ def shard_plan(cfg: Qwen3Config, tp: int = 1, ep: bool = False) -> list[list[Ass
     """The plan of every rank, rank order."""
     check_parallel(cfg, tp, ep)
     return [rank_plan(cfg, tp, r, ep) for r in range(tp)]
+
+
+def parameter_counts(cfg: Qwen3Config) -> tuple[int, int]:
+    """(total, active per token) parameters of the whole model, counted from the tp=1 plan.
+
+    Active excludes the experts a token does not visit (E - k per MoE layer); tied embeddings
+    count once.
+    """
+    total = sum(a.numel for a in rank_plan(cfg, 1, 0))
+    active = total
+    if cfg.is_moe:
+        per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
+        moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_layers))
+        active -= moe_layers * (cfg.num_experts - cfg.num_experts_per_tok) * per_expert
+    return total, active

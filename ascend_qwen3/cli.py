@@ -1,0 +1,98 @@
+"""Command line: ``ascend-qwen3 <command>``.
+
+Commands:
+  run   generate text from a local Hugging Face Qwen3 checkpoint with the project's own graph
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+
+def _run(args: argparse.Namespace) -> int:
+    import torch
+
+    import ops
+    from .loader import load_model
+    from .model.generate import SamplingParams, generate
+
+    try:
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(args.model)
+    except (OSError, ValueError) as exc:
+        print(f"error: cannot load a tokenizer from {args.model!r} ({exc.__class__.__name__}); the "
+              f"checkpoint directory needs tokenizer.json / tokenizer_config.json", file=sys.stderr)
+        return 2
+    if args.chat:
+        if not getattr(tok, "chat_template", None):
+            print(f"error: --chat needs a chat template in {args.model!r}'s tokenizer_config.json",
+                  file=sys.stderr)
+            return 2
+        text = tok.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False,
+                                       add_generation_prompt=True,
+                                       enable_thinking=not args.no_think)
+    else:
+        text = args.prompt
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        print("error: the prompt encodes to zero tokens; give a non-empty --prompt", file=sys.stderr)
+        return 2
+
+    t0 = time.perf_counter()
+    model, cfg = load_model(args.model, dtype=args.dtype)
+    load_s = time.perf_counter() - t0
+    stops = tuple(t for t in {tok.eos_token_id, tok.pad_token_id} if t is not None)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                            stop_token_ids=() if args.ignore_eos else stops)
+    t1 = time.perf_counter()
+    out = generate(model, [ids], params)[0]
+    gen_s = time.perf_counter() - t1
+    tokens = out.tokens[:-1] if out.finished_by_stop else out.tokens
+    print(tok.decode(tokens, skip_special_tokens=False))
+    print(f"[{cfg.architecture} {str(cfg.dtype).replace('torch.', '')}, backend {ops.backend_name()}: "
+          f"{len(ids)} prompt + {len(out.tokens)} generated tokens, load {load_s:.1f}s, "
+          f"generate {gen_s:.1f}s ({len(out.tokens) / max(gen_s, 1e-9):.1f} tok/s)]", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ascend-qwen3", description="Qwen3 on Ascend NPUs (CPU fallback here): run, and more in later releases")
+    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="generate text from a checkpoint with the project's graph")
+    r.add_argument("--model", required=True, help="Hugging Face Qwen3 checkpoint directory")
+    r.add_argument("--prompt", required=True)
+    r.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    r.add_argument("--no-think", action="store_true", help="with --chat: enable_thinking=False")
+    r.add_argument("--max-new-tokens", type=int, default=64)
+    r.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    r.add_argument("--top-p", type=float, default=1.0)
+    r.add_argument("--top-k", type=int, default=0)
+    r.add_argument("--seed", type=int, default=None)
+    r.add_argument("--dtype", default=None, help="bfloat16 | float16 | float32 (default: config's)")
+    r.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence")
+    r.set_defaults(func=_run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    from .config import ConfigError
+    from .loader import CheckpointError
+    from .parallel.plan import ShardingError
+    try:
+        return args.func(args)
+    except (ConfigError, CheckpointError, ShardingError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

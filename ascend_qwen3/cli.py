@@ -2,6 +2,7 @@
 
 Commands:
   run   generate text from a local Hugging Face Qwen3 checkpoint with the project's own graph
+  plan  print the tensor / expert parallel sharding plan and per-rank weight bytes
 """
 
 from __future__ import annotations
@@ -59,8 +60,30 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _resolve_config(model: str):
+    import os
+
+    from .config import FAMILY, Qwen3Config, family_config
+    if model in FAMILY:
+        return family_config(model)
+    if os.path.isdir(model):
+        return Qwen3Config.from_model_dir(model)
+    raise ValueError(f"--model {model!r} is neither a Qwen3 family name ({', '.join(FAMILY)}) nor a "
+                     f"checkpoint directory")
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from .parallel.plan import plan_summary
+
+    cfg = _resolve_config(args.model)
+    if args.dtype:
+        cfg = cfg.with_dtype(args.dtype)
+    print(plan_summary(cfg, args.tp, args.ep))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ascend-qwen3", description="Qwen3 on Ascend NPUs (CPU fallback here): run, and more in later releases")
+    p = argparse.ArgumentParser(prog="ascend-qwen3", description="Qwen3 on Ascend NPUs (with a CPU fallback)")
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -77,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dtype", default=None, help="bfloat16 | float16 | float32 (default: config's)")
     r.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence")
     r.set_defaults(func=_run)
+
+    pl = sub.add_parser("plan", help="print the tensor/expert-parallel sharding plan of a model")
+    pl.add_argument("--model", required=True, help="a family name (e.g. Qwen3-32B) or a checkpoint dir")
+    pl.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1)")
+    pl.add_argument("--ep", action="store_true", help="expert parallel (MoE): whole experts per rank")
+    pl.add_argument("--dtype", default=None, help="weight dtype for byte counts (default: config's)")
+    pl.set_defaults(func=_plan)
     return p
 
 

@@ -20,7 +20,7 @@ from safetensors import safe_open
 
 from .config import ConfigError, Qwen3Config, parse_dtype
 from .parallel import SINGLE, ParallelContext
-from .parallel.plan import rank_plan
+from .parallel.plan import check_parallel, rank_plan
 
 logger = logging.getLogger("ascend_qwen3.loader")
 
@@ -129,6 +129,7 @@ def load_model(model_dir: str, dtype=None, ctx: ParallelContext = SINGLE, device
     cfg = Qwen3Config.from_model_dir(model_dir)
     if dtype is not None:
         cfg = cfg.with_dtype(parse_dtype(dtype))
+    check_parallel(cfg, ctx.tp_size, ctx.ep)  # before any weight is read
     model = Qwen3ForCausalLM(cfg, ctx, device=device, max_positions=max_positions)
     load_weights(model, model_dir, cfg, ctx)
     return model.eval(), cfg

@@ -14,6 +14,7 @@ import ops
 from ..config import Qwen3Config
 from ..parallel import SINGLE, ParallelContext
 from ..parallel.layers import ParallelLMHead, VocabParallelEmbedding
+from ..parallel.plan import check_parallel
 from .decoder import Qwen3DecoderLayer
 from .metadata import AttentionMetadata
 from .norm import RMSNorm
@@ -23,6 +24,7 @@ class Qwen3ForCausalLM(nn.Module):
     def __init__(self, cfg: Qwen3Config, ctx: ParallelContext = SINGLE, *, device=None,
                  max_positions: int | None = None):
         super().__init__()
+        check_parallel(cfg, ctx.tp_size, ctx.ep)  # fail before allocating anything
         self.config, self.ctx = cfg, ctx
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, ctx, dtype=cfg.dtype,
                                                    device=device)

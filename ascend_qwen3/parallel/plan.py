@@ -66,6 +66,9 @@ def check_parallel(cfg: Qwen3Config, tp: int, ep: bool = False) -> None:
     if ep and not cfg.is_moe:
         raise ShardingError(f"expert parallel was requested for {label}, which is a dense model; "
                             f"drop --ep")
+    if ep and tp > cfg.num_experts:
+        raise ShardingError(f"expert parallel size {tp} exceeds the {cfg.num_experts} experts of "
+                            f"{label}; use ep <= {cfg.num_experts}, or tp without --ep")
     why = _tp_ok(cfg, tp, ep)
     if why:
         choices = ", ".join(map(str, [t for t in valid_tp_sizes(cfg, ep) if t <= 64]))
@@ -184,3 +187,56 @@ def parameter_counts(cfg: Qwen3Config) -> tuple[int, int]:
         moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_layers))
         active -= moe_layers * (cfg.num_experts - cfg.num_experts_per_tok) * per_expert
     return total, active
+
+
+def _kind(param: str) -> str:
+    """Group name of a parameter for summaries: 'layers.*.self_attn.qkv_proj.weight' etc."""
+    parts = param.split(".")
+    return ".".join("*" if p.isdigit() else p for p in parts)
+
+
+def plan_summary(cfg: Qwen3Config, tp: int, ep: bool = False, dtype_bytes: int | None = None) -> str:
+    """Human-readable plan: per-rank bytes, then each parameter kind's per-rank slice."""
+    import torch
+
+    check_parallel(cfg, tp, ep)
+    nbytes = dtype_bytes or torch.empty(0, dtype=cfg.dtype).element_size()
+    plans = shard_plan(cfg, tp, ep)
+    total, active = parameter_counts(cfg)
+    lines = [f"{cfg.name or cfg.architecture}: {total / 1e9:.3f}B parameters"
+             + (f" ({active / 1e9:.2f}B active)" if cfg.is_moe else "")
+             + f", {nbytes} bytes each, tp={tp}" + (" with expert parallel" if ep else "")]
+    hq, hkv = local_heads(cfg, tp)
+    rep = tp // cfg.num_kv_heads if tp > cfg.num_kv_heads else 1
+    lines.append(f"per rank: {hq} query heads, {hkv} KV head(s)"
+                 + (f" (each KV head replicated on {rep} ranks)" if rep > 1 else ""))
+    if cfg.is_moe:
+        from .context import ParallelContext
+        first, count, inter = local_experts(cfg, ParallelContext(0, tp, ep))
+        lines.append(f"per rank: {count} experts x FFN {inter}"
+                     + (" (whole experts)" if ep else " (expert FFN split by tp)"))
+    lines.append("")
+    lines.append(f"{'rank':>4}  {'parameters':>16}  {'bytes':>16}  {'GiB':>8}")
+    whole = 0
+    for r, plan in enumerate(plans):
+        n = sum(a.numel for a in plan)
+        whole += n
+        lines.append(f"{r:>4}  {n:>16,}  {n * nbytes:>16,}  {n * nbytes / 2**30:>8.2f}")
+    lines.append(f"{'sum':>4}  {whole:>16,}  {whole * nbytes:>16,}  {whole * nbytes / 2**30:>8.2f}"
+                 f"  (model {total * nbytes / 2**30:.2f} GiB + replicated tensors)")
+    lines.append("")
+    lines.append("rank 0 slices (checkpoint tensor -> parameter), one line per kind:")
+    seen = {}
+    for a in plans[0]:
+        k = (_kind(a.name), _kind(a.param))
+        seen.setdefault(k, [a, 0])[1] += 1
+    for (ck, pk), (a, count) in seen.items():
+        src = ", ".join(_fmt_slice(s, n) for s, n in zip(a.src, a.shape))
+        lines.append(f"  {ck} {list(a.shape)}[{src}] -> {pk}{' (transposed)' if a.transpose else ''}"
+                     f"  x{count}")
+    return "\n".join(lines)
+
+
+def _fmt_slice(s: slice, n: int) -> str:
+    start, stop, _ = s.indices(n)
+    return ":" if (start, stop) == (0, n) else f"{start}:{stop}"

@@ -42,6 +42,12 @@ def run_parallel(fn: Callable, tp: int, *args, ep: bool = False, backend: str = 
     """
     if tp == 1:
         return [fn(ParallelContext(0, 1, ep), *args)]
+    return run_parallel_spawned(fn, tp, *args, ep=ep, backend=backend, threads=threads)
+
+
+def run_parallel_spawned(fn: Callable, tp: int, *args, ep: bool = False, backend: str = "gloo",
+                         threads: int | None = None) -> list[Any]:
+    """Like ``run_parallel`` but always in fresh processes, tp == 1 included."""
     threads = threads or max(1, (os.cpu_count() or 1) // tp)
     with tempfile.TemporaryDirectory(prefix="aq3-tp") as tmp:
         init_file = os.path.join(tmp, "init")

@@ -223,7 +223,10 @@ def moe_gating_topk(router_logits: torch.Tensor, k: int, renormalize: bool
     Returns (weights [T, k] fp32, expert_ids [T, k] int32), each row sorted by descending weight.
     """
     probs = torch.softmax(router_logits.float(), dim=-1)
-    weights, ids = torch.topk(probs, k, dim=-1)
+    # a stable descending sort, not torch.topk: topk's order among equal values is unspecified
+    # (on CPU it does not put the lower expert id first)
+    weights, ids = torch.sort(probs, dim=-1, descending=True, stable=True)
+    weights, ids = weights[:, :k], ids[:, :k]
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights, ids.to(torch.int32)
@@ -301,7 +304,7 @@ def moe_combine(expert_out: torch.Tensor, sorted_pairs: torch.Tensor, weights: t
     T, k = weights.shape
     unsorted = torch.empty(T * k, expert_out.shape[-1], dtype=torch.float32)
     unsorted[sorted_pairs.long()] = expert_out.float()
-    out = (unsorted.view(T, k, -1) * weights.float().unsqueeze(-1)).sum(dim=1)
+    out = (unsorted.view(T, k, expert_out.shape[-1]) * weights.float().unsqueeze(-1)).sum(dim=1)
     return out.to(expert_out.dtype)
 
 

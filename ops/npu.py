@@ -1,0 +1,704 @@
+"""NPU backend: the operator interface implemented with torch_npu kernels (Atlas 800I A2).
+
+Every function has exactly the signature, shapes, dtypes and semantics of its ``ops.cpu``
+counterpart (the specification); its docstring names the torch_npu kernel, the marshalling done
+around it (dtype casts, layouts, index conventions) and the tolerance against ``ops.cpu``.
+There is no CPU fallback here: inputs outside a kernel's documented limits raise an error that
+says what was expected, what was found and what to do.
+
+Sources (Ascend Extension for PyTorch API reference, i.e. the op-plugin docs
+``docs/zh/custom_APIs/torch_npu/torch_npu-<name>.md`` of https://gitcode.com/Ascend/op-plugin,
+also published on hiascend.com); the aclnn / ATB pages are cited where the torch_npu page is
+silent. vllm-ascend (``attention/attention_v1.py``, ``ops/fused_moe``, ``quantization/methods``)
+was read for how these kernels are called in production.
+
+Notation as in ``ops.cpu``: T tokens, R requests, H heads, D head_dim, E experts, k experts per
+token, NB cache blocks, BS block size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch_npu
+
+NAME = "npu"
+
+_HALF = (torch.float16, torch.bfloat16)
+_FLOAT = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check(ok: bool, op: str, expected: str, found, todo: str) -> None:
+    """Raise the house-style error: what was expected, what was found, what to do."""
+    if not ok:
+        raise ValueError(f"ops.npu.{op}: expected {expected}, found {found}; {todo}")
+
+
+def _dt(t: torch.Tensor) -> str:
+    return str(t.dtype).replace("torch.", "")
+
+
+# --------------------------------------------------------------------------------------------
+# Normalisation
+# --------------------------------------------------------------------------------------------
+
+def _gamma_for(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """npu_rms_norm accepts gamma in x's dtype or fp32 (A2 table: fp16/fp32, bf16/fp32,
+    fp16/fp16, bf16/bf16, fp32/fp32). Any other weight dtype is widened to fp32 (exact)."""
+    if weight.dtype == x.dtype or weight.dtype == torch.float32:
+        return weight
+    return weight.float()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim with ``torch_npu.npu_rms_norm(x, gamma, epsilon=eps)[0]``.
+
+    Kernel doc: torch_npu.npu_rms_norm(self, gamma, epsilon=1e-06) -> (y, rstd); self fp16/bf16/
+    fp32 with 2-8 dims, gamma the trailing dims; y has self's dtype.
+    Marshalling: a 1-D x is viewed as [1, N]; gamma is passed in x.dtype or fp32 (see
+    ``_gamma_for``); rstd is dropped. The result is cast to promote_types(x, weight), the dtype
+    ``ops.cpu`` returns (x.dtype for the model's same-dtype weights).
+    Tolerance vs ops.cpu: the kernel multiplies by gamma before its single rounding to x.dtype,
+    ops.cpu rounds x*rstd to x.dtype first and then multiplies, so results differ by about one
+    ulp of x.dtype: rtol=atol=1e-2 (bf16), 2e-3 (fp16), 1e-5 (fp32).
+    """
+    _check(x.dtype in _FLOAT, "rms_norm", "x of dtype float16/bfloat16/float32", _dt(x),
+           "cast the activations to the model dtype")
+    _check(weight.shape == x.shape[-1:], "rms_norm", f"weight of shape [{x.shape[-1]}]",
+           list(weight.shape), "pass the norm weight of the last dim")
+    x2 = x.unsqueeze(0) if x.dim() == 1 else x
+    y = torch_npu.npu_rms_norm(x2, _gamma_for(x, weight), epsilon=eps)[0]
+    y = y.reshape(x.shape)
+    out_dtype = torch.promote_types(x.dtype, weight.dtype)
+    return y if y.dtype == out_dtype else y.to(out_dtype)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual add then RMSNorm with ``torch_npu.npu_add_rms_norm(x1, x2, gamma, epsilon)``.
+
+    Kernel doc: npu_add_rms_norm(x1, x2, gamma, epsilon=1e-06) -> (y, rstd, x); x = x1 + x2 in
+    x1's dtype, y = RMSNorm(x) * gamma; gamma must have x1's dtype; empty tensors unsupported.
+    Returns (y, x_sum). Marshalling: when weight's dtype differs from x's (the fused kernel would
+    need it cast, i.e. rounded), the sum is formed by a plain ``x + residual`` and normalised by
+    ``rms_norm`` (npu_rms_norm accepts fp32 gamma); T == 0 returns empty results without a call.
+    Tolerance vs ops.cpu: the sum is bit-identical (both add in x.dtype); y as ``rms_norm``.
+    """
+    _check(x.dtype in _FLOAT and residual.dtype == x.dtype, "add_rms_norm",
+           "x and residual of one dtype in float16/bfloat16/float32", f"{_dt(x)} and {_dt(residual)}",
+           "cast both to the model dtype")
+    _check(x.shape == residual.shape, "add_rms_norm", f"residual of shape {list(x.shape)}",
+           list(residual.shape), "pass the residual stream of the same tokens")
+    if x.numel() == 0 or weight.dtype != x.dtype:
+        new_residual = x + residual
+        if x.numel() == 0:
+            return torch.empty_like(new_residual), new_residual
+        return rms_norm(new_residual, weight, eps), new_residual
+    y, _rstd, new_residual = torch_npu.npu_add_rms_norm(x, residual, weight, epsilon=eps)
+    return y, new_residual
+
+
+def head_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Per-head RMSNorm (Qwen3 QK-Norm) with ``torch_npu.npu_rms_norm`` on x [T, H, D], weight [D].
+
+    Same kernel, marshalling and tolerance as ``rms_norm`` (gamma [D] normalises the last dim
+    of every head).
+    """
+    _check(x.dim() == 3, "head_rms_norm", "x of shape [T, H, D]", list(x.shape),
+           "reshape q/k to [tokens, heads, head_dim] first")
+    return rms_norm(x, weight, eps)
+
+
+# --------------------------------------------------------------------------------------------
+# Rotary embedding (neox / rotate-half style)
+# --------------------------------------------------------------------------------------------
+
+def rotary_embedding(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+                     cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Neox RoPE with ``torch_npu.npu_apply_rotary_pos_emb(q, k, cos, sin, layout="TND",
+    rotary_mode="half")``.
+
+    Kernel doc: npu_apply_rotary_pos_emb(query, key, cos, sin, *, layout='BSND',
+    rotary_mode='half') -> (query_out, key_out), updated IN PLACE; "half" computes
+    ``x * cos + cat(-x2, x1) * sin`` with cos/sin of full width D; on A2: layouts BSND/TND,
+    rotary_mode "half" only, D in {64, 128}, query/key/cos/sin of one dtype, TND shapes
+    query [T, Nq, D], key [T, Nk, D], cos/sin [T, 1, D]; no empty tensors; and
+    (aclnnApplyRotaryPosEmbV2 page) a per-token unified-buffer budget, checked here.
+    Marshalling: cos/sin rows are gathered for ``positions`` from cos_sin_cache [max_pos, D]
+    (first half cos, second half sin), each half repeated to D and shaped [T, 1, D]. q and k are
+    upcast to fp32 copies (the in-place update lands on the copies, never on the caller's q/k) so
+    the kernel computes in fp32 like ops.cpu, then cast back to the input dtypes; fp32 inputs
+    are cloned. T == 0 returns clones without a call.
+    Tolerance vs ops.cpu: same fp32 formula and one final rounding: ~1 fp32 ulp before the cast,
+    i.e. equal or 1 ulp apart in bf16/fp16.
+    """
+    T, D = q.shape[0], q.shape[-1]
+    _check(q.dim() == 3 and k.dim() == 3 and k.shape[0] == T and k.shape[-1] == D,
+           "rotary_embedding", "q [T, Hq, D] and k [T, Hk, D]",
+           f"{list(q.shape)} and {list(k.shape)}", "pass per-head q/k in TND layout")
+    _check(D in (64, 128), "rotary_embedding", "head_dim 64 or 128 (npu_apply_rotary_pos_emb on A2)",
+           D, "Qwen3 uses head_dim 128; other head sizes need a different RoPE kernel")
+    _check(positions.numel() == T, "rotary_embedding", f"positions [{T}] (one per token)",
+           list(positions.shape), "pass the position of every query token")
+    _check(cos_sin_cache.shape[-1] == D, "rotary_embedding", f"cos_sin_cache of width {D}",
+           list(cos_sin_cache.shape), "build it with ops.rope_cos_sin_cache(head_dim, ...)")
+    _check(q.dtype in _FLOAT and k.dtype in _FLOAT, "rotary_embedding",
+           "q/k of dtype float16/bfloat16/float32", f"{_dt(q)}/{_dt(k)}", "cast to the model dtype")
+    # aclnnApplyRotaryPosEmbV2 constraint: the per-token working set must fit the AI core's
+    # unified buffer (192 KiB on A2). With fp32 inputs (cast=0, castSize=DtypeSize=4):
+    ub = (q.shape[1] + k.shape[1]) * D * 4 * 5 + D * 4 * 4
+    _check(ub <= 192 * 1024, "rotary_embedding",
+           "(q_heads + k_heads) * head_dim small enough for the RoPE kernel's unified buffer",
+           f"{q.shape[1]} + {k.shape[1]} heads of {D} ({ub} bytes > 196608)",
+           "use tensor parallelism to reduce the heads per rank")
+    if T == 0:
+        return q.clone(), k.clone()
+    cs = cos_sin_cache.index_select(0, positions.to(cos_sin_cache.device).long()).float()
+    half = D // 2
+    cos = torch.cat((cs[:, :half], cs[:, :half]), dim=-1).unsqueeze(1).contiguous()  # [T, 1, D]
+    sin = torch.cat((cs[:, half:], cs[:, half:]), dim=-1).unsqueeze(1).contiguous()
+    qf = q.float() if q.dtype != torch.float32 else q.clone()
+    kf = k.float() if k.dtype != torch.float32 else k.clone()
+    qf, kf = qf.contiguous(), kf.contiguous()
+    q_out, k_out = torch_npu.npu_apply_rotary_pos_emb(qf, kf, cos, sin, layout="TND",
+                                                      rotary_mode="half")
+    return q_out.to(q.dtype), k_out.to(k.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Activation
+# --------------------------------------------------------------------------------------------
+
+def swiglu(x: torch.Tensor) -> torch.Tensor:
+    """SwiGLU with ``torch_npu.npu_swiglu(x, dim=-1)``: silu(x[..., :I]) * x[..., I:].
+
+    Kernel doc: npu_swiglu(input, dim=-1); input fp32/fp16/bf16, 1-8 dims, contiguous, not
+    empty, even along dim; output in input's dtype.
+    Marshalling: x made contiguous; an empty x returns an empty [..., I] without a call.
+    Tolerance vs ops.cpu (fp32 maths, one rounding): about one ulp of x.dtype
+    (rtol=atol=1e-2 bf16, 2e-3 fp16, 1e-5 fp32).
+    """
+    _check(x.dtype in _FLOAT, "swiglu", "x of dtype float16/bfloat16/float32", _dt(x),
+           "cast the gate/up output to the model dtype")
+    _check(x.shape[-1] % 2 == 0, "swiglu", "an even last dim (fused gate|up)", x.shape[-1],
+           "pass the concatenated [gate, up] projection")
+    if x.numel() == 0:
+        return x.new_empty(*x.shape[:-1], x.shape[-1] // 2)
+    return torch_npu.npu_swiglu(x.contiguous(), dim=-1)
+
+
+# --------------------------------------------------------------------------------------------
+# Paged KV cache and attention
+# --------------------------------------------------------------------------------------------
+
+def write_kv_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
+                   value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Scatter keys/values into the paged cache with ``torch_npu._npu_reshape_and_cache``.
+
+    Kernel: torch_npu._npu_reshape_and_cache(key, value, key_cache, value_cache, slot_indices)
+    (ATB ReshapeAndCacheOperation, as vllm-ascend calls it): key/value [T, Hkv, D], caches
+    [NB, BS, Hkv, D] ND, all of one dtype in float16/bfloat16/int8; slot_indices int32 [T],
+    slot = block * BS + offset; caches updated in place.
+    Marshalling: key/value cast to the cache dtype (as ops.cpu does) and made contiguous; slots
+    cast to int32. Slots of -1 are FILTERED OUT before the call: neither the ATB page nor the
+    torch_npu page of the sibling npu_scatter_pa_kv_cache (which documents slot values in
+    [0, NB*BS-1]) promises that negative slots are skipped. That check (and the bounds check
+    ops.cpu also makes) costs one device->host sync.
+    Tolerance vs ops.cpu: bit-exact (a copy).
+    """
+    nb, bs = key_cache.shape[0], key_cache.shape[1]
+    _check(key_cache.dim() == 4 and value_cache.shape == key_cache.shape
+           and key.shape[1:] == key_cache.shape[2:] and value.shape == key.shape,
+           "write_kv_cache", "key/value [T, Hkv, D] and caches [NB, BS, Hkv, D]",
+           f"key {list(key.shape)}, value {list(value.shape)}, caches {list(key_cache.shape)}/"
+           f"{list(value_cache.shape)}", "allocate the caches as [blocks, block_size, kv_heads, head_dim]")
+    _check(key_cache.dtype in (torch.float16, torch.bfloat16, torch.int8)
+           and value_cache.dtype == key_cache.dtype, "write_kv_cache",
+           "caches of one dtype in float16/bfloat16/int8 (ATB ReshapeAndCache)",
+           f"{_dt(key_cache)}/{_dt(value_cache)}", "allocate the KV cache in the model dtype (bf16/fp16)")
+    _check(slot_mapping.dim() == 1 and slot_mapping.numel() == key.shape[0], "write_kv_cache",
+           f"slot_mapping [{key.shape[0]}] (one slot per token)", list(slot_mapping.shape),
+           "pass the step's slot mapping")
+    if slot_mapping.numel() == 0:
+        return
+    slots = slot_mapping.to(device=key.device, dtype=torch.int32)
+    has_skip, too_big = torch.stack([(slots < 0).any(), (slots >= nb * bs).any()]).tolist()
+    if too_big:
+        raise ValueError(f"ops.npu.write_kv_cache: expected slots < {nb * bs} (cache of {nb} blocks "
+                         f"x {bs}), found slot {int(slots.max())}; size the cache for the batch")
+    if has_skip:  # the kernel is not documented to skip -1: drop those tokens here
+        keep = slots >= 0
+        key, value, slots = key[keep], value[keep], slots[keep]
+        if slots.numel() == 0:
+            return
+    torch_npu._npu_reshape_and_cache(
+        key=key.to(key_cache.dtype).contiguous(), value=value.to(value_cache.dtype).contiguous(),
+        key_cache=key_cache, value_cache=value_cache, slot_indices=slots.contiguous())
+
+
+_CAUSAL_MASKS: dict[str, torch.Tensor] = {}
+
+
+def _compressed_causal_mask(device: torch.device) -> torch.Tensor:
+    """The 2048 x 2048 mask sparse_mode 2/3/4 require (1 = masked: strictly upper triangle),
+    int8 like vllm-ascend's AttentionMaskBuilder; built once per device."""
+    key = str(device)
+    mask = _CAUSAL_MASKS.get(key)
+    if mask is None:
+        mask = torch.triu(torch.ones(2048, 2048, dtype=torch.int8), diagonal=1).to(device)
+        _CAUSAL_MASKS[key] = mask
+    return mask
+
+
+def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                    block_tables: torch.Tensor, query_start_loc: torch.Tensor,
+                    seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal paged attention with ``torch_npu.npu_fused_infer_attention_score`` (TND, paged KV).
+
+    Kernel doc: npu_fused_infer_attention_score(query, key, value, *, atten_mask, block_table,
+    actual_seq_lengths, actual_seq_lengths_kv, num_heads, scale, input_layout, num_key_value_heads,
+    sparse_mode, block_size, ...) -> (attention_out, softmax_lse). Used here with
+    input_layout="TND": query [T, Hq, D] packed, attention_out [T, Hq, D]; actual_seq_lengths =
+    cumulative query ends (query_start_loc[1:]); PageAttention: key/value = the caches in the
+    "BnBsH" layout [NB, BS, Hkv*D], block_table int32 [R, max_blocks], block_size = BS,
+    actual_seq_lengths_kv = per-request KV lengths (seq_lens, NOT cumulative: the TND page says
+    "cumulative" generically, but with PageAttention each request's KV lives in its own blocks;
+    vllm-ascend passes seq_lens_list here, and the kernel's aclnn page sizes the block table and
+    the block count from "each batch's actualSeqLengthsKv"); sparse_mode=3 = bottom-right causal
+    ("rightDownCausal") with the compressed 2048x2048 mask; num_key_value_heads for GQA.
+    Documented limits checked (torch_npu page, and aclnnFusedInferAttentionScoreV4.md of
+    ops-transformer for A2 + TND, which is stricter): query/key/value bfloat16 (A2, TND, D != 512:
+    "BFLOAT16 only"); D == 128 (TND without rope); block_size in {128, 512} (torch_npu page:
+    multiple of 128 in [128, 512] for Q_S > 1; aclnn A2 TND: 128, 512 or 1024); Hq % Hkv == 0
+    with ratio <= 64 and <= 256 heads; Hkv * D <= 65535 (BnBsH cache); 1..4096 requests;
+    T <= 1048576; per request query length <= KV length (sparse_mode 3 intercepts otherwise).
+    actual_seq_lengths(_kv) are int lists, so they cost one device->host copy.
+    Marshalling: query rows beyond query_start_loc[-1] (padding) are not sent; their output rows
+    are zeros (ops.cpu leaves them unspecified). T == 0 returns an empty result.
+    Tolerance vs ops.cpu (fp32 softmax over the same keys): flash-style blocked softmax in
+    fp32 with bf16 matmuls: rtol=atol=1e-2.
+    """
+    T, Hq, D = query.shape
+    NB, BS, Hkv = key_cache.shape[0], key_cache.shape[1], key_cache.shape[2]
+    R = seq_lens.shape[0]
+    _check(query.dtype == torch.bfloat16 and key_cache.dtype == query.dtype
+           and value_cache.dtype == query.dtype, "paged_attention",
+           "query and KV caches in bfloat16 (FIA TND layout on A2 supports BFLOAT16 only)",
+           f"{_dt(query)}/{_dt(key_cache)}/{_dt(value_cache)}", "run the model in bfloat16 on the NPU")
+    _check(D == 128 and key_cache.shape[3] == D and value_cache.shape == key_cache.shape,
+           "paged_attention", "head_dim 128 for q/k/v (FIA TND layout without rope)",
+           f"query {list(query.shape)}, caches {list(key_cache.shape)}/{list(value_cache.shape)}",
+           "Qwen3 uses head_dim 128; other head sizes need another attention kernel")
+    _check(Hq % Hkv == 0 and Hq // Hkv <= 64 and Hq <= 256 and Hkv * D <= 65535, "paged_attention",
+           "query heads a multiple of kv heads, ratio <= 64, <= 256 heads, kv_heads*head_dim <= 65535",
+           f"{Hq} / {Hkv} heads of {D}", "check the tensor-parallel split of the heads")
+    _check(BS in (128, 512), "paged_attention", "block_size 128 or 512 (FIA PageAttention, TND)", BS,
+           "allocate the KV cache with block size 128")
+    _check(0 < R <= 4096 and query_start_loc.shape[0] == R + 1 and block_tables.shape[0] >= R,
+           "paged_attention", "1..4096 requests with query_start_loc [R+1] and block_tables [>=R, ...]",
+           f"seq_lens [{R}], query_start_loc {list(query_start_loc.shape)}, "
+           f"block_tables {list(block_tables.shape)}", "split the batch or fix the metadata")
+    _check(T <= 1048576, "paged_attention", "at most 1048576 tokens per call (TND)", T,
+           "split the prefill into chunks")
+    if T == 0:
+        return torch.empty_like(query)
+    starts = [int(v) for v in query_start_loc.tolist()]
+    kv_lens = [int(v) for v in seq_lens.tolist()]
+    q_ends = starts[1:]
+    n = q_ends[-1]
+    _check(starts[0] == 0 and n <= T, "paged_attention",
+           f"query_start_loc starting at 0 and ending at <= {T} query rows", starts,
+           "query_start_loc must index rows of query")
+    q_lens = [b - a for a, b in zip(starts, q_ends)]
+    _check(all(0 <= lq <= lk for lq, lk in zip(q_lens, kv_lens)), "paged_attention",
+           "0 <= query length <= seq_len for every request (seq_lens count this step's tokens)",
+           f"query lengths {q_lens}, seq_lens {kv_lens}", "fix the attention metadata")
+    out, _lse = torch_npu.npu_fused_infer_attention_score(
+        query[:n].contiguous(),
+        key_cache.view(NB, BS, Hkv * D),
+        value_cache.view(NB, BS, Hkv * D),
+        atten_mask=_compressed_causal_mask(query.device),
+        block_table=block_tables[:R].to(device=query.device, dtype=torch.int32).contiguous(),
+        actual_seq_lengths=q_ends,
+        actual_seq_lengths_kv=kv_lens,
+        num_heads=Hq,
+        num_key_value_heads=Hkv,
+        scale=float(scale),
+        input_layout="TND",
+        block_size=BS,
+        sparse_mode=3,
+    )
+    out = out.view(n, Hq, D)
+    if n == T:
+        return out
+    full = query.new_zeros(query.shape)
+    full[:n] = out
+    return full
+
+
+# --------------------------------------------------------------------------------------------
+# int8 quantisation
+# --------------------------------------------------------------------------------------------
+
+def dynamic_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token symmetric int8 quantisation with ``torch_npu.npu_dynamic_quant(x)``.
+
+    Kernel doc: npu_dynamic_quant(x, *, smooth_scales=None, group_index=None, dst_type=None)
+    -> (y int8, scale fp32 of x.shape[:-1]); scale = rowMax(|x|) / 127, y = round(x / scale);
+    x fp16/bf16 only, more than 1 dim.
+    Marshalling: none (x [M, K] passed as is); M == 0 returns empties without a call.
+    Tolerance vs ops.cpu: scale within 1 fp32 ulp; xq within +-1 where x/scale lands on a
+    rounding tie or the kernel multiplies by a reciprocal. Not documented: the kernel's rounding
+    mode (ops.cpu: half to even) and its output for an all-zero row (ops.cpu: scale 0, xq 0).
+    """
+    _check(x.dtype in _HALF, "dynamic_quant", "x of dtype float16/bfloat16 (npu_dynamic_quant)",
+           _dt(x), "quantise activations in the model dtype (bf16/fp16)")
+    _check(x.dim() == 2, "dynamic_quant", "x of shape [M, K]", list(x.shape),
+           "flatten the tokens to [M, K] first")
+    if x.shape[0] == 0:
+        return torch.empty(x.shape, dtype=torch.int8, device=x.device), \
+            torch.empty(0, dtype=torch.float32, device=x.device)
+    xq, scale = torch_npu.npu_dynamic_quant(x)
+    return xq, scale.float()
+
+
+def static_quant(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """Per-tensor int8 quantisation with zero point via ``torch_npu.npu_quantize(..., div_mode=True)``.
+
+    Kernel doc: npu_quantize(input, scales, zero_points, dtype, axis=1, div_mode=True);
+    div_mode=True computes ``input / scales + zero_points`` (False multiplies); on A2 with
+    div_mode=True: input fp32/fp16/bf16, scales fp32/bf16, zero_points int8/uint8/int32/bf16,
+    dtype torch.qint8. vllm-ascend instead passes 1/scale with div_mode=False, which is not
+    bit-exact with a division; this backend divides, as ops.cpu does.
+    Marshalling: x upcast to fp32 (exact) so the division happens in fp32; scale [1] -> fp32
+    and offset [1] -> int8, both expanded to [K] along axis=-1 (as vllm-ascend shapes them). A
+    float offset must be integral (one host sync to check); the kernel takes integer zero points.
+    Tolerance vs ops.cpu: bit-exact if the kernel divides in fp32 and rounds half to even and
+    saturates to [-128, 127]; the torch_npu page states the formula but not the rounding mode.
+    """
+    K = x.shape[-1]
+    _check(x.dtype in _FLOAT, "static_quant", "x of dtype float16/bfloat16/float32", _dt(x),
+           "quantise activations in the model dtype")
+    _check(scale.numel() == 1 and offset.numel() == 1, "static_quant",
+           "per-tensor scale [1] and offset [1]", f"{list(scale.shape)} and {list(offset.shape)}",
+           "pass the checkpoint's input_scale / input_offset")
+    if offset.is_floating_point():
+        _check(bool(torch.equal(offset, offset.round())) and -128 <= float(offset) <= 127,
+               "static_quant", "an integral offset in [-128, 127]", float(offset),
+               "msModelSlim input_offset values are int8")
+    if x.numel() == 0:
+        return torch.empty(x.shape, dtype=torch.int8, device=x.device)
+    scales = scale.reshape(1).float().expand(K).contiguous()
+    zero_points = offset.reshape(1).to(torch.int8).expand(K).contiguous()
+    return torch_npu.npu_quantize(x.float().contiguous(), scales, zero_points, torch.qint8,
+                                  axis=-1, div_mode=True)
+
+
+def _check_mm(op: str, xq: torch.Tensor, wq: torch.Tensor) -> None:
+    _check(xq.dtype == torch.int8 and wq.dtype == torch.int8, op, "int8 xq and int8 wq",
+           f"{_dt(xq)} and {_dt(wq)}", "quantise with ops.dynamic_quant / ops.static_quant first")
+    _check(xq.dim() == 2 and wq.dim() == 2 and xq.shape[1] == wq.shape[0], op,
+           "xq [M, K] and wq [K, N]", f"{list(xq.shape)} and {list(wq.shape)}",
+           "store the weight transposed as [in, out]")
+    _check(wq.shape[0] <= 65535 and wq.shape[1] <= 65535, op,
+           "K and N <= 65535 (npu_quant_matmul last-dim limit)", list(wq.shape),
+           "split the layer (e.g. keep lm_head in float)")
+
+
+def int8_matmul(xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
+    """The raw int32 accumulator with ``torch_npu.npu_quant_matmul(..., output_dtype=torch.int32)``.
+
+    Kernel doc: npu_quant_matmul(x1, x2, scale, *, offset, pertoken_scale, bias, output_dtype);
+    the A2 dtype table lists x1 int8, x2 int8, scale fp32/bf16, no offset, bias int32/None, no
+    pertoken_scale -> output int32. A scale is mandatory there; the page does not say whether it
+    is applied to an int32 output, so scale = 1.0 (fp32 [1]) makes either reading return the
+    accumulator.
+    Marshalling: xq [M, K] contiguous, wq [K, N] (ND or the FRACTAL_NZ from ``prepare_weight``);
+    M == 0 returns an empty [0, N] without a call (x1 may not be empty).
+    Tolerance vs ops.cpu: bit-exact (integer accumulation).
+    """
+    _check_mm("int8_matmul", xq, wq)
+    if xq.shape[0] == 0:
+        return torch.zeros(0, wq.shape[1], dtype=torch.int32, device=xq.device)
+    one = torch.ones(1, dtype=torch.float32, device=xq.device)
+    return torch_npu.npu_quant_matmul(xq.contiguous(), wq, one, output_dtype=torch.int32)
+
+
+def quant_matmul(xq: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor,
+                 pertoken_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                 output_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """int8 GEMM + dequant with ``torch_npu.npu_quant_matmul(xq, wq, scale, offset=None,
+    pertoken_scale=, bias=, output_dtype=)``.
+
+    Kernel doc (formulas): bias int32: out = (x1 @ x2 + bias) * scale; with pertoken_scale and
+    int32 bias: out = (x1 @ x2 + bias) * scale * pertoken_scale. A2 dtype table:
+      bf16 output: scale fp32/bf16, bias int32/None, pertoken_scale fp32/None;
+      fp16 output with pertoken_scale: scale fp32;
+      fp16 output without pertoken_scale: scale int64 from torch_npu.npu_trans_quant_param(scale)
+      (the doc's examples require this conversion; it packs the fp32 scale as FP19, i.e. keeps
+      sign, exponent and the top 10 mantissa bits).
+    Marshalling: scale -> fp32 [N] (or the int64 FP19 pack for fp16 without pertoken_scale);
+    pertoken_scale -> fp32 [M]; bias -> int32 [N]; M == 0 returns an empty [0, N].
+    Other output dtypes are rejected (the kernel's float outputs are bf16 and fp16 only).
+    Tolerance vs ops.cpu: bf16: one bf16 ulp (fp32 dequant, one rounding); fp16 with
+    pertoken_scale: one fp16 ulp; fp16 without: FP19 truncation of scale (relative <= 2^-10)
+    plus one fp16 ulp, rtol 2e-3.
+    """
+    _check_mm("quant_matmul", xq, wq)
+    M, N = xq.shape[0], wq.shape[1]
+    _check(output_dtype in _HALF, "quant_matmul", "output_dtype bfloat16 or float16",
+           output_dtype, "npu_quant_matmul dequantises to bf16/fp16 only; cast the result afterwards")
+    _check(scale.is_floating_point() and scale.numel() in (1, N), "quant_matmul",
+           f"a float scale of 1 or {N} elements", f"{_dt(scale)} {list(scale.shape)}",
+           "pass the per-channel dequant scale as fp32 (not msModelSlim's int64 deq_scale)")
+    if M == 0:
+        return torch.empty(0, N, dtype=output_dtype, device=xq.device)
+    scale_arg = scale.reshape(-1).float().contiguous()
+    if output_dtype == torch.float16 and pertoken_scale is None:
+        scale_arg = torch_npu.npu_trans_quant_param(scale_arg)
+    pts = None
+    if pertoken_scale is not None:
+        _check(pertoken_scale.numel() == M, "quant_matmul", f"pertoken_scale of {M} elements",
+               list(pertoken_scale.shape), "pass the scale returned by ops.dynamic_quant")
+        pts = pertoken_scale.reshape(M).float().contiguous()
+    b = None if bias is None else bias.reshape(-1).to(torch.int32).contiguous()
+    return torch_npu.npu_quant_matmul(xq.contiguous(), wq, scale_arg, offset=None,
+                                      pertoken_scale=pts, bias=b, output_dtype=output_dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Mixture of experts
+# --------------------------------------------------------------------------------------------
+
+def moe_gating_topk(router_logits: torch.Tensor, k: int, renormalize: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax router + top-k with ``torch_npu.npu_moe_gating_top_k_softmax(logits, finished=None, k=k)``.
+
+    Kernel doc: npu_moe_gating_top_k_softmax(x, finished=None, k=1) -> (y, expert_idx, row_idx);
+    y = topK(softmax(x, -1)) in x's dtype (2-D/3-D x of fp16/bf16/fp32), expert_idx int32,
+    0 < k <= E, k <= 1024.
+    Marshalling: logits upcast to fp32 so the softmax runs in fp32 as ops.cpu specifies; row_idx
+    dropped; renormalisation (weights / their sum) is done here in fp32; T == 0 returns empties.
+    Tolerance vs ops.cpu: weights atol 1e-6; ids identical except between equal probabilities
+    (ops.cpu keeps the lower expert id first; the kernel's tie order is not documented).
+    """
+    _check(router_logits.dim() == 2, "moe_gating_topk", "router_logits [T, E]",
+           list(router_logits.shape), "flatten the tokens first")
+    E = router_logits.shape[1]
+    _check(0 < k <= min(E, 1024), "moe_gating_topk", f"0 < k <= min(E={E}, 1024)", k,
+           "use top_k from the model config")
+    T = router_logits.shape[0]
+    if T == 0:
+        dev = router_logits.device
+        return torch.empty(0, k, dtype=torch.float32, device=dev), \
+            torch.empty(0, k, dtype=torch.int32, device=dev)
+    weights, ids, _row_idx = torch_npu.npu_moe_gating_top_k_softmax(
+        router_logits.float().contiguous(), finished=None, k=k)
+    weights = weights.float()
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids.to(torch.int32)
+
+
+def _inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
+    """inv[perm[i]] = i as int32 (an O(n) scatter; perm is a permutation of 0..n-1)."""
+    n = perm.numel()
+    inv = torch.empty(n, dtype=torch.int32, device=perm.device)
+    inv[perm.long()] = torch.arange(n, dtype=torch.int32, device=perm.device)
+    return inv
+
+
+def moe_route(x: torch.Tensor, expert_ids: torch.Tensor, num_experts: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sort token copies by expert with ``torch_npu.npu_moe_init_routing_v2``.
+
+    Kernel doc: npu_moe_init_routing_v2(x, expert_idx, *, active_num, expert_num,
+    expert_tokens_num_type, expert_tokens_num_flag, quant_mode, active_expert_range,
+    row_idx_type, ...) -> (expanded_x, expanded_row_idx, expert_token_cumsum_or_count,
+    expanded_scale). The (token, slot) pairs p = t*k + j are key-value sorted by expert id
+    (sortedRowIdx; the doc's reference uses a stable argsort) and expanded_x[i] =
+    x[sortedRowIdx[i] // k]. row_idx_type=0 ("gather index", the default) gives
+    expanded_row_idx[sortedRowIdx[i]] = i, i.e. the sorted row of each pair; row_idx_type=1
+    would give sortedRowIdx itself. expert_tokens_num_type=1 = per-expert counts (int64 [E])
+    when expert_tokens_num_flag=True; quant_mode=-1 = no quantisation; active_num = T*k and
+    active_expert_range=[0, E] route every pair. Expert ids must be < E; expert_num <= 10240.
+    Why row_idx_type=0: op-plugin's wrapper sends one shape family (E=128, range [0, 128],
+    hidden 2048, no quant, counts: exactly Qwen3-30B-A3B) to the older aclnnMoeInitRoutingV2 on
+    CANN < 8.5.0alpha003, which has no row_idx_type and always returns the gather index; the
+    gather index means the same on both code paths.
+    Marshalling: expert_ids -> int32; ``sorted_pairs`` = inverse permutation of the gather index
+    (sorted_pairs[expanded_row_idx[p]] = p), int32; the id range check ops.cpu makes costs one
+    host sync; T == 0 returns empties.
+    Tolerance vs ops.cpu: bit-exact (a permutation and counts), given the stable sort.
+    """
+    _check(expert_ids.dim() == 2 and x.dim() == 2 and x.shape[0] == expert_ids.shape[0],
+           "moe_route", "x [T, Hd] and expert_ids [T, k]",
+           f"{list(x.shape)} and {list(expert_ids.shape)}", "pass the router's top-k ids")
+    _check(0 < num_experts <= 10240, "moe_route", "1..10240 experts", num_experts,
+           "check num_experts of the config")
+    _check(x.dtype in _FLOAT, "moe_route", "x of dtype float16/bfloat16/float32", _dt(x),
+           "route the activations in the model dtype")
+    T, k = expert_ids.shape
+    if T == 0:
+        return x.new_empty(0, x.shape[1]), \
+            torch.empty(0, dtype=torch.int32, device=x.device), \
+            torch.zeros(num_experts, dtype=torch.int64, device=x.device)
+    ids = expert_ids.to(torch.int32).contiguous()
+    lo, hi = (int(v) for v in torch.aminmax(ids))
+    if lo < 0 or hi >= num_experts:
+        raise ValueError(f"expert ids must lie in [0, {num_experts}), got [{lo}, {hi}]")
+    sorted_x, gather_idx, counts, _scale = torch_npu.npu_moe_init_routing_v2(
+        x.contiguous(), ids,
+        active_num=T * k, expert_num=num_experts,
+        expert_tokens_num_type=1, expert_tokens_num_flag=True,
+        quant_mode=-1, active_expert_range=[0, num_experts], row_idx_type=0)
+    return sorted_x, _inverse_permutation(gather_idx), counts.to(torch.int64)
+
+
+def _group_list(op: str, group_sizes: torch.Tensor, groups: int, rows: int) -> tuple[torch.Tensor, int]:
+    """(group_list, group_list_type) for npu_grouped_matmul from per-group counts.
+
+    Counts mode (type 1) is used, except for a single group: the doc forbids a counts list of
+    length 1, and a 1-element cumsum (type 0) carries the same number. Checks the documented
+    sum == rows (one host sync) and at most 1024 groups.
+    """
+    _check(group_sizes.dim() == 1 and group_sizes.numel() == groups, op,
+           f"group_sizes [{groups}] (one count per weight group)", list(group_sizes.shape),
+           "pass tokens_per_expert from ops.moe_route")
+    _check(groups <= 1024, op, "at most 1024 groups", groups, "shard the experts (expert parallel)")
+    gl = group_sizes.to(torch.int64).contiguous()
+    total = int(gl.sum())
+    if total != rows:
+        raise ValueError(f"group sizes sum to {total}, x has {rows} rows")
+    return gl, (0 if groups == 1 else 1)
+
+
+def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, group_sizes: torch.Tensor) -> torch.Tensor:
+    """Per-group float GEMM with ``torch_npu.npu_grouped_matmul([x], [weight], group_list=,
+    group_list_type=1, split_item=2, group_type=0)[0]``.
+
+    Kernel doc: npu_grouped_matmul(x: List[Tensor], weight: List[Tensor], *, ..., group_list,
+    split_item, group_type, group_list_type, output_dtype) -> List[Tensor]; "single-single-single"
+    with group_type=0 (m-axis groups): x [M, K] 2-D, weight [G, K, N] 3-D, split_item 2/3 -> one
+    output [M, N]; group_list int64 tensor, type 1 = counts (sum == M, length != 1),
+    type 0 = cumsum; <= 1024 groups; K, N < 65536. Float combos: fp16/fp16->fp16,
+    bf16/bf16->bf16, fp32/fp32->fp32.
+    Marshalling: group_sizes -> int64 (see ``_group_list``); M == 0 returns [0, N].
+    Tolerance vs ops.cpu (fp32 accumulation, one rounding): rtol=atol=1e-2 bf16, 2e-3 fp16,
+    1e-4 fp32 (accumulation order differs).
+    """
+    _check(x.dim() == 2 and weight.dim() == 3 and weight.shape[1] == x.shape[1], "grouped_matmul",
+           "x [M, K] and weight [G, K, N]", f"{list(x.shape)} and {list(weight.shape)}",
+           "stack the expert weights as [experts, in, out]")
+    _check(x.dtype in _FLOAT and weight.dtype == x.dtype, "grouped_matmul",
+           "x and weight of one dtype in float16/bfloat16/float32", f"{_dt(x)} and {_dt(weight)}",
+           "load the expert weights in the activation dtype")
+    _check(x.shape[1] < 65536 and weight.shape[2] < 65536, "grouped_matmul",
+           "K and N < 65536 (inner-axis limit)", list(weight.shape), "split the expert FFN")
+    G, N = weight.shape[0], weight.shape[2]
+    gl, gl_type = _group_list("grouped_matmul", group_sizes, G, x.shape[0])
+    if x.shape[0] == 0:
+        return x.new_empty(0, N)
+    return torch_npu.npu_grouped_matmul([x.contiguous()], [weight], group_list=gl,
+                                        group_list_type=gl_type, split_item=2, group_type=0)[0]
+
+
+def grouped_quant_matmul(xq: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor,
+                         pertoken_scale: torch.Tensor, group_sizes: torch.Tensor,
+                         output_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Per-group W8A8-dynamic GEMM with ``torch_npu.npu_grouped_matmul([xq], [wq], scale=[s],
+    per_token_scale=[pts], group_list=, group_list_type=1, split_item=2, group_type=0,
+    output_dtype=)[0]``.
+
+    Kernel doc: formula 3 (pertoken quantisation): y_i = (x_i @ weight_i) * scale_i *
+    pertokenscale_i. A2 dtype table (group_list a Tensor), "pertoken full quantisation":
+    x int8, weight int8, per_token_scale fp32, and scale bf16 -> output bf16, scale fp32 ->
+    output fp16. vllm-ascend passes the per-expert scale as a 2-D [E, N] tensor (the page says
+    1-D per list entry; the 2-D form is the one exercised on hardware).
+    Marshalling: scale [G, N] cast to bf16 (bf16 output) or fp32 (fp16 output);
+    pertoken_scale -> fp32 [M]; group_sizes -> int64 counts (see ``_group_list``);
+    M == 0 returns [0, N]. Output dtypes other than bf16/fp16 are rejected.
+    Tolerance vs ops.cpu: bf16 output: the scale is rounded to bf16 (exact when it comes from a
+    bf16 checkpoint's weight_scale, as msModelSlim stores it) plus one bf16 ulp: rtol 1e-2;
+    fp16 output: one fp16 ulp, rtol 2e-3.
+    """
+    _check(xq.dtype == torch.int8 and wq.dtype == torch.int8, "grouped_quant_matmul",
+           "int8 xq and int8 wq", f"{_dt(xq)} and {_dt(wq)}", "quantise with ops.dynamic_quant first")
+    _check(xq.dim() == 2 and wq.dim() == 3 and wq.shape[1] == xq.shape[1], "grouped_quant_matmul",
+           "xq [M, K] and wq [G, K, N]", f"{list(xq.shape)} and {list(wq.shape)}",
+           "stack the expert weights as [experts, in, out]")
+    G, N = wq.shape[0], wq.shape[2]
+    _check(scale.shape == (G, N), "grouped_quant_matmul", f"scale [{G}, {N}]", list(scale.shape),
+           "pass the per-expert, per-channel weight_scale")
+    _check(output_dtype in _HALF, "grouped_quant_matmul", "output_dtype bfloat16 or float16",
+           output_dtype, "the kernel dequantises to bf16/fp16 only; cast afterwards")
+    M = xq.shape[0]
+    _check(pertoken_scale.numel() == M, "grouped_quant_matmul", f"pertoken_scale of {M} elements",
+           list(pertoken_scale.shape), "pass the scale returned by ops.dynamic_quant")
+    _check(xq.shape[1] < 65536 and N < 65536, "grouped_quant_matmul",
+           "K and N < 65536 (inner-axis limit)", list(wq.shape), "split the expert FFN")
+    gl, gl_type = _group_list("grouped_quant_matmul", group_sizes, G, M)
+    if M == 0:
+        return torch.empty(0, N, dtype=output_dtype, device=xq.device)
+    s = scale.to(torch.bfloat16 if output_dtype == torch.bfloat16 else torch.float32).contiguous()
+    return torch_npu.npu_grouped_matmul(
+        [xq.contiguous()], [wq], scale=[s], per_token_scale=[pertoken_scale.reshape(M).float()],
+        group_list=gl, group_list_type=gl_type, split_item=2, group_type=0,
+        output_dtype=output_dtype)[0]
+
+
+def moe_combine(expert_out: torch.Tensor, sorted_pairs: torch.Tensor, weights: torch.Tensor
+                ) -> torch.Tensor:
+    """Weighted un-permute with ``torch_npu.npu_moe_token_unpermute(permuted_tokens,
+    sorted_indices, probs=)``.
+
+    Kernel doc (aclnnMoeTokenUnpermute; torch_npu wraps it 1:1): T[k] = T[S[k]];
+    T[k] *= P[i][j]; O[i] = sum_{k=i*topK}^{(i+1)*topK-1} T[k]: ``sorted_indices`` S gives, for
+    each pair k = i*topK + j, its row in permuted_tokens ("the position in permutedTokens of the
+    data to compute": a gather index, int32, no duplicates); probs [tokens, topK]; permuted
+    tokens and probs fp32/fp16/bf16; topK <= 512; output in permuted_tokens' dtype. (vllm-ascend
+    feeds it init_routing_v2's row_idx_type=0 index, which has this meaning; op-plugin's own
+    test passes the double argsort of the flat ids, the same thing.)
+    npu_moe_finalize_routing was not chosen: it indexes pairs column-major (i + k*num_rows) and
+    vllm-ascend reports accuracy issues with it.
+    Marshalling: S is the inverse permutation of ``sorted_pairs`` (S[sorted_pairs[i]] = i,
+    int32); expert_out and weights passed in fp32 so products and sums are fp32 as ops.cpu
+    specifies; result cast to expert_out.dtype. T == 0 returns [0, Hd].
+    Tolerance vs ops.cpu: fp32 sums in a possibly different order, one final rounding:
+    one ulp of expert_out.dtype (1e-5 relative for fp32).
+    """
+    _check(weights.dim() == 2 and expert_out.dim() == 2
+           and expert_out.shape[0] == weights.numel() == sorted_pairs.numel(), "moe_combine",
+           "expert_out [T*k, Hd], sorted_pairs [T*k], weights [T, k]",
+           f"{list(expert_out.shape)}, {list(sorted_pairs.shape)}, {list(weights.shape)}",
+           "pass the outputs of ops.moe_route and ops.moe_gating_topk")
+    T, k = weights.shape
+    _check(k <= 512, "moe_combine", "top-k <= 512", k, "use fewer experts per token")
+    if T == 0:
+        return expert_out.new_empty(0, expert_out.shape[1])
+    inverse = _inverse_permutation(sorted_pairs.to(expert_out.device))
+    out = torch_npu.npu_moe_token_unpermute(expert_out.float().contiguous(), inverse,
+                                            probs=weights.float().contiguous())
+    return out.to(expert_out.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Weight preparation
+# --------------------------------------------------------------------------------------------
+
+def prepare_weight(weight: torch.Tensor) -> torch.Tensor:
+    """Cast a [K, N] or [G, K, N] matmul weight to FRACTAL_NZ with ``torch_npu.npu_format_cast(w, 29)``.
+
+    Kernel doc: npu_format_cast(input, acl_format, customize_dtype=None) -> a new tensor in the
+    target format; 29 = torch_npu.Format.FRACTAL_NZ. npu_quant_matmul's page recommends, on A2,
+    casting x2 to the affine format WITHOUT transposing it first, which is what the [K, N]
+    layout here is.
+    Marshalling: made contiguous first; fp32 weights are left in ND (the grouped matmul takes
+    fp32 weights in ND only). Numerically the identity (bit-exact vs ops.cpu).
+    """
+    _check(weight.dim() in (2, 3), "prepare_weight", "a [K, N] or [G, K, N] weight",
+           list(weight.shape), "prepare matmul weights only")
+    if weight.dtype == torch.float32:
+        # npu_grouped_matmul documents fp32 weights as ND only (fp16/bf16/int8 take ND or NZ),
+        # so fp32 weights stay in ND for every consumer.
+        return weight.contiguous()
+    return torch_npu.npu_format_cast(weight.contiguous(), 29)

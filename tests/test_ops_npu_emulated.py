@@ -1,0 +1,878 @@
+"""Contract tests of the NPU backend (``ops.npu``) against the CPU specification (``ops.cpu``).
+
+DESIGN.md tiers 2 and 3. Every test takes the ``be`` fixture, which has two parameters:
+  * ``emulated`` (runs here): ``ops.npu`` is imported against the test-only torch_npu emulator
+    (``tests/npu_emulator``), so the backend's marshalling (dtypes, layouts, index conventions,
+    argument names) runs on CPU tensors through kernels that enforce the documented contracts,
+    and the call log proves which torch_npu kernels the backend used;
+  * ``device`` (``@pytest.mark.npu``, deselected here by pytest.ini): the same checks with the
+    real torch_npu on an Ascend device, inputs moved to ``npu``, results compared on the CPU.
+    torch_npu is only imported inside that fixture.
+
+Tolerances (stated per comparison, see ``TOL``): fp32 1e-5 relative (accumulation order only);
+fp16 2e-3 and bf16 1.6e-2 relative+absolute (one or two roundings to the output dtype: the
+kernels round once from fp32, the CPU reference sometimes twice); int8 outputs, int32
+accumulators, indices, counts and KV-cache copies are compared bit-exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import math
+import sys
+
+import pytest
+import torch
+
+from ops import cpu
+from ops.rope import rope_cos_sin_cache
+from tests import npu_emulator
+from tests.npu_emulator import NpuEmulatorError
+
+TOL = {
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.float16: dict(rtol=2e-3, atol=2e-3),
+    torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2),
+}
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(1234)
+
+
+# ============================================================================================
+# backends: emulated torch_npu (tier 2) and real device (tier 3)
+# ============================================================================================
+
+class Backend:
+    """ops.npu bound to a torch_npu (emulated or real) plus helpers to move data and check the
+    kernels that ran."""
+
+    def __init__(self, kind: str, npu_ops, calls=None, device: str = "cpu"):
+        self.kind, self.npu, self.calls, self.device = kind, npu_ops, calls, device
+
+    @property
+    def emulated(self) -> bool:
+        return self.kind == "emulated"
+
+    def dev(self, obj):
+        if isinstance(obj, torch.Tensor):
+            return obj.to(self.device)
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(self.dev(o) for o in obj)
+        return obj
+
+    def host(self, obj):
+        if isinstance(obj, torch.Tensor):
+            return obj.cpu()
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(self.host(o) for o in obj)
+        return obj
+
+    @contextlib.contextmanager
+    def expect(self, *kernels: str):
+        """Assert that each named torch_npu kernel ran at least once inside the block."""
+        if not self.emulated:
+            yield
+            return
+        before = {k: self.calls.count(k) for k in kernels}
+        yield
+        missing = [k for k in kernels if self.calls.count(k) <= before[k]]
+        assert not missing, (f"ops.npu did not call torch_npu.{missing} (calls seen: "
+                             f"{dict(self.calls.counts)}, rejected: {self.calls.rejected})")
+
+    def run(self, op: str, *args, expect: tuple[str, ...] = (), **kwargs):
+        """ops.npu.<op> on device copies of the arguments; results back on the CPU."""
+        with self.expect(*expect):
+            out = getattr(self.npu, op)(*self.dev(args), **{k: self.dev(v) for k, v in
+                                                             kwargs.items()})
+        return self.host(out)
+
+
+@pytest.fixture(params=[pytest.param("emulated"),
+                        pytest.param("device", marks=pytest.mark.npu)])
+def be(request):
+    if request.param == "emulated":
+        with npu_emulator.installed() as emu:
+            yield Backend("emulated", emu.npu_ops, emu.calls)
+        return
+    torch_npu = pytest.importorskip("torch_npu")  # tier 3: the real one, imported only here
+    if getattr(torch_npu, "IS_NPU_EMULATOR", False):
+        pytest.skip("sys.modules['torch_npu'] is the emulator")
+    if not torch.npu.is_available():
+        pytest.skip("torch_npu is installed but no NPU device is visible")
+    npu_ops = sys.modules.get("ops.npu")
+    if npu_ops is None or getattr(npu_ops.torch_npu, "IS_NPU_EMULATOR", False):
+        sys.modules.pop("ops.npu", None)
+        npu_ops = importlib.import_module("ops.npu")
+    yield Backend("device", npu_ops, None, "npu")
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None,
+          **override):
+    """assert_close with the file's per-dtype tolerance (dtypes must match)."""
+    tol = dict(TOL[dtype or expected.dtype])
+    tol.update(override)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
+    torch.testing.assert_close(actual, expected, **tol)
+
+
+def exact(actual: torch.Tensor, expected: torch.Tensor):
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
+    assert torch.equal(actual, expected), (actual != expected).nonzero()[:10]
+
+
+FLOATS = [torch.float32, torch.bfloat16]
+HALFS = [torch.bfloat16, torch.float16]
+
+
+# ============================================================================================
+# normalisation
+# ============================================================================================
+
+@pytest.mark.parametrize("dtype", FLOATS + [torch.float16])
+@pytest.mark.parametrize("shape", [(1, 64), (300, 128), (3, 5, 128), (128,)])
+@pytest.mark.parametrize("weight_fp32", [False, True])
+def test_rms_norm(be, dtype, shape, weight_fp32):
+    x = torch.randn(shape, dtype=dtype) * 3
+    w = (torch.rand(shape[-1]) + 0.5).to(torch.float32 if weight_fp32 else dtype)
+    got = be.run("rms_norm", x, w, 1e-6, expect=("npu_rms_norm",))
+    close(got, cpu.rms_norm(x, w, 1e-6), dtype)
+
+
+@pytest.mark.parametrize("dtype", FLOATS + [torch.float16])
+@pytest.mark.parametrize("shape", [(1, 64), (300, 128), (2, 7, 64)])
+def test_add_rms_norm_fused(be, dtype, shape):
+    x, r = torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype)
+    w = (torch.rand(shape[-1]) + 0.5).to(dtype)
+    y, s = be.run("add_rms_norm", x, r, w, 1e-6, expect=("npu_add_rms_norm",))
+    y_ref, s_ref = cpu.add_rms_norm(x, r, w, 1e-6)
+    exact(s, s_ref)  # the new residual: one rounding of the exact sum on both sides
+    close(y, y_ref, dtype)
+
+
+def test_add_rms_norm_fp32_weight_and_empty(be):
+    x, r = torch.randn(9, 64, dtype=torch.bfloat16), torch.randn(9, 64, dtype=torch.bfloat16)
+    w = torch.rand(64) + 0.5
+    y, s = be.run("add_rms_norm", x, r, w, 1e-6, expect=("npu_rms_norm",))
+    y_ref, s_ref = cpu.add_rms_norm(x, r, w, 1e-6)
+    exact(s, s_ref)
+    close(y, y_ref, torch.bfloat16)
+    e = torch.empty(0, 64, dtype=torch.bfloat16)
+    y0, s0 = be.run("add_rms_norm", e, e, w.bfloat16(), 1e-6)
+    assert y0.shape == (0, 64) and s0.shape == (0, 64)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("T,H", [(1, 16), (300, 8), (5, 4)])
+def test_head_rms_norm(be, dtype, T, H):
+    x = torch.randn(T, H, 128, dtype=dtype)
+    w = (torch.rand(128) + 0.5).to(dtype)
+    got = be.run("head_rms_norm", x, w, 1e-6, expect=("npu_rms_norm",))
+    close(got, cpu.head_rms_norm(x, w, 1e-6), dtype)
+
+
+# ============================================================================================
+# rotary embedding, activation
+# ============================================================================================
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("T,hq,hk,d", [(1, 16, 8, 128), (300, 8, 2, 128), (7, 4, 4, 64)])
+@pytest.mark.parametrize("yarn", [False, True])
+def test_rotary_embedding(be, dtype, T, hq, hk, d, yarn):
+    scaling = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256} \
+        if yarn else None
+    cache = rope_cos_sin_cache(d, 2048, 1_000_000.0, scaling)
+    q, k = torch.randn(T, hq, d, dtype=dtype), torch.randn(T, hk, d, dtype=dtype)
+    pos = torch.randint(0, 2048, (T,))
+    q0, k0 = q.clone(), k.clone()
+    qo, ko = be.run("rotary_embedding", q, k, pos, cache, expect=("npu_apply_rotary_pos_emb",))
+    qr, kr = cpu.rotary_embedding(q, k, pos, cache)
+    close(qo, qr, dtype)
+    close(ko, kr, dtype)
+    exact(q, q0)  # the kernel updates in place: the caller's tensors must not change
+    exact(k, k0)
+
+
+def test_rotary_embedding_rejects_head_dim_96(be):
+    cache = rope_cos_sin_cache(96, 64, 10000.0)
+    q, k = torch.randn(3, 2, 96), torch.randn(3, 2, 96)
+    with pytest.raises(ValueError, match="head_dim"):
+        be.run("rotary_embedding", q, k, torch.arange(3), cache)
+
+
+@pytest.mark.parametrize("dtype", FLOATS + [torch.float16])
+@pytest.mark.parametrize("shape", [(1, 128), (300, 192), (2, 3, 256), (0, 64)])
+def test_swiglu(be, dtype, shape):
+    x = torch.randn(shape, dtype=dtype) * 2
+    got = be.run("swiglu", x, expect=("npu_swiglu",) if x.numel() else ())
+    close(got, cpu.swiglu(x), dtype)
+
+
+# ============================================================================================
+# paged KV cache write and paged attention
+# ============================================================================================
+
+@pytest.mark.parametrize("dtype", HALFS)
+@pytest.mark.parametrize("T,hkv,bs", [(1, 8, 128), (300, 4, 128), (37, 1, 16)])
+@pytest.mark.parametrize("skip", [False, True])
+def test_write_kv_cache(be, dtype, T, hkv, bs, skip):
+    nb, d = 5 + T // bs, 128
+    kc = torch.randn(nb, bs, hkv, d).to(dtype)
+    vc = torch.randn(nb, bs, hkv, d).to(dtype)
+    slots = torch.randperm(nb * bs)[:T]
+    if skip:
+        slots[::3] = -1  # padding tokens
+    key, value = torch.randn(T, hkv, d, dtype=dtype), torch.randn(T, hkv, d, dtype=dtype)
+    kc_dev, vc_dev = be.dev(kc.clone()), be.dev(vc.clone())
+    with be.expect(*(("_npu_reshape_and_cache",) if bool((slots >= 0).any()) else ())):
+        be.npu.write_kv_cache(be.dev(key), be.dev(value), kc_dev, vc_dev, be.dev(slots))
+    cpu.write_kv_cache(key, value, kc, vc, slots)
+    exact(be.host(kc_dev), kc)
+    exact(be.host(vc_dev), vc)
+
+
+def test_write_kv_cache_all_skipped_and_fp32(be):
+    kc, vc = torch.zeros(2, 128, 1, 128, dtype=torch.bfloat16), torch.zeros(2, 128, 1, 128,
+                                                                               dtype=torch.bfloat16)
+    kv = torch.randn(3, 1, 128, dtype=torch.bfloat16)
+    kc_dev, vc_dev = be.dev(kc), be.dev(vc)
+    be.npu.write_kv_cache(be.dev(kv), be.dev(kv), kc_dev, vc_dev,
+                          be.dev(torch.full((3,), -1, dtype=torch.int32)))
+    assert not be.host(kc_dev).any() and not be.host(vc_dev).any()
+    # fp32 caches: the NPU kernel supports fp16/bf16/int8 only -> a clear error, not a wrong write
+    f32 = torch.zeros(2, 128, 1, 128)
+    with pytest.raises(ValueError, match="float16/bfloat16/int8"):
+        be.npu.write_kv_cache(be.dev(kv.float()), be.dev(kv.float()), be.dev(f32),
+                              be.dev(f32.clone()), be.dev(torch.arange(3)))
+
+
+def _paged_batch(reqs, hq, hkv, d=128, bs=128, dtype=torch.bfloat16, pad_rows=0, spare=3):
+    """reqs: (cached_prefix, query_len). Caches hold every key of every request in shuffled,
+    non-contiguous blocks; slots owned by nobody are NaN (reading them would poison outputs)."""
+    lens = [c + q for c, q in reqs]
+    nblk = [max(1, math.ceil(L / bs)) for L in lens]
+    total = sum(nblk) + spare
+    perm = torch.randperm(total)
+    width = max(nblk) + 2
+    tables = torch.randint(0, total, (len(reqs), width), dtype=torch.int32)
+    kc = torch.full((total, bs, hkv, d), float("nan"), dtype=dtype)
+    vc = torch.full((total, bs, hkv, d), float("nan"), dtype=dtype)
+    used = 0
+    for r, L in enumerate(lens):
+        ids = perm[used:used + nblk[r]]
+        used += nblk[r]
+        tables[r, :nblk[r]] = ids.to(torch.int32)
+        flat_k = torch.randn(nblk[r] * bs, hkv, d).to(dtype)
+        flat_v = torch.randn(nblk[r] * bs, hkv, d).to(dtype)
+        flat_k[L:] = float("nan")
+        flat_v[L:] = float("nan")
+        kc[ids] = flat_k.view(nblk[r], bs, hkv, d)
+        vc[ids] = flat_v.view(nblk[r], bs, hkv, d)
+    qsl = torch.tensor([0] + list(torch.tensor([q for _, q in reqs]).cumsum(0)), dtype=torch.int32)
+    T = int(qsl[-1]) + pad_rows
+    query = torch.randn(T, hq, d).to(dtype)
+    return query, kc, vc, tables, qsl, torch.tensor(lens, dtype=torch.int32)
+
+
+PAGED_BATCHES = {
+    "decode1": [(0, 1)],
+    "prefill300": [(0, 300)],
+    "mixed": [(200, 1), (0, 300), (130, 70), (0, 1), (127, 1), (0, 129)],
+    "chunked": [(256, 44), (383, 1), (0, 5)],
+}
+
+
+@pytest.mark.parametrize("batch", sorted(PAGED_BATCHES))
+@pytest.mark.parametrize("hq,hkv", [(8, 8), (8, 4), (8, 2), (16, 2)])
+def test_paged_attention(be, batch, hq, hkv):
+    reqs = PAGED_BATCHES[batch]
+    q, kc, vc, bt, qsl, lens = _paged_batch(reqs, hq, hkv)
+    scale = 128 ** -0.5
+    got = be.run("paged_attention", q, kc, vc, bt, qsl, lens, scale,
+                 expect=("npu_fused_infer_attention_score",))
+    ref = cpu.paged_attention(q, kc, vc, bt, qsl, lens, scale)
+    close(got, ref, torch.bfloat16)
+
+
+def test_paged_attention_padding_rows_and_gqa8(be):
+    reqs = [(140, 1), (0, 77)]
+    q, kc, vc, bt, qsl, lens = _paged_batch(reqs, 32, 4, pad_rows=5)
+    got = be.run("paged_attention", q, kc, vc, bt, qsl, lens, 0.0883,
+                 expect=("npu_fused_infer_attention_score",))
+    n = int(qsl[-1])
+    close(got[:n], cpu.paged_attention(q, kc, vc, bt, qsl, lens, 0.0883)[:n], torch.bfloat16)
+
+
+def test_paged_attention_requires_bf16_and_block_128(be):
+    q, kc, vc, bt, qsl, lens = _paged_batch([(3, 2)], 8, 8, dtype=torch.float32)
+    with pytest.raises(ValueError, match="bfloat16"):
+        be.run("paged_attention", q, kc, vc, bt, qsl, lens, 0.1)
+    q, kc, vc, bt, qsl, lens = _paged_batch([(3, 2)], 8, 8, bs=16)
+    with pytest.raises(ValueError, match="block_size"):
+        be.run("paged_attention", q, kc, vc, bt, qsl, lens, 0.1)
+
+
+# ============================================================================================
+# int8 quantisation
+# ============================================================================================
+
+@pytest.mark.parametrize("dtype", HALFS)
+@pytest.mark.parametrize("M,K", [(1, 256), (300, 512), (7, 64)])
+def test_dynamic_quant(be, dtype, M, K):
+    x = (torch.randn(M, K) * torch.rand(M, 1) * 4).to(dtype)
+    if M > 1:
+        x[1] = 0  # an all-zero row
+    xq, s = be.run("dynamic_quant", x, expect=("npu_dynamic_quant",))
+    xq_ref, s_ref = cpu.dynamic_quant(x)
+    exact(xq, xq_ref)
+    close(s, s_ref, torch.float32, rtol=1e-6, atol=0)
+
+
+def test_dynamic_quant_rejects_fp32(be):
+    with pytest.raises(ValueError, match="float16/bfloat16"):
+        be.run("dynamic_quant", torch.randn(3, 8))
+
+
+@pytest.mark.parametrize("dtype", FLOATS + [torch.float16])
+@pytest.mark.parametrize("offset", [torch.tensor([3], dtype=torch.int8), torch.tensor([-2.0])])
+@pytest.mark.parametrize("shape", [(1, 128), (300, 64), (2, 5, 32)])
+def test_static_quant(be, dtype, offset, shape):
+    x = (torch.randn(shape) * 3).to(dtype)
+    scale = torch.tensor([0.037], dtype=dtype)
+    got = be.run("static_quant", x, scale, offset, expect=("npu_quantize",))
+    exact(got, cpu.static_quant(x, scale, offset))
+
+
+def _int8(*shape):
+    return torch.randint(-128, 128, shape, dtype=torch.int8)
+
+
+@pytest.mark.parametrize("M,K,N", [(1, 256, 384), (300, 512, 128), (5, 64, 64), (0, 64, 32)])
+@pytest.mark.parametrize("prepared", [False, True])
+def test_int8_matmul(be, M, K, N, prepared):
+    xq, wq = _int8(M, K), _int8(K, N)
+    w_arg = be.npu.prepare_weight(be.dev(wq)) if prepared else be.dev(wq)
+    with be.expect(*(("npu_quant_matmul",) if M else ())):
+        got = be.host(be.npu.int8_matmul(be.dev(xq), w_arg))
+    exact(got, cpu.int8_matmul(xq, wq))
+
+
+@pytest.mark.parametrize("out_dtype", HALFS)
+@pytest.mark.parametrize("pertoken", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("M", [1, 300])
+def test_quant_matmul(be, out_dtype, pertoken, bias, M):
+    K, N = 256, 192
+    xq, wq = _int8(M, K), _int8(K, N)
+    scale = torch.rand(N) * 1e-3 + 1e-4
+    pts = torch.rand(M) * 0.02 + 1e-3 if pertoken else None
+    b = torch.randint(-5000, 5000, (N,), dtype=torch.int32) if bias else None
+    kernels = ("npu_quant_matmul",)
+    if out_dtype == torch.float16 and not pertoken:
+        kernels += ("npu_trans_quant_param",)
+    got = be.run("quant_matmul", xq, be.npu.prepare_weight(be.dev(wq)), scale, pts, b,
+                 out_dtype, expect=kernels)
+    ref = cpu.quant_matmul(xq, wq, scale, pts, b, out_dtype)
+    # fp16 without per-token scale: the int64 (FP19) scale keeps 10 mantissa bits (2^-10)
+    tol = dict(rtol=4e-3, atol=1e-3) if out_dtype == torch.float16 and not pertoken else {}
+    close(got, ref, out_dtype, **tol)
+
+
+def test_quant_matmul_rejects_fp32_output(be):
+    with pytest.raises(ValueError, match="bfloat16 or float16"):
+        be.run("quant_matmul", _int8(2, 16), _int8(16, 8), torch.rand(8), None, None,
+               torch.float32)
+
+
+# ============================================================================================
+# mixture of experts
+# ============================================================================================
+
+def _distinct_logits(T, E, dtype):
+    """Router logits without ties (tie order is not documented for the NPU kernel)."""
+    return torch.stack([torch.randperm(E).float() * 0.05 for _ in range(T)]).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("T,E,k", [(1, 128, 8), (300, 128, 8), (9, 16, 2), (4, 8, 1)])
+@pytest.mark.parametrize("renorm", [True, False])
+def test_moe_gating_topk(be, dtype, T, E, k, renorm):
+    logits = _distinct_logits(T, E, dtype)
+    w, ids = be.run("moe_gating_topk", logits, k, renorm, expect=("npu_moe_gating_top_k_softmax",))
+    w_ref, ids_ref = cpu.moe_gating_topk(logits, k, renorm)
+    exact(ids, ids_ref)
+    close(w, w_ref, torch.float32, rtol=1e-6, atol=1e-7)
+
+
+def _route_inputs(T, E, k, dtype, hidden=64, idle=(3, 5)):
+    """Expert ids avoid the experts in ``idle`` (they receive zero tokens)."""
+    live = torch.tensor([e for e in range(E) if e not in idle])
+    ids = torch.stack([live[torch.randperm(len(live))[:k]] for _ in range(T)]).to(torch.int32)
+    return torch.randn(T, hidden).to(dtype), ids
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("T,E,k", [(1, 16, 2), (5, 16, 4), (300, 128, 8), (600, 8, 4)])
+def test_moe_route(be, dtype, T, E, k):
+    x, ids = _route_inputs(T, E, k, dtype)
+    sx, pairs, counts = be.run("moe_route", x, ids, E, expect=("npu_moe_init_routing_v2",))
+    # the specification itself, independent of ops.cpu's implementation: pairs p = t*k + j
+    # stably sorted by expert id
+    spec = torch.sort(ids.reshape(-1).long(), stable=True).indices
+    exact(pairs, spec.to(torch.int32))
+    exact(sx, x[spec // k])
+    exact(counts, torch.bincount(ids.reshape(-1).long(), minlength=E))
+    assert counts[3] == 0 and counts[5] == 0
+    sx_ref, pairs_ref, counts_ref = cpu.moe_route(x, ids, E)
+    exact(pairs, pairs_ref)
+    exact(sx, sx_ref)
+    exact(counts, counts_ref)
+
+
+@pytest.mark.parametrize("dtype,prepared", [
+    (torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True),
+    (torch.float32, True)])
+@pytest.mark.parametrize("sizes", [[0, 5, 0, 17, 1, 0, 300, 2], [7], [0, 0, 3], [1, 1]])
+def test_grouped_matmul(be, dtype, sizes, prepared):
+    K, N = 64, 96
+    M, G = sum(sizes), len(sizes)
+    x = torch.randn(M, K).to(dtype)
+    w = (torch.randn(G, K, N) * 0.1).to(dtype)
+    gs = torch.tensor(sizes, dtype=torch.int64)
+    w_arg = be.npu.prepare_weight(be.dev(w)) if prepared else be.dev(w)
+    with be.expect("npu_grouped_matmul"):
+        got = be.host(be.npu.grouped_matmul(be.dev(x), w_arg, be.dev(gs)))
+    close(got, cpu.grouped_matmul(x, w, gs), dtype)
+
+
+def test_grouped_matmul_zero_rows(be):
+    w = torch.randn(3, 16, 8)
+    got = be.run("grouped_matmul", torch.randn(0, 16), w, torch.zeros(3, dtype=torch.int64))
+    assert got.shape == (0, 8)
+
+
+@pytest.mark.parametrize("out_dtype", HALFS)
+@pytest.mark.parametrize("sizes", [[0, 40, 3, 0, 257], [12], [1, 0]])
+@pytest.mark.parametrize("prepared", [False, True])
+def test_grouped_quant_matmul(be, out_dtype, sizes, prepared):
+    K, N = 128, 64
+    M, G = sum(sizes), len(sizes)
+    xq, wq = _int8(M, K), _int8(G, K, N)
+    # weight scales as msModelSlim stores them for a bf16 model (bf16 values)
+    scale = (torch.rand(G, N) * 1e-3 + 1e-4).bfloat16().float()
+    pts = torch.rand(M) * 0.02 + 1e-3
+    gs = torch.tensor(sizes, dtype=torch.int64)
+    w_arg = be.npu.prepare_weight(be.dev(wq)) if prepared else be.dev(wq)
+    with be.expect("npu_grouped_matmul"):
+        got = be.host(be.npu.grouped_quant_matmul(be.dev(xq), w_arg, be.dev(scale),
+                                                   be.dev(pts), be.dev(gs), out_dtype))
+    close(got, cpu.grouped_quant_matmul(xq, wq, scale, pts, gs, out_dtype), out_dtype)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("T,E,k", [(1, 16, 2), (300, 128, 8), (6, 8, 1)])
+def test_moe_combine(be, dtype, T, E, k):
+    x, ids = _route_inputs(T, E, k, dtype)
+    _, pairs, _ = cpu.moe_route(x, ids, E)
+    expert_out = torch.randn(T * k, 48).to(dtype)
+    weights = torch.rand(T, k)
+    got = be.run("moe_combine", expert_out, pairs, weights, expect=("npu_moe_token_unpermute",))
+    close(got, cpu.moe_combine(expert_out, pairs, weights), dtype)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_moe_block_end_to_end(be, dtype):
+    """router -> route -> expert FFN (grouped GEMMs + SwiGLU) -> combine, all on ops.npu."""
+    T, E, k, H, I = 37, 16, 4, 64, 32
+    x = torch.randn(T, H).to(dtype)
+    logits = _distinct_logits(T, E, torch.float32)
+    w13, w2 = (torch.randn(E, H, 2 * I) * 0.1).to(dtype), (torch.randn(E, I, H) * 0.1).to(dtype)
+
+    def block(m, xx):
+        w, ids = m.moe_gating_topk(logits if m is cpu else be.dev(logits), k, True)
+        sx, pairs, counts = m.moe_route(xx, ids, E)
+        h = m.grouped_matmul(sx, w13 if m is cpu else be.dev(w13), counts)
+        y = m.grouped_matmul(m.swiglu(h), w2 if m is cpu else be.dev(w2), counts)
+        return m.moe_combine(y, pairs, w)
+
+    with be.expect("npu_moe_gating_top_k_softmax", "npu_moe_init_routing_v2",
+                   "npu_grouped_matmul", "npu_swiglu", "npu_moe_token_unpermute"):
+        got = be.host(block(be.npu, be.dev(x)))
+    close(got, block(cpu, x), dtype, **({"rtol": 3e-2, "atol": 3e-2}
+                                        if dtype == torch.bfloat16 else {}))
+
+
+# ============================================================================================
+# weight preparation
+# ============================================================================================
+
+@pytest.mark.parametrize("shape,dtype", [((64, 32), torch.int8), ((4, 64, 32), torch.int8),
+                                          ((64, 32), torch.bfloat16)])
+def test_prepare_weight(be, shape, dtype):
+    w = torch.randn(shape).to(dtype)
+    with be.expect("npu_format_cast"):
+        p = be.npu.prepare_weight(be.dev(w))
+    if be.emulated:
+        assert be.npu.torch_npu.get_npu_format(p) == 29  # FRACTAL_NZ
+    exact(be.host(p), cpu.prepare_weight(w))
+    with pytest.raises(ValueError):
+        be.npu.prepare_weight(be.dev(torch.randn(8)))
+
+
+def test_every_op_is_covered():
+    """Each op of ops.OPS has a contract test in this file."""
+    import ops
+    src = open(__file__).read()
+    missing = [op for op in ops.OPS if f'"{op}"' not in src and f".{op}(" not in src]
+    assert not missing, missing
+
+
+# ============================================================================================
+# the emulator's own strictness and doc semantics (tier 2 only)
+# ============================================================================================
+
+@pytest.fixture
+def tn():
+    return npu_emulator.build()
+
+
+def _fia_args(q_lens=(3, 1), kv_lens=(5, 130), hq=8, hkv=2, bs=128, dtype=torch.bfloat16):
+    nblk = [math.ceil(L / bs) for L in kv_lens]
+    nb = sum(nblk) + 1
+    kc = torch.randn(nb, bs, hkv * 128).to(dtype)
+    vc = torch.randn(nb, bs, hkv * 128).to(dtype)
+    table = torch.zeros(len(kv_lens), max(nblk), dtype=torch.int32)
+    start = 0
+    for r, n in enumerate(nblk):
+        table[r, :n] = torch.arange(start, start + n, dtype=torch.int32)
+        start += n
+    T = sum(q_lens)
+    q = torch.randn(T, hq, 128).to(dtype)
+    kwargs = dict(atten_mask=torch.triu(torch.ones(2048, 2048, dtype=torch.int8), 1),
+                  block_table=table, actual_seq_lengths=list(torch.tensor(q_lens).cumsum(0)
+                                                              .tolist()),
+                  actual_seq_lengths_kv=list(kv_lens), num_heads=hq, num_key_value_heads=hkv,
+                  scale=0.088, input_layout="TND", block_size=bs, sparse_mode=3)
+    return q, kc, vc, kwargs
+
+
+def test_emulator_fia_accepts_documented_call(tn):
+    q, kc, vc, kw = _fia_args()
+    out, lse = tn.npu_fused_infer_attention_score(q, kc, vc, **kw)
+    assert out.shape == q.shape and out.dtype == torch.bfloat16
+    assert lse.shape == (1,)
+    _, lse = tn.npu_fused_infer_attention_score(q, kc, vc, softmax_lse_flag=True, **kw)
+    assert lse.shape == (q.shape[0], 8, 1) and lse.dtype == torch.float32
+    assert tn.call_log.count("npu_fused_infer_attention_score") == 2
+
+
+@pytest.mark.parametrize("change,exc,match", [
+    (dict(block_table="int64"), NpuEmulatorError, "block_table.*int32"),
+    (dict(atten_mask=None), NpuEmulatorError, "requires the optimised atten_mask"),
+    (dict(atten_mask="tril"), NpuEmulatorError, "lower-triangular"),
+    (dict(atten_mask="small"), NpuEmulatorError, "2048"),
+    (dict(actual_seq_lengths="tensor"), TypeError, "list of ints"),
+    (dict(actual_seq_lengths=[3, 3]), NpuEmulatorError, "must end at T"),
+    (dict(actual_seq_lengths_kv=None), NpuEmulatorError, "required"),
+    (dict(actual_seq_lengths_kv=[5]), NpuEmulatorError, "one element per request"),
+    (dict(block_size=16), NpuEmulatorError, "block_size"),
+    (dict(num_key_value_heads=3), NpuEmulatorError, "multiple"),
+    (dict(num_heads=4), NpuEmulatorError, "num_heads"),
+    (dict(cache="BSND4"), NpuEmulatorError, "BnNBsD"),
+    (dict(dtype=torch.float16), NpuEmulatorError, "BFLOAT16"),
+    (dict(sparse_mode=5), NpuEmulatorError, "sparse_mode"),
+    (dict(input_layout="TDN"), NpuEmulatorError, "input_layout"),
+])
+def test_emulator_fia_rejects(tn, change, exc, match):
+    q, kc, vc, kw = _fia_args(dtype=change.get("dtype", torch.bfloat16))
+    for key, val in change.items():
+        if key == "dtype":
+            continue
+        if key == "block_table" and val == "int64":
+            kw[key] = kw[key].long()
+        elif key == "atten_mask" and val == "tril":
+            kw[key] = torch.tril(torch.ones(2048, 2048, dtype=torch.int8))
+        elif key == "atten_mask" and val == "small":
+            kw[key] = torch.triu(torch.ones(128, 128, dtype=torch.bool), 1)
+        elif key == "actual_seq_lengths" and val == "tensor":
+            kw[key] = torch.tensor(kw[key])
+        elif key == "cache":
+            kc = kc.view(kc.shape[0], 128, 2, 128)  # [NB, BS, KV_N, D]: not a documented layout
+            vc = vc.view_as(kc)
+        else:
+            kw[key] = val
+    with pytest.raises(exc, match=match):
+        tn.npu_fused_infer_attention_score(q, kc, vc, **kw)
+    assert tn.call_log.count("npu_fused_infer_attention_score") == 0
+    assert tn.call_log.rejected
+
+
+def test_emulator_fia_semantics(tn):
+    """Paged (per-request KV lengths) and contiguous TND (cumulative KV ends) agree; sparse_mode 3
+    is bottom-right causal; 4-D BnNBsD caches read like BnBsH; GQA maps head h to h // group."""
+    hq, hkv, D = 4, 2, 128
+    q_lens, kv_lens = [3, 1, 4], [5, 9, 4]
+    k = [torch.randn(L, hkv, D).bfloat16() for L in kv_lens]
+    v = [torch.randn(L, hkv, D).bfloat16() for L in kv_lens]
+    q = torch.randn(sum(q_lens), hq, D).bfloat16()
+    cum = lambda xs: torch.tensor(xs).cumsum(0).tolist()  # noqa: E731
+    mask = torch.triu(torch.ones(2048, 2048, dtype=torch.bool), 1)
+    common = dict(atten_mask=mask, num_heads=hq, num_key_value_heads=hkv, scale=0.1,
+                  input_layout="TND", sparse_mode=3, actual_seq_lengths=cum(q_lens))
+    flat, _ = tn.npu_fused_infer_attention_score(q, torch.cat(k), torch.cat(v),
+                                                 actual_seq_lengths_kv=cum(kv_lens), **common)
+    bs = 128
+    kc = torch.zeros(4, bs, hkv * D).bfloat16()
+    vc = torch.zeros_like(kc)
+    table = torch.tensor([[2], [0], [3]], dtype=torch.int32)
+    for r in range(3):
+        kc[table[r, 0], :kv_lens[r]] = k[r].reshape(kv_lens[r], -1)
+        vc[table[r, 0], :kv_lens[r]] = v[r].reshape(kv_lens[r], -1)
+    paged, _ = tn.npu_fused_infer_attention_score(q, kc, vc, block_table=table, block_size=bs,
+                                                  actual_seq_lengths_kv=kv_lens, **common)
+    exact(paged, flat)
+    kc4 = kc.view(4, bs, hkv, D).transpose(1, 2).contiguous()
+    vc4 = vc.view(4, bs, hkv, D).transpose(1, 2).contiguous()
+    paged4, _ = tn.npu_fused_infer_attention_score(q, kc4, vc4, block_table=table, block_size=bs,
+                                                   actual_seq_lengths_kv=kv_lens, **common)
+    exact(paged4, flat)
+    # request 1: one query, 9 keys -> sees all 9; request 0: query 0 sees keys 0..2
+    r0q0 = q[0].float()
+    keys, vals = k[0][:3].float(), v[0][:3].float()
+    for h in range(hq):
+        p = torch.softmax(keys[:, h // 2] @ r0q0[h] * 0.1, 0)
+        torch.testing.assert_close(flat[0, h].float(), (p @ vals[:, h // 2]), rtol=1e-2,
+                                   atol=1e-2)
+
+
+def test_emulator_reshape_and_cache(tn):
+    kc, vc = torch.zeros(2, 4, 1, 16, dtype=torch.float16), torch.zeros(2, 4, 1, 16,
+                                                                         dtype=torch.float16)
+    key = torch.arange(3 * 16, dtype=torch.float16).view(3, 1, 16)
+    tn._npu_reshape_and_cache(key, key, kc, vc, torch.tensor([5, -1, 0], dtype=torch.int32))
+    exact(kc[1, 1, 0], key[0, 0])  # slot 5 = block 1, offset 1
+    exact(kc[0, 0, 0], key[2, 0])
+    assert kc.count_nonzero() == (kc[1, 1] != 0).sum() + (kc[0, 0] != 0).sum()
+    with pytest.raises(NpuEmulatorError, match="int32"):
+        tn._npu_reshape_and_cache(key, key, kc, vc, torch.tensor([1, 2, 3]))
+    with pytest.raises(NpuEmulatorError, match="one dtype"):
+        tn._npu_reshape_and_cache(key.bfloat16(), key.bfloat16(), kc, vc,
+                                  torch.tensor([1, 2, 3], dtype=torch.int32))
+    with pytest.raises(NpuEmulatorError, match="outside the cache"):
+        tn._npu_reshape_and_cache(key, key, kc, vc, torch.tensor([1, 2, 8], dtype=torch.int32))
+    # npu_scatter_pa_kv_cache documents no skip value: -1 is out of range there
+    with pytest.raises(NpuEmulatorError, match=r"\[0, 7\]"):
+        tn.npu_scatter_pa_kv_cache(key, key, kc, vc, torch.tensor([1, -1, 3]), cache_mode="Norm")
+    # NZ caches: [NB, H/16, BS, 16]
+    knz = tn.npu_format_cast(torch.zeros(2, 1, 4, 16, dtype=torch.float16), 29)
+    vnz = tn.npu_format_cast(torch.zeros(2, 1, 4, 16, dtype=torch.float16), 29)
+    tn.npu_scatter_pa_kv_cache(key, key, knz, vnz, torch.tensor([5, 2, 0], dtype=torch.int32))
+    exact(knz[1, 0, 1], key[0, 0])
+
+
+def test_emulator_moe_index_conventions(tn):
+    # gating: row_idx is column-major, row_idx[i, j] = j * N + i
+    logits = torch.tensor([[0.1, 3.0, 2.0], [5.0, 0.0, 1.0]])
+    y, e, r = tn.npu_moe_gating_top_k_softmax(logits, None, k=2)
+    exact(e, torch.tensor([[1, 2], [0, 2]], dtype=torch.int32))
+    exact(r, torch.tensor([[0, 2], [1, 3]], dtype=torch.int32))
+    # init_routing_v2 with expert_idx [[1, 0], [0, 1]]: pairs p = t*K + j -> experts [1, 0, 0, 1]
+    x = torch.tensor([[10.0], [20.0]])
+    ids = torch.tensor([[1, 0], [0, 1]], dtype=torch.int32)
+    ex, gather, cnt, _ = tn.npu_moe_init_routing_v2(
+        x, ids, expert_num=2, expert_tokens_num_type=1, expert_tokens_num_flag=True)
+    exact(ex, torch.tensor([[10.0], [20.0], [10.0], [20.0]]))  # sorted pairs 1, 2, 0, 3
+    exact(gather, torch.tensor([2, 0, 1, 3], dtype=torch.int32))  # row of each pair (type 0)
+    exact(cnt, torch.tensor([2, 2]))
+    _, scatter, cum, _ = tn.npu_moe_init_routing_v2(
+        x, ids, expert_num=2, row_idx_type=1, expert_tokens_num_flag=True)
+    exact(scatter, torch.tensor([1, 2, 0, 3], dtype=torch.int32))  # pair of each row (type 1)
+    exact(cum, torch.tensor([2, 4]))  # type 0 = cumsum
+    # an active range [1, 2): expert-0 pairs are dropped, gather index -1 for them
+    ex, gather, cnt, _ = tn.npu_moe_init_routing_v2(
+        x, ids, expert_num=2, active_expert_range=[1, 2], expert_tokens_num_type=1,
+        expert_tokens_num_flag=True)
+    exact(gather, torch.tensor([0, -1, -1, 1], dtype=torch.int32))
+    exact(cnt, torch.tensor([2]))
+    exact(ex[:2], torch.tensor([[10.0], [20.0]]))
+    assert torch.isnan(ex[2:]).all()  # rows past the available ones are undefined
+    # token_unpermute consumes the gather index: out[t] = sum_j p[t, j] * rows[S[t*K + j]]
+    rows = torch.tensor([[1.0], [2.0], [3.0], [4.0]])
+    probs = torch.tensor([[0.5, 0.25], [1.0, 2.0]])
+    S = torch.tensor([2, 0, 1, 3], dtype=torch.int32)
+    out = tn.npu_moe_token_unpermute(rows, S, probs=probs)
+    exact(out, torch.tensor([[0.5 * 3 + 0.25 * 1], [1.0 * 2 + 2.0 * 4]]))
+    # finalize_routing: column-major pairs (mode 0) vs row-major (mode 2)
+    col = torch.tensor([2, 1, 0, 3], dtype=torch.int32)  # pair (i, k) at i + k*N
+    rowm = torch.tensor([2, 0, 1, 3], dtype=torch.int32)  # pair (i, k) at i*K + k
+    f0 = tn.npu_moe_finalize_routing(rows, None, None, None, probs, col, None)
+    f2 = tn.npu_moe_finalize_routing(rows, None, None, None, probs, rowm, None, drop_pad_mode=2)
+    exact(f0, out)
+    exact(f2, out)
+
+
+def test_emulator_moe_rejects(tn):
+    x = torch.randn(4, 8)
+    with pytest.raises(NpuEmulatorError, match="int32"):
+        tn.npu_moe_init_routing_v2(x, torch.zeros(4, 2, dtype=torch.int64), expert_num=4)
+    with pytest.raises(NpuEmulatorError, match="expert ids"):
+        tn.npu_moe_init_routing_v2(x, torch.full((4, 2), 4, dtype=torch.int32), expert_num=4)
+    with pytest.raises(NpuEmulatorError, match="expert_num"):
+        tn.npu_moe_init_routing_v2(x, torch.zeros(4, 2, dtype=torch.int32))
+    with pytest.raises(TypeError, match="list of ints"):
+        tn.npu_moe_init_routing_v2(x, torch.zeros(4, 2, dtype=torch.int32), expert_num=4,
+                                   active_expert_range=torch.tensor([0, 4]))
+    with pytest.raises(NpuEmulatorError, match="duplicate"):
+        tn.npu_moe_token_unpermute(x, torch.tensor([0, 0, 1, 2], dtype=torch.int32))
+    with pytest.raises(NpuEmulatorError, match="k must"):
+        tn.npu_moe_gating_top_k_softmax(x, k=9)
+
+
+def test_emulator_grouped_matmul_rules(tn):
+    x, w = torch.randn(6, 8), torch.randn(3, 8, 4)
+    counts = torch.tensor([2, 0, 4])
+    out = tn.npu_grouped_matmul([x], [w], group_list=counts, split_item=2, group_type=0,
+                                group_list_type=1)
+    assert isinstance(out, list) and len(out) == 1
+    exact(out[0][:2], (x[:2] @ w[0]))
+    torch.testing.assert_close(out[0][2:], x[2:] @ w[2])
+    cum = tn.npu_grouped_matmul([x], [w], group_list=counts.cumsum(0), split_item=3,
+                                group_type=0, group_list_type=0)
+    exact(cum[0], out[0])
+    pairs = tn.npu_grouped_matmul([x], [w], group_list=torch.tensor([[2, 4], [0, 2]]),
+                                  split_item=2, group_type=0, group_list_type=2)
+    torch.testing.assert_close(pairs[0][:4], x[:4] @ w[2])
+    short = tn.npu_grouped_matmul([x], [w], group_list=torch.tensor([1, 0, 2]), split_item=2,
+                                  group_type=0, group_list_type=1)
+    assert torch.isnan(short[0][3:]).all()  # rows past the groups are not written
+    with pytest.raises(TypeError, match="list of Tensors"):
+        tn.npu_grouped_matmul(x, [w], group_list=counts, split_item=2, group_type=0)
+    with pytest.raises(NpuEmulatorError, match="int64"):
+        tn.npu_grouped_matmul([x], [w], group_list=counts.int(), split_item=2, group_type=0,
+                              group_list_type=1)
+    with pytest.raises(NpuEmulatorError, match="length 1"):
+        tn.npu_grouped_matmul([x], [w[:1]], group_list=torch.tensor([6]), split_item=2,
+                              group_type=0, group_list_type=1)
+    with pytest.raises(NpuEmulatorError, match="non-decreasing"):
+        tn.npu_grouped_matmul([x], [w], group_list=torch.tensor([4, 2, 6]), split_item=2,
+                              group_type=0, group_list_type=0)
+    with pytest.raises(NpuEmulatorError, match="split_item"):
+        tn.npu_grouped_matmul([x], [w], group_list=counts, split_item=0, group_type=0,
+                              group_list_type=1)
+    with pytest.raises(NpuEmulatorError, match="only 6"):
+        tn.npu_grouped_matmul([x], [w], group_list=torch.tensor([4, 4, 4]), split_item=2,
+                              group_type=0, group_list_type=1)
+    xq, wq = _int8(6, 8), _int8(3, 8, 4)
+    with pytest.raises(NpuEmulatorError, match="output_dtype"):
+        tn.npu_grouped_matmul([xq], [wq], scale=[torch.rand(3, 4)], per_token_scale=[torch.rand(6)],
+                              group_list=counts, split_item=2, group_type=0, group_list_type=1,
+                              output_dtype=torch.bfloat16)  # fp32 scale gives float16
+    raw = tn.npu_grouped_matmul([xq], [wq], group_list=counts, split_item=2, group_type=0,
+                                group_list_type=1, output_dtype=torch.int32)
+    exact(raw[0][2:], torch._int_mm(xq[2:], wq[2].contiguous()))
+
+
+def test_emulator_quant_rules(tn):
+    scale = torch.tensor([0.0123, -3.5, 1e-4])
+    packed = tn.npu_trans_quant_param(scale)
+    assert packed.dtype == torch.int64 and bool(((packed >> 46) & 1).all())
+    low = (packed & 0xFFFFFFFF).to(torch.int64)
+    low = torch.where(low >= 2 ** 31, low - 2 ** 32, low).to(torch.int32).view(torch.float32)
+    exact(low, (scale.view(torch.int32) & -8192).view(torch.float32))  # 19 bits kept
+    with_off = tn.npu_trans_quant_param(scale, torch.tensor([-3.0, 300.0, 2.4]))
+    exact((with_off >> 37) & 0x1FF, torch.tensor([509, 255, 2]))
+    xq, wq = _int8(4, 32), _int8(32, 3)
+    acc = torch._int_mm(xq, wq)
+    y = tn.npu_quant_matmul(xq, wq, packed, output_dtype=torch.float16)
+    torch.testing.assert_close(y, (acc.float() * low).half())
+    exact(tn.npu_quant_matmul(xq, wq, scale, output_dtype=torch.int32), acc)  # scale unused
+    with pytest.raises(NpuEmulatorError, match="npu_trans_quant_param"):
+        tn.npu_quant_matmul(xq, wq, torch.tensor([7, 8, 9]), output_dtype=torch.float16)
+    with pytest.raises(NpuEmulatorError, match="combination"):
+        tn.npu_quant_matmul(xq, wq, scale, pertoken_scale=torch.rand(4),
+                            output_dtype=torch.int8)
+    with pytest.raises(NpuEmulatorError, match="output_dtype"):
+        tn.npu_quant_matmul(xq, wq, scale, output_dtype=torch.float32)
+    with pytest.raises(NpuEmulatorError, match="int8"):
+        tn.npu_quant_matmul(xq.float(), wq, scale, output_dtype=torch.bfloat16)
+    with pytest.raises(NpuEmulatorError, match="float16/bfloat16"):
+        tn.npu_dynamic_quant(torch.randn(3, 4))
+    with pytest.raises(NpuEmulatorError, match="more than 1 dim"):
+        tn.npu_dynamic_quant(torch.randn(4).half())
+    q = tn.npu_quantize(torch.tensor([[0.26, -1.0, 300.0]]), torch.tensor([0.1] * 3),
+                        torch.tensor([1, 1, 1], dtype=torch.int8), torch.qint8, axis=-1)
+    exact(q, torch.tensor([[4, -9, 127]], dtype=torch.int8))
+    with pytest.raises(NpuEmulatorError, match="dtype"):
+        tn.npu_quantize(torch.randn(2, 3), torch.ones(3), None, torch.int8, axis=-1)
+
+
+def test_emulator_norm_rope_rules(tn):
+    with pytest.raises(NpuEmulatorError, match="2/3/4/5/6/7/8 dims"):
+        tn.npu_rms_norm(torch.randn(8), torch.ones(8))
+    with pytest.raises(NpuEmulatorError, match="not a supported pair"):
+        tn.npu_rms_norm(torch.randn(2, 8), torch.ones(8).half())
+    with pytest.raises(NpuEmulatorError, match="gamma dtype"):
+        tn.npu_add_rms_norm(torch.randn(2, 8).half(), torch.randn(2, 8).half(), torch.ones(8))
+    with pytest.raises(NpuEmulatorError, match="divisible by 2"):
+        tn.npu_swiglu(torch.randn(2, 7))
+    q, k = torch.randn(3, 4, 128), torch.randn(3, 2, 128)
+    cos, sin = torch.randn(3, 1, 128), torch.randn(3, 1, 128)
+    q_out, k_out = tn.npu_apply_rotary_pos_emb(q, k, cos, sin, layout="TND")
+    assert q_out is q and k_out is k  # documented in-place update
+    with pytest.raises(NpuEmulatorError, match="64 or 128"):
+        tn.npu_apply_rotary_pos_emb(torch.randn(3, 4, 96), torch.randn(3, 2, 96),
+                                    torch.randn(3, 1, 96), torch.randn(3, 1, 96), layout="TND")
+    with pytest.raises(NpuEmulatorError, match="one dtype"):
+        tn.npu_apply_rotary_pos_emb(q.bfloat16(), k, cos, sin, layout="TND")
+    with pytest.raises(NpuEmulatorError, match="4 dims"):
+        tn.npu_apply_rotary_pos_emb(q, k, cos, sin)  # default layout BSND needs 4-D
+    with pytest.raises(TypeError):
+        tn.npu_apply_rotary_pos_emb(q, k, cos, sin, "TND")  # layout is keyword-only
+    # rotary_mul half mode == apply_rotary_pos_emb maths
+    x = torch.randn(3, 4, 128)
+    ref = torch.cat((-x[..., 64:], x[..., :64]), -1) * sin + x * cos
+    torch.testing.assert_close(tn.npu_rotary_mul(x, cos, sin), ref)
+
+
+def test_emulator_format_cast_round_trip(tn):
+    w = torch.randn(16, 8)
+    assert tn.get_npu_format(w) == 2 and tn.get_npu_format(torch.randn(2, 3, 4, 5)) == 0
+    nz = tn.npu_format_cast(w, tn.Format.FRACTAL_NZ)
+    assert tn.get_npu_format(nz) == 29 and tn.get_npu_format(w) == 2
+    exact(nz, w)
+    assert tn.get_npu_format(tn.npu_format_cast(nz, 2)) == 2
+    with pytest.raises(NpuEmulatorError, match="acl_format"):
+        tn.npu_format_cast(w, 28)
+    # fp32 grouped-matmul weights are documented ND-only
+    with pytest.raises(NpuEmulatorError, match="ND format only"):
+        tn.npu_grouped_matmul([torch.randn(2, 16)], [tn.npu_format_cast(torch.randn(1, 16, 8), 29)],
+                              group_list=torch.tensor([2]), split_item=2, group_type=0)
+
+
+def test_installed_restores_modules():
+    import ops
+    before_tn = sys.modules.get("torch_npu")
+    before_npu = sys.modules.get("ops.npu")
+    with npu_emulator.installed() as emu:
+        assert sys.modules["torch_npu"] is emu.torch_npu
+        assert emu.npu_ops.torch_npu is emu.torch_npu
+        assert ops.npu is emu.npu_ops
+    assert sys.modules.get("torch_npu") is before_tn
+    assert sys.modules.get("ops.npu") is before_npu
+    assert getattr(ops, "npu", None) is before_npu
+
+
+from tests.npu_emulator import emulated_npu  # noqa: E402,F401  (the package's pytest fixture)
+
+
+def test_emulated_npu_fixture(emulated_npu):
+    x = torch.randn(4, 32)
+    y = emulated_npu.npu_ops.rms_norm(x, torch.ones(32), 1e-6)
+    close(y, cpu.rms_norm(x, torch.ones(32), 1e-6))
+    assert emulated_npu.calls.count("npu_rms_norm") == 1
+    assert emulated_npu.calls.calls == ["npu_rms_norm"]

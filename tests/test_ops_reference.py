@@ -1,0 +1,622 @@
+"""CPU reference operators (``ops.cpu``, ``ops.rope``) against implementations nobody here wrote.
+
+DESIGN.md tier 1. The independent references are:
+- attention: ``torch.nn.functional.scaled_dot_product_attention`` on the un-paged K/V of each
+  request, with an explicit bottom-right causal mask and ``enable_gqa``;
+- norms, RoPE (plain and YaRN), the dense MLP and the sparse MoE block: Hugging Face
+  ``transformers`` Qwen3 / Qwen3-MoE modules;
+- int8 GEMMs: ``torch.matmul`` on int64 tensors; quantisers: closed-form formulas on exact grids.
+
+Tolerances are stated next to each assertion. fp32 comparisons are tight (accumulation-order
+noise only); bf16 comparisons allow the rounding of the output to bf16 (relative 2**-8 = 0.39%
+per rounding) or a few such roundings when the reference itself runs in bf16.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ops
+from ops import cpu
+from ops.rope import rope_cos_sin_cache, rope_inv_freq
+
+from transformers import Qwen3Config, Qwen3MoeConfig
+from transformers.models.qwen3.modeling_qwen3 import (
+    Qwen3MLP,
+    Qwen3RMSNorm,
+    Qwen3RotaryEmbedding,
+    apply_rotary_pos_emb,
+)
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+BF16_EPS = 2.0 ** -8  # relative spacing of bf16 numbers: one rounding to bf16 costs <= half of it
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+# ============================================================================================
+# Paged attention vs SDPA on the un-paged K/V
+# ============================================================================================
+
+def _paged_case(reqs, hq, hkv, d, bs, dtype, spare_blocks=3, use_write_op=True):
+    """Random packed queries and a paged cache holding every key of every request.
+
+    reqs: list of (Lq, Lk). Physical blocks are a random permutation (non-contiguous, shuffled)
+    of the pool; cache slots no request owns are filled with NaN, so reading them would poison
+    the output. Returns the op's inputs plus the un-paged per-request K/V.
+    """
+    nblocks = [math.ceil(lk / bs) for _, lk in reqs]
+    total = sum(nblocks) + spare_blocks
+    perm = torch.randperm(total)
+    max_blocks = max(nblocks) + 2  # padded table: entries past a request's blocks are junk
+    block_tables = torch.randint(0, total, (len(reqs), max_blocks), dtype=torch.int32)
+    key_cache = torch.full((total, bs, hkv, d), float("nan"), dtype=dtype)
+    value_cache = torch.full((total, bs, hkv, d), float("nan"), dtype=dtype)
+    q_list, k_list, v_list, slots = [], [], [], []
+    used = 0
+    for (lq, lk), nb in zip(reqs, nblocks):
+        phys = perm[used:used + nb]
+        used += nb
+        block_tables[len(k_list), :nb] = phys.to(torch.int32)
+        k = torch.randn(lk, hkv, d).to(dtype)
+        v = torch.randn(lk, hkv, d).to(dtype)
+        pos = torch.arange(lk)
+        slot = phys[pos // bs] * bs + pos % bs
+        if use_write_op:
+            cpu.write_kv_cache(k, v, key_cache, value_cache, slot)
+        else:  # fill the pages directly, independently of write_kv_cache
+            for i in range(lk):
+                key_cache[phys[i // bs], i % bs] = k[i]
+                value_cache[phys[i // bs], i % bs] = v[i]
+        q_list.append(torch.randn(lq, hq, d).to(dtype))
+        k_list.append(k)
+        v_list.append(v)
+        slots.append(slot)
+    query = torch.cat(q_list)
+    qsl = torch.tensor([0] + [lq for lq, _ in reqs], dtype=torch.int32).cumsum(0).to(torch.int32)
+    seq_lens = torch.tensor([lk for _, lk in reqs], dtype=torch.int32)
+    return query, key_cache, value_cache, block_tables, qsl, seq_lens, q_list, k_list, v_list
+
+
+def _sdpa_reference(q_list, k_list, v_list, scale):
+    """Per-request SDPA in fp32 with an explicit bottom-right causal mask; [T, Hq, D] fp32."""
+    outs = []
+    for q, k, v in zip(q_list, k_list, v_list):
+        lq, lk = q.shape[0], k.shape[0]
+        # query j (absolute position lk - lq + j) sees keys 0 .. lk - lq + j
+        mask = torch.arange(lk)[None, :] <= (torch.arange(lq)[:, None] + (lk - lq))
+        o = F.scaled_dot_product_attention(
+            q.float().transpose(0, 1).unsqueeze(0),  # [1, Hq, Lq, D]
+            k.float().transpose(0, 1).unsqueeze(0),  # [1, Hkv, Lk, D]
+            v.float().transpose(0, 1).unsqueeze(0),
+            attn_mask=mask, scale=scale, enable_gqa=True)  # GQA: head h reads kv head h // group
+        outs.append(o[0].transpose(0, 1))
+    return torch.cat(outs)
+
+
+ATTN_CASES = {
+    "prefill": [(37, 37)],
+    "prefill_one_token": [(1, 1)],
+    "prefill_long": [(333, 333)],
+    "chunked_prefill": [(20, 75)],
+    "chunked_prefill_long_prefix": [(45, 345)],
+    "decode": [(1, 50)],
+    "decode_long": [(1, 317)],
+    "decode_at_block_boundary": [(1, 32), (1, 33)],
+    "mixed_batch": [(1, 300), (17, 17), (5, 133), (1, 1), (64, 200), (16, 16), (3, 48)],
+}
+
+
+@pytest.mark.parametrize("case", sorted(ATTN_CASES))
+@pytest.mark.parametrize("gqa", [1, 2, 4, 8])
+def test_paged_attention_fp32_vs_sdpa(case, gqa):
+    hkv, d, bs = 2, 32, 16
+    hq = hkv * gqa
+    scale = d ** -0.5
+    query, kc, vc, bt, qsl, sl, qs, ks, vs = _paged_case(ATTN_CASES[case], hq, hkv, d, bs, torch.float32)
+    out = cpu.paged_attention(query, kc, vc, bt, qsl, sl, scale)
+    ref = _sdpa_reference(qs, ks, vs, scale)
+    assert out.shape == query.shape and out.dtype == torch.float32
+    # fp32 both sides; only summation order differs (softmax over <= 345 keys, D=32)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("gqa", [1, 2, 4, 8])
+@pytest.mark.parametrize("bs", [16, 128])
+def test_paged_attention_bf16_vs_sdpa(gqa, bs):
+    hkv, d = 1, 128
+    hq = hkv * gqa
+    scale = d ** -0.5
+    reqs = [(1, 300), (23, 23), (7, 150), (1, 1), (40, 129)]
+    query, kc, vc, bt, qsl, sl, qs, ks, vs = _paged_case(reqs, hq, hkv, d, bs, torch.bfloat16)
+    out = cpu.paged_attention(query, kc, vc, bt, qsl, sl, scale)
+    ref = _sdpa_reference(qs, ks, vs, scale)  # exact maths on the same bf16 inputs
+    assert out.dtype == torch.bfloat16
+    # the op computes in fp32 and rounds once to bf16: error <= half a bf16 ulp (+ fp32 noise)
+    torch.testing.assert_close(out.float(), ref, rtol=BF16_EPS, atol=1e-5)
+
+
+def test_paged_attention_cache_filled_directly():
+    """Same as above but with the pages written by hand, so write_kv_cache is not involved."""
+    reqs = [(5, 40), (1, 17), (12, 12)]
+    query, kc, vc, bt, qsl, sl, qs, ks, vs = _paged_case(reqs, 8, 2, 16, 8, torch.float32,
+                                                         use_write_op=False)
+    out = cpu.paged_attention(query, kc, vc, bt, qsl, sl, 0.3)
+    # fp32 tight, as in the SDPA test above
+    torch.testing.assert_close(out, _sdpa_reference(qs, ks, vs, 0.3), rtol=1e-5, atol=1e-5)
+
+
+def test_paged_attention_rejects_bad_gqa():
+    query = torch.randn(3, 6, 8)
+    kc = torch.zeros(2, 4, 4, 8)
+    with pytest.raises(ValueError, match="not a multiple"):
+        cpu.paged_attention(query, kc, kc, torch.zeros(1, 1, dtype=torch.int32),
+                            torch.tensor([0, 3]), torch.tensor([3]), 1.0)
+
+
+# ============================================================================================
+# write_kv_cache
+# ============================================================================================
+
+@pytest.mark.parametrize("slot_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_kv_cache_scatter_and_skip(slot_dtype, dtype):
+    nb, bs, h, d = 5, 4, 2, 3
+    key = torch.randn(6, h, d).to(dtype)
+    value = torch.randn(6, h, d).to(dtype)
+    kc = torch.full((nb, bs, h, d), 7.0, dtype=dtype)
+    vc = torch.full((nb, bs, h, d), -7.0, dtype=dtype)
+    slots = torch.tensor([13, -1, 0, 19, -1, 6], dtype=slot_dtype)
+    cpu.write_kv_cache(key, value, kc, vc, slots)
+    exp_k = torch.full((nb, bs, h, d), 7.0, dtype=dtype)
+    exp_v = torch.full((nb, bs, h, d), -7.0, dtype=dtype)
+    for t, s in enumerate(slots.tolist()):
+        if s >= 0:
+            exp_k[s // bs, s % bs] = key[t]
+            exp_v[s // bs, s % bs] = value[t]
+    # a pure copy: bit-exact, and untouched everywhere else (slots -1 included)
+    assert torch.equal(kc, exp_k) and torch.equal(vc, exp_v)
+
+
+@pytest.mark.parametrize("slot_dtype", [torch.int32, torch.int64])
+def test_write_kv_cache_out_of_range_raises(slot_dtype):
+    kc = torch.zeros(2, 4, 1, 2)
+    vc = torch.zeros(2, 4, 1, 2)
+    x = torch.ones(2, 1, 2)
+    with pytest.raises(ValueError, match="outside the cache"):
+        cpu.write_kv_cache(x, x, kc, vc, torch.tensor([3, 8], dtype=slot_dtype))
+    cpu.write_kv_cache(x, x, kc, vc, torch.tensor([-1, -1], dtype=slot_dtype))  # all skipped: fine
+    assert not kc.any() and not vc.any()
+
+
+# ============================================================================================
+# RMSNorm family vs Qwen3RMSNorm
+# ============================================================================================
+
+def _hf_norm(n, dtype, eps=1e-6):
+    m = Qwen3RMSNorm(n, eps=eps)
+    with torch.no_grad():
+        m.weight.copy_(torch.randn(n) * 0.5 + 1.0)
+    return m.to(dtype)
+
+
+# identical maths in identical order: fp32 agrees to float noise; bf16 to at most one bf16 ulp
+_NORM_TOL = {torch.float32: dict(rtol=1e-6, atol=1e-6), torch.bfloat16: dict(rtol=2 * BF16_EPS, atol=1e-3)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 64), (7, 1024), (3, 5, 128)])
+def test_rms_norm_vs_hf(dtype, shape):
+    m = _hf_norm(shape[-1], dtype)
+    x = (torch.randn(shape) * 3).to(dtype)
+    y = cpu.rms_norm(x, m.weight.detach(), 1e-6)
+    with torch.no_grad():
+        ref = m(x)
+    assert y.dtype == ref.dtype
+    torch.testing.assert_close(y, ref, **_NORM_TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_head_rms_norm_vs_hf_qk_norm(dtype):
+    t, h, d = 9, 4, 128
+    m = _hf_norm(d, dtype)
+    x = torch.randn(t, h, d).to(dtype)
+    y = cpu.head_rms_norm(x, m.weight.detach(), 1e-6)
+    with torch.no_grad():  # HF applies q_norm on [B, S, H, D] before the transpose
+        ref = m(x.unsqueeze(0))[0]
+    torch.testing.assert_close(y, ref, **_NORM_TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_add_rms_norm_vs_hf(dtype):
+    m = _hf_norm(256, dtype)
+    x = torch.randn(6, 256).to(dtype)
+    res = (torch.randn(6, 256) * 4).to(dtype)
+    y, new_res = cpu.add_rms_norm(x, res, m.weight.detach(), 1e-6)
+    # the residual is an unfused add in the input dtype: bit-exact
+    assert new_res.dtype == dtype and torch.equal(new_res, x + res)
+    with torch.no_grad():
+        ref = m(x + res)
+    torch.testing.assert_close(y, ref, **_NORM_TOL[dtype])
+
+
+# ============================================================================================
+# Rotary embedding vs Qwen3RotaryEmbedding + apply_rotary_pos_emb
+# ============================================================================================
+
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+MAX_POS = 131072
+
+
+def _hf_rope(head_dim, theta, scaling):
+    params = {"rope_type": "default", "rope_theta": theta} if scaling is None else {**scaling, "rope_theta": theta}
+    config = Qwen3Config(hidden_size=4 * head_dim, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=head_dim, max_position_embeddings=MAX_POS, rope_parameters=params)
+    assert config.rope_parameters["rope_theta"] == theta  # transformers 5: theta lives in rope_parameters
+    return Qwen3RotaryEmbedding(config)
+
+
+def _positions(t):
+    """Unsorted positions with repeats, including 0, large ones (~1e5) and the table's last row."""
+    pos = torch.cat([torch.tensor([100000, 0, 5, MAX_POS - 1, 5, 65537, 32767, 32768]),
+                     torch.randint(0, MAX_POS, (t - 8,))])
+    return pos[torch.randperm(t)]
+
+
+@pytest.mark.parametrize("scaling", [None, YARN], ids=["default", "yarn"])
+@pytest.mark.parametrize("head_dim", [16, 64, 128])
+def test_rope_tables_vs_hf(scaling, head_dim):
+    theta = 1e6
+    hf = _hf_rope(head_dim, theta, scaling)
+    inv, mscale = rope_inv_freq(head_dim, theta, scaling)
+    # same fp32 formula: inverse frequencies agree to one ulp; the YaRN attention factor exactly
+    torch.testing.assert_close(inv, hf.inv_freq, rtol=1.2e-7, atol=0)
+    assert mscale == pytest.approx(hf.attention_scaling, rel=1e-12)
+    if scaling is not None:
+        assert mscale == pytest.approx(0.1 * math.log(4.0) + 1.0)
+
+
+@pytest.mark.parametrize("scaling", [None, YARN], ids=["default", "yarn"])
+@pytest.mark.parametrize("head_dim", [16, 64, 128])
+def test_rotary_embedding_fp32_vs_hf(scaling, head_dim):
+    theta, t, hq, hk = 1e6, 40, 4, 2
+    table = rope_cos_sin_cache(head_dim, MAX_POS, theta, scaling)
+    assert table.shape == (MAX_POS, head_dim) and table.dtype == torch.float32
+    hf = _hf_rope(head_dim, theta, scaling)
+    pos = _positions(t)
+    q = torch.randn(t, hq, head_dim)
+    k = torch.randn(t, hk, head_dim)
+    q_out, k_out = cpu.rotary_embedding(q, k, pos, table)
+    cos, sin = hf(q, pos.unsqueeze(0))  # [1, T, D]
+    # HF layout is [B, H, S, D]; ops use [T, H, D]
+    q_ref, k_ref = apply_rotary_pos_emb(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), cos, sin)
+    # fp32 tables built the same way (angle = fp32(pos) * inv_freq): only float noise remains
+    torch.testing.assert_close(q_out, q_ref[0].transpose(0, 1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(k_out, k_ref[0].transpose(0, 1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("scaling", [None, YARN], ids=["default", "yarn"])
+def test_rotary_embedding_bf16_vs_hf(scaling):
+    theta, t, hq, hk, d = 1e6, 33, 8, 2, 128
+    table = rope_cos_sin_cache(d, MAX_POS, theta, scaling)
+    hf = _hf_rope(d, theta, scaling)
+    pos = _positions(t)
+    q = torch.randn(t, hq, d).to(torch.bfloat16)
+    k = torch.randn(t, hk, d).to(torch.bfloat16)
+    q_out, k_out = cpu.rotary_embedding(q, k, pos, table)
+    assert q_out.dtype == k_out.dtype == torch.bfloat16
+    qh, kh = q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0)
+    # (a) vs HF in fp32 on the same bf16 inputs: the op rounds once, at the end
+    cos, sin = hf(qh.float(), pos.unsqueeze(0))
+    q_ref, k_ref = apply_rotary_pos_emb(qh.float(), kh.float(), cos, sin)
+    torch.testing.assert_close(q_out.float(), q_ref[0].transpose(0, 1), rtol=BF16_EPS, atol=1e-5)
+    torch.testing.assert_close(k_out.float(), k_ref[0].transpose(0, 1), rtol=BF16_EPS, atol=1e-5)
+    # (b) vs HF run end-to-end in bf16 (cos/sin and products rounded to bf16): a few roundings
+    cos, sin = hf(qh, pos.unsqueeze(0))
+    q_bf, k_bf = apply_rotary_pos_emb(qh, kh, cos, sin)
+    torch.testing.assert_close(q_out, q_bf[0].transpose(0, 1), rtol=4 * BF16_EPS, atol=3e-2)
+    torch.testing.assert_close(k_out, k_bf[0].transpose(0, 1), rtol=4 * BF16_EPS, atol=3e-2)
+
+
+@pytest.mark.parametrize("rope_type", ["linear", "dynamic", "llama3", "longrope", "su"])
+def test_rope_rejects_unknown_type(rope_type):
+    with pytest.raises(ValueError, match=f"rope_type '{rope_type}' is not supported.*'yarn'"):
+        rope_cos_sin_cache(128, 16, 1e6, {"rope_type": rope_type, "factor": 2.0})
+    with pytest.raises(ValueError, match="is not supported"):  # legacy key "type"
+        ops.rope_cos_sin_cache(128, 16, 1e6, {"type": rope_type, "factor": 2.0})
+
+
+# ============================================================================================
+# SwiGLU and the dense MLP vs Qwen3MLP
+# ============================================================================================
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_vs_formula(dtype):
+    x = (torch.randn(11, 2 * 96) * 4).to(dtype)
+    y = cpu.swiglu(x)
+    assert y.shape == (11, 96) and y.dtype == dtype
+    xf = x.float()
+    ref = F.silu(xf[:, :96]) * xf[:, 96:]
+    if dtype == torch.float32:
+        torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-6)  # same formula in fp32
+    else:  # fp32 maths, one rounding to bf16
+        torch.testing.assert_close(y.float(), ref, rtol=BF16_EPS, atol=1e-6)
+
+
+def test_mlp_vs_hf_qwen3mlp():
+    h, inter = 64, 96
+    cfg = Qwen3Config(hidden_size=h, intermediate_size=inter, hidden_act="silu", num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16)
+    mlp = Qwen3MLP(cfg)
+    for p in mlp.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    x = torch.randn(13, h)
+    w13 = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight], dim=0).t().detach()  # [H, 2I]
+    y = cpu.swiglu(x @ w13) @ mlp.down_proj.weight.t().detach()
+    with torch.no_grad():
+        ref = mlp(x)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)  # fp32, GEMM summation order only
+
+
+# ============================================================================================
+# MoE chain vs Qwen3MoeSparseMoeBlock
+# ============================================================================================
+
+def _moe_block(h, inter, e, k, norm):
+    cfg = Qwen3MoeConfig(hidden_size=h, moe_intermediate_size=inter, num_experts=e, num_experts_per_tok=k,
+                         norm_topk_prob=norm, hidden_act="silu", num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=16)
+    block = Qwen3MoeSparseMoeBlock(cfg)
+    with torch.no_grad():
+        block.experts.gate_up_proj.normal_(std=0.2)  # [E, 2I, H]
+        block.experts.down_proj.normal_(std=0.2)     # [E, H, I]
+        block.gate.weight.normal_(std=1.0)           # [E, H]
+    return block
+
+
+def _moe_ours(block, x, k, norm):
+    e = block.gate.weight.shape[0]
+    logits = x @ block.gate.weight.detach().t()
+    weights, ids = cpu.moe_gating_topk(logits, k, renormalize=norm)
+    sorted_x, pairs, counts = cpu.moe_route(x, ids, e)
+    w13 = block.experts.gate_up_proj.detach().transpose(1, 2)  # [E, H, 2I], gate then up
+    w2 = block.experts.down_proj.detach().transpose(1, 2)      # [E, I, H]
+    hmid = cpu.swiglu(cpu.grouped_matmul(sorted_x, w13, counts))
+    out = cpu.grouped_matmul(hmid, w2, counts)
+    return cpu.moe_combine(out, pairs, weights), counts
+
+
+@pytest.mark.parametrize("norm", [True, False])
+@pytest.mark.parametrize("t,e,k", [(64, 8, 2), (37, 16, 8), (2, 16, 4), (1, 8, 1)])
+def test_moe_chain_vs_hf_sparse_moe_block(norm, t, e, k):
+    h, inter = 32, 24
+    block = _moe_block(h, inter, e, k, norm)
+    x = torch.randn(t, h)
+    y, counts = _moe_ours(block, x, k, norm)
+    with torch.no_grad():
+        ref = block(x.unsqueeze(0))[0]
+    if t * k < e:
+        assert (counts == 0).any()  # this case exercises experts that receive no token
+    # fp32 throughout; differences are only GEMM / top-k sum ordering
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_moe_gating_matches_hf_router():
+    block = _moe_block(32, 24, 16, 4, True)
+    x = torch.randn(20, 32)
+    with torch.no_grad():
+        _, hf_w, hf_ids = block.gate(x)
+    w, ids = cpu.moe_gating_topk(x @ block.gate.weight.detach().t(), 4, renormalize=True)
+    assert ids.dtype == torch.int32 and w.dtype == torch.float32
+    assert torch.equal(ids.long(), hf_ids)
+    torch.testing.assert_close(w, hf_w, rtol=1e-6, atol=1e-7)  # identical fp32 softmax/top-k
+
+
+def test_moe_gating_ties_lower_expert_first():
+    """Documented contract: equal probabilities are ordered by lower expert id first."""
+    logits = torch.zeros(3, 16)
+    logits[1, 5:] = 1.0          # experts 5..15 tie for first place
+    logits[2, 8:] = 1.0
+    logits[2, 3] = 2.0           # expert 3 first, then the tie 8..15
+    w, ids = cpu.moe_gating_topk(logits, 4, renormalize=False)
+    assert ids.tolist() == [[0, 1, 2, 3], [5, 6, 7, 8], [3, 8, 9, 10]]
+    assert (w[:, :-1] >= w[:, 1:]).all()  # rows sorted by descending weight
+
+
+# ============================================================================================
+# moe_route / moe_combine invariants
+# ============================================================================================
+
+@pytest.mark.parametrize("t,e,k", [(10, 8, 2), (3, 16, 4), (50, 4, 4), (0, 8, 2)])
+def test_moe_route_combine_invariants(t, e, k):
+    hd = 6
+    x = torch.randn(t, hd)
+    ids = torch.stack([torch.randperm(e)[:k] for _ in range(t)]).to(torch.int32) if t else \
+        torch.zeros(0, k, dtype=torch.int32)
+    weights = torch.rand(t, k)
+    sorted_x, pairs, counts = cpu.moe_route(x, ids, e)
+    assert sorted_x.shape == (t * k, hd) and pairs.dtype == torch.int32 and counts.dtype == torch.int64
+    # tokens_per_expert sums to T*k and is the histogram of expert ids (zeros allowed)
+    assert int(counts.sum()) == t * k
+    assert torch.equal(counts, torch.bincount(ids.reshape(-1).long(), minlength=e))
+    # rows grouped by expert in ascending id; stable: pair indices increase within a group
+    flat = ids.reshape(-1).long()
+    sorted_ids = flat[pairs.long()]
+    assert torch.equal(sorted_ids, torch.sort(flat).values)
+    for ex in range(e):
+        grp = pairs[sorted_ids == ex]
+        assert torch.equal(grp, torch.sort(grp).values)
+    assert torch.equal(sorted_x, x[pairs.long() // k])  # sorted_x[i] = x[pair // k]
+    # combine(all-ones expert outputs) = per-token sum of the weights
+    ones = cpu.moe_combine(torch.ones(t * k, hd), pairs, weights)
+    torch.testing.assert_close(ones, weights.sum(-1, keepdim=True).expand(t, hd), rtol=1e-6, atol=1e-6)
+    # combine(route(x)) with identity experts = x * sum of weights
+    back = cpu.moe_combine(sorted_x, pairs, weights)
+    torch.testing.assert_close(back, x * weights.sum(-1, keepdim=True), rtol=1e-6, atol=1e-6)
+
+
+def test_moe_route_zero_token_experts():
+    ids = torch.tensor([[1, 3], [3, 1], [1, 6]], dtype=torch.int64)
+    _, _, counts = cpu.moe_route(torch.randn(3, 4), ids, 8)
+    assert counts.tolist() == [0, 3, 0, 2, 0, 0, 1, 0]
+
+
+@pytest.mark.parametrize("bad", [8, -1, 100])
+def test_moe_route_invalid_expert_raises(bad):
+    ids = torch.tensor([[0, 1], [2, bad]], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"expert ids must lie in \[0, 8\)"):
+        cpu.moe_route(torch.randn(2, 4), ids, 8)
+
+
+def test_grouped_matmul_vs_per_group_and_bad_sizes():
+    sizes = torch.tensor([3, 0, 5, 0, 2])
+    x = torch.randn(10, 7)
+    w = torch.randn(5, 7, 4)
+    out = cpu.grouped_matmul(x, w, sizes)
+    starts = [0, 3, 3, 8, 8, 10]
+    for g in range(5):
+        # fp32, same GEMM per group
+        torch.testing.assert_close(out[starts[g]:starts[g + 1]], x[starts[g]:starts[g + 1]] @ w[g],
+                                   rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="group sizes sum to 9"):
+        cpu.grouped_matmul(x, w, torch.tensor([3, 0, 4, 0, 2]))
+
+
+# ============================================================================================
+# int8 quantisation and GEMMs
+# ============================================================================================
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dynamic_quant(dtype):
+    x = torch.randn(9, 300) * torch.logspace(-3, 3, 9).unsqueeze(1)
+    x[4] = 0.0  # an all-zero row
+    x = x.to(dtype)
+    xq, scale = cpu.dynamic_quant(x)
+    assert xq.dtype == torch.int8 and scale.dtype == torch.float32 and scale.shape == (9,)
+    xf = x.float()
+    # scale = rowmax|x| / 127, the same fp32 division: exact
+    assert torch.equal(scale, xf.abs().max(dim=1).values / 127.0)
+    assert scale[4] == 0 and not xq[4].any()
+    nz = scale > 0
+    # the row maximum maps to +-127
+    assert (xq[nz].abs().amax(dim=1) == 127).all()
+    # dequantisation error at most half a quantisation step (slack: one fp32 rounding of x/scale)
+    err = (xq.float() * scale.unsqueeze(1) - xf).abs()
+    assert (err <= scale.unsqueeze(1) * (0.5 + 1e-5)).all()
+
+
+def test_static_quant_exact_grid_and_clamp():
+    # scale a power of two so x / scale is exact; x on a quarter-step grid including .5 ties
+    scale = torch.tensor([0.0625])
+    steps = torch.arange(-800, 801, dtype=torch.float32) / 4  # -200 .. 200 in quarter steps
+    x = steps * 0.0625
+    for offset in (torch.tensor([0], dtype=torch.int8), torch.tensor([7], dtype=torch.int8),
+                   torch.tensor([-3.0])):
+        xq = cpu.static_quant(x, scale, offset)
+        off = float(offset.item())
+        # Python's round() is round-half-to-even, as the NPU quantiser
+        expected = [max(-128, min(127, round(s + off))) for s in steps.tolist()]
+        assert xq.dtype == torch.int8 and xq.tolist() == expected
+    assert xq.min() == -128 and xq.max() == 127  # clamping exercised at both ends
+
+
+def test_static_quant_random_vs_float64():
+    x = torch.randn(16, 64) * 3
+    scale, offset = torch.tensor([0.0173]), torch.tensor([5], dtype=torch.int8)
+    xq = cpu.static_quant(x.to(torch.bfloat16), scale, offset)
+    ref = torch.round(x.to(torch.bfloat16).double() / 0.0173 + 5).clamp(-128, 127)
+    diff = (xq.double() - ref).abs()
+    # fp32 vs fp64 division can only flip a value sitting on a .5 boundary, by one step
+    assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01
+
+
+def _int64_acc(xq, wq):
+    return torch.matmul(xq.to(torch.int64), wq.to(torch.int64))
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 7, 3), (16, 64, 32), (33, 1000, 17), (0, 8, 4)])
+def test_int8_matmul_bit_exact(m, k, n):
+    xq = torch.randint(-128, 128, (m, k), dtype=torch.int8)
+    wq = torch.randint(-128, 128, (k, n), dtype=torch.int8)
+    acc = cpu.int8_matmul(xq, wq)
+    assert acc.dtype == torch.int32 and acc.shape == (m, n)
+    assert torch.equal(acc.to(torch.int64), _int64_acc(xq, wq))  # integer maths: bit-exact
+
+
+def test_int8_matmul_extreme_no_overflow():
+    k = 4096  # 4096 * 128 * 128 = 2**26: needs int32 accumulation, overflows int8/int16
+    xq = torch.full((2, k), -128, dtype=torch.int8)
+    wq = torch.full((k, 3), -128, dtype=torch.int8)
+    wq[:, 1] = 127
+    acc = cpu.int8_matmul(xq, wq)
+    assert torch.equal(acc.to(torch.int64), _int64_acc(xq, wq))
+    assert acc[0, 0] == 2 ** 26
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("with_pertoken", [False, True])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_quant_matmul_vs_int64(with_bias, with_pertoken, out_dtype):
+    m, k, n = 12, 96, 20
+    xq = torch.randint(-128, 128, (m, k), dtype=torch.int8)
+    wq = torch.randint(-128, 128, (k, n), dtype=torch.int8)
+    scale = torch.rand(n) * 1e-3 + 1e-4
+    pts = torch.rand(m) * 0.05 + 0.01 if with_pertoken else None
+    bias = torch.randint(-50000, 50000, (n,), dtype=torch.int32) if with_bias else None
+    y = cpu.quant_matmul(xq, wq, scale, pertoken_scale=pts, bias=bias, output_dtype=out_dtype)
+    assert y.dtype == out_dtype and y.shape == (m, n)
+    acc = _int64_acc(xq, wq) + (bias.to(torch.int64) if with_bias else 0)
+    ref = acc.double() * scale.double()
+    if with_pertoken:
+        ref = ref * pts.double().unsqueeze(1)
+    # the int accumulator is exact; then two fp32 products (~1e-7 rel each), or a bf16 rounding
+    tol = dict(rtol=1e-6, atol=0) if out_dtype == torch.float32 else dict(rtol=BF16_EPS, atol=0)
+    torch.testing.assert_close(y.double(), ref, **tol)
+
+
+def test_grouped_quant_matmul_vs_per_group():
+    sizes = torch.tensor([4, 0, 1, 0, 0, 6], dtype=torch.int64)
+    g, k, n = len(sizes), 40, 24
+    m = int(sizes.sum())
+    xq = torch.randint(-128, 128, (m, k), dtype=torch.int8)
+    wq = torch.randint(-128, 128, (g, k, n), dtype=torch.int8)
+    scale = torch.rand(g, n) * 1e-3
+    pts = torch.rand(m) * 0.1
+    for dtype in (torch.float32, torch.bfloat16):
+        out = cpu.grouped_quant_matmul(xq, wq, scale, pts, sizes, output_dtype=dtype)
+        assert out.dtype == dtype and out.shape == (m, n)
+        start = 0
+        for gi, cnt in enumerate(sizes.tolist()):
+            ref = cpu.quant_matmul(xq[start:start + cnt], wq[gi], scale[gi], pts[start:start + cnt],
+                                   None, dtype)
+            assert torch.equal(out[start:start + cnt], ref)  # same computation per group: bit-exact
+            start += cnt
+    with pytest.raises(ValueError, match="group sizes sum to"):
+        cpu.grouped_quant_matmul(xq, wq, scale, pts, torch.tensor([4, 0, 1, 0, 0, 5]))
+
+
+
+def test_empty_batch():
+    """T == 0 (an idle step) gives empty results of the right shape (ops.npu does the same)."""
+    e, k, hd = 8, 2, 6
+    x = torch.zeros(0, hd)
+    assert cpu.rms_norm(x, torch.ones(hd), 1e-6).shape == (0, hd)
+    q, kk = cpu.rotary_embedding(torch.zeros(0, 4, 16), torch.zeros(0, 2, 16), torch.zeros(0, dtype=torch.long),
+                                 rope_cos_sin_cache(16, 8, 1e6))
+    assert q.shape == (0, 4, 16) and kk.shape == (0, 2, 16)
+    w, ids = cpu.moe_gating_topk(torch.zeros(0, e), k, renormalize=True)
+    assert w.shape == ids.shape == (0, k)
+    sx, pairs, counts = cpu.moe_route(x, ids, e)
+    assert sx.shape == (0, hd) and not counts.any()
+    h = cpu.grouped_matmul(sx, torch.randn(e, hd, 2 * 5), counts)
+    assert cpu.moe_combine(cpu.swiglu(h), pairs, w).shape == (0, 5)
+    xq, scale = cpu.dynamic_quant(x)
+    assert xq.shape == (0, hd) and scale.shape == (0,)
+    assert cpu.quant_matmul(xq, torch.zeros(hd, 3, dtype=torch.int8), torch.ones(3), scale).shape == (0, 3)

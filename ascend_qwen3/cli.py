@@ -1,8 +1,9 @@
 """Command line: ``ascend-qwen3 <command>``.
 
 Commands:
-  run   generate text from a local Hugging Face Qwen3 checkpoint with the project's own graph
-  plan  print the tensor / expert parallel sharding plan and per-rank weight bytes
+  run       generate text from a local Hugging Face Qwen3 checkpoint with the project's own graph
+  plan      print the tensor / expert parallel sharding plan and per-rank weight bytes
+  quantize  write an msModelSlim-format W8A8 / W8A8_DYNAMIC checkpoint from a float one
 """
 
 from __future__ import annotations
@@ -82,6 +83,19 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quantize(args: argparse.Namespace) -> int:
+    from .quant.quantize import quantize_checkpoint
+
+    s = quantize_checkpoint(args.model, args.out, args.scheme, calib=args.calib, smooth=args.smooth,
+                            max_calib_tokens=args.calib_tokens, progress=not args.no_progress)
+    print(f"wrote {s['out_dir']}: {s['scheme']} ({s['dtype']}), {s['tensors']} tensors, "
+          f"{s['bytes_out'] / 2**20:.1f} MiB (float weights {s['bytes_in'] / 2**20:.1f} MiB), "
+          f"calibrated on {s['calib_tokens']} tokens from {s['calib_samples']} samples"
+          + (f", smoothing alpha {s['smooth']}" if s['smooth'] is not None else "")
+          + f", {s['seconds']:.1f}s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ascend-qwen3", description="Qwen3 on Ascend NPUs (with a CPU fallback)")
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -107,6 +121,20 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--ep", action="store_true", help="expert parallel (MoE): whole experts per rank")
     pl.add_argument("--dtype", default=None, help="weight dtype for byte counts (default: config's)")
     pl.set_defaults(func=_plan)
+
+    q = sub.add_parser("quantize", help="quantise a float checkpoint to msModelSlim W8A8 format")
+    q.add_argument("--model", required=True, help="float Hugging Face Qwen3 checkpoint directory")
+    q.add_argument("--out", required=True, help="new output directory (must not exist or be empty)")
+    q.add_argument("--scheme", required=True, choices=["w8a8", "w8a8_dynamic"],
+                   help="w8a8: static linears + dynamic experts; w8a8_dynamic: all dynamic")
+    q.add_argument("--calib", default=None,
+                   help="calibration text file, samples separated by blank lines (default: built-in "
+                        "multilingual set)")
+    q.add_argument("--smooth", type=float, default=None, metavar="ALPHA",
+                   help="SmoothQuant migration strength in [0, 1] (e.g. 0.5); default: no smoothing")
+    q.add_argument("--calib-tokens", type=int, default=2048, help="calibration token budget")
+    q.add_argument("--no-progress", action="store_true", help="no progress bar")
+    q.set_defaults(func=_quantize)
     return p
 
 

@@ -61,15 +61,26 @@ def checkpoint_files(model_dir: str) -> dict[str, str]:
 
 
 
+def _convert(a, t: torch.Tensor, st_dtype: str, dst: torch.Tensor) -> torch.Tensor:
+    """A checkpoint slice in the destination's dtype (and shape, for grouped scale layouts)."""
+    if st_dtype == "I64" and dst.dtype == torch.float32:
+        # msModelSlim's fp16-model deq_scale: the fp32 bit pattern read as int32, widened to int64
+        t = t.to(torch.int32).view(torch.float32)
+    if a.reshape:
+        t = t.reshape(dst.shape)
+    return t
+
+
 def load_weights(model: torch.nn.Module, model_dir: str, cfg: Qwen3Config,
-                 ctx: ParallelContext = SINGLE) -> dict:
+                 ctx: ParallelContext = SINGLE, quant=None, files: dict | None = None) -> dict:
     """Fill ``model``'s parameters from ``model_dir`` following the sharding plan of ctx's rank.
 
-    Returns stats: tensors read, bytes read, seconds.
+    ``quant``: the checkpoint's ``QuantConfig`` (W8A8) or None. Returns stats: tensors read,
+    bytes read, seconds.
     """
     t0 = time.perf_counter()
-    files = checkpoint_files(model_dir)
-    plan = rank_plan(cfg, ctx.tp_size, ctx.tp_rank, ctx.ep)
+    files = files or checkpoint_files(model_dir)
+    plan = rank_plan(cfg, ctx.tp_size, ctx.tp_rank, ctx.ep, quant)
     params = dict(model.named_parameters())
     missing = sorted({a.name for a in plan if a.name not in files})
     if missing:
@@ -84,16 +95,27 @@ def load_weights(model: torch.nn.Module, model_dir: str, cfg: Qwen3Config,
             path = files[a.name]
             if path not in handles:
                 handles[path] = stack.enter_context(safe_open(path, "pt"))
-            sl = handles[path].get_slice(a.name)
+            try:
+                sl = handles[path].get_slice(a.name)
+            except Exception as exc:  # safetensors raises its own error type for absent names
+                raise CheckpointError(f"tensor {a.name!r} is listed in model.safetensors.index.json "
+                                      f"under {os.path.basename(path)}, which does not contain it "
+                                      f"({exc}); the index and the shards are from different "
+                                      f"exports") from None
             shape, dt = tuple(sl.get_shape()), sl.get_dtype()
             if shape != a.shape:
                 raise CheckpointError(f"tensor {a.name!r} in {os.path.basename(path)} has shape "
                                       f"{list(shape)}, but the config implies {list(a.shape)}; the "
                                       f"checkpoint and config.json disagree")
-            if dt not in FLOAT_DTYPES:
-                raise CheckpointError(f"tensor {a.name!r} has dtype {dt}; a float checkpoint needs "
-                                      f"F32, BF16 or F16 (quantised checkpoints need a "
-                                      f"quant_model_description.json)")
+            if dt not in a.dtypes:
+                if quant is None and dt not in FLOAT_DTYPES:
+                    raise CheckpointError(f"tensor {a.name!r} has dtype {dt}; a float checkpoint needs "
+                                          f"F32, BF16 or F16 (quantised checkpoints need a "
+                                          f"quant_model_description.json)")
+                raise CheckpointError(f"tensor {a.name!r} has dtype {dt}, but "
+                                      f"{'its quantisation type' if quant else 'a float checkpoint'} "
+                                      f"needs {' or '.join(a.dtypes)}; re-export the checkpoint "
+                                      f"(or fix quant_model_description.json)")
             t = sl[a.src]
             if a.transpose:
                 t = t.transpose(-1, -2)
@@ -101,9 +123,22 @@ def load_weights(model: torch.nn.Module, model_dir: str, cfg: Qwen3Config,
             if p is None:
                 raise CheckpointError(f"internal: plan names parameter {a.param!r} that the model lacks")
             dst = p.data[a.dst]
+            t = _convert(a, t, dt, dst)
             if tuple(dst.shape) != tuple(t.shape):
                 raise CheckpointError(f"slice of {a.name!r} has shape {list(t.shape)} but parameter "
                                       f"{a.param} expects {list(dst.shape)} at {a.dst}")
+            if a.shared and filled[a.param]:
+                # q/k/v (or gate/up) each carry the fused module's per-tensor value: they must agree
+                if not torch.equal(dst, t.to(p.dtype)):
+                    raise CheckpointError(f"tensor {a.name!r} = {t.flatten().tolist()} differs from the "
+                                          f"value its fused module already has ({dst.flatten().tolist()}); "
+                                          f"the linears fused into {a.param.rsplit('.', 1)[0]} must "
+                                          f"share one input_scale/input_offset")
+                continue
+            if not p.dtype.is_floating_point and t.is_floating_point():
+                if not torch.equal(t, t.round()):
+                    raise CheckpointError(f"tensor {a.name!r} must hold integers (it is stored as "
+                                          f"{dt}) but has fractional values")
             dst.copy_(t.to(p.dtype))
             filled[a.param] += t.numel()
             nbytes += t.numel() * t.element_size()
@@ -126,10 +161,15 @@ def load_model(model_dir: str, dtype=None, ctx: ParallelContext = SINGLE, device
     """Build the graph for ``model_dir``'s config and load its weights. Returns (model, config)."""
     from .model import Qwen3ForCausalLM
 
+    from .quant.description import QuantConfig
+
     cfg = Qwen3Config.from_model_dir(model_dir)
     if dtype is not None:
         cfg = cfg.with_dtype(parse_dtype(dtype))
     check_parallel(cfg, ctx.tp_size, ctx.ep)  # before any weight is read
-    model = Qwen3ForCausalLM(cfg, ctx, device=device, max_positions=max_positions)
-    load_weights(model, model_dir, cfg, ctx)
+    files = checkpoint_files(model_dir)
+    quant = QuantConfig.from_model_dir(model_dir, cfg, set(files))
+    model = Qwen3ForCausalLM(cfg, ctx, device=device, max_positions=max_positions, quant=quant)
+    load_weights(model, model_dir, cfg, ctx, quant, files)
+    model.finalize_weights()
     return model.eval(), cfg

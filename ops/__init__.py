@@ -25,7 +25,7 @@ OPS = (
     "rms_norm", "add_rms_norm", "head_rms_norm", "rotary_embedding", "swiglu",
     "write_kv_cache", "paged_attention",
     "dynamic_quant", "static_quant", "int8_matmul", "quant_matmul",
-    "moe_gating_topk", "moe_route", "grouped_matmul", "grouped_quant_matmul", "moe_combine",
+    "moe_gating_topk", "moe_route", "moe_route_quant", "grouped_matmul", "grouped_quant_matmul", "moe_combine",
     "prepare_weight",
 )
 

@@ -254,6 +254,18 @@ def moe_route(x: torch.Tensor, expert_ids: torch.Tensor, num_experts: int
     return sorted_x, order.to(torch.int32), counts.to(torch.int64)
 
 
+def moe_route_quant(x: torch.Tensor, expert_ids: torch.Tensor, num_experts: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``moe_route`` with the per-token dynamic int8 quantisation of W8A8_DYNAMIC experts fused in.
+
+    Returns (sorted_xq [T*k, Hd] int8, sorted_pairs, tokens_per_expert, scale [T*k] fp32), where
+    (sorted_xq, scale) = dynamic_quant(sorted_x) of ``moe_route``'s sorted rows.
+    """
+    sorted_x, sorted_pairs, counts = moe_route(x, expert_ids, num_experts)
+    xq, scale = dynamic_quant(sorted_x)
+    return xq, sorted_pairs, counts, scale
+
+
 def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, group_sizes: torch.Tensor) -> torch.Tensor:
     """Per-group float GEMM over rows sorted by group.
 

@@ -537,21 +537,48 @@ def moe_route(x: torch.Tensor, expert_ids: torch.Tensor, num_experts: int
            "check num_experts of the config")
     _check(x.dtype in _FLOAT, "moe_route", "x of dtype float16/bfloat16/float32", _dt(x),
            "route the activations in the model dtype")
+    sorted_x, pairs, counts, _scale = _route(x, expert_ids, num_experts, quant_mode=-1)
+    return sorted_x, pairs, counts
+
+
+def _route(x: torch.Tensor, expert_ids: torch.Tensor, num_experts: int, quant_mode: int):
     T, k = expert_ids.shape
     if T == 0:
-        return x.new_empty(0, x.shape[1]), \
+        return x.new_empty(0, x.shape[1], dtype=torch.int8 if quant_mode == 1 else x.dtype), \
             torch.empty(0, dtype=torch.int32, device=x.device), \
-            torch.zeros(num_experts, dtype=torch.int64, device=x.device)
+            torch.zeros(num_experts, dtype=torch.int64, device=x.device), \
+            torch.empty(0, dtype=torch.float32, device=x.device)
     ids = expert_ids.to(torch.int32).contiguous()
     lo, hi = (int(v) for v in torch.aminmax(ids))
     if lo < 0 or hi >= num_experts:
         raise ValueError(f"expert ids must lie in [0, {num_experts}), got [{lo}, {hi}]")
-    sorted_x, gather_idx, counts, _scale = torch_npu.npu_moe_init_routing_v2(
+    sorted_x, gather_idx, counts, scale = torch_npu.npu_moe_init_routing_v2(
         x.contiguous(), ids,
         active_num=T * k, expert_num=num_experts,
         expert_tokens_num_type=1, expert_tokens_num_flag=True,
-        quant_mode=-1, active_expert_range=[0, num_experts], row_idx_type=0)
-    return sorted_x, _inverse_permutation(gather_idx), counts.to(torch.int64)
+        quant_mode=quant_mode, active_expert_range=[0, num_experts], row_idx_type=0)
+    return sorted_x, _inverse_permutation(gather_idx), counts.to(torch.int64), scale
+
+
+def moe_route_quant(x: torch.Tensor, expert_ids: torch.Tensor, num_experts: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Routing with the per-token dynamic int8 quantisation fused in (W8A8_DYNAMIC experts).
+
+    Kernel doc: npu_moe_init_routing_v2 with quant_mode=1 (dynamic quant) returns expanded_x in
+    int8 and expanded_scale [rows] fp32 = rowmax|x| / 127 of each expanded row; no scale input
+    (no smoothing), no offset. Everything else as in ``moe_route``.
+    Tolerance vs ops.cpu (moe_route then dynamic_quant): bit-exact permutation and counts; the
+    quantised rows and scales are the same arithmetic (round half to even of x / scale).
+    """
+    _check(expert_ids.dim() == 2 and x.dim() == 2 and x.shape[0] == expert_ids.shape[0],
+           "moe_route_quant", "x [T, Hd] and expert_ids [T, k]",
+           f"{list(x.shape)} and {list(expert_ids.shape)}", "pass the router's top-k ids")
+    _check(0 < num_experts <= 10240, "moe_route_quant", "1..10240 experts", num_experts,
+           "check num_experts of the config")
+    _check(x.dtype in (torch.float16, torch.bfloat16), "moe_route_quant",
+           "x of dtype float16/bfloat16 (the fused dynamic quant)", _dt(x),
+           "run W8A8 models in bfloat16 or float16 on the NPU")
+    return _route(x, expert_ids, num_experts, quant_mode=1)
 
 
 def _group_list(op: str, group_sizes: torch.Tensor, groups: int, rows: int) -> tuple[torch.Tensor, int]:

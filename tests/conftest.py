@@ -33,3 +33,28 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture(params=sorted(SPECS))
 def spec_name(request):
     return request.param
+
+
+@pytest.fixture(scope="session")
+def quantized(checkpoint, tmp_path_factory):
+    """quantized(name, scheme, smooth=None, dtype=..., **overrides) -> W8A8 checkpoint directory,
+    made with the project's quantizer from checkpoint(name, ...) plus a small tokenizer."""
+    import torch
+
+    from ascend_qwen3.quant.quantize import quantize_checkpoint
+    from tests.checkpoints import add_tokenizer
+
+    made = {}
+
+    def get(name: str, scheme: str, smooth=None, dtype=torch.float32, **kw):
+        key = (name, scheme, smooth, str(dtype), tuple(sorted((k, repr(v)) for k, v in kw.items())))
+        if key not in made:
+            src = checkpoint(name, dtype=dtype, **kw)
+            if not os.path.isfile(os.path.join(src, "tokenizer.json")):
+                add_tokenizer(src, kw.get("vocab_size", SPECS[name]["vocab_size"]))
+            out = str(tmp_path_factory.mktemp(f"{name}-{scheme}") / "q")
+            quantize_checkpoint(src, out, scheme, smooth=smooth, progress=False)
+            made[key] = out
+        return made[key]
+
+    return get

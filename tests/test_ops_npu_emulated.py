@@ -434,6 +434,32 @@ def test_moe_route(be, dtype, T, E, k):
     exact(counts, counts_ref)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("T,E,k", [(1, 16, 2), (5, 16, 4), (300, 128, 8)])
+def test_moe_route_quant(be, dtype, T, E, k):
+    """Routing with the fused dynamic quant equals moe_route then dynamic_quant (bit-exact)."""
+    x, ids = _route_inputs(T, E, k, dtype)
+    xq, pairs, counts, scale = be.run("moe_route_quant", x, ids, E,
+                                      expect=("npu_moe_init_routing_v2",))
+    sx_ref, pairs_ref, counts_ref = cpu.moe_route(x, ids, E)
+    xq_ref, scale_ref = cpu.dynamic_quant(sx_ref)
+    exact(pairs, pairs_ref)
+    exact(counts, counts_ref)
+    exact(xq, xq_ref)
+    exact(scale, scale_ref)
+    assert xq.dtype == torch.int8 and counts[3] == 0
+
+
+def test_moe_route_quant_rejects_fp32_and_handles_empty(be):
+    x, ids = _route_inputs(4, 8, 2, torch.float32)
+    if be.emulated:
+        with pytest.raises(ValueError, match="float16/bfloat16"):
+            be.npu.moe_route_quant(x, ids, 8)
+    xq, pairs, counts, scale = be.run("moe_route_quant", x[:0].bfloat16(), ids[:0], 8)
+    assert xq.shape == (0, 64) and xq.dtype == torch.int8 and pairs.numel() == 0
+    exact(counts, torch.zeros(8, dtype=torch.int64))
+
+
 @pytest.mark.parametrize("dtype,prepared", [
     (torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True),
     (torch.float32, True)])

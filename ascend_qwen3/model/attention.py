@@ -14,7 +14,8 @@ from .metadata import AttentionMetadata
 
 
 class Qwen3Attention(nn.Module):
-    def __init__(self, cfg: Qwen3Config, ctx: ParallelContext, *, device=None):
+    def __init__(self, cfg: Qwen3Config, ctx: ParallelContext, *, device=None, quant=None,
+                 prefix: str = ""):
         super().__init__()
         self.head_dim = cfg.head_dim
         self.num_heads, self.num_kv_heads = local_heads(cfg, ctx.tp_size)
@@ -22,10 +23,12 @@ class Qwen3Attention(nn.Module):
         self.scale = cfg.head_dim ** -0.5
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
+        scheme = quant.scheme if quant is not None else (lambda module: None)
         self.qkv_proj = ColumnParallelLinear(cfg.hidden_size, self.q_size + 2 * self.kv_size, ctx,
-                                             dtype=cfg.dtype, device=device)
+                                             dtype=cfg.dtype, device=device,
+                                             scheme=scheme(prefix + "qkv_proj"))
         self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, ctx,
-                                        dtype=cfg.dtype, device=device)
+                                        dtype=cfg.dtype, device=device, scheme=scheme(prefix + "o_proj"))
         self.q_norm = empty_param(cfg.head_dim, dtype=cfg.dtype, device=device)
         self.k_norm = empty_param(cfg.head_dim, dtype=cfg.dtype, device=device)
 

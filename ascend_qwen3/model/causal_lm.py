@@ -22,13 +22,14 @@ from .norm import RMSNorm
 
 class Qwen3ForCausalLM(nn.Module):
     def __init__(self, cfg: Qwen3Config, ctx: ParallelContext = SINGLE, *, device=None,
-                 max_positions: int | None = None):
+                 max_positions: int | None = None, quant=None):
+        """``quant``: a ``QuantConfig`` (W8A8 checkpoint) or None (float)."""
         super().__init__()
         check_parallel(cfg, ctx.tp_size, ctx.ep)  # fail before allocating anything
-        self.config, self.ctx = cfg, ctx
+        self.config, self.ctx, self.quant = cfg, ctx, quant
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, ctx, dtype=cfg.dtype,
                                                    device=device)
-        self.layers = nn.ModuleList(Qwen3DecoderLayer(cfg, i, ctx, device=device)
+        self.layers = nn.ModuleList(Qwen3DecoderLayer(cfg, i, ctx, device=device, quant=quant)
                                     for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=cfg.dtype, device=device)
         self.lm_head = ParallelLMHead(self.embed_tokens, ctx, tied=cfg.tie_word_embeddings,
@@ -39,6 +40,12 @@ class Qwen3ForCausalLM(nn.Module):
                  ops.rope_cos_sin_cache(cfg.head_dim, self.max_positions, cfg.rope_theta,
                                         cfg.rope_scaling).to(device))
         self.register_buffer("cos_sin_cache", cache, persistent=False)
+
+    def finalize_weights(self) -> None:
+        """Once, after loading: put quantised weights into the layout their kernels consume."""
+        for m in self.modules():
+            if m is not self and hasattr(m, "finalize"):
+                m.finalize()
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:

@@ -15,17 +15,18 @@ from .norm import RMSNorm
 
 
 class Qwen3DecoderLayer(nn.Module):
-    def __init__(self, cfg: Qwen3Config, layer: int, ctx: ParallelContext, *, device=None):
+    def __init__(self, cfg: Qwen3Config, layer: int, ctx: ParallelContext, *, device=None, quant=None):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=cfg.dtype, device=device)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=cfg.dtype,
                                                 device=device)
-        self.self_attn = Qwen3Attention(cfg, ctx, device=device)
+        p = f"layers.{layer}."
+        self.self_attn = Qwen3Attention(cfg, ctx, device=device, quant=quant, prefix=p + "self_attn.")
         if cfg.is_moe_layer(layer):
-            self.mlp = Qwen3SparseMoeBlock(cfg, ctx, device=device)
+            self.mlp = Qwen3SparseMoeBlock(cfg, ctx, device=device, quant=quant, prefix=p + "mlp.")
         else:
             self.mlp = Qwen3MLP(cfg.hidden_size, cfg.intermediate_size, ctx, dtype=cfg.dtype,
-                                device=device)
+                                device=device, quant=quant, prefix=p + "mlp.")
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
                 meta: AttentionMetadata, kv_cache, cos_sin_cache: torch.Tensor):

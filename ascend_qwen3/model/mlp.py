@@ -12,11 +12,14 @@ from ..parallel.layers import ColumnParallelLinear, RowParallelLinear, divide
 
 class Qwen3MLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, ctx: ParallelContext, *, dtype,
-                 device=None):
+                 device=None, quant=None, prefix: str = ""):
         super().__init__()
         local = divide(intermediate_size, ctx.tp_size, "intermediate_size")
-        self.gate_up_proj = ColumnParallelLinear(hidden_size, 2 * local, ctx, dtype=dtype, device=device)
-        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, ctx, dtype=dtype, device=device)
+        scheme = quant.scheme if quant is not None else (lambda module: None)
+        self.gate_up_proj = ColumnParallelLinear(hidden_size, 2 * local, ctx, dtype=dtype, device=device,
+                                                 scheme=scheme(prefix + "gate_up_proj"))
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, ctx, dtype=dtype, device=device,
+                                           scheme=scheme(prefix + "down_proj"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(ops.swiglu(self.gate_up_proj(x)))

@@ -25,26 +25,43 @@ def divide(total: int, parts: int, what: str) -> int:
 
 
 class LinearBase(nn.Module):
-    """A float linear y = x @ W^T, W [out_local, in_local] in checkpoint orientation.
+    """A linear y = x @ W^T, W [out_local, in_local] in checkpoint orientation.
 
-    ``forward`` goes through ``self.method`` so quantised variants can replace the compute while the
-    layer keeps its parallel role (column: outputs split; row: inputs split, outputs all-reduced).
+    ``scheme`` None is a float linear; ``W8A8`` / ``W8A8_DYNAMIC`` make it an int8 linear
+    (``ascend_qwen3.quant.layers``) with the same parallel role (column: outputs split; row:
+    inputs split, outputs all-reduced). ``finalize()`` runs once after the weights are loaded.
     """
 
-    def __init__(self, in_local: int, out_local: int, *, dtype, device=None):
+    def __init__(self, in_local: int, out_local: int, *, dtype, device=None, scheme: str | None = None,
+                 with_quant_bias: bool = True):
         super().__init__()
         self.in_local, self.out_local = in_local, out_local
-        self.weight = empty_param(out_local, in_local, dtype=dtype, device=device)
+        self.scheme = scheme
+        if scheme is None:
+            self.weight = empty_param(out_local, in_local, dtype=dtype, device=device)
+        else:
+            from ..quant.layers import create_linear
+            create_linear(self, scheme, out_local, in_local, with_quant_bias=with_quant_bias,
+                          device=device)
+
+    def finalize(self) -> None:
+        if self.scheme is not None:
+            from ..quant.layers import finalize_linear
+            finalize_linear(self, self.scheme)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        if self.scheme is None:
+            return F.linear(x, self.weight)
+        from ..quant.layers import apply_linear
+        return apply_linear(self, self.scheme, x)
 
 
 class ColumnParallelLinear(LinearBase):
     """Output features split over ranks; the result stays split (no communication)."""
 
-    def __init__(self, in_features: int, out_local: int, ctx: ParallelContext, *, dtype, device=None):
-        super().__init__(in_features, out_local, dtype=dtype, device=device)
+    def __init__(self, in_features: int, out_local: int, ctx: ParallelContext, *, dtype, device=None,
+                 scheme: str | None = None):
+        super().__init__(in_features, out_local, dtype=dtype, device=device, scheme=scheme)
         self.ctx = ctx
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -55,9 +72,10 @@ class RowParallelLinear(LinearBase):
     """Input features split over ranks; partial outputs summed with an all-reduce."""
 
     def __init__(self, in_features: int, out_features: int, ctx: ParallelContext, *, dtype,
-                 device=None, reduce: bool = True):
+                 device=None, reduce: bool = True, scheme: str | None = None):
+        # a static W8A8 quant_bias is added once: on rank 0, before the all-reduce
         super().__init__(divide(in_features, ctx.tp_size, "input features"), out_features,
-                         dtype=dtype, device=device)
+                         dtype=dtype, device=device, scheme=scheme, with_quant_bias=ctx.tp_rank == 0)
         self.ctx, self.reduce = ctx, reduce
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,12 @@ class Assignment:
     src: tuple[slice, ...]         # slice of the checkpoint tensor read by this rank
     dst: tuple                     # index into the parameter
     transpose: bool = False
+    # safetensors dtypes the tensor may be stored in (float weights by default)
+    dtypes: tuple[str, ...] = ("F32", "BF16", "F16")
+    # several checkpoint tensors fill the same value (a fused module's input_scale): all must agree
+    shared: bool = False
+    # the slice is reshaped to the destination ([n, 1] scales into [n] rows of a grouped layout)
+    reshape: bool = False
 
     @property
     def numel(self) -> int:
@@ -103,8 +109,21 @@ def _rows(start, n):
 ALL = slice(None)
 
 
-def rank_plan(cfg: Qwen3Config, tp: int = 1, rank: int = 0, ep: bool = False) -> list[Assignment]:
-    """Every checkpoint tensor this rank reads, with source and destination slices."""
+def rank_plan(cfg: Qwen3Config, tp: int = 1, rank: int = 0, ep: bool = False,
+              quant=None) -> list[Assignment]:
+    """Every checkpoint tensor this rank reads, with source and destination slices.
+
+    ``quant`` (a ``QuantConfig``) adds the tensors of W8A8 / W8A8_DYNAMIC modules, sliced like
+    their weights (``ascend_qwen3.quant.plan``).
+    """
+    plan = _float_plan(cfg, tp, rank, ep)
+    if quant is not None:
+        from ..quant.plan import expand_plan
+        plan = expand_plan(plan, cfg, quant, tp, rank)
+    return plan
+
+
+def _float_plan(cfg: Qwen3Config, tp: int, rank: int, ep: bool) -> list[Assignment]:
     check_parallel(cfg, tp, ep)
     if not 0 <= rank < tp:
         raise ShardingError(f"rank {rank} is outside tp={tp}")
@@ -168,10 +187,10 @@ def rank_plan(cfg: Qwen3Config, tp: int = 1, rank: int = 0, ep: bool = False) ->
     return plan
 
 
-def shard_plan(cfg: Qwen3Config, tp: int = 1, ep: bool = False) -> list[list[Assignment]]:
+def shard_plan(cfg: Qwen3Config, tp: int = 1, ep: bool = False, quant=None) -> list[list[Assignment]]:
     """The plan of every rank, rank order."""
     check_parallel(cfg, tp, ep)
-    return [rank_plan(cfg, tp, r, ep) for r in range(tp)]
+    return [rank_plan(cfg, tp, r, ep, quant) for r in range(tp)]
 
 
 def parameter_counts(cfg: Qwen3Config) -> tuple[int, int]:

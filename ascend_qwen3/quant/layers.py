@@ -1,0 +1,90 @@
+"""int8 compute for W8A8 / W8A8_DYNAMIC linears and W8A8_DYNAMIC MoE experts, on ``ops``.
+
+Parameters are created in checkpoint orientation (what the loader fills); ``finalize`` then
+builds what the kernels consume (the int8 weight transposed to [K, N] and put into the
+backend's layout, fp32 scale vectors) and drops the loading copies. The maths (FACTS.md §4):
+
+* W8A8 (static): xq = clamp(round(x / input_scale + input_offset)); y = (xq @ Wq^T + quant_bias)
+  * deq_scale. ``quant_bias`` folds the zero point (and any float bias); a row-parallel layer adds
+  it on TP rank 0 only.
+* W8A8_DYNAMIC: per-token symmetric xq, scale_x = rowmax|x| / 127; y = acc * weight_scale * scale_x.
+* experts: routing fused with the dynamic quant, two grouped int8 GEMMs, SwiGLU and a second
+  dynamic quant between them.
+
+Every product is int8 x int8 with int32 accumulation (``ops.quant_matmul`` /
+``ops.grouped_quant_matmul``); nothing is dequantised to float before the matmul.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import ops
+from .format import W8A8, W8A8_DYNAMIC
+
+
+def _param(*shape, dtype, device=None) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
+
+
+def create_linear(layer: nn.Module, scheme: str, out_local: int, in_local: int, *,
+                  with_quant_bias: bool, device=None) -> None:
+    """Register the checkpoint-orientation parameters of a quantised linear on ``layer``."""
+    if scheme not in (W8A8, W8A8_DYNAMIC):
+        raise ValueError(f"unknown linear quantisation {scheme!r}")
+    layer.weight = _param(out_local, in_local, dtype=torch.int8, device=device)
+    if scheme == W8A8_DYNAMIC:
+        layer.weight_scale = _param(out_local, 1, dtype=torch.float32, device=device)
+        layer.weight_offset = _param(out_local, 1, dtype=torch.float32, device=device)
+    else:  # static: deq_scale = input_scale * weight_scale is what the matmul uses
+        layer.input_scale = _param(1, dtype=torch.float32, device=device)
+        layer.input_offset = _param(1, dtype=torch.float32, device=device)
+        layer.deq_scale = _param(out_local, dtype=torch.float32, device=device)
+        if with_quant_bias:
+            layer.quant_bias = _param(out_local, dtype=torch.int32, device=device)
+
+
+def finalize_linear(layer: nn.Module, scheme: str) -> None:
+    """After loading: int8 weight -> [K, N] in the backend layout; one fp32 scale vector [N]."""
+    qweight = ops.prepare_weight(layer.weight.data.t().contiguous())
+    scale = (layer.deq_scale.data if scheme == W8A8 else layer.weight_scale.data.reshape(-1))
+    del layer.weight
+    layer.register_buffer("qweight", qweight, persistent=False)
+    layer.register_buffer("qscale", scale.float().contiguous(), persistent=False)
+
+
+def apply_linear(layer: nn.Module, scheme: str, x: torch.Tensor) -> torch.Tensor:
+    """y = x @ W^T of a quantised linear, x [T, in_local] in the model dtype."""
+    if scheme == W8A8:
+        xq = ops.static_quant(x, layer.input_scale, layer.input_offset)
+        return ops.quant_matmul(xq, layer.qweight, layer.qscale, None,
+                                getattr(layer, "quant_bias", None), output_dtype=x.dtype)
+    xq, token_scale = ops.dynamic_quant(x)
+    return ops.quant_matmul(xq, layer.qweight, layer.qscale, token_scale, None, output_dtype=x.dtype)
+
+
+def create_experts(experts: nn.Module, count: int, hidden: int, inter: int, *, device=None) -> None:
+    """W8A8_DYNAMIC expert weights in grouped layout: int8 w13 [E, H, 2I], w2 [E, I, H] and
+    per-channel scales/offsets [E, 2I] and [E, H]."""
+    experts.w13 = _param(count, hidden, 2 * inter, dtype=torch.int8, device=device)
+    experts.w2 = _param(count, inter, hidden, dtype=torch.int8, device=device)
+    experts.w13_scale = _param(count, 2 * inter, dtype=torch.float32, device=device)
+    experts.w2_scale = _param(count, hidden, dtype=torch.float32, device=device)
+    experts.w13_offset = _param(count, 2 * inter, dtype=torch.float32, device=device)
+    experts.w2_offset = _param(count, hidden, dtype=torch.float32, device=device)
+
+
+def finalize_experts(experts: nn.Module) -> None:
+    experts.w13.data = ops.prepare_weight(experts.w13.data.contiguous())
+    experts.w2.data = ops.prepare_weight(experts.w2.data.contiguous())
+
+
+def apply_experts(experts: nn.Module, xq: torch.Tensor, token_scale: torch.Tensor,
+                  counts: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """Expert FFN on rows already routed and quantised (``ops.moe_route_quant``)."""
+    h = ops.grouped_quant_matmul(xq, experts.w13, experts.w13_scale, token_scale, counts,
+                                 output_dtype=out_dtype)
+    aq, a_scale = ops.dynamic_quant(ops.swiglu(h))
+    return ops.grouped_quant_matmul(aq, experts.w2, experts.w2_scale, a_scale, counts,
+                                    output_dtype=out_dtype)

@@ -15,6 +15,8 @@ setup(
         "pyyaml>=6",
         "tqdm>=4.60",
         "numpy",
+        # the real Qwen3 vocabulary (for the embedded default model's tokenizer)
+        "quicktok-v1>=0.4",
     ],
     extras_require={
         "test": ["pytest>=8"],

@@ -265,7 +265,7 @@ def _quantize_linear(name: str, w: torch.Tensor, kind: str, dtype: torch.dtype,
 # the whole checkpoint
 # ------------------------------------------------------------------------------------------------
 
-def _read(files: dict[str, str], names: list[str]) -> dict[str, torch.Tensor]:
+def _read(files: dict[str, str], names: list[str], dtype=torch.float32) -> dict[str, torch.Tensor]:
     from safetensors import safe_open
 
     out, by_file = {}, {}
@@ -274,7 +274,7 @@ def _read(files: dict[str, str], names: list[str]) -> dict[str, torch.Tensor]:
     for path, ns in by_file.items():
         with safe_open(path, "pt") as f:
             for n in ns:
-                out[n] = f.get_tensor(n).float()
+                out[n] = f.get_tensor(n).to(dtype)
     return out
 
 
@@ -377,16 +377,16 @@ def _quantize_into(work: str, model_dir: str, cfg: Qwen3Config, files: dict, kin
     top = ["model.embed_tokens.weight", "model.norm.weight"]
     if not cfg.tie_word_embeddings:
         top.append("lm_head.weight")
-    T = _read(files, top)
-    h = torch.nn.functional.embedding(ids, T["model.embed_tokens.weight"])
+    # read in the model dtype (the embedding is the largest tensor of small models: no fp32 copy)
+    out = {n: t.contiguous() for n, t in _read(files, top, dtype).items()}
+    h = torch.nn.functional.embedding(ids, out["model.embed_tokens.weight"]).float()
     residual = None
-    out = {n: t.to(dtype).contiguous() for n, t in T.items()}
     for n, t in out.items():
         weight_map[n], description[n] = shard(0), FLOAT
         bytes_in += t.numel() * t.element_size()
         bytes_out += t.numel() * t.element_size()
     save_file(out, os.path.join(work, shard(0)), metadata={"format": "pt"})
-    del T, out
+    del out
 
     groups = {g.module: g for g in quant_groups(cfg)}
     bar = tqdm(range(cfg.num_layers), desc=f"quantize {kind}", unit="layer", disable=not progress)

@@ -15,8 +15,6 @@ import time
 
 
 def _run(args: argparse.Namespace) -> int:
-    import torch
-
     import ops
     from .loader import load_model
     from .model.generate import SamplingParams, generate

@@ -18,7 +18,7 @@ from contextlib import ExitStack
 import torch
 from safetensors import safe_open
 
-from .config import ConfigError, Qwen3Config, parse_dtype
+from .config import Qwen3Config, parse_dtype
 from .parallel import SINGLE, ParallelContext
 from .parallel.plan import check_parallel, rank_plan
 

@@ -85,7 +85,7 @@ class QuantGroup:
 
 def quant_groups(cfg: Qwen3Config) -> list[QuantGroup]:
     """Every group of linears the description may quantise, in checkpoint order."""
-    H, D = cfg.hidden_size, cfg.head_dim
+    H = cfg.hidden_size
     groups = []
     for i in range(cfg.num_layers):
         c, p = f"model.layers.{i}.", f"layers.{i}."

@@ -73,16 +73,24 @@ def tensor(op: str, name: str, value: Any, *, dtypes: Sequence[torch.dtype] | No
     return value
 
 
+def _sequence_arg(op: str, name: str, value: Any, optional: bool, what: str) -> bool:
+    """False for an allowed None; raises for a missing required value or a non-list (a bare
+    Tensor included, as the real bindings do); True for a list or tuple to check further."""
+    if value is None:
+        if optional:
+            return False
+        fail(op, f"argument '{name}' is required, got None")
+    if isinstance(value, torch.Tensor) or not isinstance(value, (list, tuple)):
+        raise TypeError(f"torch_npu.{op}(): argument '{name}' must be {what}, not "
+                        f"{type(value).__name__}")
+    return True
+
+
 def tensor_list(op: str, name: str, value: Any, *, optional: bool = False,
                 max_len: int = 128) -> list[torch.Tensor] | None:
     """A ``List[Tensor]`` argument: a bare Tensor is a TypeError, as in the real binding."""
-    if value is None:
-        if optional:
-            return None
-        fail(op, f"argument '{name}' is required, got None")
-    if isinstance(value, torch.Tensor) or not isinstance(value, (list, tuple)):
-        raise TypeError(f"torch_npu.{op}(): argument '{name}' must be a list of Tensors "
-                        f"(List[Tensor]), not {type(value).__name__}")
+    if not _sequence_arg(op, name, value, optional, "a list of Tensors (List[Tensor])"):
+        return None
     if not 1 <= len(value) <= max_len:
         fail(op, f"'{name}' must hold 1..{max_len} tensors, got {len(value)}")
     for i, t in enumerate(value):
@@ -94,13 +102,8 @@ def tensor_list(op: str, name: str, value: Any, *, optional: bool = False,
 
 def int_list(op: str, name: str, value: Any, *, optional: bool = False) -> list[int] | None:
     """An ``int[]`` / ``SymInt[]`` argument: Python ints only (a Tensor is a TypeError)."""
-    if value is None:
-        if optional:
-            return None
-        fail(op, f"argument '{name}' is required, got None")
-    if isinstance(value, torch.Tensor) or not isinstance(value, (list, tuple)):
-        raise TypeError(f"torch_npu.{op}(): argument '{name}' must be a list of ints "
-                        f"(int[]), not {type(value).__name__}")
+    if not _sequence_arg(op, name, value, optional, "a list of ints (int[])"):
+        return None
     out = []
     for v in value:
         if isinstance(v, bool) or not isinstance(v, int):

@@ -11,6 +11,8 @@ kernels (not the CPU reference) produced the result.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -42,6 +44,18 @@ QUANT_KERNELS = {"w8a8": ["npu_quantize", "npu_quant_matmul"],
                                   "npu_moe_init_routing_v2"]}
 
 
+@contextlib.contextmanager
+def npu_backend():
+    """``ops`` dispatching to ops.npu bound to the emulator, for the duration of the block."""
+    with npu_emulator.installed() as emu:
+        saved = ops._backend
+        ops._backend = emu.npu_ops
+        try:
+            yield emu
+        finally:
+            ops._backend = saved
+
+
 def _logits(path, chunk=None):
     model, _ = load_model(path, dtype="bfloat16")
     return ours_prefill_logits(model, PROMPTS, block_size=128, max_batch_tokens=chunk)
@@ -50,13 +64,8 @@ def _logits(path, chunk=None):
 def _compare(path, name, chunk, expected_kernels):
     ops.select_backend("cpu")
     ref = _logits(path, chunk)
-    with npu_emulator.installed() as emu:
-        saved = ops._backend
-        ops._backend = emu.npu_ops
-        try:
-            got = _logits(path, chunk)
-        finally:
-            ops._backend = saved
+    with npu_backend() as emu:
+        got = _logits(path, chunk)
         ran = {k for k in expected_kernels if emu.calls.count(k) > 0}
     missing = sorted(k for k in expected_kernels if k not in ran)
     assert not missing, f"NPU kernels that never ran: {missing}"
@@ -96,13 +105,8 @@ def test_w8a8_graph_on_emulated_npu_matches_cpu(quantized, case):
     model, _ = load_model(path, dtype="float32")
     truth = ours_prefill_logits(model, PROMPTS, block_size=128)
     cpu_bf16 = _logits(path)
-    with npu_emulator.installed() as emu:
-        saved = ops._backend
-        ops._backend = emu.npu_ops
-        try:
-            npu_bf16 = _logits(path)
-        finally:
-            ops._backend = saved
+    with npu_backend() as emu:
+        npu_bf16 = _logits(path)
         missing = [k for k in KERNELS + QUANT_KERNELS[scheme] if emu.calls.count(k) == 0]
     assert not missing, f"NPU kernels that never ran: {missing}"
     for p, n, c, t in zip(PROMPTS, npu_bf16, cpu_bf16, truth):

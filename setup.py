@@ -25,5 +25,9 @@ setup(
         # on an Atlas machine torch_npu comes with the vllm-ascend image
         "npu": ["torch-npu"],
     },
-    entry_points={"console_scripts": ["ascend-qwen3=ascend_qwen3.cli:main"]},
+    entry_points={
+        "console_scripts": ["ascend-qwen3=ascend_qwen3.cli:main"],
+        # vLLM calls this in every process it starts; it registers the project's model classes
+        "vllm.general_plugins": ["ascend_qwen3 = ascend_qwen3.vllm_plugin:register"],
+    },
 )

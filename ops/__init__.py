@@ -83,8 +83,29 @@ def backend_name() -> str:
     return backend().NAME
 
 
+# ``ASCEND_QWEN3_OPS_LOG=<dir>``: every process appends one line per op to ``<dir>/ops-<pid>.log``
+# the first time it calls it ("<backend> <op>"). Serving engines run the model in worker
+# processes; this file is how a test (or a user) sees which ops actually ran there.
+LOG_ENV_VAR = "ASCEND_QWEN3_OPS_LOG"
+_logged: set[str] = set()
+
+
+def record(name: str) -> None:
+    """Note (once per process) that ``name`` ran, if ASCEND_QWEN3_OPS_LOG is set."""
+    if name in _logged:
+        return
+    _logged.add(name)
+    where = os.environ.get(LOG_ENV_VAR)
+    if where:
+        os.makedirs(where, exist_ok=True)
+        with open(os.path.join(where, f"ops-{os.getpid()}.log"), "a") as f:
+            f.write(f"{backend_name()} {name}\n")
+
+
 def _forward(op: str):
     def call(*args, **kwargs):
+        if op not in _logged:
+            record(op)
         return getattr(backend(), op)(*args, **kwargs)
     call.__name__ = op
     call.__qualname__ = op
@@ -98,4 +119,4 @@ for _op in OPS:
 del _op
 
 __all__ = list(OPS) + ["select_backend", "backend", "backend_name", "rope_cos_sin_cache",
-                       "rope_inv_freq", "ENV_VAR"]
+                       "rope_inv_freq", "record", "ENV_VAR", "LOG_ENV_VAR"]

@@ -98,7 +98,7 @@ def write_kv_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tens
                    value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """Scatter this step's keys/values into the paged cache, in place.
 
-    key, value: [T, Hkv, D]; key_cache, value_cache: [NB, BS, Hkv, D] (same dtype as key);
+    key, value: [T, Hkv, D]; key_cache, value_cache: [NB, BS, Hkv, D] (any strides);
     slot_mapping: [T] int (int32 or int64). Token t goes to block ``slot // BS`` at offset
     ``slot % BS``; a slot of -1 means "do not write" (padding tokens).
     """
@@ -108,8 +108,11 @@ def write_kv_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tens
     slots = slots[keep]
     if slots.numel() and int(slots.max()) >= nb * bs:
         raise ValueError(f"slot {int(slots.max())} is outside the cache of {nb} blocks x {bs}")
-    key_cache.view(nb * bs, *key_cache.shape[2:])[slots] = key[keep].to(key_cache.dtype)
-    value_cache.view(nb * bs, *value_cache.shape[2:])[slots] = value[keep].to(value_cache.dtype)
+    # (block, offset) indexing works on any strided view of a cache, e.g. a page layout that
+    # stores K transposed (vLLM's CPU cache, see ascend_qwen3.vllm_plugin.compat)
+    block, offset = slots // bs, slots % bs
+    key_cache[block, offset] = key[keep].to(key_cache.dtype)
+    value_cache[block, offset] = value[keep].to(value_cache.dtype)
 
 
 def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,

@@ -1,4 +1,10 @@
-"""Qwen3 self-attention: fused QKV, QK-Norm, RoPE, paged KV cache, GQA."""
+"""Qwen3 self-attention: fused QKV, QK-Norm, RoPE, paged KV cache, GQA.
+
+The attention proper (cache write + paged attention) is a replaceable core: ``PagedAttention``
+runs ``ops`` on a cache the caller passes in (the standalone runner); a serving engine supplies
+its own core through ``attention=`` (the vLLM plugin's core reads vLLM's cache and metadata).
+A core is ``core(q [T,H,D], k [T,Hkv,D], v [T,Hkv,D], meta, kv_cache) -> [T,H,D]``.
+"""
 
 from __future__ import annotations
 
@@ -13,9 +19,26 @@ from ..parallel.plan import local_heads
 from .metadata import AttentionMetadata
 
 
+class PagedAttention(nn.Module):
+    """Write this step's K/V into the caller's (key_cache, value_cache) and attend over it."""
+
+    def __init__(self, scale: float):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
+                kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        key_cache, value_cache = kv_cache
+        ops.write_kv_cache(k, v, key_cache, value_cache, meta.slot_mapping)
+        return ops.paged_attention(q, key_cache, value_cache, meta.block_tables, meta.query_start_loc,
+                                   meta.seq_lens, self.scale)
+
+
 class Qwen3Attention(nn.Module):
     def __init__(self, cfg: Qwen3Config, ctx: ParallelContext, *, device=None, quant=None,
-                 prefix: str = ""):
+                 prefix: str = "", attention=None, layer: int = 0):
+        """``attention``: None for ``PagedAttention``, or a factory
+        ``attention(layer, num_heads, num_kv_heads, head_dim, scale) -> core`` (per-rank heads)."""
         super().__init__()
         self.head_dim = cfg.head_dim
         self.num_heads, self.num_kv_heads = local_heads(cfg, ctx.tp_size)
@@ -31,17 +54,16 @@ class Qwen3Attention(nn.Module):
                                         dtype=cfg.dtype, device=device, scheme=scheme(prefix + "o_proj"))
         self.q_norm = empty_param(cfg.head_dim, dtype=cfg.dtype, device=device)
         self.k_norm = empty_param(cfg.head_dim, dtype=cfg.dtype, device=device)
+        self.attn = (PagedAttention(self.scale) if attention is None else
+                     attention(layer, self.num_heads, self.num_kv_heads, self.head_dim, self.scale))
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                kv_cache: tuple[torch.Tensor, torch.Tensor], cos_sin_cache: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata | None,
+                kv_cache, cos_sin_cache: torch.Tensor) -> torch.Tensor:
         T = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = ops.head_rms_norm(q.reshape(T, self.num_heads, self.head_dim), self.q_norm, self.eps)
         k = ops.head_rms_norm(k.reshape(T, self.num_kv_heads, self.head_dim), self.k_norm, self.eps)
         q, k = ops.rotary_embedding(q, k, positions, cos_sin_cache)
         v = v.reshape(T, self.num_kv_heads, self.head_dim)
-        key_cache, value_cache = kv_cache
-        ops.write_kv_cache(k, v, key_cache, value_cache, meta.slot_mapping)
-        out = ops.paged_attention(q, key_cache, value_cache, meta.block_tables, meta.query_start_loc,
-                                  meta.seq_lens, self.scale)
+        out = self.attn(q, k, v, meta, kv_cache)
         return self.o_proj(out.reshape(T, self.q_size))

@@ -22,14 +22,17 @@ from .norm import RMSNorm
 
 class Qwen3ForCausalLM(nn.Module):
     def __init__(self, cfg: Qwen3Config, ctx: ParallelContext = SINGLE, *, device=None,
-                 max_positions: int | None = None, quant=None):
-        """``quant``: a ``QuantConfig`` (W8A8 checkpoint) or None (float)."""
+                 max_positions: int | None = None, quant=None, attention=None):
+        """``quant``: a ``QuantConfig`` (W8A8 checkpoint) or None (float). ``attention``: None
+        (standalone paged attention on caches passed to ``forward``) or a core factory, see
+        ``model.attention.Qwen3Attention``."""
         super().__init__()
         check_parallel(cfg, ctx.tp_size, ctx.ep)  # fail before allocating anything
         self.config, self.ctx, self.quant = cfg, ctx, quant
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, ctx, dtype=cfg.dtype,
                                                    device=device)
-        self.layers = nn.ModuleList(Qwen3DecoderLayer(cfg, i, ctx, device=device, quant=quant)
+        self.layers = nn.ModuleList(Qwen3DecoderLayer(cfg, i, ctx, device=device, quant=quant,
+                                                      attention=attention)
                                     for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=cfg.dtype, device=device)
         self.lm_head = ParallelLMHead(self.embed_tokens, ctx, tied=cfg.tie_word_embeddings,
@@ -47,18 +50,26 @@ class Qwen3ForCausalLM(nn.Module):
             if m is not self and hasattr(m, "finalize"):
                 m.finalize()
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """input_ids, positions: [T]; kv_caches: one (key_cache, value_cache) per layer.
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                meta: AttentionMetadata | None = None,
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids, positions: [T]; kv_caches: one (key_cache, value_cache) per layer, or None
+        when the attention cores own their caches (a serving engine's; then meta is None too).
 
         Returns the final hidden states [T, hidden] (normed).
         """
-        if len(kv_caches) != len(self.layers):
-            raise ValueError(f"got {len(kv_caches)} KV caches for {len(self.layers)} layers")
-        if positions.numel() and int(positions.max()) >= self.max_positions:
-            raise ValueError(f"position {int(positions.max())} exceeds the model's rotary table of "
-                             f"{self.max_positions} positions (max_position_embeddings)")
-        h, residual = self.embed_tokens(input_ids), None
+        if kv_caches is None:
+            kv_caches = [None] * len(self.layers)
+        else:
+            if len(kv_caches) != len(self.layers):
+                raise ValueError(f"got {len(kv_caches)} KV caches for {len(self.layers)} layers")
+            # (an engine bounds positions by its max_model_len; this check costs a host sync)
+            if positions.numel() and int(positions.max()) >= self.max_positions:
+                raise ValueError(f"position {int(positions.max())} exceeds the model's rotary table of "
+                                 f"{self.max_positions} positions (max_position_embeddings)")
+        h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        residual = None
         for layer, kv in zip(self.layers, kv_caches):
             h, residual = layer(h, residual, positions, meta, kv, self.cos_sin_cache)
         h, _ = self.norm(h, residual)

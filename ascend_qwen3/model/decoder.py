@@ -15,13 +15,15 @@ from .norm import RMSNorm
 
 
 class Qwen3DecoderLayer(nn.Module):
-    def __init__(self, cfg: Qwen3Config, layer: int, ctx: ParallelContext, *, device=None, quant=None):
+    def __init__(self, cfg: Qwen3Config, layer: int, ctx: ParallelContext, *, device=None, quant=None,
+                 attention=None):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=cfg.dtype, device=device)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=cfg.dtype,
                                                 device=device)
         p = f"layers.{layer}."
-        self.self_attn = Qwen3Attention(cfg, ctx, device=device, quant=quant, prefix=p + "self_attn.")
+        self.self_attn = Qwen3Attention(cfg, ctx, device=device, quant=quant, prefix=p + "self_attn.",
+                                        attention=attention, layer=layer)
         if cfg.is_moe_layer(layer):
             self.mlp = Qwen3SparseMoeBlock(cfg, ctx, device=device, quant=quant, prefix=p + "mlp.")
         else:

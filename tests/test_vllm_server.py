@@ -1,0 +1,313 @@
+"""The live server: ``make serve`` on loopback, driven with the official ``openai`` client.
+
+The server is started exactly as a user starts it (``make serve``, the embedded default model:
+random weights, the real Qwen3 tokenizer, the project's chat template), plus a test-only logits
+processor (``tests/forced_tokens.py``) that lets a request dictate the first tokens the model
+generates: that is how the tests make the random model emit a tool call or a natural
+``</think>``, which only a trained model would do by itself.
+
+Behaviour that is vLLM's and not what Qwen3 users expect is pinned with strict xfails (they
+start failing, and must be revisited, when vLLM changes); see docs/serving.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from ascend_qwen3.deploy.launcher import THINKING_TRANSITION
+from tests.vllm_support import ROOT, ops_seen, require_vllm
+
+pytestmark = pytest.mark.vllm
+
+MODEL = "qwen3-tiny-random"
+MAX_MODEL_LEN = 1024
+USER = [{"role": "user", "content": "What is 2 + 2?"}]
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather of a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"]}}}]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """Start ``make serve`` (PORT free, the default model built under a temporary home)."""
+    require_vllm()
+    work = tmp_path_factory.mktemp("serve")
+    port = _free_port()
+    venv = os.path.dirname(os.path.dirname(sys.executable))
+    env = dict(os.environ, ASCEND_QWEN3_HOME=str(work / "home"), PYTHONPATH=ROOT,
+               ASCEND_QWEN3_OPS_LOG=str(work / "ops"), VLLM_CPU_KVCACHE_SPACE="1")
+    args = (f"-- --max-model-len {MAX_MODEL_LEN} --enforce-eager "
+            f"--logits-processors tests.forced_tokens:ForcedTokens")
+    log = open(work / "server.log", "w")
+    proc = subprocess.Popen(["make", "-s", "serve", f"VENV={venv}", f"PORT={port}",
+                             f"SERVE_ARGS={args}"], cwd=ROOT, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 600
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            raise AssertionError(f"make serve did not come up (exit {proc.poll()}); log:\n"
+                                 + (work / "server.log").read_text()[-5000:])
+        time.sleep(1)
+    from openai import OpenAI
+    from transformers import AutoTokenizer
+
+    client = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    tok = AutoTokenizer.from_pretrained(str(work / "home" / "default-model"))
+    yield {"client": client, "url": url, "tok": tok, "work": work, "proc": proc}
+    os.killpg(proc.pid, 15)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+    log.close()
+
+
+def forced(tok, text: str, end: bool = True) -> dict:
+    """vllm_xargs that make the model's first tokens spell ``text`` (then <|im_end|>)."""
+    ids = tok.encode(text, add_special_tokens=False) + ([tok.convert_tokens_to_ids("<|im_end|>")]
+                                                        if end else [])
+    return {"forced_token_ids": ",".join(map(str, ids))}
+
+
+def reasoning_of(message) -> str | None:
+    # vLLM 0.32 names the field `reasoning` (0.23: `reasoning_content`)
+    return getattr(message, "reasoning", None) or getattr(message, "reasoning_content", None)
+
+
+def chat(server, **kw):
+    kw.setdefault("model", MODEL)
+    kw.setdefault("messages", USER)
+    kw.setdefault("temperature", 0)
+    return server["client"].chat.completions.create(**kw)
+
+
+# --- the endpoints -------------------------------------------------------------------------------
+
+def test_models_lists_the_default(server):
+    ids = [m.id for m in server["client"].models.list().data]
+    assert ids == [MODEL]
+
+
+def test_served_by_the_project_graph(server):
+    chat(server, max_tokens=2)
+    ran = set().union(*ops_seen(str(server["work"] / "ops")).values())
+    assert {"paged_attention", "write_kv_cache", "rotary_embedding", "swiglu"} <= ran
+
+
+def test_chat_completion(server):
+    r = chat(server, max_tokens=12, extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    c = r.choices[0]
+    assert c.message.role == "assistant" and c.message.content
+    assert c.finish_reason == "length" and r.usage.completion_tokens == 12
+
+
+def test_chat_completion_streaming(server):
+    stream = chat(server, max_tokens=10, stream=True,
+                  extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    text, finish = "", None
+    for chunk in stream:
+        if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
+            finish = chunk.choices[0].finish_reason or finish
+    assert text and finish == "length"
+    ref = chat(server, max_tokens=10, extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    assert text == ref.choices[0].message.content   # greedy: the same answer either way
+
+
+def test_completions(server):
+    r = server["client"].completions.create(model=MODEL, prompt="The capital of France is",
+                                            max_tokens=8, temperature=0, logprobs=2)
+    c = r.choices[0]
+    assert c.text and len(c.logprobs.tokens) == 8 and c.finish_reason == "length"
+    assert r.usage.prompt_tokens == len(server["tok"].encode("The capital of France is"))
+
+
+# --- thinking ------------------------------------------------------------------------------------
+
+def test_thinking_off_gives_no_reasoning(server):
+    m = chat(server, max_tokens=16, extra_body={"chat_template_kwargs": {"enable_thinking": False}}
+             ).choices[0].message
+    assert not reasoning_of(m) and m.content
+
+
+def test_thinking_on_splits_reasoning_and_content(server):
+    # a natural end of thinking (what a trained model emits), forced into the random model
+    m = chat(server, max_tokens=40,
+             extra_body={"vllm_xargs": forced(server["tok"], "Two plus two is four.\n</think>\n\nIt is 4.")}
+             ).choices[0].message
+    assert reasoning_of(m).strip() == "Two plus two is four."
+    assert m.content.strip() == "It is 4."
+
+
+def test_thinking_on_by_default(server):
+    m = chat(server, max_tokens=16).choices[0].message
+    assert reasoning_of(m) and not m.content     # the random model never closes its thinking
+
+
+def test_no_think_soft_switch_closes_thinking_in_the_prompt(server):
+    """The template honours the last /no_think: the prompt ends with the empty think block
+    (checked on the server's own rendering, /tokenize) and the answer streams as content."""
+    tok = server["tok"]
+
+    def rendered(content):
+        body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": content}],
+                           "add_generation_prompt": True}).encode()
+        req = urllib.request.Request(server["url"] + "/tokenize", body,
+                                     {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req) as r:
+            return tok.decode(json.load(r)["tokens"])
+
+    assert rendered("hi /no_think").endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert rendered("hi /no_think then /think").endswith("<|im_start|>assistant\n<think>\n")
+    assert rendered("hi").endswith("<|im_start|>assistant\n<think>\n")
+    stream = chat(server, max_tokens=8, stream=True,
+                  messages=[{"role": "user", "content": "hi /no_think"}])
+    reasoning, content = "", ""
+    for chunk in stream:
+        if chunk.choices:
+            reasoning += reasoning_of(chunk.choices[0].delta) or ""
+            content += chunk.choices[0].delta.content or ""
+    assert content and not reasoning
+
+
+@pytest.mark.xfail(strict=True, reason="vLLM 0.32 non-streaming chat ignores a think block the "
+                   "prompt already closed (streaming honours it): the /no_think answer is returned "
+                   "as reasoning; send enable_thinking=false or stream")
+def test_no_think_non_streaming_answer_is_content(server):
+    m = chat(server, max_tokens=8, messages=[{"role": "user", "content": "hi /no_think"}]).choices[0].message
+    assert m.content and not reasoning_of(m)
+
+
+@pytest.mark.parametrize("budget", [1, 4, 12])
+def test_thinking_budget_forces_the_transition(server, budget):
+    r = chat(server, max_tokens=budget + 60, extra_body={"thinking_token_budget": budget,
+                                                        "return_token_ids": True})
+    m, ids = r.choices[0].message, r.choices[0].token_ids
+    tok = server["tok"]
+    end = tok.convert_tokens_to_ids("</think>")
+    phrase = tok.encode(f"\n\n{THINKING_TRANSITION}\n", add_special_tokens=False)
+    cut = ids.index(end)
+    thought = ids[:cut - len(phrase)]
+    assert ids[cut - len(phrase):cut] == phrase, "the transition phrase must come right before </think>"
+    # the template's "<think>\n" counts as the first thinking token (vLLM counts from <think>)
+    assert len(thought) <= budget
+    assert reasoning_of(m).rstrip().endswith(THINKING_TRANSITION)
+    assert m.content                                   # the answer follows </think>
+    assert THINKING_TRANSITION not in m.content
+
+
+def test_thinking_budget_streaming(server):
+    stream = chat(server, max_tokens=40, stream=True, extra_body={"thinking_token_budget": 3})
+    reasoning, content = "", ""
+    for chunk in stream:
+        if chunk.choices:
+            reasoning += reasoning_of(chunk.choices[0].delta) or ""
+            content += chunk.choices[0].delta.content or ""
+    assert reasoning.rstrip().endswith(THINKING_TRANSITION) and content
+
+
+@pytest.mark.xfail(strict=True, reason="vLLM's V1 thinking budget looks for the forced end string "
+                   "in the prompt; an empty think block (<think></think>) is not it, so a budget sent "
+                   "with enable_thinking=false forces the transition phrase into the answer "
+                   "(docs/serving.md)")
+def test_thinking_budget_with_thinking_off_changes_nothing(server):
+    extra = {"chat_template_kwargs": {"enable_thinking": False}}
+    plain = chat(server, max_tokens=30, extra_body=extra).choices[0].message
+    budgeted = chat(server, max_tokens=30, extra_body=dict(extra, thinking_token_budget=2)).choices[0].message
+    assert THINKING_TRANSITION not in (budgeted.content or "")
+    assert budgeted.content == plain.content
+
+
+@pytest.mark.xfail(strict=True, reason="vLLM's V1 thinking budget recognises only the forced end "
+                   "string, not a natural </think>: answer tokens keep counting and get the "
+                   "transition phrase once the budget is spent (docs/serving.md)")
+def test_thinking_budget_after_a_natural_end(server):
+    m = chat(server, max_tokens=40, extra_body={
+        "thinking_token_budget": 8,
+        "vllm_xargs": forced(server["tok"], "Easy.\n</think>\n\nFour", end=False)}).choices[0].message
+    assert reasoning_of(m).strip() == "Easy."
+    assert THINKING_TRANSITION not in (m.content or "")
+
+
+def test_tool_call_is_parsed(server):
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    r = chat(server, max_tokens=60, tools=TOOLS,
+             messages=[{"role": "user", "content": "Weather in Paris?"}],
+             extra_body={"chat_template_kwargs": {"enable_thinking": False},
+                         "vllm_xargs": forced(server["tok"], call)})
+    c = r.choices[0]
+    assert c.finish_reason == "tool_calls"
+    (tc,) = c.message.tool_calls
+    assert tc.function.name == "get_weather" and json.loads(tc.function.arguments) == {"city": "Paris"}
+
+
+def test_tools_reach_the_prompt(server):
+    body = json.dumps({"model": MODEL, "messages": USER, "tools": TOOLS,
+                       "add_generation_prompt": True}).encode()
+    req = urllib.request.Request(server["url"] + "/tokenize", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req) as r:
+        text = server["tok"].decode(json.load(r)["tokens"])
+    assert "<tools>" in text and '"get_weather"' in text and "<tool_call>" in text
+
+
+# --- bad requests --------------------------------------------------------------------------------
+
+def _still_serving(server):
+    assert chat(server, max_tokens=2).choices[0].finish_reason == "length"
+
+
+def test_unknown_model(server):
+    import openai
+    with pytest.raises(openai.NotFoundError) as e:
+        chat(server, model="qwen3-does-not-exist", max_tokens=2)
+    assert "qwen3-does-not-exist" in str(e.value)
+    _still_serving(server)
+
+
+def test_prompt_longer_than_the_context(server):
+    import openai
+    long = " ".join(["word"] * (MAX_MODEL_LEN + 50))
+    with pytest.raises(openai.BadRequestError) as e:
+        chat(server, max_tokens=2, messages=[{"role": "user", "content": long}])
+    assert str(MAX_MODEL_LEN) in str(e.value)
+    _still_serving(server)
+
+
+def test_negative_thinking_budget(server):
+    import openai
+    with pytest.raises(openai.BadRequestError) as e:
+        chat(server, max_tokens=2, extra_body={"thinking_token_budget": -3})
+    assert "thinking_token_budget" in str(e.value)
+    _still_serving(server)
+
+
+@pytest.mark.parametrize("kwargs", ["enable_thinking=false", ["enable_thinking"]])
+def test_malformed_chat_template_kwargs(server, kwargs):
+    import openai
+    with pytest.raises(openai.BadRequestError) as e:
+        chat(server, max_tokens=2, extra_body={"chat_template_kwargs": kwargs})
+    assert "chat_template_kwargs" in str(e.value)
+    _still_serving(server)

@@ -93,7 +93,7 @@ def forced(tok, text: str, end: bool = True) -> dict:
 
 
 def reasoning_of(message) -> str | None:
-    # vLLM 0.32 names the field `reasoning` (0.23: `reasoning_content`)
+    # vLLM 0.23 and 0.32 name the field `reasoning` (it was `reasoning_content` before)
     return getattr(message, "reasoning", None) or getattr(message, "reasoning_content", None)
 
 

@@ -139,9 +139,9 @@ def describe(argv: list[str], env: dict, base_env: dict | None = None) -> str:
     return f"{prefix} {cmd}".strip()
 
 
-def launch(spec: ServeSpec, dry_run: bool = False, out=sys.stdout) -> int:
+def launch(spec: ServeSpec, dry_run: bool = False, out=None) -> int:
     argv, env = build_command(spec)
-    print(describe(argv, env), file=out, flush=True)
+    print(describe(argv, env), file=out or sys.stdout, flush=True)
     if dry_run:
         return 0
     os.execvpe(argv[0], argv, env)

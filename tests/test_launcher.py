@@ -1,0 +1,141 @@
+"""``ascend-qwen3 serve`` / ``tiny``: the vllm serve command, its validation, the default model;
+plugin registration; the KV-cache views against vLLM's own cache writer."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from ascend_qwen3.cli import main
+from ascend_qwen3.deploy.launcher import (REASONING_CONFIG, SAMPLING, THINKING_TRANSITION,
+                                          LaunchError, ServeSpec, build_command)
+
+
+def _flag(argv, name):
+    return argv[argv.index(name) + 1]
+
+
+@pytest.fixture(scope="module")
+def default_model(tmp_path_factory):
+    from ascend_qwen3.serve.default_model import build_default_model
+    return build_default_model(str(tmp_path_factory.mktemp("home") / "default-model"), log=lambda m: None)
+
+
+def test_default_model_is_a_qwen3_with_the_real_tokenizer(default_model):
+    from transformers import AutoTokenizer
+
+    from ascend_qwen3.config import Qwen3Config
+    from ascend_qwen3.serve.default_model import is_built
+
+    cfg = Qwen3Config.from_model_dir(default_model)
+    assert is_built(default_model) and cfg.vocab_size == 151936 and cfg.head_dim == 64
+    tok = AutoTokenizer.from_pretrained(default_model)
+    assert tok.convert_tokens_to_ids(["<|im_end|>", "<think>", "</think>"]) == [151645, 151667, 151668]
+    with open(os.path.join(default_model, "generation_config.json")) as f:
+        gen = json.load(f)
+    assert (gen["temperature"], gen["top_p"], gen["top_k"]) == (0.6, 0.95, 20)
+    assert not os.path.exists(default_model + ".partial")
+
+
+def test_serve_command(default_model):
+    argv, env = build_command(ServeSpec(model=default_model, port=8123), base_env={})
+    assert _flag(argv, "--port") == "8123" and _flag(argv, "--host") == "127.0.0.1"
+    assert json.loads(_flag(argv, "--hf-overrides")) == {"architectures": ["AscendQwen3ForCausalLM"]}
+    assert _flag(argv, "--reasoning-parser") == "qwen3" and _flag(argv, "--tool-call-parser") == "hermes"
+    assert "--enable-auto-tool-choice" in argv
+    rc = json.loads(_flag(argv, "--reasoning-config"))
+    assert rc == REASONING_CONFIG and rc["reasoning_end_str"].strip().startswith(THINKING_TRANSITION)
+    assert rc["reasoning_end_str"].rstrip().endswith("</think>")
+    assert json.loads(_flag(argv, "--override-generation-config")) == SAMPLING["thinking"]
+    assert "--default-chat-template-kwargs" not in argv
+    assert env == {"VLLM_CPU_KVCACHE_SPACE": "4"}
+
+
+def test_serve_command_non_thinking_default_and_tp(default_model):
+    argv, env = build_command(ServeSpec(model=default_model, thinking=False, tp=2), base_env={})
+    assert json.loads(_flag(argv, "--default-chat-template-kwargs")) == {"enable_thinking": False}
+    assert json.loads(_flag(argv, "--override-generation-config")) == SAMPLING["non_thinking"]
+    assert SAMPLING["non_thinking"]["presence_penalty"] == 1.5
+    assert _flag(argv, "--tensor-parallel-size") == "2"
+    assert env["VLLM_CPU_OMP_THREADS_BIND"].count("|") == 1
+
+
+def test_serve_command_moe_expert_parallel(checkpoint):
+    argv, _ = build_command(ServeSpec(model=checkpoint("moe_norm"), tp=2, expert_parallel=True),
+                            base_env={})
+    assert json.loads(_flag(argv, "--hf-overrides")) == {"architectures": ["AscendQwen3MoeForCausalLM"]}
+    assert "--enable-expert-parallel" in argv
+
+
+def test_serve_rejects_bad_input(default_model, tmp_path):
+    with pytest.raises(LaunchError, match="does not exist"):
+        build_command(ServeSpec(model=str(tmp_path / "nope")))
+    with pytest.raises(LaunchError, match=r"tp in \{1, 2, 4\}|use tp"):
+        build_command(ServeSpec(model=default_model, tp=8))     # 4 query heads
+    with pytest.raises(LaunchError, match="device"):
+        build_command(ServeSpec(model=default_model, device="gpu"))
+
+
+def test_cli_serve_dry_run_builds_the_default(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ASCEND_QWEN3_HOME", str(tmp_path))
+    assert main(["serve", "--dry-run", "--port", "9001", "--", "--max-model-len", "2048"]) == 0
+    out = capsys.readouterr().out
+    assert "--served-model-name qwen3-tiny-random" in out and "--port 9001" in out
+    assert out.rstrip().endswith("--max-model-len 2048")
+    assert os.path.isfile(tmp_path / "default-model" / "model.safetensors")
+
+
+def test_cli_serve_errors(tmp_path, capsys):
+    assert main(["serve", "--dry-run", "--model", str(tmp_path)]) == 2
+    assert "config.json" in capsys.readouterr().err
+
+
+def test_plugin_architectures(monkeypatch):
+    from ascend_qwen3.vllm_plugin import TAKE_OVER_ENV, architectures
+
+    monkeypatch.delenv(TAKE_OVER_ENV, raising=False)
+    assert set(architectures()) == {"AscendQwen3ForCausalLM", "AscendQwen3MoeForCausalLM"}
+    monkeypatch.setenv(TAKE_OVER_ENV, "1")
+    archs = architectures()
+    assert archs["Qwen3ForCausalLM"] == archs["AscendQwen3ForCausalLM"]
+    assert archs["Qwen3MoeForCausalLM"].endswith(":AscendQwen3MoeForCausalLM")
+
+
+@pytest.mark.vllm
+def test_plugin_entry_point_registers_with_vllm():
+    from importlib.metadata import entry_points
+
+    from tests.vllm_support import require_vllm
+    require_vllm()
+    (ep,) = [e for e in entry_points(group="vllm.general_plugins") if e.name == "ascend_qwen3"]
+    ep.load()()
+    from vllm import ModelRegistry
+    assert {"AscendQwen3ForCausalLM", "AscendQwen3MoeForCausalLM"} <= set(ModelRegistry.get_supported_archs())
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kv_views_match_vllm_cpu_cache_layout(dtype):
+    """Our writes through ``compat.kv_views`` land where vLLM's own CPU kernel puts them
+    (ISA "vec"), so the cache keeps vLLM's layout."""
+    from tests.vllm_support import require_vllm
+    require_vllm()
+    import ops
+    from vllm import _custom_ops as vllm_ops
+
+    from ascend_qwen3.vllm_plugin.compat import kv_views
+
+    nb, h, bs, d, T = 5, 2, 32, 64, 40
+    g = torch.Generator().manual_seed(0)
+    key, value = (torch.randn(T, h, d, generator=g).to(dtype) for _ in range(2))
+    slots = torch.randperm(nb * bs, generator=g)[:T]
+    slots[3] = -1
+    ours, theirs = (torch.zeros(nb, h, bs, 2 * d, dtype=dtype) for _ in range(2))
+    kc, vc = kv_views(ours)
+    ops.cpu.write_kv_cache(key, value, kc, vc, slots)
+    halves = theirs.view(nb, h, 2 * bs, d).chunk(2, dim=2)
+    vllm_ops.cpu_attn_reshape_and_cache(key, value, halves[0], halves[1], slots, "vec")
+    assert torch.equal(ours, theirs)

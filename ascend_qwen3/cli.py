@@ -78,9 +78,31 @@ def _plan(args: argparse.Namespace) -> int:
     from .parallel.plan import plan_summary
 
     cfg = _resolve_config(args.model)
+    if args.hw or args.precision:
+        return _memory_plan(args, cfg)
     if args.dtype:
         cfg = cfg.with_dtype(args.dtype)
     print(plan_summary(cfg, args.tp, args.ep))
+    return 0
+
+
+def _memory_plan(args: argparse.Namespace, cfg) -> int:
+    from .deploy.planner import plan, recommend
+
+    hw, precision = args.hw or "atlas-800i-a2", args.precision or "bf16"
+    best, plans = recommend(cfg, hw=hw, precision=precision, max_model_len=args.max_model_len)
+    print(f"{'tp':>3} {'weights GiB/NPU':>16} {'KV tokens/NPU':>14} {'full-length seqs':>17}")
+    for p in plans:
+        print(f"{p.tp:>3} {p.weights_gib:>16.2f} {p.kv_tokens:>14,} {p.full_length_sequences:>17}"
+              + ("" if p.fits else "  does not fit"))
+    if best is None:
+        print(f"\nno tp on one {hw} fits {cfg.name} {precision} at max_model_len {args.max_model_len}: "
+              f"use w8a8, a shorter context or two nodes")
+        return 1
+    print(f"\nrecommended: tp={best} (the smallest tp holding 8 full-length sequences, else the "
+          f"smallest that fits)\n")
+    print(plan(cfg, hw=hw, precision=precision, tp=args.tp if args.tp > 1 else best, ep=cfg.is_moe,
+               max_model_len=args.max_model_len).report())
     return 0
 
 
@@ -117,6 +139,14 @@ def _serve(args: argparse.Namespace) -> int:
     from .deploy.launcher import ServeSpec, launch
     from .serve.default_model import NAME, build_default_model
 
+    if args.profile:
+        from .deploy.profiles import load_profile, plan_of, to_spec
+        p = load_profile(args.profile)
+        print("# " + plan_of(p).report().replace("\n", "\n# "))
+        spec = to_spec(p, host=args.host if args.host != "127.0.0.1" else "0.0.0.0",
+                       port=args.port if args.port != 8000 else None)
+        spec.extra_args += [a for a in args.vllm_args if a != "--"]
+        return launch(spec, dry_run=args.dry_run)
     model, name = args.model, args.served_model_name
     if model is None:
         model = build_default_model(os.path.join(_home(), "default-model"),
@@ -156,6 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1)")
     pl.add_argument("--ep", action="store_true", help="expert parallel (MoE): whole experts per rank")
     pl.add_argument("--dtype", default=None, help="weight dtype for byte counts (default: config's)")
+    pl.add_argument("--hw", default=None, help="memory plan for a machine: atlas-800i-a2 (64 GB), "
+                    "atlas-800i-a2-64g, atlas-800i-a2-32g")
+    pl.add_argument("--precision", default=None, choices=["bf16", "w8a8", "w8a8_dynamic"],
+                    help="memory plan at this precision (with --hw; default bf16)")
+    pl.add_argument("--max-model-len", type=int, default=32768, help="context for the memory plan")
     pl.set_defaults(func=_plan)
 
     q = sub.add_parser("quantize", help="quantise a float checkpoint to msModelSlim W8A8 format")
@@ -173,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=_quantize)
 
     sv = sub.add_parser("serve", help="serve a checkpoint on vLLM's OpenAI endpoint with the plugin")
+    sv.add_argument("--profile", default=None,
+                    help="a deploy profile (deploy/profiles/NAME.yaml): validated against the memory "
+                         "planner, served on the NPU (host 0.0.0.0)")
     sv.add_argument("--model", default=None,
                     help="Qwen3 checkpoint directory (default: the embedded random-weight model, "
                          "built on first use under $ASCEND_QWEN3_HOME or ~/.cache/ascend-qwen3)")
@@ -208,9 +246,12 @@ def main(argv: list[str] | None = None) -> int:
     from .loader import CheckpointError
     from .parallel.plan import ShardingError
     from .deploy.launcher import LaunchError
+    from .deploy.planner import PlanError
+    from .deploy.profiles import ProfileError
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, ShardingError, LaunchError, ValueError) as exc:
+    except (ConfigError, CheckpointError, ShardingError, LaunchError, PlanError, ProfileError,
+            ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

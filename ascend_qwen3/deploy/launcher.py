@@ -38,6 +38,12 @@ SAMPLING = {
 }
 
 
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+NPU_ENV = {"PYTORCH_NPU_ALLOC_CONF": "expandable_segments:True", "TASK_QUEUE_ENABLE": "1",
+           "OMP_NUM_THREADS": "1", "HCCL_BUFFSIZE": "512"}
+MULTI_NODE_ENV = ("HCCL_IF_IP", "GLOO_SOCKET_IFNAME", "TP_SOCKET_IFNAME", "HCCL_SOCKET_IFNAME")
+
+
 class LaunchError(ValueError):
     """A serve request that cannot work; the message says what to change."""
 
@@ -57,6 +63,10 @@ class ServeSpec:
     block_size: int | None = None
     thinking: bool = True               # the server's default for enable_thinking
     kv_cache_gib: int = 4               # CPU only: VLLM_CPU_KVCACHE_SPACE when not set
+    sampling: dict | None = None        # default: SAMPLING of the default thinking mode
+    yarn: bool = False                  # YaRN x4 rope scaling through --hf-overrides
+    config: Qwen3Config | None = None   # the model's config when the directory is not here
+    nodes: int = 1
     env: dict = field(default_factory=dict)
     extra_args: list = field(default_factory=list)
 
@@ -88,10 +98,13 @@ def _serve_prefix(model: str) -> list[str]:
 
 def build_command(spec: ServeSpec, base_env: dict | None = None) -> tuple[list[str], dict]:
     """(argv, environment) of the ``vllm serve`` process for ``spec``; validates first."""
-    if not os.path.isdir(spec.model):
+    if spec.config is not None:
+        cfg = spec.config
+    elif not os.path.isdir(spec.model):
         raise LaunchError(f"model directory {spec.model!r} does not exist; pass a local Qwen3 "
                           f"checkpoint directory (or omit --model for the embedded default)")
-    cfg = Qwen3Config.from_model_dir(spec.model)
+    else:
+        cfg = Qwen3Config.from_model_dir(spec.model)
     try:
         check_parallel(cfg, spec.tp, spec.expert_parallel and cfg.is_moe)
     except ValueError as exc:
@@ -100,14 +113,17 @@ def build_command(spec: ServeSpec, base_env: dict | None = None) -> tuple[list[s
         raise LaunchError(f"device {spec.device!r} is not supported; use 'cpu' or 'npu'")
     arch = PROJECT_MOE_ARCH if cfg.is_moe else PROJECT_DENSE_ARCH
     mode = "thinking" if spec.thinking else "non_thinking"
+    overrides = {"architectures": [arch]}
+    if spec.yarn:
+        overrides.update(rope_scaling=YARN, max_position_embeddings=131072)
     argv = _serve_prefix(spec.model) + [
             "--served-model-name", spec.served_model_name or os.path.basename(spec.model.rstrip("/")),
             "--host", spec.host, "--port", str(spec.port), "--dtype", spec.dtype,
-            "--hf-overrides", json.dumps({"architectures": [arch]}),
+            "--hf-overrides", json.dumps(overrides),
             "--reasoning-parser", "qwen3",
             "--reasoning-config", json.dumps(REASONING_CONFIG),
             "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
-            "--override-generation-config", json.dumps(SAMPLING[mode])]
+            "--override-generation-config", json.dumps(spec.sampling or SAMPLING[mode])]
     if not spec.thinking:
         argv += ["--default-chat-template-kwargs", json.dumps({"enable_thinking": False})]
     if spec.tp > 1:
@@ -126,6 +142,14 @@ def build_command(spec: ServeSpec, base_env: dict | None = None) -> tuple[list[s
         if spec.tp > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in env:
             cores = os.cpu_count() or 1
             env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(r % cores) for r in range(spec.tp))
+    else:  # the Ascend runtime settings vllm-ascend recommends (FACTS: Atlas and vllm-ascend)
+        for k, v in NPU_ENV.items():
+            env.setdefault(k, v)
+        if spec.nodes > 1:
+            missing = [k for k in MULTI_NODE_ENV if not (spec.env.get(k) or env.get(k))]
+            if missing:
+                raise LaunchError(f"a {spec.nodes}-node deployment needs {', '.join(missing)} set to "
+                                  f"this node's IP / network interface (see README, Deploy on Atlas)")
     env.update({k: str(v) for k, v in spec.env.items()})
     return argv, env
 

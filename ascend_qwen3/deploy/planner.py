@@ -1,0 +1,154 @@
+"""Memory planner: will a model, at a precision and tensor-parallel size, fit a machine's NPUs,
+and how many KV-cache tokens (hence concurrent sequences) are left?
+
+Per NPU (the busiest rank):
+
+    usable    = HBM x memory_utilization              (vLLM's --gpu-memory-utilization)
+    weights   = bytes of this rank's shards            (the sharding plan; W8A8 as stored)
+    workspace = runtime + activations + HCCL buffers   (a fixed margin, see WORKSPACE_GIB)
+    kv        = usable - weights - workspace
+    kv tokens = kv / kv_bytes_per_token                (2 (K,V) x layers x local KV heads x
+                                                        head_dim x cache element bytes)
+    sequences at full length = kv tokens // max_model_len
+
+The weights come from the same sharding plan the loader follows (``rank_plan``), so a replicated
+KV head or an expert-parallel split is counted as loaded. The workspace margin is an estimate:
+it is the number to raise if a profile that fits here runs out of memory on the machine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import Qwen3Config
+from ..parallel.plan import check_parallel, rank_plan, valid_tp_sizes
+
+GiB = 2**30
+
+# Atlas 800I A2: 8 x Ascend 910B (64 GB HBM each; a 32 GB variant exists)
+HARDWARE = {
+    "atlas-800i-a2-64g": {"npus": 8, "hbm_gib": 64.0, "title": "Atlas 800I A2, 8 x 64 GB"},
+    "atlas-800i-a2-32g": {"npus": 8, "hbm_gib": 32.0, "title": "Atlas 800I A2, 8 x 32 GB"},
+}
+HW_ALIASES = {"atlas-800i-a2": "atlas-800i-a2-64g"}
+PRECISIONS = ("bf16", "w8a8", "w8a8_dynamic")
+# CANN runtime + activations of one max_num_batched_tokens step + HCCL buffers, per NPU
+WORKSPACE_GIB = 4.0
+MEMORY_UTILIZATION = 0.9
+
+
+class PlanError(ValueError):
+    """A deployment that cannot work; the message gives the numbers and the fix."""
+
+
+def hardware(name: str) -> dict:
+    key = HW_ALIASES.get(name, name)
+    if key not in HARDWARE:
+        raise PlanError(f"unknown hardware {name!r}; known: {', '.join(list(HARDWARE) + list(HW_ALIASES))}")
+    return dict(HARDWARE[key], name=key)
+
+
+def weight_bytes_per_rank(cfg: Qwen3Config, tp: int, ep: bool, precision: str) -> list[int]:
+    """Bytes of weights each rank holds (as the checkpoint stores them)."""
+    import torch
+
+    from ..quant.description import QuantConfig
+    from ..quant.plan import assignment_bytes
+
+    if precision not in PRECISIONS:
+        raise PlanError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    cfg = cfg.with_dtype(torch.bfloat16)
+    quant = None if precision == "bf16" else QuantConfig.for_scheme(cfg, precision)
+    return [sum(assignment_bytes(a, cfg.dtype) for a in rank_plan(cfg, tp, r, ep, quant))
+            for r in range(tp)]
+
+
+def kv_bytes_per_token(cfg: Qwen3Config, tp: int, cache_bytes: int = 2) -> int:
+    """KV-cache bytes one token occupies on one rank (bf16 cache; KV heads replicated when
+    tp > kv heads)."""
+    kv_local = max(1, cfg.num_kv_heads // tp)
+    return 2 * cfg.num_layers * kv_local * cfg.head_dim * cache_bytes
+
+
+@dataclass
+class Plan:
+    model: str
+    precision: str
+    hardware: str
+    tp: int
+    ep: bool
+    nodes: int
+    hbm_gib: float
+    usable_gib: float
+    weights_gib: float
+    workspace_gib: float
+    kv_gib: float
+    kv_bytes_per_token: int
+    kv_tokens: int
+    max_model_len: int
+    max_num_seqs: int | None
+
+    @property
+    def fits(self) -> bool:
+        return self.kv_tokens >= self.max_model_len
+
+    @property
+    def full_length_sequences(self) -> int:
+        return max(0, self.kv_tokens // self.max_model_len)
+
+    def report(self) -> str:
+        lines = [f"{self.model} {self.precision} on {self.hardware}: tp={self.tp}"
+                 + (" with expert parallel" if self.ep else "")
+                 + (f" over {self.nodes} nodes" if self.nodes > 1 else ""),
+                 f"  per NPU: {self.hbm_gib:.0f} GiB HBM x {MEMORY_UTILIZATION} = {self.usable_gib:.2f} GiB usable",
+                 f"    weights    {self.weights_gib:8.2f} GiB  (largest rank)",
+                 f"    workspace  {self.workspace_gib:8.2f} GiB  (runtime, activations, HCCL)",
+                 f"    KV cache   {self.kv_gib:8.2f} GiB  = {self.kv_tokens:,} tokens at "
+                 f"{self.kv_bytes_per_token:,} B/token",
+                 f"  max_model_len {self.max_model_len:,}: {self.full_length_sequences} sequence(s) at "
+                 f"full length" + (f"; max_num_seqs {self.max_num_seqs} share "
+                                   f"{self.kv_tokens // max(1, self.max_num_seqs):,} tokens each"
+                                   if self.max_num_seqs else "")]
+        if self.fits:
+            lines.append(f"  fits: margin {self.kv_tokens - self.max_model_len:,} KV tokens beyond one "
+                         f"full-length sequence")
+        else:
+            lines.append(f"  DOES NOT FIT: {self.kv_tokens:,} KV tokens < max_model_len "
+                         f"{self.max_model_len:,}")
+        return "\n".join(lines)
+
+
+def plan(cfg: Qwen3Config, *, hw: str, precision: str, tp: int, ep: bool = False, nodes: int = 1,
+         max_model_len: int = 32768, max_num_seqs: int | None = None,
+         workspace_gib: float = WORKSPACE_GIB, memory_utilization: float = MEMORY_UTILIZATION) -> Plan:
+    h = hardware(hw)
+    try:
+        check_parallel(cfg, tp, ep and cfg.is_moe)
+    except ValueError as exc:
+        raise PlanError(str(exc)) from None
+    if tp > h["npus"] * nodes:
+        raise PlanError(f"tp={tp} needs {tp} NPUs but {nodes} x {h['title']} has {h['npus'] * nodes}")
+    weights = max(weight_bytes_per_rank(cfg, tp, ep and cfg.is_moe, precision))
+    usable = h["hbm_gib"] * memory_utilization * GiB
+    kv = usable - weights - workspace_gib * GiB
+    per_tok = kv_bytes_per_token(cfg, tp)
+    tokens = int(kv // per_tok) if kv > 0 else 0
+    return Plan(model=cfg.name or cfg.architecture, precision=precision, hardware=h["name"], tp=tp,
+                ep=ep and cfg.is_moe, nodes=nodes, hbm_gib=h["hbm_gib"], usable_gib=usable / GiB,
+                weights_gib=weights / GiB, workspace_gib=workspace_gib, kv_gib=kv / GiB,
+                kv_bytes_per_token=per_tok, kv_tokens=tokens, max_model_len=max_model_len,
+                max_num_seqs=max_num_seqs)
+
+
+def recommend(cfg: Qwen3Config, *, hw: str, precision: str, max_model_len: int = 32768,
+              min_sequences: int = 8) -> tuple[int | None, list[Plan]]:
+    """Plans for every valid tp on one machine, and the smallest tp that holds ``min_sequences``
+    full-length sequences (else the smallest that fits at all; None if none does)."""
+    h = hardware(hw)
+    ep = cfg.is_moe
+    plans = [plan(cfg, hw=hw, precision=precision, tp=t, ep=ep, max_model_len=max_model_len)
+             for t in valid_tp_sizes(cfg, ep) if t <= h["npus"]]
+    good = [p for p in plans if p.full_length_sequences >= min_sequences]
+    fitting = [p for p in plans if p.fits]
+    best = (good or fitting or [None])[0]
+    return (best.tp if best else None), plans

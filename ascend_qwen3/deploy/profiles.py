@@ -1,0 +1,164 @@
+"""Deployment profiles: one YAML per (model, precision, machine) under ``deploy/profiles/``.
+
+A profile says how to serve one Qwen3 model on Atlas 800I A2 servers: parallelism, context,
+batch, KV block size, parsers, sampling defaults per thinking mode, devices and environment.
+``load_profile`` validates it against ``SCHEMA`` (every key, type and allowed value; unknown keys
+are errors) and against the memory planner (it must fit its hardware); ``to_spec`` turns it into
+the launcher's ``ServeSpec``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import yaml
+
+from ..config import FAMILY, family_config
+from .launcher import ServeSpec
+from .planner import HARDWARE, PRECISIONS, Plan, plan
+
+# key -> (type(s), required, check or None, help)
+_int, _bool, _str = int, bool, str
+SCHEMA: dict[str, tuple] = {
+    "name": (_str, True, None, "profile name, equal to the file name without .yaml"),
+    "description": (_str, False, None, "one line for humans"),
+    "model": (_str, True, lambda v: v in FAMILY, f"one of {', '.join(FAMILY)}"),
+    "model_path": (_str, True, lambda v: v.startswith("/"), "absolute checkpoint path in the container"),
+    "served_model_name": (_str, True, None, "the name clients send as `model`"),
+    "precision": (_str, True, lambda v: v in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
+    "hardware": (_str, True, lambda v: v in HARDWARE, f"one of {', '.join(HARDWARE)}"),
+    "nodes": (_int, False, lambda v: v in (1, 2), "1, or 2 for the Ray multi-node profile"),
+    "tp": (_int, True, lambda v: v in (1, 2, 4, 8, 16), "tensor-parallel size (1, 2, 4, 8; 16 over 2 nodes)"),
+    "expert_parallel": (_bool, False, None, "MoE: whole experts per rank (EP = tp)"),
+    "max_model_len": (_int, True, lambda v: 1024 <= v <= 131072, "context length (1024 to 131072)"),
+    "yarn": (_bool, False, None, "YaRN rope scaling x4 (needed past 32768 tokens)"),
+    "max_num_seqs": (_int, True, lambda v: 1 <= v <= 1024, "concurrent sequences (1 to 1024)"),
+    "max_num_batched_tokens": (_int, False, lambda v: v >= 256, "tokens per engine step"),
+    "block_size": (_int, True, lambda v: v == 128, "KV-cache block size: 128 on the NPU"),
+    "memory_utilization": (float, False, lambda v: 0.5 <= v <= 0.95, "fraction of HBM vLLM may use"),
+    "thinking": (_bool, True, None, "server default for enable_thinking"),
+    "reasoning_parser": (_str, True, lambda v: v == "qwen3", "qwen3"),
+    "tool_call_parser": (_str, True, lambda v: v == "hermes", "hermes (Qwen3's tool-call format)"),
+    "sampling": (dict, True, lambda v: set(v) == {"thinking", "non_thinking"},
+                 "{thinking: {...}, non_thinking: {...}} sampling defaults"),
+    "devices": (list, True, lambda v: all(isinstance(d, int) and 0 <= d <= 7 for d in v),
+                "NPU ids per node (ASCEND_RT_VISIBLE_DEVICES)"),
+    "port": (_int, False, lambda v: 1 <= v <= 65535, "server port (default 8000)"),
+    "distributed_executor_backend": (_str, False, lambda v: v in ("mp", "ray"), "mp (one node) or ray"),
+    "env": (dict, False, lambda v: all(isinstance(x, str) for x in v.values()),
+            "extra environment variables (string values)"),
+}
+SAMPLING_KEYS = {"temperature", "top_p", "top_k", "min_p", "presence_penalty"}
+
+
+class ProfileError(ValueError):
+    """A profile that is malformed or does not fit; the message names the key and the fix."""
+
+
+def profiles_dir() -> str:
+    """$ASCEND_QWEN3_PROFILES, else deploy/profiles of the source tree, else the image's copy."""
+    env = os.environ.get("ASCEND_QWEN3_PROFILES")
+    if env:
+        return env
+    here = os.path.join(os.path.dirname(__file__), "..", "..", "deploy", "profiles")
+    for d in (os.path.normpath(here), "/opt/ascend-qwen3/deploy/profiles"):
+        if os.path.isdir(d):
+            return d
+    raise ProfileError("no profiles directory: set ASCEND_QWEN3_PROFILES to the deploy/profiles "
+                       "directory of the ascend-qwen3 sources")
+
+
+def profile_names(directory: str | None = None) -> list[str]:
+    d = directory or profiles_dir()
+    return sorted(f[:-5] for f in os.listdir(d) if f.endswith(".yaml"))
+
+
+def validate(p: dict, where: str = "profile") -> None:
+    if not isinstance(p, dict):
+        raise ProfileError(f"{where} must be a YAML mapping, found {type(p).__name__}")
+    unknown = sorted(set(p) - set(SCHEMA))
+    if unknown:
+        raise ProfileError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(SCHEMA)}")
+    for key, (typ, required, check, help_) in SCHEMA.items():
+        if key not in p:
+            if required:
+                raise ProfileError(f"{where}: missing required key {key!r} ({help_})")
+            continue
+        v = p[key]
+        ok_type = isinstance(v, typ) and not (typ is int and isinstance(v, bool))
+        if typ is float:
+            ok_type = isinstance(v, (int, float)) and not isinstance(v, bool)
+        if not ok_type:
+            raise ProfileError(f"{where}: {key} = {v!r} must be a {typ.__name__} ({help_})")
+        if check is not None and not check(v):
+            raise ProfileError(f"{where}: {key} = {v!r} is not allowed; expected {help_}")
+    for mode, values in p["sampling"].items():
+        bad = set(values) - SAMPLING_KEYS if isinstance(values, dict) else {"(not a mapping)"}
+        if bad:
+            raise ProfileError(f"{where}: sampling.{mode} has {', '.join(sorted(bad))}; allowed: "
+                               f"{', '.join(sorted(SAMPLING_KEYS))}")
+    nodes = p.get("nodes", 1)
+    if len(p["devices"]) * nodes != p["tp"]:
+        raise ProfileError(f"{where}: {len(p['devices'])} device(s) x {nodes} node(s) != tp {p['tp']}; "
+                           f"list tp / nodes NPU ids in devices")
+    if nodes > 1 and p.get("distributed_executor_backend") != "ray":
+        raise ProfileError(f"{where}: a {nodes}-node profile needs distributed_executor_backend: ray")
+    cfg = family_config(p["model"])
+    if p["max_model_len"] > 32768 and not p.get("yarn"):
+        raise ProfileError(f"{where}: max_model_len {p['max_model_len']} is past Qwen3's native 32768; "
+                           f"set yarn: true (models from Qwen3-4B up) or lower max_model_len")
+    if p.get("yarn") and p["model"] in ("Qwen3-0.6B", "Qwen3-1.7B"):
+        raise ProfileError(f"{where}: {p['model']} has a 32K context without YaRN; set yarn: false")
+    if p.get("expert_parallel") and not cfg.is_moe:
+        raise ProfileError(f"{where}: expert_parallel is for MoE models; {p['model']} is dense")
+
+
+def plan_of(p: dict) -> Plan:
+    cfg = family_config(p["model"], yarn=bool(p.get("yarn")))
+    return plan(cfg, hw=p["hardware"], precision=p["precision"], tp=p["tp"],
+                ep=bool(p.get("expert_parallel")), nodes=p.get("nodes", 1),
+                max_model_len=p["max_model_len"], max_num_seqs=p["max_num_seqs"],
+                memory_utilization=p.get("memory_utilization", 0.9))
+
+
+def load_profile(name_or_path: str, directory: str | None = None, check_fit: bool = True) -> dict:
+    path = name_or_path if name_or_path.endswith(".yaml") else \
+        os.path.join(directory or profiles_dir(), name_or_path + ".yaml")
+    if not os.path.isfile(path):
+        raise ProfileError(f"no profile {name_or_path!r} ({path}); available: "
+                           f"{', '.join(profile_names(os.path.dirname(path)))}")
+    try:
+        with open(path) as f:
+            p = yaml.safe_load(f)
+    except yaml.YAMLError as exc:
+        raise ProfileError(f"{path} is not valid YAML: {exc}") from None
+    where = os.path.basename(path)
+    validate(p, where)
+    if p["name"] != where[:-5]:
+        raise ProfileError(f"{where}: name {p['name']!r} must equal the file name {where[:-5]!r}")
+    if check_fit:
+        pl = plan_of(p)
+        if not pl.fits:
+            raise ProfileError(f"{where} does not fit its hardware:\n{pl.report()}\nraise tp, lower "
+                               f"max_model_len or use w8a8")
+    return p
+
+
+def to_spec(p: dict, host: str = "0.0.0.0", port: int | None = None) -> ServeSpec:
+    """The launcher spec of a validated profile (device npu)."""
+    mode = "thinking" if p["thinking"] else "non_thinking"
+    extra = ["--block-size", str(p["block_size"]),
+             "--gpu-memory-utilization", str(p.get("memory_utilization", 0.9))]
+    if p.get("max_num_batched_tokens"):
+        extra += ["--max-num-batched-tokens", str(p["max_num_batched_tokens"])]
+    if p.get("distributed_executor_backend"):
+        extra += ["--distributed-executor-backend", p["distributed_executor_backend"]]
+    env = {"ASCEND_RT_VISIBLE_DEVICES": ",".join(map(str, p["devices"]))}
+    env.update(p.get("env", {}))
+    return ServeSpec(model=p["model_path"], served_model_name=p["served_model_name"], host=host,
+                     port=port or p.get("port", 8000), device="npu", dtype="bfloat16", tp=p["tp"],
+                     expert_parallel=bool(p.get("expert_parallel")), max_model_len=p["max_model_len"],
+                     max_num_seqs=p["max_num_seqs"], thinking=p["thinking"],
+                     sampling=p["sampling"][mode], yarn=bool(p.get("yarn")),
+                     config=family_config(p["model"], yarn=bool(p.get("yarn"))),
+                     nodes=p.get("nodes", 1), env=env, extra_args=extra)

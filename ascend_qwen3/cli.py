@@ -140,11 +140,21 @@ def _serve(args: argparse.Namespace) -> int:
     from .serve.default_model import NAME, build_default_model
 
     if args.profile:
+        from .deploy.launcher import LaunchError
         from .deploy.profiles import load_profile, plan_of, to_spec
+        # the profile decides the model, parallelism, context, batch and thinking default
+        clash = [flag for flag, given in (
+            ("--model", args.model), ("--served-model-name", args.served_model_name),
+            ("--device cpu", args.device == "cpu"), ("--dtype", args.dtype), ("--tp", args.tp),
+            ("--ep", args.ep), ("--max-model-len", args.max_model_len),
+            ("--max-num-seqs", args.max_num_seqs), ("--no-thinking", args.no_thinking)) if given]
+        if clash:
+            raise LaunchError(f"{', '.join(clash)} cannot be combined with --profile (the profile "
+                              f"sets them, on the NPU); edit deploy/profiles/{args.profile}.yaml, "
+                              f"or serve with --model instead of --profile")
         p = load_profile(args.profile)
         print("# " + plan_of(p).report().replace("\n", "\n# "))
-        spec = to_spec(p, host=args.host if args.host != "127.0.0.1" else "0.0.0.0",
-                       port=args.port if args.port != 8000 else None)
+        spec = to_spec(p, host=args.host or "0.0.0.0", port=args.port)
         spec.extra_args += [a for a in args.vllm_args if a != "--"]
         return launch(spec, dry_run=args.dry_run)
     model, name = args.model, args.served_model_name
@@ -155,8 +165,9 @@ def _serve(args: argparse.Namespace) -> int:
     extra = list(args.vllm_args)
     if extra[:1] == ["--"]:
         extra = extra[1:]
-    spec = ServeSpec(model=model, served_model_name=name, host=args.host, port=args.port,
-                     device=args.device, dtype=args.dtype, tp=args.tp, expert_parallel=args.ep,
+    spec = ServeSpec(model=model, served_model_name=name, host=args.host or "127.0.0.1",
+                     port=args.port or 8000, device=args.device or "cpu", dtype=args.dtype or "auto",
+                     tp=args.tp or 1, expert_parallel=args.ep,
                      max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                      thinking=not args.no_thinking, extra_args=extra)
     return launch(spec, dry_run=args.dry_run)
@@ -215,12 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Qwen3 checkpoint directory (default: the embedded random-weight model, "
                          "built on first use under $ASCEND_QWEN3_HOME or ~/.cache/ascend-qwen3)")
     sv.add_argument("--served-model-name", default=None, help="name clients use (default: dir name)")
-    sv.add_argument("--host", default="127.0.0.1")
-    sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--device", default="cpu", choices=["cpu", "npu"],
-                    help="cpu: vLLM's CPU build (here); npu: vllm-ascend (Atlas)")
-    sv.add_argument("--dtype", default="auto", help="auto | bfloat16 | float16 | float32")
-    sv.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    sv.add_argument("--host", default=None, help="default 127.0.0.1 (0.0.0.0 with --profile)")
+    sv.add_argument("--port", type=int, default=None, help="default 8000 (or the profile's port)")
+    sv.add_argument("--device", default=None, choices=["cpu", "npu"],
+                    help="cpu (default): vLLM's CPU build (here); npu: vllm-ascend (Atlas)")
+    sv.add_argument("--dtype", default=None, help="auto (default) | bfloat16 | float16 | float32")
+    sv.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default 1)")
     sv.add_argument("--ep", action="store_true", help="expert parallel (MoE models)")
     sv.add_argument("--max-model-len", type=int, default=None)
     sv.add_argument("--max-num-seqs", type=int, default=None)

@@ -215,3 +215,21 @@ def test_cli_serve_profile_dry_run(capsys):
     out = capsys.readouterr().out
     assert "# Qwen3-32B w8a8 on atlas-800i-a2-64g: tp=4" in out
     assert "ASCEND_RT_VISIBLE_DEVICES=0,1,2,3" in out and "--tensor-parallel-size 4" in out
+
+
+def test_cli_serve_profile_explicit_host_and_port_win(capsys):
+    assert main(["serve", "--profile", "qwen3-8b-bf16", "--host", "127.0.0.1", "--port", "8000",
+                 "--dry-run"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "--host 127.0.0.1" in line and "--port 8000" in line
+    assert main(["serve", "--profile", "qwen3-8b-bf16", "--port", "9001", "--dry-run"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "--host 0.0.0.0" in line and "--port 9001" in line
+
+
+def test_cli_serve_profile_refuses_options_the_profile_sets(capsys):
+    assert main(["serve", "--profile", "qwen3-32b-w8a8", "--tp", "8", "--device", "cpu",
+                 "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "--device cpu, --tp cannot be combined with --profile" in err
+    assert "deploy/profiles/qwen3-32b-w8a8.yaml" in err

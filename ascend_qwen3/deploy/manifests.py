@@ -1,0 +1,284 @@
+"""Container manifests generated from the deploy profiles: ``deploy/compose.yaml`` (one docker
+compose service per single-node profile, plus ``cpu``) and ``deploy/k8s/<profile>.yaml``
+(a Deployment and a ClusterIP Service per single-node profile).
+
+The committed files are this module's output; a test checks they are equal, so a profile change
+that touches devices, tp, port or model path shows up as a stale manifest::
+
+    python -m ascend_qwen3.deploy.manifests --check    # exit 1 and name the stale files
+    python -m ascend_qwen3.deploy.manifests --write    # regenerate them
+
+Everything here follows from a profile: the NPUs (``devices``; tp / nodes of them), the port,
+and the checkpoint mount (host ``/data/models/<basename of model_path>`` on ``model_path``).
+The two-node profile is not rendered: it needs a Ray cluster across two machines (README).
+
+What is checked where: the files parse and agree with the profiles on any machine (tests); the
+device mounts, driver paths and the Ascend device plugin's resource name follow the vllm-ascend
+and MindCluster documentation, and have only been exercised on an Atlas server, not here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import yaml
+
+from .. import __version__
+from .profiles import load_profile, profile_names
+
+IMAGE = f"ascend-qwen3:{__version__}"           # `docker build -t ascend-qwen3:<version> .`
+CPU_IMAGE = f"ascend-qwen3:{__version__}-cpu"   # `docker build -f deploy/Dockerfile.cpu ...`
+MODELS_HOST_DIR = "/data/models"                # checkpoints on the host, one directory each
+CONTAINER_PORT = 8000                           # EXPOSE in both Dockerfiles, the probes' port
+SHM = "4g"                                      # vLLM's shared-memory queues (FACTS: >= 1g)
+SHM_K8S = "4Gi"
+# the Ascend device plugin's extended resource for Atlas 800I A2 NPUs (MindCluster docs: "Atlas
+# 800I A2 inference server: huawei.com/Ascend910: <number of chips>", equal in requests and limits)
+NPU_RESOURCE = "huawei.com/Ascend910"
+# management devices every NPU container needs besides its /dev/davinciN
+NPU_CONTROL_DEVICES = ("/dev/davinci_manager", "/dev/devmm_svm", "/dev/hisi_hdc")
+# host paths of the Ascend driver the container reads (vllm-ascend's `docker run` example)
+DRIVER_MOUNTS = {"dcmi": "/usr/local/dcmi", "npu-smi": "/usr/local/bin/npu-smi",
+                 "driver-lib64": "/usr/local/Ascend/driver/lib64",
+                 "driver-version": "/usr/local/Ascend/driver/version.info",
+                 "ascend-install-info": "/etc/ascend_install.info"}
+# loading a 235B checkpoint from local disk takes many minutes: liveness and readiness start
+# only after the startup probe has seen /health answer, for up to this long
+STARTUP_BUDGET_S = 3600
+PROBE_PERIOD_S = 10
+
+COMPOSE_HEADER = """\
+# Generated from deploy/profiles/*.yaml by `python -m ascend_qwen3.deploy.manifests --write`;
+# do not edit by hand (tests/test_deploy_assets.py checks it is up to date).
+#
+# One service per single-node profile (docker compose profile "npu": started only when named)
+# and `cpu`, the CPU image serving the embedded random-weight model:
+#   docker compose -f deploy/compose.yaml up cpu
+#   docker compose -f deploy/compose.yaml up qwen3-32b-w8a8
+# An NPU service maps the profile's NPUs and the driver paths read-only, and mounts the
+# checkpoint from /data/models/<name> on the profile's model_path. The NPU services all use
+# NPUs from 0 and host port 8000: run one at a time per machine.
+"""
+
+K8S_HEADER = """\
+# Generated from deploy/profiles/{name}.yaml by
+# `python -m ascend_qwen3.deploy.manifests --write`; do not edit by hand
+# (tests/test_deploy_assets.py checks it is up to date).
+#
+# {description}
+# Needs the Ascend device plugin (MindCluster) on the node: {n} x {resource}.
+# The plugin gives the container the NPUs it allocated, which the runtime numbers 0..{last}
+# (logical ids); the launcher sets ASCEND_RT_VISIBLE_DEVICES to the profile's devices unless
+# the pod's environment already has it.
+# The checkpoint is read from the node's hostPath {models}/{model_dir}:
+# put it on every NPU node or replace the volume with a PersistentVolumeClaim. Push the image
+# to your registry and set `image` to it. Not exercised here (no cluster, no NPU): written from
+# the vllm-ascend and MindCluster documentation.
+"""
+
+
+class _Dumper(yaml.SafeDumper):
+    """Block-style YAML without anchors/aliases (every repeated list is written out)."""
+
+    def ignore_aliases(self, data):  # noqa: D401
+        return True
+
+
+def _dump(doc) -> str:
+    return yaml.dump(doc, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=100)
+
+
+def single_node_profiles(directory: str | None = None) -> list[dict]:
+    """Every valid profile that runs on one machine, sorted by name."""
+    profiles = [load_profile(n, directory) for n in profile_names(directory)]
+    return [p for p in profiles if p.get("nodes", 1) == 1]
+
+
+def _model_dir(p: dict) -> str:
+    return os.path.basename(p["model_path"].rstrip("/"))
+
+
+def _npu_service(p: dict) -> dict:
+    port = p.get("port", CONTAINER_PORT)
+    devices = [f"/dev/davinci{d}" for d in p["devices"]] + list(NPU_CONTROL_DEVICES)
+    volumes = [f"{path}:{path}:ro" for path in DRIVER_MOUNTS.values()]
+    volumes.append(f"{MODELS_HOST_DIR}/{_model_dir(p)}:{p['model_path']}:ro")
+    return {
+        "image": IMAGE,
+        "build": {"context": "..", "dockerfile": "Dockerfile"},
+        "profiles": ["npu"],
+        "command": ["--profile", p["name"]],
+        "devices": devices,
+        "volumes": volumes,
+        "shm_size": SHM,
+        "ports": [f"{port}:{port}"],
+        "restart": "unless-stopped",
+    }
+
+
+def compose(profiles: list[dict]) -> dict:
+    """The docker compose document: the given (single-node) profiles plus the CPU service."""
+    services = {}
+    for p in profiles:
+        if p.get("nodes", 1) != 1:
+            raise ValueError(f"profile {p['name']} spans {p['nodes']} nodes; compose and the "
+                             f"Kubernetes Deployment are for single-node profiles")
+        services[p["name"]] = _npu_service(p)
+    services["cpu"] = {
+        "image": CPU_IMAGE,
+        "build": {"context": "..", "dockerfile": "deploy/Dockerfile.cpu"},
+        "shm_size": "2g",
+        "ports": [f"{CONTAINER_PORT}:{CONTAINER_PORT}"],
+        "restart": "unless-stopped",
+    }
+    return {"name": "ascend-qwen3", "services": services}
+
+
+def k8s_name(p: dict) -> str:
+    """The profile name as a Kubernetes object name: a Service name must be a DNS-1035 label
+    (lowercase letters, digits and '-'; no '.'), so qwen3-0.6b-bf16 becomes qwen3-0-6b-bf16."""
+    return p["name"].replace(".", "-")
+
+
+def _labels(p: dict) -> dict:
+    return {"app.kubernetes.io/name": "ascend-qwen3", "app.kubernetes.io/instance": k8s_name(p)}
+
+
+def k8s(p: dict) -> list[dict]:
+    """[Deployment, Service] serving one single-node profile on Ascend NPUs."""
+    if p.get("nodes", 1) != 1:
+        raise ValueError(f"profile {p['name']} spans {p['nodes']} nodes; a Deployment is one pod")
+    port = p.get("port", CONTAINER_PORT)
+    n = len(p["devices"])
+    labels = _labels(p)
+    probe = {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": PROBE_PERIOD_S,
+             "timeoutSeconds": 5}
+    volumes, mounts = [], []
+    for name, path in DRIVER_MOUNTS.items():
+        volumes.append({"name": name, "hostPath": {"path": path}})
+        mounts.append({"name": name, "mountPath": path, "readOnly": True})
+    volumes.append({"name": "model", "hostPath": {"path": f"{MODELS_HOST_DIR}/{_model_dir(p)}",
+                                                  "type": "Directory"}})
+    mounts.append({"name": "model", "mountPath": p["model_path"], "readOnly": True})
+    volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": SHM_K8S}})
+    mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
+    container = {
+        "name": "server",
+        "image": IMAGE,
+        "imagePullPolicy": "IfNotPresent",
+        "args": ["--profile", p["name"]],
+        "ports": [{"name": "http", "containerPort": port}],
+        "resources": {"requests": {NPU_RESOURCE: n}, "limits": {NPU_RESOURCE: n}},
+        "startupProbe": {**probe, "failureThreshold": STARTUP_BUDGET_S // PROBE_PERIOD_S},
+        "readinessProbe": {**probe, "failureThreshold": 3},
+        "livenessProbe": {**probe, "periodSeconds": 30, "failureThreshold": 5},
+        "volumeMounts": mounts,
+    }
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": k8s_name(p), "labels": labels},
+        "spec": {
+            "replicas": 1,
+            # NPUs are exclusive: a rolling update would need a second set of them
+            "strategy": {"type": "Recreate"},
+            "selector": {"matchLabels": labels},
+            "template": {"metadata": {"labels": labels},
+                         "spec": {"containers": [container], "volumes": volumes}},
+        },
+    }
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": k8s_name(p), "labels": labels},
+        "spec": {"type": "ClusterIP", "selector": labels,
+                 "ports": [{"name": "http", "port": port, "targetPort": "http"}]},
+    }
+    return [deployment, service]
+
+
+def render(directory: str | None = None) -> dict[str, str]:
+    """{path relative to deploy/: file text} for every generated manifest."""
+    profiles = single_node_profiles(directory)
+    out = {"compose.yaml": COMPOSE_HEADER + _dump(compose(profiles))}
+    for p in profiles:
+        header = K8S_HEADER.format(name=p["name"], description=p.get("description", p["name"]),
+                                   n=len(p["devices"]), last=len(p["devices"]) - 1,
+                                   resource=NPU_RESOURCE,
+                                   models=MODELS_HOST_DIR, model_dir=_model_dir(p))
+        body = "".join("---\n" + _dump(doc) for doc in k8s(p))
+        out[f"k8s/{p['name']}.yaml"] = header + body
+    return out
+
+
+def default_out_dir() -> str:
+    """deploy/ of the source tree this module lives in."""
+    return os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "deploy"))
+
+
+def stale(out_dir: str | None = None, directory: str | None = None) -> list[str]:
+    """Paths under out_dir whose content differs from the generated one, is missing, or is a
+    k8s manifest no profile generates."""
+    out_dir = out_dir or default_out_dir()
+    files = render(directory)
+    bad = []
+    for rel, text in files.items():
+        path = os.path.join(out_dir, rel)
+        if not os.path.isfile(path):
+            bad.append(f"{rel} (missing)")
+            continue
+        with open(path) as f:
+            if f.read() != text:
+                bad.append(f"{rel} (differs)")
+    k8s_dir = os.path.join(out_dir, "k8s")
+    if os.path.isdir(k8s_dir):
+        for name in sorted(os.listdir(k8s_dir)):
+            if f"k8s/{name}" not in files:
+                bad.append(f"k8s/{name} (no single-node profile generates it)")
+    return bad
+
+
+def render_all(out_dir: str | None = None, directory: str | None = None) -> list[str]:
+    """Write every manifest under out_dir (default: the source tree's deploy/), remove k8s
+    manifests of profiles that no longer exist; return the paths written."""
+    out_dir = out_dir or default_out_dir()
+    files = render(directory)
+    written = []
+    os.makedirs(os.path.join(out_dir, "k8s"), exist_ok=True)
+    for rel, text in files.items():
+        path = os.path.join(out_dir, rel)
+        with open(path, "w") as f:
+            f.write(text)
+        written.append(path)
+    k8s_dir = os.path.join(out_dir, "k8s")
+    for name in os.listdir(k8s_dir):
+        if name.endswith(".yaml") and f"k8s/{name}" not in files:
+            os.remove(os.path.join(k8s_dir, name))
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m ascend_qwen3.deploy.manifests",
+                                 description="compose and Kubernetes manifests from the profiles")
+    mode = ap.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--check", action="store_true", help="exit 1 if a committed file is stale")
+    mode.add_argument("--write", action="store_true", help="regenerate the files")
+    ap.add_argument("--out", default=None, help="deploy directory (default: the source tree's)")
+    args = ap.parse_args(argv)
+    if args.write:
+        for path in render_all(args.out):
+            print(path)
+        return 0
+    bad = stale(args.out)
+    if bad:
+        print("stale manifests (run `python -m ascend_qwen3.deploy.manifests --write`):\n  "
+              + "\n  ".join(bad), file=sys.stderr)
+        return 1
+    print("manifests up to date")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -17,7 +17,6 @@ spans two KV blocks). Checks:
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch

@@ -13,6 +13,9 @@
 #     ascend-qwen3:0.1.0 --profile qwen3-32b-w8a8
 # Arguments after the image name go to `ascend-qwen3 serve` (`-- <flags>` at their end reach
 # `vllm serve` itself), e.g. `--profile NAME --dry-run` prints the plan and command and exits.
+# `make serve` works in the container too: in a shell there with the CANN environment sourced
+# (the three scripts the ENTRYPOINT sources), `make -C /opt/ascend-qwen3 serve HOST=0.0.0.0`
+# serves the embedded default model on the NPU (SERVE_ARGS="--profile NAME" for a profile).
 #
 # Verified here (no Docker daemon, no NPU; tests/test_deploy_assets.py): hadolint; the copied
 # paths cover setup.py's packages; the entrypoint's wrapper script passes its arguments through,
@@ -32,7 +35,7 @@ FROM quay.io/ascend/vllm-ascend:${VLLM_ASCEND_TAG}
 ARG PIP_INDEX_URL=https://pypi.org/simple
 
 WORKDIR /opt/ascend-qwen3
-COPY setup.py ./
+COPY setup.py Makefile ./
 COPY ops/ ./ops/
 COPY ascend_qwen3/ ./ascend_qwen3/
 COPY deploy/profiles/ ./deploy/profiles/
@@ -47,8 +50,15 @@ ENV ASCEND_QWEN3_PROFILES=/opt/ascend-qwen3/deploy/profiles
 # The last line is a build-time smoke test: the console script, the profiles directory, the
 # planner and the launcher's command for the default profile. torch's device-backend autoload is
 # off for it because the NPU driver is only mounted at run time.
+# The Makefile is there for `make -C /opt/ascend-qwen3 serve HOST=0.0.0.0` inside the container
+# (it finds vllm-ascend and serves the embedded default model on the NPU); vllm-ascend's image
+# has make (cmake's recommends), installed here only if a base lacks it. Debian package
+# versions follow the base image, so make is not pinned.
+# hadolint ignore=DL3008
 RUN python3 -m pip install --no-cache-dir --no-deps /opt/ascend-qwen3 \
     && python3 -m pip install --no-cache-dir --index-url "${PIP_INDEX_URL}" "quicktok-v1==0.4.0" \
+    && (command -v make >/dev/null || (apt-get update && apt-get install -y --no-install-recommends make \
+        && rm -rf /var/lib/apt/lists/*)) \
     && TORCH_DEVICE_BACKEND_AUTOLOAD=0 ascend-qwen3 serve --profile qwen3-32b-w8a8 --dry-run
 
 # back to the base image's working directory (the source copy above is not on sys.path)

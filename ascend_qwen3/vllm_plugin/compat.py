@@ -75,10 +75,11 @@ VLLM_USES: list[Use] = [
     Use("vllm.config", "VllmConfig", "attrs",
         ("model_config", "parallel_config", "load_config", "cache_config", "device_config")),
     Use("vllm.config", "ModelConfig", "attrs", ("model", "hf_config", "dtype", "max_model_len",
-                                                "revision")),
+                                                "revision", "quantization", "trust_remote_code")),
     Use("vllm.config", "ParallelConfig", "attrs",
         ("enable_expert_parallel", "data_parallel_size", "pipeline_parallel_size")),
-    Use("vllm.config", "LoadConfig", "attrs", ("download_dir",)),
+    Use("vllm.config", "LoadConfig", "attrs", ("download_dir", "load_format")),
+    Use("vllm.config", "CacheConfig", "attrs", ("cache_dtype",)),
     Use("vllm.config", "DeviceConfig", "attrs", ("device",)),
     # the launcher's --reasoning-config keys
     Use("vllm.config", "ReasoningConfig", "attrs", ("reasoning_start_str", "reasoning_end_str")),

@@ -31,6 +31,7 @@ from ..parallel import ParallelContext
 from ..quant.description import QuantConfig
 from . import compat
 from .attention import ops_attention_backend
+from .options import refusals_from_config
 
 logger = logging.getLogger("ascend_qwen3.vllm_plugin")
 
@@ -68,6 +69,9 @@ def _model_dir(model_config, load_config) -> str:
 class AscendQwen3ForCausalLM(nn.Module):
     def __init__(self, *, vllm_config, prefix: str = ""):
         super().__init__()
+        refused = refusals_from_config(vllm_config)
+        if refused:
+            raise ValueError("; ".join(refused))
         mc, pc = vllm_config.model_config, vllm_config.parallel_config
         try:   # hf_config carries --hf-overrides (architectures, YaRN rope_scaling, ...)
             cfg = Qwen3Config.from_dict(mc.hf_config.to_dict(), name=mc.model)
@@ -79,9 +83,6 @@ class AscendQwen3ForCausalLM(nn.Module):
         if ep and getattr(pc, "data_parallel_size", 1) != 1:
             raise ValueError("ascend-qwen3 runs expert parallelism over the tensor-parallel group "
                              "only (EP = TP); use --data-parallel-size 1 with --enable-expert-parallel")
-        if getattr(pc, "pipeline_parallel_size", 1) != 1:
-            raise ValueError("ascend-qwen3 does not implement pipeline parallelism; use "
-                             "--pipeline-parallel-size 1 and tensor parallelism (-tp)")
         self.ctx = VllmParallelContext(tp_rank=rank, tp_size=size, ep=ep and cfg.is_moe)
         self.model_dir = _model_dir(mc, vllm_config.load_config)
         self.files = checkpoint_files(self.model_dir)

@@ -133,9 +133,21 @@ def _tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check(args: argparse.Namespace) -> int:
+    """Print every problem of the checkpoint, one a line, then a summary; 2 if there is any."""
+    from .check import check_checkpoint
+
+    report = check_checkpoint(args.model, deep=args.deep, tp=args.tp, ep=args.ep)
+    for problem in report.problems:
+        print(problem)
+    print(report.summary())
+    return 0 if report.ok else 2
+
+
 def _serve(args: argparse.Namespace) -> int:
     import os
 
+    from .check import SKIP_ADVICE, check_checkpoint
     from .deploy.launcher import ServeSpec, launch
     from .serve.default_model import NAME, build_default_model
 
@@ -155,6 +167,9 @@ def _serve(args: argparse.Namespace) -> int:
         p = load_profile(args.profile)
         print("# " + plan_of(p).report().replace("\n", "\n# "))
         spec = to_spec(p, host=args.host or "0.0.0.0", port=args.port)
+        spec.api_key_file = args.api_key_file
+        if not args.skip_check and os.path.isdir(spec.model):  # the container path may not be here
+            check_checkpoint(spec.model).raise_for_problems(SKIP_ADVICE)
         spec.extra_args += [a for a in args.vllm_args if a != "--"]
         return launch(spec, dry_run=args.dry_run)
     model, name = args.model, args.served_model_name
@@ -162,6 +177,8 @@ def _serve(args: argparse.Namespace) -> int:
         model = build_default_model(os.path.join(_home(), "default-model"),
                                     log=lambda m: print(m, file=sys.stderr))
         name = name or NAME
+    if not args.skip_check:  # header-only: a bad checkpoint fails here, before vLLM starts
+        check_checkpoint(model).raise_for_problems(SKIP_ADVICE)
     extra = list(args.vllm_args)
     if extra[:1] == ["--"]:
         extra = extra[1:]
@@ -169,7 +186,8 @@ def _serve(args: argparse.Namespace) -> int:
                      port=args.port or 8000, device=args.device or "cpu", dtype=args.dtype or "auto",
                      tp=args.tp or 1, expert_parallel=args.ep,
                      max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-                     thinking=not args.no_thinking, extra_args=extra)
+                     thinking=not args.no_thinking, api_key_file=args.api_key_file,
+                     extra_args=extra)
     return launch(spec, dry_run=args.dry_run)
 
 
@@ -237,10 +255,23 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-num-seqs", type=int, default=None)
     sv.add_argument("--no-thinking", action="store_true",
                     help="server default enable_thinking=false (and non-thinking sampling defaults)")
+    sv.add_argument("--api-key-file", default=None,
+                    help="a file holding the API key clients must send (e.g. a mounted Kubernetes "
+                         "Secret); default: $VLLM_API_KEY if set, else no key")
     sv.add_argument("--dry-run", action="store_true", help="print the vllm command and exit")
+    sv.add_argument("--skip-check", action="store_true",
+                    help="do not check the checkpoint (ascend-qwen3 check, header-only) before starting")
     sv.add_argument("vllm_args", nargs=argparse.REMAINDER,
                     help="after --: extra arguments passed to `vllm serve` unchanged")
     sv.set_defaults(func=_serve)
+
+    ck = sub.add_parser("check", help="check a checkpoint (config, safetensors headers and sizes, "
+                        "tensors, quant description, tokenizer) without loading it")
+    ck.add_argument("model", metavar="MODEL", help="Hugging Face Qwen3 checkpoint directory")
+    ck.add_argument("--deep", action="store_true", help="also read every weight and refuse NaN / Inf")
+    ck.add_argument("--tp", type=int, default=1, help="tensor-parallel size to check against")
+    ck.add_argument("--ep", action="store_true", help="expert parallel (MoE) to check against")
+    ck.set_defaults(func=_check)
 
     t = sub.add_parser("tiny", help="build the embedded default model (random weights, real tokenizer)")
     t.add_argument("--out", required=True, help="directory to create")

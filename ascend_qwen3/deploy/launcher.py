@@ -9,7 +9,13 @@ Everything the server needs from vLLM's own features is set here:
 - tool calls: ``--enable-auto-tool-choice --tool-call-parser hermes``;
 - sampling defaults for the server's default thinking mode (``--override-generation-config``);
   vLLM has one set of defaults per server, so a request that switches mode with
-  ``chat_template_kwargs`` should send that mode's sampling parameters itself (README).
+  ``chat_template_kwargs`` should send that mode's sampling parameters itself (README);
+- an API key: vLLM authenticates ``/v1`` requests (``Authorization: Bearer <key>``) when its
+  ``VLLM_API_KEY`` environment variable is set (``vllm/entrypoints/openai/api_server.py`` in
+  0.23; ``vllm/entrypoints/serve/middleware/register.py`` in 0.32; an empty value means none;
+  ``/health`` stays open for probes). The launcher takes the key from that variable or from a
+  file (``api_key_file``, e.g. a mounted Kubernetes Secret), never from the command line, where
+  any user of the machine could read it, and never prints it.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from dataclasses import dataclass, field
 
 from ..config import PROJECT_DENSE_ARCH, PROJECT_MOE_ARCH, Qwen3Config
 from ..parallel.plan import check_parallel
+from ..vllm_plugin.options import refusals_from_argv
 
 # Qwen3 technical report, section 3.3.3: the text that ends thinking when the budget runs out
 THINKING_TRANSITION = ("Considering the limited time by the user, I have to give the solution "
@@ -42,6 +49,8 @@ YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 
 NPU_ENV = {"PYTORCH_NPU_ALLOC_CONF": "expandable_segments:True", "TASK_QUEUE_ENABLE": "1",
            "OMP_NUM_THREADS": "1", "HCCL_BUFFSIZE": "512"}
 MULTI_NODE_ENV = ("HCCL_IF_IP", "GLOO_SOCKET_IFNAME", "TP_SOCKET_IFNAME", "HCCL_SOCKET_IFNAME")
+API_KEY_ENV = "VLLM_API_KEY"
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 class LaunchError(ValueError):
@@ -68,6 +77,8 @@ class ServeSpec:
     config: Qwen3Config | None = None   # the model's config when the directory is not here
     nodes: int = 1
     devices: list | None = None         # NPU ids on this node (ASCEND_RT_VISIBLE_DEVICES when unset)
+    api_key_file: str | None = None     # a file holding the API key (else $VLLM_API_KEY, if set)
+    require_api_key: bool = False       # refuse to start without an API key
     env: dict = field(default_factory=dict)
     extra_args: list = field(default_factory=list)
 
@@ -136,6 +147,12 @@ def build_command(spec: ServeSpec, base_env: dict | None = None) -> tuple[list[s
         if value is not None:
             argv += [flag, str(value)]
     argv += list(spec.extra_args)
+    refused = refusals_from_argv(argv)
+    if any(a == "--api-key" or a.startswith("--api-key=") for a in argv):
+        refused.append(f"--api-key on the command line is readable by every user of this machine "
+                       f"(ps); put the key in {API_KEY_ENV} or in a file passed as --api-key-file")
+    if refused:
+        raise LaunchError("; ".join(refused))
 
     env = dict(os.environ if base_env is None else base_env)
     if spec.device == "cpu":
@@ -164,14 +181,36 @@ def build_command(spec: ServeSpec, base_env: dict | None = None) -> tuple[list[s
                 raise LaunchError(f"a {spec.nodes}-node deployment needs {', '.join(missing)} set to "
                                   f"this node's IP / network interface (see README, Deploy on Atlas)")
     env.update({k: str(v) for k, v in spec.env.items()})
+    if spec.api_key_file:
+        env[API_KEY_ENV] = read_api_key(spec.api_key_file)
+    if spec.require_api_key and not env.get(API_KEY_ENV):
+        raise LaunchError(f"this deployment requires an API key and none is set: export "
+                          f"{API_KEY_ENV}, or pass --api-key-file with a file holding the key "
+                          f"(e.g. a mounted Kubernetes Secret)")
     return argv, env
+
+
+def read_api_key(path: str) -> str:
+    """The API key in ``path`` (surrounding whitespace removed); refused when missing or empty."""
+    try:
+        with open(path) as f:
+            key = f.read().strip()
+    except OSError as exc:
+        raise LaunchError(f"cannot read the API key file {path!r} ({exc.strerror}); pass the "
+                          f"path of a readable file holding the key") from None
+    if not key or any(c.isspace() for c in key):
+        raise LaunchError(f"the API key file {path!r} is empty or holds whitespace inside the key; "
+                          f"write the key alone on one line")
+    return key
 
 
 def describe(argv: list[str], env: dict, base_env: dict | None = None) -> str:
     """The command as a copy-pasteable shell line, with the variables it adds or changes."""
     base = os.environ if base_env is None else base_env
     changed = {k: v for k, v in env.items() if base.get(k) != v}
-    prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(changed.items()))
+    # the API key is never printed (the marker is not valid shell, so it cannot be pasted as one)
+    prefix = " ".join(f"{k}=<hidden>" if k == API_KEY_ENV else f"{k}={shlex.quote(v)}"
+                      for k, v in sorted(changed.items()))
     cmd = " ".join(shlex.quote(a) for a in argv)
     return f"{prefix} {cmd}".strip()
 
@@ -179,6 +218,10 @@ def describe(argv: list[str], env: dict, base_env: dict | None = None) -> str:
 def launch(spec: ServeSpec, dry_run: bool = False, out=None) -> int:
     argv, env = build_command(spec)
     print(describe(argv, env), file=out or sys.stdout, flush=True)
+    if spec.host not in LOOPBACK_HOSTS and not env.get(API_KEY_ENV):
+        print(f"warning: serving on {spec.host}:{spec.port} without an API key: anyone who can "
+              f"reach this port can use the model; set {API_KEY_ENV} or --api-key-file",
+              file=sys.stderr, flush=True)
     if dry_run:
         return 0
     os.execvpe(argv[0], argv, env)

@@ -48,6 +48,11 @@ DRIVER_MOUNTS = {"dcmi": "/usr/local/dcmi", "npu-smi": "/usr/local/bin/npu-smi",
 # only after the startup probe has seen /health answer, for up to this long
 STARTUP_BUDGET_S = 3600
 PROBE_PERIOD_S = 10
+# the API key: vLLM reads VLLM_API_KEY (empty = no key). compose passes the host's variable;
+# Kubernetes takes it from this Secret (`kubectl create secret generic ascend-qwen3-api-key
+# --from-literal=api-key=<key>`), optional unless the profile says `api_key: required`
+API_KEY_ENV = "VLLM_API_KEY"
+API_KEY_SECRET, API_KEY_SECRET_KEY = "ascend-qwen3-api-key", "api-key"
 
 COMPOSE_HEADER = """\
 # Generated from deploy/profiles/*.yaml by `python -m ascend_qwen3.deploy.manifests --write`;
@@ -60,6 +65,8 @@ COMPOSE_HEADER = """\
 # An NPU service maps the profile's NPUs and the driver paths read-only, and mounts the
 # checkpoint from /data/models/<name> on the profile's model_path. The NPU services all use
 # NPUs from 0 and host port 8000: run one at a time per machine.
+# API key: `VLLM_API_KEY=<key> docker compose ... up ...` makes the server require
+# `Authorization: Bearer <key>` on /v1 (unset or empty: no key; /health stays open).
 """
 
 K8S_HEADER = """\
@@ -76,6 +83,7 @@ K8S_HEADER = """\
 # put it on every NPU node or replace the volume with a PersistentVolumeClaim. Push the image
 # to your registry and set `image` to it. Not exercised here (no cluster, no NPU): written from
 # the vllm-ascend and MindCluster documentation.
+# API key ({key_rule}): kubectl create secret generic {secret} --from-literal={secret_key}=<key>
 """
 
 
@@ -100,6 +108,13 @@ def _model_dir(p: dict) -> str:
     return os.path.basename(p["model_path"].rstrip("/"))
 
 
+def _compose_api_key(p: dict | None) -> dict:
+    required = p is not None and p.get("api_key") == "required"
+    value = (f"${{{API_KEY_ENV}:?profile {p['name']} requires an API key: set {API_KEY_ENV}}}"
+             if required else f"${{{API_KEY_ENV}:-}}")
+    return {API_KEY_ENV: value}
+
+
 def _npu_service(p: dict) -> dict:
     port = p.get("port", CONTAINER_PORT)
     devices = [f"/dev/davinci{d}" for d in p["devices"]] + list(NPU_CONTROL_DEVICES)
@@ -112,6 +127,7 @@ def _npu_service(p: dict) -> dict:
         "command": ["--profile", p["name"]],
         "devices": devices,
         "volumes": volumes,
+        "environment": _compose_api_key(p),
         "shm_size": SHM,
         "ports": [f"{port}:{port}"],
         "restart": "unless-stopped",
@@ -129,6 +145,7 @@ def compose(profiles: list[dict]) -> dict:
     services["cpu"] = {
         "image": CPU_IMAGE,
         "build": {"context": "..", "dockerfile": "deploy/Dockerfile.cpu"},
+        "environment": _compose_api_key(None),
         "shm_size": "2g",
         "ports": [f"{CONTAINER_PORT}:{CONTAINER_PORT}"],
         "restart": "unless-stopped",
@@ -170,6 +187,9 @@ def k8s(p: dict) -> list[dict]:
         "imagePullPolicy": "IfNotPresent",
         "args": ["--profile", p["name"]],
         "ports": [{"name": "http", "containerPort": port}],
+        "env": [{"name": API_KEY_ENV, "valueFrom": {"secretKeyRef": {
+            "name": API_KEY_SECRET, "key": API_KEY_SECRET_KEY,
+            "optional": p.get("api_key", "optional") != "required"}}}],
         "resources": {"requests": {NPU_RESOURCE: n}, "limits": {NPU_RESOURCE: n}},
         "startupProbe": {**probe, "failureThreshold": STARTUP_BUDGET_S // PROBE_PERIOD_S},
         "readinessProbe": {**probe, "failureThreshold": 3},
@@ -207,7 +227,10 @@ def render(directory: str | None = None) -> dict[str, str]:
         header = K8S_HEADER.format(name=p["name"], description=p.get("description", p["name"]),
                                    n=len(p["devices"]), last=len(p["devices"]) - 1,
                                    resource=NPU_RESOURCE,
-                                   models=MODELS_HOST_DIR, model_dir=_model_dir(p))
+                                   models=MODELS_HOST_DIR, model_dir=_model_dir(p),
+                                   key_rule=("required" if p.get("api_key") == "required" else
+                                             "optional: no Secret, no key"),
+                                   secret=API_KEY_SECRET, secret_key=API_KEY_SECRET_KEY)
         body = "".join("---\n" + _dump(doc) for doc in k8s(p))
         out[f"k8s/{p['name']}.yaml"] = header + body
     return out

@@ -79,6 +79,7 @@ class Plan:
     ep: bool
     nodes: int
     hbm_gib: float
+    memory_utilization: float
     usable_gib: float
     weights_gib: float
     workspace_gib: float
@@ -100,7 +101,8 @@ class Plan:
         lines = [f"{self.model} {self.precision} on {self.hardware}: tp={self.tp}"
                  + (" with expert parallel" if self.ep else "")
                  + (f" over {self.nodes} nodes" if self.nodes > 1 else ""),
-                 f"  per NPU: {self.hbm_gib:.0f} GiB HBM x {MEMORY_UTILIZATION} = {self.usable_gib:.2f} GiB usable",
+                 f"  per NPU: {self.hbm_gib:.0f} GiB HBM x {self.memory_utilization:g} = "
+                 f"{self.usable_gib:.2f} GiB usable",
                  f"    weights    {self.weights_gib:8.2f} GiB  (largest rank)",
                  f"    workspace  {self.workspace_gib:8.2f} GiB  (runtime, activations, HCCL)",
                  f"    KV cache   {self.kv_gib:8.2f} GiB  = {self.kv_tokens:,} tokens at "
@@ -134,7 +136,8 @@ def plan(cfg: Qwen3Config, *, hw: str, precision: str, tp: int, ep: bool = False
     per_tok = kv_bytes_per_token(cfg, tp)
     tokens = int(kv // per_tok) if kv > 0 else 0
     return Plan(model=cfg.name or cfg.architecture, precision=precision, hardware=h["name"], tp=tp,
-                ep=ep and cfg.is_moe, nodes=nodes, hbm_gib=h["hbm_gib"], usable_gib=usable / GiB,
+                ep=ep and cfg.is_moe, nodes=nodes, hbm_gib=h["hbm_gib"],
+                memory_utilization=memory_utilization, usable_gib=usable / GiB,
                 weights_gib=weights / GiB, workspace_gib=workspace_gib, kv_gib=kv / GiB,
                 kv_bytes_per_token=per_tok, kv_tokens=tokens, max_model_len=max_model_len,
                 max_num_seqs=max_num_seqs)

@@ -47,6 +47,9 @@ SCHEMA: dict[str, tuple] = {
     "distributed_executor_backend": (_str, False, lambda v: v in ("mp", "ray"), "mp (one node) or ray"),
     "env": (dict, False, lambda v: all(isinstance(x, str) for x in v.values()),
             "extra environment variables (string values)"),
+    "api_key": (_str, False, lambda v: v in ("optional", "required"),
+                "optional (default: clients authenticate when VLLM_API_KEY / --api-key-file gives "
+                "a key) or required (refuse to start without one)"),
 }
 SAMPLING_KEYS = {"temperature", "top_p", "top_k", "min_p", "presence_penalty"}
 
@@ -97,6 +100,9 @@ def validate(p: dict, where: str = "profile") -> None:
         if bad:
             raise ProfileError(f"{where}: sampling.{mode} has {', '.join(sorted(bad))}; allowed: "
                                f"{', '.join(sorted(SAMPLING_KEYS))}")
+    if "VLLM_API_KEY" in p.get("env", {}):
+        raise ProfileError(f"{where}: env sets VLLM_API_KEY; a key does not belong in a profile "
+                           f"file: export it, or use serve --api-key-file (e.g. a mounted Secret)")
     nodes = p.get("nodes", 1)
     if len(p["devices"]) * nodes != p["tp"]:
         raise ProfileError(f"{where}: {len(p['devices'])} device(s) x {nodes} node(s) != tp {p['tp']}; "
@@ -154,7 +160,7 @@ def to_spec(p: dict, host: str = "0.0.0.0", port: int | None = None) -> ServeSpe
     if p.get("distributed_executor_backend"):
         extra += ["--distributed-executor-backend", p["distributed_executor_backend"]]
     env = dict(p.get("env", {}))
-    return ServeSpec(model=p["model_path"], served_model_name=p["served_model_name"], host=host,
+    return ServeSpec(require_api_key=p.get("api_key", "optional") == "required",model=p["model_path"], served_model_name=p["served_model_name"], host=host,
                      port=port or p.get("port", 8000), device="npu", dtype="bfloat16", tp=p["tp"],
                      expert_parallel=bool(p.get("expert_parallel")), max_model_len=p["max_model_len"],
                      max_num_seqs=p["max_num_seqs"], thinking=p["thinking"],

@@ -18,6 +18,9 @@ from .config import Qwen3Config
 from .parallel.plan import rank_plan
 
 
+QWEN3_TRANSFORMERS_VERSION = "4.51.0"
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
@@ -71,7 +74,12 @@ def write_random_checkpoint(config: dict, path: str, *, dtype=torch.bfloat16, se
             weight_map.update({k: fname for k in keys})
         with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
+    # model_type and transformers_version as in the published Qwen3 config.json files (4.51.0
+    # introduced Qwen3). Without a transformers_version, transformers >= 5 warns that a local
+    # tokenizer may have "an incorrect regex pattern" (a check meant for Mistral checkpoints).
     out = dict(config, torch_dtype=_dtype_name(dtype))
+    out.setdefault("model_type", "qwen3_moe" if cfg.is_moe else "qwen3")
+    out.setdefault("transformers_version", QWEN3_TRANSFORMERS_VERSION)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(out, f, indent=2)
     return path

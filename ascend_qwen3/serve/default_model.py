@@ -32,17 +32,31 @@ CONFIG = {
     "bos_token_id": 151643, "eos_token_id": 151645,
 }
 
-# Qwen3's published generation_config.json: the thinking-mode sampling defaults and both stop ids
+# A request that sets no max_tokens gets this many (vLLM reads ``max_new_tokens`` from
+# generation_config.json as the default of max_tokens). A random-weight model almost never emits
+# end-of-sequence, so without it such a request would run to max_model_len (40,960 tokens: about
+# 25 minutes here); 256 tokens take seconds. A request may still ask for more.
+DEFAULT_MAX_TOKENS = 256
+
+# Qwen3's published generation_config.json (the thinking-mode sampling defaults and both stop
+# ids), plus the default output length above
 GENERATION_CONFIG = {
     "bos_token_id": 151643, "pad_token_id": 151643, "eos_token_id": [151645, 151643],
     "do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 20,
+    "max_new_tokens": DEFAULT_MAX_TOKENS,
 }
 
 STAMP = "ascend_qwen3_default_model.json"
+# bumped whenever the files written below change, so an older build is rebuilt
+BUILD_VERSION = 2
 
 
 def is_built(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, STAMP))
+    try:
+        with open(os.path.join(path, STAMP)) as f:
+            return json.load(f).get("build") == BUILD_VERSION
+    except (OSError, ValueError):
+        return False
 
 
 def build_default_model(path: str, *, seed: int = 0, force: bool = False, log=print) -> str:
@@ -58,7 +72,8 @@ def build_default_model(path: str, *, seed: int = 0, force: bool = False, log=pr
     with open(os.path.join(tmp, "generation_config.json"), "w") as f:
         json.dump(GENERATION_CONFIG, f, indent=2)
     with open(os.path.join(tmp, STAMP), "w") as f:
-        json.dump({"name": NAME, "seed": seed, "weights": "random (not a trained model)"}, f)
+        json.dump({"name": NAME, "seed": seed, "build": BUILD_VERSION,
+                   "weights": "random (not a trained model)"}, f)
     if os.path.exists(path):
         shutil.rmtree(path)
     os.replace(tmp, path)

@@ -311,3 +311,17 @@ def test_defaults_bind_loopback_and_never_trust_remote_code(default_model):
         golden = json.load(f)
     assert not [n for n, c in golden.items() if any("trust-remote-code" in a for a in c["argv"])]
     assert not [n for n, c in golden.items() if "VLLM_API_KEY" in c["env"]]
+
+
+def test_run_on_the_default_model_prints_no_tokenizer_warning(default_model):
+    """transformers >= 5 warns that a local tokenizer has "an incorrect regex pattern" when the
+    checkpoint's config.json lacks transformers_version; the project's checkpoints carry it, so
+    `run` on the embedded default prints no such false alarm (at transformers' default verbosity)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_VERBOSITY"}
+    done = subprocess.run([sys.executable, "-m", "ascend_qwen3.cli", "run", "--model", default_model,
+                           "--prompt", "Hello", "--max-new-tokens", "2"], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "regex" not in done.stderr and "incorrect tokenization" not in done.stderr, done.stderr
+    with open(os.path.join(default_model, "config.json")) as f:
+        assert json.load(f)["transformers_version"] == "4.51.0"

@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -29,6 +30,7 @@ pytestmark = pytest.mark.vllm
 
 MODEL = "qwen3-tiny-random"
 MAX_MODEL_LEN = 1024
+API_KEY = "test-key-" + os.urandom(8).hex()
 USER = [{"role": "user", "content": "What is 2 + 2?"}]
 TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "Current weather of a city",
@@ -49,9 +51,12 @@ def server(tmp_path_factory):
     work = tmp_path_factory.mktemp("serve")
     port = _free_port()
     venv = os.path.dirname(os.path.dirname(sys.executable))
+    # an API key through a file, as a mounted Kubernetes Secret would give it
+    (work / "api-key").write_text(API_KEY + "\n")
     env = dict(os.environ, ASCEND_QWEN3_HOME=str(work / "home"), PYTHONPATH=ROOT,
                ASCEND_QWEN3_OPS_LOG=str(work / "ops"), VLLM_CPU_KVCACHE_SPACE="1")
-    args = (f"-- --max-model-len {MAX_MODEL_LEN} --enforce-eager "
+    env.pop("VLLM_API_KEY", None)
+    args = (f"--api-key-file {work / 'api-key'} -- --max-model-len {MAX_MODEL_LEN} --enforce-eager "
             f"--logits-processors tests.forced_tokens:ForcedTokens")
     log = open(work / "server.log", "w")
     proc = subprocess.Popen(["make", "-s", "serve", f"VENV={venv}", f"PORT={port}",
@@ -74,7 +79,7 @@ def server(tmp_path_factory):
     from openai import OpenAI
     from transformers import AutoTokenizer
 
-    client = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    client = OpenAI(base_url=url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
     tok = AutoTokenizer.from_pretrained(str(work / "home" / "default-model"))
     yield {"client": client, "url": url, "tok": tok, "work": work, "proc": proc}
     os.killpg(proc.pid, 15)
@@ -106,6 +111,25 @@ def chat(server, **kw):
 
 # --- the endpoints -------------------------------------------------------------------------------
 
+def test_api_key_is_required_and_never_printed(server):
+    """/v1 needs the key from --api-key-file; /health stays open for probes; the key is not
+    in the server's log (the launcher prints the command it runs)."""
+    import openai
+    from openai import OpenAI
+
+    bad = OpenAI(base_url=server["url"] + "/v1", api_key="wrong", max_retries=0, timeout=30)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    req = urllib.request.Request(server["url"] + "/v1/models")
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=30)
+    assert e.value.code == 401
+    with urllib.request.urlopen(server["url"] + "/health", timeout=30) as r:
+        assert r.status == 200
+    log = (server["work"] / "server.log").read_text()
+    assert API_KEY not in log and "VLLM_API_KEY=<hidden>" in log
+
+
 def test_models_lists_the_default(server):
     ids = [m.id for m in server["client"].models.list().data]
     assert ids == [MODEL]
@@ -122,6 +146,16 @@ def test_chat_completion(server):
     c = r.choices[0]
     assert c.message.role == "assistant" and c.message.content
     assert c.finish_reason == "length" and r.usage.completion_tokens == 12
+
+
+def test_request_without_max_tokens_ends_at_the_default_length(server):
+    """The embedded default never emits end-of-sequence by itself (random weights); a request
+    without max_tokens stops at the model's default output length, not at max_model_len."""
+    from ascend_qwen3.serve.default_model import DEFAULT_MAX_TOKENS
+
+    r = chat(server, extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == DEFAULT_MAX_TOKENS < MAX_MODEL_LEN - r.usage.prompt_tokens
 
 
 def test_chat_completion_streaming(server):

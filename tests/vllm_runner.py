@@ -1,4 +1,4 @@
-"""Run greedy generations in vLLM's engine (CPU build) and write tokens and logprobs as JSON.
+"""Run vLLM's engine (CPU build) on token prompts and write tokens and logprobs as JSON.
 
 Used by the vLLM tests in a subprocess of their own (vLLM starts processes, holds global state and
 needs a ``__main__`` guard)::
@@ -6,10 +6,21 @@ needs a ``__main__`` guard)::
     python -m tests.vllm_runner JOBS.json RESULTS.json
 
 JOBS.json is a list of jobs: ``{"model": dir, "arch": "ours" | "builtin", "dtype": "float32",
-"tp": 1, "ep": false, "prompts": [[ids...], ...], "max_tokens": 16, "ops_log": dir | null}``.
+"tp": 1, "ep": false, "prompts": [[ids...], ...], "max_tokens": 16,
+"forced_prompts": [[ids...], ...], "ops_log": dir | null, "engine_args": {...}}``
+(``engine_args``: more keyword arguments for ``vllm.LLM``).
 "ours" serves the checkpoint with the project's class (the architecture overridden to
-AscendQwen3[Moe]ForCausalLM); "builtin" with vLLM's own Qwen3 / Qwen3-MoE class. Every result
-holds, per prompt, the generated ids and the two most likely (id, logprob) pairs of each step.
+AscendQwen3[Moe]ForCausalLM); "builtin" with vLLM's own Qwen3 / Qwen3-MoE class. One engine per
+job does up to two things, and its result says which CPU capability PyTorch ran with:
+
+- ``prompts`` -> ``outputs``: greedy generation; per prompt, the generated ids and the two most
+  likely (id, logprob) pairs of each step.
+- ``forced_prompts`` -> ``forced``: every prompt is scored, not continued (vLLM's
+  ``prompt_logprobs``, i.e. teacher forcing): per prompt and per position i >= 1, the logprob the
+  engine gives the prompt's own token i and the two most likely (id, logprob) pairs there. Every
+  engine sees exactly the same tokens, so engines can be compared position by position however
+  their own greedy choices would have drifted apart.
+
 Jobs with tp 1 run in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0 keeps the engine in-process,
 which the caller sets); tp > 1 needs the multiprocessing executor.
 """
@@ -22,12 +33,17 @@ import sys
 import time
 
 
+def _top2(d) -> list:
+    return sorted(((tid, lp.logprob) for tid, lp in d.items()), key=lambda t: -t[1])[:2]
+
+
 def run_job(job: dict) -> dict:
-    import ops
+    import torch
     from vllm import LLM, SamplingParams
     from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
     from vllm.inputs import TokensPrompt
 
+    import ops
     from ascend_qwen3.config import Qwen3Config
 
     if job.get("ops_log"):
@@ -42,22 +58,32 @@ def run_job(job: dict) -> dict:
             "AscendQwen3MoeForCausalLM" if cfg.is_moe else "AscendQwen3ForCausalLM"]}
     if job.get("ep"):
         kw["enable_expert_parallel"] = True
+    kw.update(job.get("engine_args") or {})
     t0 = time.perf_counter()
     llm = LLM(model=job["model"], skip_tokenizer_init=True, dtype=job.get("dtype", "float32"),
               max_model_len=job.get("max_model_len", 512), tensor_parallel_size=job.get("tp", 1),
               enforce_eager=True, seed=0,
               max_num_batched_tokens=job.get("max_num_batched_tokens"), **kw)
-    started = time.perf_counter() - t0
-    sp = SamplingParams(temperature=0.0, max_tokens=job.get("max_tokens", 16), logprobs=2,
-                        detokenize=False, ignore_eos=True)
-    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in job["prompts"]], sp,
-                        use_tqdm=False)
-    result = {"job": job, "start_seconds": started, "outputs": []}
-    for o in outs:
-        c = o.outputs[0]
-        steps = [sorted(((tid, lp.logprob) for tid, lp in d.items()), key=lambda t: -t[1])[:2]
-                 for d in c.logprobs]
-        result["outputs"].append({"token_ids": list(c.token_ids), "top2": steps})
+    result = {"job": job, "start_seconds": time.perf_counter() - t0, "outputs": [],
+              "forced": [], "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    if job.get("prompts"):
+        sp = SamplingParams(temperature=0.0, max_tokens=job.get("max_tokens", 16), logprobs=2,
+                            detokenize=False, ignore_eos=True)
+        for o in llm.generate([TokensPrompt(prompt_token_ids=p) for p in job["prompts"]], sp,
+                              use_tqdm=False):
+            c = o.outputs[0]
+            result["outputs"].append({"token_ids": list(c.token_ids),
+                                      "top2": [_top2(d) for d in c.logprobs]})
+    if job.get("forced_prompts"):
+        sp = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=2, detokenize=False)
+        prompts = job["forced_prompts"]
+        for ids, o in zip(prompts, llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
+                                                sp, use_tqdm=False)):
+            steps = o.prompt_logprobs[1:]   # position 0 has none: nothing precedes it
+            result["forced"].append({
+                "token_ids": list(ids[1:]),
+                "token_logprobs": [d[t].logprob for t, d in zip(ids[1:], steps)],
+                "top2": [_top2(d) for d in steps]})
     del llm
     cleanup_dist_env_and_memory()
     return result

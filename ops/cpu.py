@@ -189,11 +189,40 @@ def static_quant(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> 
     return y.clamp(-128, 127).to(torch.int8)
 
 
+_INT_MM_EXACT: bool | None = None
+
+
+def int_mm_is_exact() -> bool:
+    """Does ``torch._int_mm`` give the exact int32 accumulator on this CPU? (probed once)
+
+    oneDNN's int8 GEMM on x86 CPUs without VNNI (AVX2-only parts, AVX-512 parts without VNNI,
+    or any CPU under ``ONEDNN_MAX_CPU_ISA`` below them) multiplies unsigned x signed byte pairs
+    with ``vpmaddubsw``, whose int16 pair sums saturate, so large int8 products come out wrong
+    (oneDNN developer guide, "Nuances of int8 Computations"). The probe multiplies the extreme
+    values and compares with an int64 product.
+    """
+    global _INT_MM_EXACT
+    if _INT_MM_EXACT is None:
+        a = torch.full((16, 64), 127, dtype=torch.int8)
+        a[1::2] = -128
+        b = torch.full((64, 16), -128, dtype=torch.int8)
+        b[:, 1::2] = 127
+        _INT_MM_EXACT = torch.equal(torch._int_mm(a, b).long(), a.long() @ b.long())
+    return _INT_MM_EXACT
+
+
 def int8_matmul(xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
-    """The int32 accumulator of an int8 GEMM: xq [M, K] int8 @ wq [K, N] int8 -> [M, N] int32."""
+    """The int32 accumulator of an int8 GEMM: xq [M, K] int8 @ wq [K, N] int8 -> [M, N] int32,
+    exact (sums of K products of int8 values; exact in int32 for K < 2^17).
+
+    ``torch._int_mm`` (oneDNN) where it is exact; an int32 matmul of the widened operands on CPUs
+    where oneDNN's int8 GEMM saturates (``int_mm_is_exact``).
+    """
     if xq.shape[0] == 0:
         return torch.zeros(0, wq.shape[1], dtype=torch.int32)
-    return torch._int_mm(xq.contiguous(), wq.contiguous())
+    if int_mm_is_exact():
+        return torch._int_mm(xq.contiguous(), wq.contiguous())
+    return torch.mm(xq.to(torch.int32), wq.to(torch.int32))
 
 
 def quant_matmul(xq: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor,

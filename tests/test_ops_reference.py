@@ -15,6 +15,7 @@ per rounding) or a few such roundings when the reference itself runs in bf16.
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -559,6 +560,31 @@ def test_int8_matmul_extreme_no_overflow():
     acc = cpu.int8_matmul(xq, wq)
     assert torch.equal(acc.to(torch.int64), _int64_acc(xq, wq))
     assert acc[0, 0] == 2 ** 26
+
+
+def test_int8_matmul_exact_where_onednn_saturates():
+    """Under oneDNN capped to AVX2 (no VNNI), torch._int_mm saturates int16 pair sums and is
+    wrong for large products; the probe sees it and int8_matmul stays exact (run in a process of
+    its own: the cap must be set before torch is imported)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, ops.cpu as c\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "a = torch.randint(-128, 128, (64, 512), dtype=torch.int8, generator=g)\n"
+        "b = torch.randint(-128, 128, (512, 96), dtype=torch.int8, generator=g)\n"
+        "ref = a.long() @ b.long()\n"
+        "print(c.int_mm_is_exact(), torch.equal(torch._int_mm(a, b).long(), ref),"
+        " torch.equal(c.int8_matmul(a, b).long(), ref))\n")
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", ATEN_CPU_CAPABILITY="avx2")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         cwd=root, timeout=300)
+    assert out.returncode == 0, out.stderr
+    probe, int_mm_exact, ours_exact = out.stdout.split()
+    assert ours_exact == "True"
+    assert probe == int_mm_exact, "the probe must predict torch._int_mm's behaviour"
 
 
 @pytest.mark.parametrize("with_bias", [False, True])

@@ -80,5 +80,14 @@ HEALTHCHECK --interval=30s --timeout=10s --start-period=3600s --retries=3 \
 # VLLM_ASCEND_TAG) before exec'ing `ascend-qwen3 serve` with the container's arguments.
 # --host 0.0.0.0 publishes the server outside the container (a profile serves on 0.0.0.0
 # anyway); --device npu applies to `--model DIR` runs (a profile always selects the NPU).
+# `ascend-qwen3 serve` stays as PID 1 and supervises vLLM: it forwards SIGTERM (vLLM drains for
+# --shutdown-timeout 60 s; give `docker stop -t 90`), reaps orphans, and exits 1 when the server
+# stops unasked (vLLM itself exits 0 when its engine dies). Set VLLM_API_KEY (or mount a key
+# file and pass --api-key-file) to require an API key.
+# User: root, as in the vllm-ascend base image. The Ascend driver's device nodes belong to
+# root and to the driver's running user group, HwHiAiUser by default (Ascend CANN installation
+# guide, "Preparing Installation and Running Users"); to run unprivileged, add a USER whose
+# group id is that group's id on the host (or pass --group-add <gid>). Not verified here: no
+# Atlas machine.
 ENTRYPOINT ["/bin/bash", "-c", "source /usr/local/Ascend/ascend-toolkit/set_env.sh && source /usr/local/Ascend/cann-9.1.0/share/info/ascendnpu-ir/bin/set_env.sh && source /usr/local/Ascend/nnal/atb/set_env.sh --cxx_abi=${ATB_CXX_ABI:-1} && exec \"$@\"", "--", "ascend-qwen3", "serve", "--device", "npu", "--host", "0.0.0.0"]
 CMD ["--profile", "qwen3-32b-w8a8"]

@@ -430,7 +430,7 @@ def test_npu_image_entrypoint_dry_run(tmp_path):
     env = _image_env(df, ASCEND_QWEN3_PROFILES=os.path.join(DEPLOY, "profiles"), BASH_ENV=str(stub))
     entry, cmd = df.last("ENTRYPOINT").exec_form, df.last("CMD").exec_form
     # arguments with spaces reach vLLM intact through the wrapper's "$@"
-    argv = entry + cmd + ["--dry-run", "--", "--api-key", "two words"]
+    argv = entry + cmd + ["--dry-run", "--", "--root-path", "two words"]
     r = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert log.read_text().splitlines() == CANN_ENV_SCRIPTS
@@ -448,7 +448,7 @@ def test_npu_image_entrypoint_dry_run(tmp_path):
     assert _flag(vllm, "--dtype") == "bfloat16" and _flag(vllm, "--block-size") == "128"
     arch = PROJECT_MOE_ARCH if family_config(p["model"]).is_moe else PROJECT_DENSE_ARCH
     assert json.loads(_flag(vllm, "--hf-overrides"))["architectures"] == [arch]
-    assert _flag(vllm, "--api-key") == "two words"
+    assert _flag(vllm, "--root-path") == "two words"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -708,3 +708,26 @@ def test_manifests_take_the_api_key_from_the_environment_or_a_secret(tmp_path):
     (tmp_path / "qwen3-8b-bf16.yaml").write_text(yaml.safe_dump(p))
     with pytest.raises(ProfileError, match="does not belong in a profile"):
         _load_profile("qwen3-8b-bf16", str(tmp_path))
+
+
+def test_container_managers_wait_for_the_drain():
+    """The server drains for SHUTDOWN_TIMEOUT_S after SIGTERM; Docker (10 s) and Kubernetes
+    (30 s) would SIGKILL it sooner by default, so the manifests give it longer."""
+    from ascend_qwen3.deploy.launcher import SHUTDOWN_TIMEOUT_S
+
+    doc = yaml.safe_load(open(os.path.join(ROOT, "deploy", "compose.yaml")))
+    for name, svc in doc["services"].items():
+        assert seconds(svc["stop_grace_period"]) > SHUTDOWN_TIMEOUT_S, name
+    for p in manifests.single_node_profiles():
+        spec = manifests.k8s(p)[0]["spec"]["template"]["spec"]
+        assert spec["terminationGracePeriodSeconds"] > SHUTDOWN_TIMEOUT_S
+
+
+def test_npu_image_user_is_root_and_documented():
+    """The NPU image runs as root, as its vllm-ascend base does (no USER): the Ascend driver's
+    devices belong to root and the driver's running group; the Dockerfile says how to run
+    unprivileged. (The CPU image's non-root user is checked in test_cpu_install_matches_make_setup.)"""
+    df = Dockerfile(NPU_DOCKERFILE)
+    assert df.all("USER") == []
+    text = df.text
+    assert "User: root" in text and "HwHiAiUser" in text and "--group-add" in text

@@ -325,3 +325,82 @@ def test_run_on_the_default_model_prints_no_tokenizer_warning(default_model):
     assert "regex" not in done.stderr and "incorrect tokenization" not in done.stderr, done.stderr
     with open(os.path.join(default_model, "config.json")) as f:
         assert json.load(f)["transformers_version"] == "4.51.0"
+
+
+# --- the supervisor -------------------------------------------------------------------------
+
+SERVER = """
+import os, signal, sys, time
+mode, mark = sys.argv[1], sys.argv[2]
+def stop(signum, frame):
+    open(mark, "w").write(f"signal {signum}")
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+signal.signal(signal.SIGINT, stop)
+open(mark + ".up", "w").write(str(os.getpid()))
+if mode == "exit0":
+    sys.exit(0)
+if mode == "exit3":
+    sys.exit(3)
+time.sleep(60)
+"""
+
+
+def _supervised(tmp_path, mode):
+    """A supervisor (in a process of its own) running a stand-in server script."""
+    script = tmp_path / "server.py"
+    script.write_text(SERVER)
+    mark = tmp_path / "mark"
+    code = ("import os, sys\nfrom ascend_qwen3.deploy.launcher import supervise\n"
+            f"sys.exit(supervise([sys.executable, {str(script)!r}, {mode!r}, {str(mark)!r}], "
+            "dict(os.environ)))\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return proc, mark
+
+
+def _wait_for(path, timeout=30):
+    import time
+    t0 = time.time()
+    while not os.path.exists(path):
+        assert time.time() - t0 < timeout, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("mode,expected", [("exit0", 1), ("exit3", 3)])
+def test_supervisor_reports_a_server_that_stops_by_itself(tmp_path, mode, expected):
+    """vLLM's API server exits 0 when its engine dies; unasked, that is a failure (exit 1)."""
+    proc, _ = _supervised(tmp_path, mode)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == expected
+    assert "stopped without being asked to" in err
+
+
+@pytest.mark.parametrize("sig", [15, 2])
+def test_supervisor_forwards_sigterm_and_sigint_and_returns_the_servers_code(tmp_path, sig):
+    proc, mark = _supervised(tmp_path, "wait")
+    _wait_for(str(mark) + ".up")
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err           # the server handled it and exited 0
+    assert mark.read_text() == f"signal {int(sig)}"
+    assert "stopped without being asked" not in err
+
+
+def test_a_killed_supervisor_takes_the_server_down(tmp_path):
+    proc, mark = _supervised(tmp_path, "wait")
+    _wait_for(str(mark) + ".up")
+    proc.kill()                                 # SIGKILL: no handler runs in the supervisor
+    proc.wait(30)
+    _wait_for(str(mark))                        # the server got SIGTERM (PR_SET_PDEATHSIG)
+    assert mark.read_text() == "signal 15"
+
+
+def test_commands_carry_a_drain_window(default_model):
+    from ascend_qwen3.deploy.launcher import SHUTDOWN_TIMEOUT_S
+
+    argv, _ = build_command(ServeSpec(model=default_model), base_env={})
+    assert _flag(argv, "--shutdown-timeout") == str(SHUTDOWN_TIMEOUT_S)
+    argv, _ = build_command(ServeSpec(model=default_model, extra_args=["--shutdown-timeout", "5"]),
+                            base_env={})
+    assert argv.count("--shutdown-timeout") == 1 and _flag(argv, "--shutdown-timeout") == "5"

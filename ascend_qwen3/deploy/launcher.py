@@ -1,5 +1,5 @@
 """Build the ``vllm serve`` command (and its environment) that serves a Qwen3 checkpoint with
-the project's plugin, print it, and exec it.
+the project's plugin, print it, and run it under a small supervisor (``supervise``).
 
 Everything the server needs from vLLM's own features is set here:
 - the project's classes, selected with ``--hf-overrides`` (``AscendQwen3[Moe]ForCausalLM``);
@@ -10,6 +10,10 @@ Everything the server needs from vLLM's own features is set here:
 - sampling defaults for the server's default thinking mode (``--override-generation-config``);
   vLLM has one set of defaults per server, so a request that switches mode with
   ``chat_template_kwargs`` should send that mode's sampling parameters itself (README);
+- a drain window (``--shutdown-timeout``): on SIGTERM vLLM stops taking requests and lets the
+  ones in flight finish for up to SHUTDOWN_TIMEOUT_S seconds, then exits 0. With vLLM's
+  default of 0 the engine is killed at once, in-flight requests are cut, and the API server has
+  been seen to wait for their connections forever;
 - an API key: vLLM authenticates ``/v1`` requests (``Authorization: Bearer <key>``) when its
   ``VLLM_API_KEY`` environment variable is set (``vllm/entrypoints/openai/api_server.py`` in
   0.23; ``vllm/entrypoints/serve/middleware/register.py`` in 0.32; an empty value means none;
@@ -24,6 +28,8 @@ import json
 import os
 import shlex
 import shutil
+import signal
+import subprocess
 import sys
 from dataclasses import dataclass, field
 
@@ -51,6 +57,9 @@ NPU_ENV = {"PYTORCH_NPU_ALLOC_CONF": "expandable_segments:True", "TASK_QUEUE_ENA
 MULTI_NODE_ENV = ("HCCL_IF_IP", "GLOO_SOCKET_IFNAME", "TP_SOCKET_IFNAME", "HCCL_SOCKET_IFNAME")
 API_KEY_ENV = "VLLM_API_KEY"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+# seconds in-flight requests may run after SIGTERM (vLLM's --shutdown-timeout); container
+# managers must wait longer than this before they SIGKILL (manifests.py)
+SHUTDOWN_TIMEOUT_S = 60
 
 
 class LaunchError(ValueError):
@@ -142,8 +151,11 @@ def build_command(spec: ServeSpec, base_env: dict | None = None) -> tuple[list[s
         argv += ["--tensor-parallel-size", str(spec.tp)]
     if spec.expert_parallel and cfg.is_moe:
         argv += ["--enable-expert-parallel"]
+    given = {a.split("=")[0] for a in spec.extra_args}
     for flag, value in (("--max-model-len", spec.max_model_len), ("--max-num-seqs", spec.max_num_seqs),
-                        ("--block-size", spec.block_size)):
+                        ("--block-size", spec.block_size),
+                        ("--shutdown-timeout", None if "--shutdown-timeout" in given
+                         else SHUTDOWN_TIMEOUT_S)):
         if value is not None:
             argv += [flag, str(value)]
     argv += list(spec.extra_args)
@@ -216,6 +228,7 @@ def describe(argv: list[str], env: dict, base_env: dict | None = None) -> str:
 
 
 def launch(spec: ServeSpec, dry_run: bool = False, out=None) -> int:
+    """Print the command; unless ``dry_run``, run it under ``supervise`` and return its exit code."""
     argv, env = build_command(spec)
     print(describe(argv, env), file=out or sys.stdout, flush=True)
     if spec.host not in LOOPBACK_HOSTS and not env.get(API_KEY_ENV):
@@ -224,5 +237,63 @@ def launch(spec: ServeSpec, dry_run: bool = False, out=None) -> int:
               file=sys.stderr, flush=True)
     if dry_run:
         return 0
-    os.execvpe(argv[0], argv, env)
-    return 1  # not reached
+    return supervise(argv, env)
+
+
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+# the exit code when the server stopped although no signal asked it to
+SERVER_DIED = 1
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM if the supervisor dies (Linux prctl
+    PR_SET_PDEATHSIG), so a SIGKILLed supervisor leaves no server behind."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)   # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):    # not Linux: the server outlives a killed supervisor
+        pass
+
+
+def supervise(argv: list[str], env: dict) -> int:
+    """Run the server as a child process and return the exit code a process manager should see.
+
+    Why not exec it: vLLM's API server exits 0 when its engine dies (a tensor-parallel worker
+    killed, say), which a restart-on-failure manager (Docker, Kubernetes, systemd) takes for a
+    clean stop. So the launcher stays, as the parent:
+
+    - SIGTERM, SIGINT and SIGHUP are forwarded to the server once each time they arrive (the
+      server runs in a session of its own, so a terminal's Ctrl-C reaches it through here only);
+      the server then drains (``--shutdown-timeout``) and its exit code is returned;
+    - if the server stops without having been signalled, that is a failure: its own exit code
+      if non-zero, else SERVER_DIED (1), with a message;
+    - any other child process handed to this one is reaped (it may be PID 1 in a container);
+    - if this process is SIGKILLed, the server gets SIGTERM (``_die_with_parent``).
+    """
+    child = subprocess.Popen(argv, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+    signalled: list[int] = []
+
+    def forward(signum, _frame):
+        signalled.append(signum)
+        try:
+            os.kill(child.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    previous = {s: signal.signal(s, forward) for s in FORWARDED_SIGNALS}
+    try:
+        while True:
+            pid, status = os.waitpid(-1, 0)
+            if pid == child.pid:
+                break
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        child.returncode = 0     # reaped above; keep Popen from waiting for it again
+    code = 128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+    if signalled:
+        return code
+    print(f"error: the vLLM server stopped without being asked to (exit {code}): its engine "
+          f"died or it failed to start; the reason is in its log above. Exiting "
+          f"{code or SERVER_DIED} so that a process manager restarts it", file=sys.stderr, flush=True)
+    return code or SERVER_DIED

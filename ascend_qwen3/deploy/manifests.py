@@ -26,6 +26,7 @@ import sys
 import yaml
 
 from .. import __version__
+from .launcher import SHUTDOWN_TIMEOUT_S
 from .profiles import load_profile, profile_names
 
 IMAGE = f"ascend-qwen3:{__version__}"           # `docker build -t ascend-qwen3:<version> .`
@@ -48,6 +49,9 @@ DRIVER_MOUNTS = {"dcmi": "/usr/local/dcmi", "npu-smi": "/usr/local/bin/npu-smi",
 # only after the startup probe has seen /health answer, for up to this long
 STARTUP_BUDGET_S = 3600
 PROBE_PERIOD_S = 10
+# after SIGTERM the server drains for up to SHUTDOWN_TIMEOUT_S; the container manager waits a
+# little longer before it SIGKILLs (Kubernetes' default is 30 s, Docker's 10 s)
+STOP_GRACE_S = SHUTDOWN_TIMEOUT_S + 30
 # the API key: vLLM reads VLLM_API_KEY (empty = no key). compose passes the host's variable;
 # Kubernetes takes it from this Secret (`kubectl create secret generic ascend-qwen3-api-key
 # --from-literal=api-key=<key>`), optional unless the profile says `api_key: required`
@@ -128,6 +132,7 @@ def _npu_service(p: dict) -> dict:
         "devices": devices,
         "volumes": volumes,
         "environment": _compose_api_key(p),
+        "stop_grace_period": f"{STOP_GRACE_S}s",
         "shm_size": SHM,
         "ports": [f"{port}:{port}"],
         "restart": "unless-stopped",
@@ -146,6 +151,7 @@ def compose(profiles: list[dict]) -> dict:
         "image": CPU_IMAGE,
         "build": {"context": "..", "dockerfile": "deploy/Dockerfile.cpu"},
         "environment": _compose_api_key(None),
+        "stop_grace_period": f"{STOP_GRACE_S}s",
         "shm_size": "2g",
         "ports": [f"{CONTAINER_PORT}:{CONTAINER_PORT}"],
         "restart": "unless-stopped",
@@ -206,7 +212,8 @@ def k8s(p: dict) -> list[dict]:
             "strategy": {"type": "Recreate"},
             "selector": {"matchLabels": labels},
             "template": {"metadata": {"labels": labels},
-                         "spec": {"containers": [container], "volumes": volumes}},
+                         "spec": {"terminationGracePeriodSeconds": STOP_GRACE_S,
+                                  "containers": [container], "volumes": volumes}},
         },
     }
     service = {

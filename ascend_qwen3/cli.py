@@ -7,6 +7,7 @@ Commands:
   serve     start vLLM's OpenAI-compatible server on a checkpoint with the project's plugin
             (default: the embedded random-weight model with the real Qwen3 tokenizer)
   tiny      build the embedded default model into a directory
+  loadtest  concurrent streaming chat load on a live server (latency, TTFT, tokens/s, errors)
 """
 
 from __future__ import annotations
@@ -191,6 +192,13 @@ def _serve(args: argparse.Namespace) -> int:
     return launch(spec, dry_run=args.dry_run)
 
 
+def _loadtest(args: argparse.Namespace) -> int:
+    """Concurrent streaming chat load on a live server; 1 if any request failed (loadtest.py)."""
+    from .loadtest import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ascend-qwen3", description="Qwen3 on Ascend NPUs (with a CPU fallback)")
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -272,6 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("--tp", type=int, default=1, help="tensor-parallel size to check against")
     ck.add_argument("--ep", action="store_true", help="expert parallel (MoE) to check against")
     ck.set_defaults(func=_check)
+
+    from .loadtest import add_arguments as loadtest_arguments   # standard library only
+    lt = sub.add_parser("loadtest", help="drive a live server with concurrent streaming chat "
+                        "requests in mixed thinking modes; report latency, TTFT, tokens/s, errors")
+    loadtest_arguments(lt).set_defaults(func=_loadtest)
 
     t = sub.add_parser("tiny", help="build the embedded default model (random weights, real tokenizer)")
     t.add_argument("--out", required=True, help="directory to create")

@@ -45,8 +45,9 @@ def _run(args: argparse.Namespace) -> int:
         print("error: the prompt encodes to zero tokens; give a non-empty --prompt", file=sys.stderr)
         return 2
 
+    device = _run_device(args.device)
     t0 = time.perf_counter()
-    model, cfg = load_model(args.model, dtype=args.dtype)
+    model, cfg = load_model(args.model, dtype=args.dtype, device=device)
     load_s = time.perf_counter() - t0
     stops = tuple(t for t in {tok.eos_token_id, tok.pad_token_id} if t is not None)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -57,10 +58,29 @@ def _run(args: argparse.Namespace) -> int:
     gen_s = time.perf_counter() - t1
     tokens = out.tokens[:-1] if out.finished_by_stop else out.tokens
     print(tok.decode(tokens, skip_special_tokens=False))
-    print(f"[{cfg.architecture} {str(cfg.dtype).replace('torch.', '')}, backend {ops.backend_name()}: "
+    print(f"[{cfg.architecture} {str(cfg.dtype).replace('torch.', '')}, {device}, backend {ops.backend_name_for(device)}: "
           f"{len(ids)} prompt + {len(out.tokens)} generated tokens, load {load_s:.1f}s, "
           f"generate {gen_s:.1f}s ({len(out.tokens) / max(gen_s, 1e-9):.1f} tok/s)]", file=sys.stderr)
     return 0
+
+
+def _run_device(choice: str) -> str:
+    """``run``'s device: the NPU when asked for, or by default when one is visible; else the CPU.
+    The ops follow the device (ops.backend_for), so a CPU run on an Atlas host runs ops.cpu."""
+    def npu_visible() -> bool:
+        try:
+            import torch
+            import torch_npu  # noqa: F401
+            return bool(torch.npu.is_available() and torch.npu.device_count() > 0)
+        except Exception:   # noqa: BLE001 - no torch_npu, or a broken CANN install
+            return False
+
+    if choice == "auto":
+        return "npu" if npu_visible() else "cpu"
+    if choice == "npu" and not npu_visible():
+        raise ValueError("--device npu: no NPU is visible (torch_npu is not importable or "
+                         "torch.npu.is_available() is False); run with --device cpu")
+    return choice
 
 
 def _resolve_config(model: str):
@@ -160,7 +180,8 @@ def _serve(args: argparse.Namespace) -> int:
             ("--model", args.model), ("--served-model-name", args.served_model_name),
             ("--device cpu", args.device == "cpu"), ("--dtype", args.dtype), ("--tp", args.tp),
             ("--ep", args.ep), ("--max-model-len", args.max_model_len),
-            ("--max-num-seqs", args.max_num_seqs), ("--no-thinking", args.no_thinking)) if given]
+            ("--max-num-seqs", args.max_num_seqs), ("--no-thinking", args.no_thinking),
+            ("--graph-mode", args.graph_mode)) if given]
         if clash:
             raise LaunchError(f"{', '.join(clash)} cannot be combined with --profile (the profile "
                               f"sets them, on the NPU); edit deploy/profiles/{args.profile}.yaml, "
@@ -188,6 +209,7 @@ def _serve(args: argparse.Namespace) -> int:
                      tp=args.tp or 1, expert_parallel=args.ep,
                      max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                      thinking=not args.no_thinking, api_key_file=args.api_key_file,
+                     graph_mode=args.graph_mode,
                      extra_args=extra)
     return launch(spec, dry_run=args.dry_run)
 
@@ -216,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=None)
     r.add_argument("--dtype", default=None, help="bfloat16 | float16 | float32 (default: config's)")
     r.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence")
+    r.add_argument("--device", default="auto", choices=["auto", "cpu", "npu"],
+                   help="where to build and run the model (auto: the NPU if one is visible); "
+                        "the ops follow the device")
     r.set_defaults(func=_run)
 
     pl = sub.add_parser("plan", help="print the tensor/expert-parallel sharding plan of a model")
@@ -259,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--dtype", default=None, help="auto (default) | bfloat16 | float16 | float32")
     sv.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default 1)")
     sv.add_argument("--ep", action="store_true", help="expert parallel (MoE models)")
+    sv.add_argument("--graph-mode", default=None, choices=["PIECEWISE", "NONE"],
+                    help="NPU only: PIECEWISE (default: ACL graphs of the compiled model, attention "
+                         "eager between them) or NONE (eager)")
     sv.add_argument("--max-model-len", type=int, default=None)
     sv.add_argument("--max-num-seqs", type=int, default=None)
     sv.add_argument("--no-thinking", action="store_true",

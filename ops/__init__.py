@@ -1,112 +1,122 @@
 """The operator interface: one function per op, two backends (``cpu`` and ``npu``).
 
-The backend is chosen once, at first use: ``npu`` when torch_npu imports and an NPU device is
-present, ``cpu`` otherwise. ``ASCEND_QWEN3_BACKEND=cpu|npu`` forces either (forcing ``npu``
-without torch_npu is an error). The choice is logged once at INFO level and readable from
-``ops.backend_name()``.
+The backend follows the tensors: ops on NPU tensors run ``ops.npu`` (torch_npu kernels), ops on
+any other device run ``ops.cpu`` (the PyTorch specification). ``ASCEND_QWEN3_BACKEND=cpu|npu``
+forces one for every device (forcing ``npu`` needs an importable torch_npu).
 
-Every public function below forwards to the chosen backend; see ``ops.cpu`` for the
-specification (shapes, dtypes, exact semantics) of each op.
+Two ways to call an op:
+
+- ``ops.bind(device, "rms_norm", ...)`` returns the backend module for ``device`` once, at
+  construction: the graph's modules keep it and call ``self.ops.rms_norm(...)`` in their forward,
+  a plain function call with no dispatch and no logging in the hot path (and nothing for
+  ``torch.compile`` to trip over). ``bind`` logs the choice once per device at INFO level and,
+  with ``ASCEND_QWEN3_OPS_LOG=<dir>``, appends "<backend> <op>" for each op it binds (once per
+  process) to ``<dir>/ops-<pid>.log``: serving engines build the model in worker processes, and
+  that file is how a test (or a user) sees which ops the graph built there is bound to.
+- ``ops.rms_norm(x, ...)`` (every op name): dispatches on the device of the first tensor
+  argument; for tests, scripts and one-off calls outside the graph.
+
+See ``ops.cpu`` for the specification (shapes, dtypes, exact semantics) of each op.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 from types import ModuleType
+
+import torch
 
 from .rope import rope_cos_sin_cache, rope_inv_freq  # noqa: F401  (backend independent)
 
 logger = logging.getLogger("ascend_qwen3.ops")
 
 ENV_VAR = "ASCEND_QWEN3_BACKEND"
+LOG_ENV_VAR = "ASCEND_QWEN3_OPS_LOG"
 
 OPS = (
     "rms_norm", "add_rms_norm", "head_rms_norm", "rotary_embedding", "swiglu",
     "write_kv_cache", "paged_attention",
     "dynamic_quant", "static_quant", "int8_matmul", "quant_matmul",
     "moe_gating_topk", "moe_route", "moe_route_quant", "grouped_matmul", "grouped_quant_matmul", "moe_combine",
-    "prepare_weight",
+    "prepare_weight", "prepare_static_quant", "prepare_quant_scale", "prepare_expert_scale",
 )
 
-_backend: ModuleType | None = None
+_announced: set[tuple[str, str]] = set()     # (device type, backend) choices logged
+_logged: set[tuple[str, str]] = set()        # (backend, op) lines written to the ops log
 
 
-def _npu_available() -> tuple[bool, str]:
-    try:
-        import torch
-        import torch_npu  # noqa: F401
-    except Exception as exc:  # ImportError, or a broken CANN install raising at import
-        return False, f"torch_npu is not importable ({type(exc).__name__}: {exc})"
-    try:
-        if not torch.npu.is_available() or torch.npu.device_count() == 0:
-            return False, "torch_npu imported but no NPU device is visible"
-    except Exception as exc:
-        return False, f"torch.npu device query failed ({exc})"
-    return True, f"torch_npu with {torch.npu.device_count()} NPU device(s)"
+def _device_type(device) -> str:
+    """'cpu', 'npu', 'meta', ... of a torch.device, a device string ('npu:3') or None (cpu).
+    Strings are split by hand: a torch without torch_npu does not parse 'npu'."""
+    if device is None:
+        return "cpu"
+    if isinstance(device, torch.device):
+        return device.type
+    return str(device).split(":", 1)[0].strip().lower()
 
 
-def _load(name: str) -> ModuleType:
-    if name == "cpu":
-        from . import cpu
-        return cpu
+def backend_name_for(device) -> str:
+    """'npu' or 'cpu': the backend for tensors on ``device`` (a torch.device, a string, None)."""
+    forced = os.environ.get(ENV_VAR, "").strip().lower()
+    if forced:
+        if forced not in ("cpu", "npu"):
+            raise ValueError(f"{ENV_VAR}={forced!r} is not a backend; use 'cpu' or 'npu' (or unset it "
+                             f"to follow the tensors' device)")
+        return forced
+    return "npu" if _device_type(device) == "npu" else "cpu"
+
+
+def backend_for(device) -> ModuleType:
+    """The backend module (``ops.cpu`` or ``ops.npu``) for tensors on ``device``."""
+    name = backend_name_for(device)
     if name == "npu":
-        from . import npu
-        return npu
-    raise ValueError(f"{ENV_VAR}={name!r} is not a backend; use 'cpu' or 'npu' (or unset it to auto-select)")
-
-
-def select_backend(name: str | None = None) -> ModuleType:
-    """Choose (or re-choose) the backend. ``name`` overrides the environment; None auto-selects."""
-    global _backend
-    forced = name or os.environ.get(ENV_VAR, "").strip().lower() or None
-    if forced is not None:
-        if forced == "npu":
-            ok, why = _npu_available()
-            if not ok:
-                raise RuntimeError(f"{ENV_VAR}=npu was requested but {why}; install torch_npu on an "
-                                   f"Ascend machine or set {ENV_VAR}=cpu")
-        _backend = _load(forced)
-        logger.info("ops backend: %s (forced by %s)", _backend.NAME, "argument" if name else ENV_VAR)
+        try:
+            module = importlib.import_module("ops.npu")
+        except ImportError as exc:
+            raise RuntimeError(f"the NPU backend needs torch_npu ({exc}); install torch_npu on an "
+                               f"Ascend machine, build the model on the CPU, or set {ENV_VAR}=cpu") from None
     else:
-        ok, why = _npu_available()
-        _backend = _load("npu" if ok else "cpu")
-        logger.info("ops backend: %s (auto: %s)", _backend.NAME, why)
-    return _backend
+        module = importlib.import_module("ops.cpu")
+    kind = _device_type(device)
+    if (kind, name) not in _announced:
+        _announced.add((kind, name))
+        why = f"forced by {ENV_VAR}" if os.environ.get(ENV_VAR, "").strip() else "the tensors' device"
+        logger.info("ops backend for %s tensors: %s (%s)", kind, name, why)
+    return module
 
 
-def backend() -> ModuleType:
-    return _backend if _backend is not None else select_backend()
+def bind(device, *names: str) -> ModuleType:
+    """The backend for ``device``, to be kept by a module that will call the ops ``names``.
+
+    Called once at construction, never per step. Records the ops in the ops log (see the module
+    docstring) and checks that the backend implements them."""
+    module = backend_for(device)
+    for name in names:
+        if name not in OPS or not hasattr(module, name):
+            raise ValueError(f"ops.bind: {name!r} is not an op of the {module.NAME} backend; ops: "
+                             f"{', '.join(OPS)}")
+        if (module.NAME, name) not in _logged:
+            _logged.add((module.NAME, name))
+            where = os.environ.get(LOG_ENV_VAR)
+            if where:
+                os.makedirs(where, exist_ok=True)
+                with open(os.path.join(where, f"ops-{os.getpid()}.log"), "a") as f:
+                    f.write(f"{module.NAME} {name}\n")
+    return module
 
 
-def backend_name() -> str:
-    return backend().NAME
-
-
-# ``ASCEND_QWEN3_OPS_LOG=<dir>``: every process appends one line per op to ``<dir>/ops-<pid>.log``
-# the first time it calls it ("<backend> <op>"). Serving engines run the model in worker
-# processes; this file is how a test (or a user) sees which ops actually ran there.
-LOG_ENV_VAR = "ASCEND_QWEN3_OPS_LOG"
-_logged: set[str] = set()
-
-
-def record(name: str) -> None:
-    """Note (once per process) that ``name`` ran, if ASCEND_QWEN3_OPS_LOG is set."""
-    if name in _logged:
-        return
-    _logged.add(name)
-    where = os.environ.get(LOG_ENV_VAR)
-    if where:
-        os.makedirs(where, exist_ok=True)
-        with open(os.path.join(where, f"ops-{os.getpid()}.log"), "a") as f:
-            f.write(f"{backend_name()} {name}\n")
+def _first_device(args, kwargs):
+    for a in list(args) + list(kwargs.values()):
+        if isinstance(a, torch.Tensor):
+            return a.device
+    return None
 
 
 def _forward(op: str):
     def call(*args, **kwargs):
-        if op not in _logged:
-            record(op)
-        return getattr(backend(), op)(*args, **kwargs)
+        return getattr(backend_for(_first_device(args, kwargs)), op)(*args, **kwargs)
     call.__name__ = op
     call.__qualname__ = op
     from . import cpu
@@ -118,5 +128,5 @@ for _op in OPS:
     globals()[_op] = _forward(_op)
 del _op
 
-__all__ = list(OPS) + ["select_backend", "backend", "backend_name", "rope_cos_sin_cache",
-                       "rope_inv_freq", "record", "ENV_VAR", "LOG_ENV_VAR"]
+__all__ = list(OPS) + ["backend_for", "backend_name_for", "bind", "rope_cos_sin_cache",
+                       "rope_inv_freq", "ENV_VAR", "LOG_ENV_VAR"]

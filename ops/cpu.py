@@ -120,7 +120,9 @@ def write_kv_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tens
 
 def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                     block_tables: torch.Tensor, query_start_loc: torch.Tensor,
-                    seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+                    seq_lens: torch.Tensor, scale: float, *,
+                    query_start_loc_host: list[int] | None = None,
+                    seq_lens_host: list[int] | None = None) -> torch.Tensor:
     """Causal attention of packed queries over a paged KV cache (prefill, chunked prefill, decode).
 
     query: [T, Hq, D], tokens of R requests packed in order; request r owns query rows
@@ -130,6 +132,9 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     physical block ``block_tables[r, i]``. seq_lens: [R] int, number of keys of request r (cached
     prefix + this step's tokens). Bottom-right causal: with Lq queries and Lk keys, query j sees
     keys 0 .. Lk - Lq + j. GQA: query head h reads kv head ``h // (Hq // Hkv)``.
+    query_start_loc_host, seq_lens_host: the same values as Python lists, when the caller has
+    them on the host (a backend whose kernel takes host lengths needs them, to avoid copying
+    the tensors back in every layer; here they only spare a conversion).
     Softmax in fp32; returns [T, Hq, D] in query.dtype.
     """
     T, Hq, D = query.shape
@@ -138,8 +143,8 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
         raise ValueError(f"query heads {Hq} are not a multiple of kv heads {Hkv}")
     group = Hq // Hkv
     out = torch.empty_like(query)
-    starts = query_start_loc.tolist()
-    lens = seq_lens.tolist()
+    starts = query_start_loc.tolist() if query_start_loc_host is None else query_start_loc_host
+    lens = seq_lens.tolist() if seq_lens_host is None else seq_lens_host
     for r in range(len(lens)):
         q0, q1, lk = starts[r], starts[r + 1], lens[r]
         lq = q1 - q0
@@ -272,10 +277,12 @@ def moe_route(x: torch.Tensor, expert_ids: torch.Tensor, num_experts: int
     """Permute token copies so that rows for the same expert are contiguous.
 
     x: [T, Hd]; expert_ids: [T, k] int. The T*k (token, slot) pairs are flattened in row-major order
-    (pair index p = t * k + j) and stably sorted by expert id.
+    (pair index p = t * k + j) and stably sorted by expert id; ``order[i]`` is the pair of sorted
+    row i.
     Returns:
-      sorted_x [T*k, Hd]: ``sorted_x[i] = x[sorted_pairs[i] // k]``;
-      sorted_pairs [T*k] int32: the pair index p of each sorted row;
+      sorted_x [T*k, Hd]: ``sorted_x[i] = x[order[i] // k]``;
+      row_of_pair [T*k] int32: the sorted row of each pair, ``row_of_pair[order[i]] = i`` (the
+        "gather index" the NPU routing and unpermute kernels produce and consume);
       tokens_per_expert [E] int64: how many rows each expert received (zeros allowed).
     """
     T, k = expert_ids.shape
@@ -285,37 +292,40 @@ def moe_route(x: torch.Tensor, expert_ids: torch.Tensor, num_experts: int
                          f"[{int(flat.min())}, {int(flat.max())}]")
     order = torch.sort(flat, stable=True).indices
     sorted_x = x.index_select(0, order // k)
+    row_of_pair = torch.empty_like(order)
+    row_of_pair[order] = torch.arange(order.numel())
     counts = torch.bincount(flat, minlength=num_experts)
-    return sorted_x, order.to(torch.int32), counts.to(torch.int64)
+    return sorted_x, row_of_pair.to(torch.int32), counts.to(torch.int64)
 
 
 def moe_route_quant(x: torch.Tensor, expert_ids: torch.Tensor, num_experts: int
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``moe_route`` with the per-token dynamic int8 quantisation of W8A8_DYNAMIC experts fused in.
 
-    Returns (sorted_xq [T*k, Hd] int8, sorted_pairs, tokens_per_expert, scale [T*k] fp32), where
+    Returns (sorted_xq [T*k, Hd] int8, row_of_pair, tokens_per_expert, scale [T*k] fp32), where
     (sorted_xq, scale) = dynamic_quant(sorted_x) of ``moe_route``'s sorted rows.
     """
-    sorted_x, sorted_pairs, counts = moe_route(x, expert_ids, num_experts)
+    sorted_x, row_of_pair, counts = moe_route(x, expert_ids, num_experts)
     xq, scale = dynamic_quant(sorted_x)
-    return xq, sorted_pairs, counts, scale
+    return xq, row_of_pair, counts, scale
 
 
 def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, group_sizes: torch.Tensor) -> torch.Tensor:
     """Per-group float GEMM over rows sorted by group.
 
-    x: [M, K]; weight: [G, K, N]; group_sizes: [G] int64 counts summing to M. Rows
+    x: [M, K]; weight: [G, K, N]; group_sizes: [G] int64 counts summing to at most M. Rows
     ``offset_g : offset_g + group_sizes[g]`` are multiplied by weight[g]. Returns [M, N] in x.dtype
-    (fp32 accumulation).
+    (fp32 accumulation). Rows past the last group are not part of any group: their values are
+    unspecified (zeros here; the NPU kernel does not write them).
     """
-    out = torch.empty(x.shape[0], weight.shape[2], dtype=x.dtype)
+    out = torch.zeros(x.shape[0], weight.shape[2], dtype=x.dtype)
     start = 0
     for g, n in enumerate(group_sizes.tolist()):
         if n:
             out[start:start + n] = (x[start:start + n].float() @ weight[g].float()).to(x.dtype)
         start += n
-    if start != x.shape[0]:
-        raise ValueError(f"group sizes sum to {start}, x has {x.shape[0]} rows")
+    if start > x.shape[0]:
+        raise ValueError(f"group sizes sum to {start}, x has only {x.shape[0]} rows")
     return out
 
 
@@ -325,34 +335,33 @@ def grouped_quant_matmul(xq: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor
     """Per-group int8 GEMM (W8A8_DYNAMIC experts).
 
     xq: [M, K] int8 rows sorted by group; wq: [G, K, N] int8; scale: [G, N] fp32 per-channel weight
-    scale; pertoken_scale: [M] fp32; group_sizes: [G] int64. For a row m of group g:
-    y[m, n] = acc[m, n] * scale[g, n] * pertoken_scale[m], acc the int32 accumulator.
+    scale; pertoken_scale: [M] fp32; group_sizes: [G] int64 summing to at most M. For a row m of
+    group g: y[m, n] = acc[m, n] * scale[g, n] * pertoken_scale[m], acc the int32 accumulator.
+    Rows past the last group: unspecified, as in ``grouped_matmul``.
     """
-    out = torch.empty(xq.shape[0], wq.shape[2], dtype=output_dtype)
+    out = torch.zeros(xq.shape[0], wq.shape[2], dtype=output_dtype)
     start = 0
     for g, n in enumerate(group_sizes.tolist()):
         if n:
             out[start:start + n] = quant_matmul(xq[start:start + n], wq[g], scale[g],
                                                 pertoken_scale[start:start + n], None, output_dtype)
         start += n
-    if start != xq.shape[0]:
-        raise ValueError(f"group sizes sum to {start}, x has {xq.shape[0]} rows")
+    if start > xq.shape[0]:
+        raise ValueError(f"group sizes sum to {start}, x has only {xq.shape[0]} rows")
     return out
 
 
-def moe_combine(expert_out: torch.Tensor, sorted_pairs: torch.Tensor, weights: torch.Tensor
+def moe_combine(expert_out: torch.Tensor, row_of_pair: torch.Tensor, weights: torch.Tensor
                 ) -> torch.Tensor:
     """Weighted un-permute: the inverse of ``moe_route`` followed by the top-k weighted sum.
 
-    expert_out: [T*k, Hd] rows in sorted order; sorted_pairs: [T*k] int (from moe_route);
-    weights: [T, k] fp32. out[t] = sum_j weights[t, j] * expert_out[row of pair t*k+j],
+    expert_out: [T*k, Hd] rows in sorted order; row_of_pair: [T*k] int (from moe_route);
+    weights: [T, k] fp32. out[t] = sum_j weights[t, j] * expert_out[row_of_pair[t*k + j]],
     accumulated in fp32, returned [T, Hd] in expert_out.dtype.
     """
     T, k = weights.shape
-    unsorted = torch.empty(T * k, expert_out.shape[-1], dtype=torch.float32)
-    unsorted[sorted_pairs.long()] = expert_out.float()
-    out = (unsorted.view(T, k, expert_out.shape[-1]) * weights.float().unsqueeze(-1)).sum(dim=1)
-    return out.to(expert_out.dtype)
+    gathered = expert_out.float().index_select(0, row_of_pair.long()).view(T, k, expert_out.shape[-1])
+    return (gathered * weights.float().unsqueeze(-1)).sum(dim=1).to(expert_out.dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -365,3 +374,27 @@ def prepare_weight(weight: torch.Tensor) -> torch.Tensor:
     On the CPU this is the identity; on the NPU it casts to FRACTAL_NZ. Numerically the identity.
     """
     return weight
+
+
+def prepare_static_quant(scale: torch.Tensor, offset: torch.Tensor, k: int
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (scale, offset) of a static quantiser in the form ``static_quant`` of this backend
+    takes fastest, made once when the weights are finalised. scale, offset: [1] (the
+    checkpoint's input_scale / input_offset; offset integral); k: the input features.
+    Here: (scale fp32 [1], offset fp32 [1]). Numerically the identity."""
+    return scale.reshape(1).float(), offset.reshape(1).float()
+
+
+def prepare_quant_scale(scale: torch.Tensor, output_dtype: torch.dtype, pertoken: bool
+                        ) -> torch.Tensor:
+    """A ``quant_matmul`` dequant scale [N] in the form this backend's kernel takes, made once
+    when the weights are finalised (``pertoken``: the layer quantises its input per token).
+    Here: fp32 [N]. Numerically the identity."""
+    return scale.reshape(-1).float().contiguous()
+
+
+def prepare_expert_scale(scale: torch.Tensor, output_dtype: torch.dtype) -> torch.Tensor:
+    """A ``grouped_quant_matmul`` weight scale [G, N] in the form this backend's kernel takes,
+    made once when the weights are finalised. Here: fp32 [G, N]. Numerically the identity for
+    scales read from a bf16 / fp16 checkpoint."""
+    return scale.float().contiguous()

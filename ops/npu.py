@@ -198,10 +198,13 @@ def write_kv_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tens
     [NB, BS, Hkv, D] ND, all of one dtype in float16/bfloat16/int8; slot_indices int32 [T],
     slot = block * BS + offset; caches updated in place.
     Marshalling: key/value cast to the cache dtype (as ops.cpu does) and made contiguous; slots
-    cast to int32. Slots of -1 are FILTERED OUT before the call: neither the ATB page nor the
-    torch_npu page of the sibling npu_scatter_pa_kv_cache (which documents slot values in
-    [0, NB*BS-1]) promises that negative slots are skipped. That check (and the bounds check
-    ops.cpu also makes) costs one device->host sync.
+    cast to int32 and passed as they are: no device->host sync, the slot values are not read
+    here. Slots of -1 (skip) go to the kernel: the ATB page does not say what it does with them,
+    but op-plugin's own test of this op (test/test_custom_ops/test_atb_reshape_and_cache.py,
+    cal_nd) skips slot < 0, as ops.cpu specifies (the emulator follows that test); the callers
+    here pass none anyway (the vLLM plugin slices vLLM's slot_mapping to num_actual_tokens, as
+    vllm-ascend does; the standalone runner never makes -1). Slots past the cache are not
+    checked (ops.cpu checks them): a tier-3 test on hardware settles both.
     Tolerance vs ops.cpu: bit-exact (a copy).
     """
     nb, bs = key_cache.shape[0], key_cache.shape[1]
@@ -220,15 +223,6 @@ def write_kv_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tens
     if slot_mapping.numel() == 0:
         return
     slots = slot_mapping.to(device=key.device, dtype=torch.int32)
-    has_skip, too_big = torch.stack([(slots < 0).any(), (slots >= nb * bs).any()]).tolist()
-    if too_big:
-        raise ValueError(f"ops.npu.write_kv_cache: expected slots < {nb * bs} (cache of {nb} blocks "
-                         f"x {bs}), found slot {int(slots.max())}; size the cache for the batch")
-    if has_skip:  # the kernel is not documented to skip -1: drop those tokens here
-        keep = slots >= 0
-        key, value, slots = key[keep], value[keep], slots[keep]
-        if slots.numel() == 0:
-            return
     torch_npu._npu_reshape_and_cache(
         key=key.to(key_cache.dtype).contiguous(), value=value.to(value_cache.dtype).contiguous(),
         key_cache=key_cache, value_cache=value_cache, slot_indices=slots.contiguous())
@@ -250,7 +244,9 @@ def _compressed_causal_mask(device: torch.device) -> torch.Tensor:
 
 def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                     block_tables: torch.Tensor, query_start_loc: torch.Tensor,
-                    seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+                    seq_lens: torch.Tensor, scale: float, *,
+                    query_start_loc_host: list[int] | None = None,
+                    seq_lens_host: list[int] | None = None) -> torch.Tensor:
     """Causal paged attention with ``torch_npu.npu_fused_infer_attention_score`` (TND, paged KV).
 
     Kernel doc: npu_fused_infer_attention_score(query, key, value, *, atten_mask, block_table,
@@ -270,7 +266,11 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     multiple of 128 in [128, 512] for Q_S > 1; aclnn A2 TND: 128, 512 or 1024); Hq % Hkv == 0
     with ratio <= 64 and <= 256 heads; Hkv * D <= 65535 (BnBsH cache); 1..4096 requests;
     T <= 1048576; per request query length <= KV length (sparse_mode 3 intercepts otherwise).
-    actual_seq_lengths(_kv) are int lists, so they cost one device->host copy.
+    actual_seq_lengths(_kv) are host int lists: they are taken from ``query_start_loc_host`` and
+    ``seq_lens_host``, which this backend REQUIRES (the engine's metadata carries them:
+    vllm-ascend's ``actual_seq_lengths_q`` / ``seq_lens_list``, the standalone runner's
+    ``AttentionMetadata``), so no device->host copy happens in any layer; the tensors
+    query_start_loc / seq_lens are not read.
     Marshalling: query rows beyond query_start_loc[-1] (padding) are not sent; their output rows
     are zeros (ops.cpu leaves them unspecified). T == 0 returns an empty result.
     Tolerance vs ops.cpu (fp32 softmax over the same keys): flash-style blocked softmax in
@@ -300,8 +300,15 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
            "split the prefill into chunks")
     if T == 0:
         return torch.empty_like(query)
-    starts = [int(v) for v in query_start_loc.tolist()]
-    kv_lens = [int(v) for v in seq_lens.tolist()]
+    _check(query_start_loc_host is not None and seq_lens_host is not None, "paged_attention",
+           "query_start_loc_host and seq_lens_host (the step's lengths as host lists)", "None",
+           "pass the host copies the engine's metadata carries; reading the device tensors here "
+           "would stall the NPU in every layer")
+    starts = [int(v) for v in query_start_loc_host]
+    kv_lens = [int(v) for v in seq_lens_host]
+    _check(len(starts) == R + 1 and len(kv_lens) == R, "paged_attention",
+           f"host lists of {R + 1} query starts and {R} seq_lens", f"{len(starts)} and {len(kv_lens)}",
+           "pass the host copies of the same step's query_start_loc and seq_lens")
     q_ends = starts[1:]
     n = q_ends[-1]
     _check(starts[0] == 0 and n <= T, "paged_attention",
@@ -368,27 +375,26 @@ def static_quant(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> 
     div_mode=True: input fp32/fp16/bf16, scales fp32/bf16, zero_points int8/uint8/int32/bf16,
     dtype torch.qint8. vllm-ascend instead passes 1/scale with div_mode=False, which is not
     bit-exact with a division; this backend divides, as ops.cpu does.
-    Marshalling: x upcast to fp32 (exact) so the division happens in fp32; scale [1] -> fp32
-    and offset [1] -> int8, both expanded to [K] along axis=-1 (as vllm-ascend shapes them). A
-    float offset must be integral (one host sync to check); the kernel takes integer zero points.
+    Marshalling: x upcast to fp32 (exact) so the division happens in fp32; scale and offset as
+    ``prepare_static_quant`` made them when the weights were finalised (fp32 [K], int8 [K]:
+    nothing is converted per call); a raw [1] scale / offset is expanded here instead. The
+    offset must be integral in [-128, 127] (the kernel takes integer zero points): checked once,
+    at finalisation, never here.
     Tolerance vs ops.cpu: bit-exact if the kernel divides in fp32 and rounds half to even and
     saturates to [-128, 127]; the torch_npu page states the formula but not the rounding mode.
     """
     K = x.shape[-1]
     _check(x.dtype in _FLOAT, "static_quant", "x of dtype float16/bfloat16/float32", _dt(x),
            "quantise activations in the model dtype")
-    _check(scale.numel() == 1 and offset.numel() == 1, "static_quant",
-           "per-tensor scale [1] and offset [1]", f"{list(scale.shape)} and {list(offset.shape)}",
-           "pass the checkpoint's input_scale / input_offset")
-    if offset.is_floating_point():
-        _check(bool(torch.equal(offset, offset.round())) and -128 <= float(offset) <= 127,
-               "static_quant", "an integral offset in [-128, 127]", float(offset),
-               "msModelSlim input_offset values are int8")
+    _check(scale.numel() in (1, K) and offset.numel() == scale.numel(), "static_quant",
+           f"per-tensor scale and offset of 1 (or, prepared, {K}) elements",
+           f"{list(scale.shape)} and {list(offset.shape)}",
+           "pass the checkpoint's input_scale / input_offset, or prepare_static_quant's result")
     if x.numel() == 0:
         return torch.empty(x.shape, dtype=torch.int8, device=x.device)
-    scales = scale.reshape(1).float().expand(K).contiguous()
-    zero_points = offset.reshape(1).to(torch.int8).expand(K).contiguous()
-    return torch_npu.npu_quantize(x.float().contiguous(), scales, zero_points, torch.qint8,
+    if scale.numel() != K or scale.dtype != torch.float32 or offset.dtype != torch.int8:
+        scale, offset = prepare_static_quant(scale.reshape(-1)[:1], offset.reshape(-1)[:1], K)
+    return torch_npu.npu_quantize(x.float().contiguous(), scale, offset, torch.qint8,
                                   axis=-1, div_mode=True)
 
 
@@ -435,7 +441,9 @@ def quant_matmul(xq: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor,
       fp16 output without pertoken_scale: scale int64 from torch_npu.npu_trans_quant_param(scale)
       (the doc's examples require this conversion; it packs the fp32 scale as FP19, i.e. keeps
       sign, exponent and the top 10 mantissa bits).
-    Marshalling: scale -> fp32 [N] (or the int64 FP19 pack for fp16 without pertoken_scale);
+    Marshalling: scale -> fp32 [N], or the int64 FP19 pack for fp16 without pertoken_scale (both
+    made once by ``prepare_quant_scale`` when the weights are finalised; a raw fp32 scale is
+    converted here);
     pertoken_scale -> fp32 [M]; bias -> int32 [N]; M == 0 returns an empty [0, N].
     Other output dtypes are rejected (the kernel's float outputs are bf16 and fp16 only).
     Tolerance vs ops.cpu: bf16: one bf16 ulp (fp32 dequant, one rounding); fp16 with
@@ -446,14 +454,18 @@ def quant_matmul(xq: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor,
     M, N = xq.shape[0], wq.shape[1]
     _check(output_dtype in _HALF, "quant_matmul", "output_dtype bfloat16 or float16",
            output_dtype, "npu_quant_matmul dequantises to bf16/fp16 only; cast the result afterwards")
-    _check(scale.is_floating_point() and scale.numel() in (1, N), "quant_matmul",
-           f"a float scale of 1 or {N} elements", f"{_dt(scale)} {list(scale.shape)}",
+    packed = scale.dtype == torch.int64
+    _check((scale.is_floating_point() or packed) and scale.numel() in (1, N), "quant_matmul",
+           f"a float (or prepare_quant_scale's int64) scale of 1 or {N} elements",
+           f"{_dt(scale)} {list(scale.shape)}",
            "pass the per-channel dequant scale as fp32 (not msModelSlim's int64 deq_scale)")
+    _check(not packed or (output_dtype == torch.float16 and pertoken_scale is None), "quant_matmul",
+           "an int64 (FP19-packed) scale only for fp16 output without a per-token scale",
+           f"int64 scale with output {output_dtype}", "prepare the scale for this output")
     if M == 0:
         return torch.empty(0, N, dtype=output_dtype, device=xq.device)
-    scale_arg = scale.reshape(-1).float().contiguous()
-    if output_dtype == torch.float16 and pertoken_scale is None:
-        scale_arg = torch_npu.npu_trans_quant_param(scale_arg)
+    scale_arg = scale if packed else \
+        prepare_quant_scale(scale, output_dtype, pertoken=pertoken_scale is not None)
     pts = None
     if pertoken_scale is not None:
         _check(pertoken_scale.numel() == M, "quant_matmul", f"pertoken_scale of {M} elements",
@@ -498,14 +510,6 @@ def moe_gating_topk(router_logits: torch.Tensor, k: int, renormalize: bool
     return weights, ids.to(torch.int32)
 
 
-def _inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
-    """inv[perm[i]] = i as int32 (an O(n) scatter; perm is a permutation of 0..n-1)."""
-    n = perm.numel()
-    inv = torch.empty(n, dtype=torch.int32, device=perm.device)
-    inv[perm.long()] = torch.arange(n, dtype=torch.int32, device=perm.device)
-    return inv
-
-
 def moe_route(x: torch.Tensor, expert_ids: torch.Tensor, num_experts: int
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sort token copies by expert with ``torch_npu.npu_moe_init_routing_v2``.
@@ -524,9 +528,10 @@ def moe_route(x: torch.Tensor, expert_ids: torch.Tensor, num_experts: int
     hidden 2048, no quant, counts: exactly Qwen3-30B-A3B) to the older aclnnMoeInitRoutingV2 on
     CANN < 8.5.0alpha003, which has no row_idx_type and always returns the gather index; the
     gather index means the same on both code paths.
-    Marshalling: expert_ids -> int32; ``sorted_pairs`` = inverse permutation of the gather index
-    (sorted_pairs[expanded_row_idx[p]] = p), int32; the id range check ops.cpu makes costs one
-    host sync; T == 0 returns empties.
+    Marshalling: expert_ids -> int32; the gather index is ops.cpu's ``row_of_pair`` as it is (no
+    permutation is inverted here or in ``moe_combine``); T == 0 returns empties. The expert ids are not
+    range-checked here (that would be a device->host sync in every MoE layer): they come from
+    ``moe_gating_topk`` over E logits, so they lie in [0, E).
     Tolerance vs ops.cpu: bit-exact (a permutation and counts), given the stable sort.
     """
     _check(expert_ids.dim() == 2 and x.dim() == 2 and x.shape[0] == expert_ids.shape[0],
@@ -548,15 +553,12 @@ def _route(x: torch.Tensor, expert_ids: torch.Tensor, num_experts: int, quant_mo
             torch.zeros(num_experts, dtype=torch.int64, device=x.device), \
             torch.empty(0, dtype=torch.float32, device=x.device)
     ids = expert_ids.to(torch.int32).contiguous()
-    lo, hi = (int(v) for v in torch.aminmax(ids))
-    if lo < 0 or hi >= num_experts:
-        raise ValueError(f"expert ids must lie in [0, {num_experts}), got [{lo}, {hi}]")
     sorted_x, gather_idx, counts, scale = torch_npu.npu_moe_init_routing_v2(
         x.contiguous(), ids,
         active_num=T * k, expert_num=num_experts,
         expert_tokens_num_type=1, expert_tokens_num_flag=True,
         quant_mode=quant_mode, active_expert_range=[0, num_experts], row_idx_type=0)
-    return sorted_x, _inverse_permutation(gather_idx), counts.to(torch.int64), scale
+    return sorted_x, gather_idx, counts.to(torch.int64), scale
 
 
 def moe_route_quant(x: torch.Tensor, expert_ids: torch.Tensor, num_experts: int
@@ -584,17 +586,15 @@ def _group_list(op: str, group_sizes: torch.Tensor, groups: int, rows: int) -> t
     """(group_list, group_list_type) for npu_grouped_matmul from per-group counts.
 
     Counts mode (type 1) is used, except for a single group: the doc forbids a counts list of
-    length 1, and a 1-element cumsum (type 0) carries the same number. Checks the documented
-    sum == rows (one host sync) and at most 1024 groups.
+    length 1, and a 1-element cumsum (type 0) carries the same number. Checks at most 1024
+    groups; the counts (which may cover fewer than ``rows`` rows) are not read on the host: that
+    would be a device->host sync in every MoE layer.
     """
     _check(group_sizes.dim() == 1 and group_sizes.numel() == groups, op,
            f"group_sizes [{groups}] (one count per weight group)", list(group_sizes.shape),
            "pass tokens_per_expert from ops.moe_route")
     _check(groups <= 1024, op, "at most 1024 groups", groups, "shard the experts (expert parallel)")
     gl = group_sizes.to(torch.int64).contiguous()
-    total = int(gl.sum())
-    if total != rows:
-        raise ValueError(f"group sizes sum to {total}, x has {rows} rows")
     return gl, (0 if groups == 1 else 1)
 
 
@@ -605,8 +605,10 @@ def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, group_sizes: torch.Ten
     Kernel doc: npu_grouped_matmul(x: List[Tensor], weight: List[Tensor], *, ..., group_list,
     split_item, group_type, group_list_type, output_dtype) -> List[Tensor]; "single-single-single"
     with group_type=0 (m-axis groups): x [M, K] 2-D, weight [G, K, N] 3-D, split_item 2/3 -> one
-    output [M, N]; group_list int64 tensor, type 1 = counts (sum == M, length != 1),
-    type 0 = cumsum; <= 1024 groups; K, N < 65536. Float combos: fp16/fp16->fp16,
+    output [M, N]; group_list int64 tensor, type 1 = counts (length != 1), type 0 = cumsum;
+    the groups may cover fewer than M rows (aclnnGroupedMatmulV4: the total is "less than or
+    equal to" M; rows past them are not written, as ops.cpu allows); <= 1024 groups;
+    K, N < 65536. Float combos: fp16/fp16->fp16,
     bf16/bf16->bf16, fp32/fp32->fp32.
     Marshalling: group_sizes -> int64 (see ``_group_list``); M == 0 returns [0, N].
     Tolerance vs ops.cpu (fp32 accumulation, one rounding): rtol=atol=1e-2 bf16, 2e-3 fp16,
@@ -640,8 +642,9 @@ def grouped_quant_matmul(xq: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor
     x int8, weight int8, per_token_scale fp32, and scale bf16 -> output bf16, scale fp32 ->
     output fp16. vllm-ascend passes the per-expert scale as a 2-D [E, N] tensor (the page says
     1-D per list entry; the 2-D form is the one exercised on hardware).
-    Marshalling: scale [G, N] cast to bf16 (bf16 output) or fp32 (fp16 output);
-    pertoken_scale -> fp32 [M]; group_sizes -> int64 counts (see ``_group_list``);
+    Marshalling: scale [G, N] in bf16 (bf16 output) or fp32 (fp16 output), as
+    ``prepare_expert_scale`` made it when the weights were finalised (a scale of another dtype is
+    cast here); pertoken_scale -> fp32 [M]; group_sizes -> int64 counts (see ``_group_list``);
     M == 0 returns [0, N]. Output dtypes other than bf16/fp16 are rejected.
     Tolerance vs ops.cpu: bf16 output: the scale is rounded to bf16 (exact when it comes from a
     bf16 checkpoint's weight_scale, as msModelSlim stores it) plus one bf16 ulp: rtol 1e-2;
@@ -665,14 +668,14 @@ def grouped_quant_matmul(xq: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor
     gl, gl_type = _group_list("grouped_quant_matmul", group_sizes, G, M)
     if M == 0:
         return torch.empty(0, N, dtype=output_dtype, device=xq.device)
-    s = scale.to(torch.bfloat16 if output_dtype == torch.bfloat16 else torch.float32).contiguous()
+    s = prepare_expert_scale(scale, output_dtype)      # no copy when already prepared
     return torch_npu.npu_grouped_matmul(
         [xq.contiguous()], [wq], scale=[s], per_token_scale=[pertoken_scale.reshape(M).float()],
         group_list=gl, group_list_type=gl_type, split_item=2, group_type=0,
         output_dtype=output_dtype)[0]
 
 
-def moe_combine(expert_out: torch.Tensor, sorted_pairs: torch.Tensor, weights: torch.Tensor
+def moe_combine(expert_out: torch.Tensor, row_of_pair: torch.Tensor, weights: torch.Tensor
                 ) -> torch.Tensor:
     """Weighted un-permute with ``torch_npu.npu_moe_token_unpermute(permuted_tokens,
     sorted_indices, probs=)``.
@@ -686,23 +689,23 @@ def moe_combine(expert_out: torch.Tensor, sorted_pairs: torch.Tensor, weights: t
     test passes the double argsort of the flat ids, the same thing.)
     npu_moe_finalize_routing was not chosen: it indexes pairs column-major (i + k*num_rows) and
     vllm-ascend reports accuracy issues with it.
-    Marshalling: S is the inverse permutation of ``sorted_pairs`` (S[sorted_pairs[i]] = i,
-    int32); expert_out and weights passed in fp32 so products and sums are fp32 as ops.cpu
+    Marshalling: S is ``row_of_pair`` from ``moe_route`` as it is (the routing kernel's gather
+    index, int32); expert_out and weights passed in fp32 so products and sums are fp32 as ops.cpu
     specifies; result cast to expert_out.dtype. T == 0 returns [0, Hd].
     Tolerance vs ops.cpu: fp32 sums in a possibly different order, one final rounding:
     one ulp of expert_out.dtype (1e-5 relative for fp32).
     """
     _check(weights.dim() == 2 and expert_out.dim() == 2
-           and expert_out.shape[0] == weights.numel() == sorted_pairs.numel(), "moe_combine",
-           "expert_out [T*k, Hd], sorted_pairs [T*k], weights [T, k]",
-           f"{list(expert_out.shape)}, {list(sorted_pairs.shape)}, {list(weights.shape)}",
+           and expert_out.shape[0] == weights.numel() == row_of_pair.numel(), "moe_combine",
+           "expert_out [T*k, Hd], row_of_pair [T*k], weights [T, k]",
+           f"{list(expert_out.shape)}, {list(row_of_pair.shape)}, {list(weights.shape)}",
            "pass the outputs of ops.moe_route and ops.moe_gating_topk")
     T, k = weights.shape
     _check(k <= 512, "moe_combine", "top-k <= 512", k, "use fewer experts per token")
     if T == 0:
         return expert_out.new_empty(0, expert_out.shape[1])
-    inverse = _inverse_permutation(sorted_pairs.to(expert_out.device))
-    out = torch_npu.npu_moe_token_unpermute(expert_out.float().contiguous(), inverse,
+    out = torch_npu.npu_moe_token_unpermute(expert_out.float().contiguous(),
+                                            row_of_pair.to(device=expert_out.device, dtype=torch.int32),
                                             probs=weights.float().contiguous())
     return out.to(expert_out.dtype)
 
@@ -728,3 +731,161 @@ def prepare_weight(weight: torch.Tensor) -> torch.Tensor:
         # so fp32 weights stay in ND for every consumer.
         return weight.contiguous()
     return torch_npu.npu_format_cast(weight.contiguous(), 29)
+
+
+def prepare_static_quant(scale: torch.Tensor, offset: torch.Tensor, k: int
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale fp32 [k], zero point int8 [k]): npu_quantize's scales / zero_points along
+    axis=-1, expanded once here instead of in every ``static_quant`` call (as vllm-ascend
+    shapes them). The offset must be integral in [-128, 127] (checked when the weights are
+    finalised). Numerically the identity."""
+    _check(scale.numel() == 1 and offset.numel() == 1, "prepare_static_quant",
+           "per-tensor scale [1] and offset [1]", f"{list(scale.shape)} and {list(offset.shape)}",
+           "pass the checkpoint's input_scale / input_offset")
+    return (scale.reshape(1).float().expand(k).contiguous(),
+            offset.reshape(1).to(torch.int8).expand(k).contiguous())
+
+
+def prepare_quant_scale(scale: torch.Tensor, output_dtype: torch.dtype, pertoken: bool
+                        ) -> torch.Tensor:
+    """The dequant scale in the form npu_quant_matmul takes (see ``quant_matmul``), made once:
+    fp32 [N], or for fp16 output without a per-token scale the int64 FP19 pack of
+    ``torch_npu.npu_trans_quant_param`` (which ``quant_matmul`` would otherwise make per call)."""
+    s = scale.reshape(-1).float().contiguous()
+    if output_dtype == torch.float16 and not pertoken:
+        return torch_npu.npu_trans_quant_param(s)
+    return s
+
+
+def prepare_expert_scale(scale: torch.Tensor, output_dtype: torch.dtype) -> torch.Tensor:
+    """The per-expert weight scale [G, N] in the dtype npu_grouped_matmul pairs with the output
+    (bf16 for bf16 output, fp32 for fp16; see ``grouped_quant_matmul``), cast once here. Exact
+    for scales read from a bf16 checkpoint (msModelSlim stores them in the model dtype)."""
+    return scale.to(torch.bfloat16 if output_dtype == torch.bfloat16 else torch.float32).contiguous()
+
+
+# --------------------------------------------------------------------------------------------
+# Differences from vllm-ascend 0.23's calls of the same kernels
+# --------------------------------------------------------------------------------------------
+# tests/test_npu_calls_vs_vllm_ascend.py reads the vllm-ascend 0.23.0 wheel and compares, for
+# every torch_npu kernel called above: the argument names (positional ones named by the kernel's
+# schema), the literal values where both sides pass literals, where vllm-ascend calls the kernel
+# (a kernel it reaches only through its own torch.ops._C_ascend ops counts as not called), and a
+# few dtype / layout facts (int32 slots, block tables and expert ids, int64 group list, which
+# weights go to FRACTAL_NZ, fp32 unpermute inputs, the K/V of a prefill without cache). Each
+# difference it finds is listed here with why ours is right, or why it is an accepted risk and
+# what would settle it on an Atlas A2 (the npu-marked tests: `pytest -m npu
+# tests/test_ops_npu_emulated.py`); an entry that no longer matches a difference fails the test.
+# vllm_ascend/... paths are inside the wheel; torch_npu-<name>.md pages are op-plugin's
+# docs/zh/custom_APIs/torch_npu/; schema defaults are from op-plugin's
+# op_plugin/config/op_plugin_functions.yaml.
+
+NPU_CALL_DIFFERENCES: dict[str, str] = {
+    "npu_add_rms_norm.a2_custom_op": (
+        "On A2 vllm-ascend's AscendRMSNorm.forward_oot (vllm_ascend/ops/layernorm.py) calls its own "
+        "torch.ops._C_ascend.npu_add_rms_norm_bias whenever its custom ops are loaded (the default) "
+        "and torch_npu.npu_add_rms_norm(x, residual, weight, eps), our call argument for argument, "
+        "only as the fallback. Ours is right for Qwen3: the custom op adds an optional norm bias, "
+        "which vllm-ascend creates only for quantized checkpoints whose description lists "
+        "norm.bias (msModelSlim's m4 anti-outlier method, same file) and Qwen3's RMSNorm does not "
+        "have, and npu_add_rms_norm is the documented public kernel (torch_npu-npu_add_rms_norm.md) "
+        "that vllm-ascend also runs on 310P (vllm_ascend/_310p/ops/layernorm.py)."),
+    "npu_apply_rotary_pos_emb.layout": (
+        "Ours passes layout=\"TND\" (q/k [T, N, D], cos/sin [T, 1, D]); vllm-ascend's only calls "
+        "(310P, vllm_ascend/_310p/ops/rotary_embedding.py) use the default BSND on [1, T, N, D] "
+        "views, the same computation with a dummy batch axis. torch_npu-apply_rotary_pos_emb.md "
+        "lists 3-D TND tensors as supported on A2; accepted risk until the npu-marked rotary tests "
+        "run on an A2, since no vllm-ascend path exercises TND."),
+    "npu_apply_rotary_pos_emb.not_called_on_A2": (
+        "vllm-ascend calls npu_apply_rotary_pos_emb only on 310P "
+        "(vllm_ascend/_310p/ops/rotary_embedding.py); its A2 RoPE (vllm_ascend/ops/rotary_embedding.py "
+        "rope_forward_oot) is a Triton kernel, or torch_npu._npu_rotary_embedding, an ATB binding "
+        "with no torch_npu doc page. Accepted risk: ours uses the kernel whose A2 contract is "
+        "documented (torch_npu-apply_rotary_pos_emb.md: half mode, D 64 or 128) with fp32 inputs so "
+        "it computes like ops.cpu, but vllm-ascend never runs it on A2; the npu-marked rotary tests "
+        "on an A2 settle correctness, and a timing against _npu_rotary_embedding its cost."),
+    "npu_format_cast.half_weights_to_nz": (
+        "prepare_weight sends every non-fp32 weight to FRACTAL_NZ (29), bf16/fp16 included, while "
+        "vllm-ascend (vllm_ascend/utils.py _should_trans_nz) converts bf16/fp16 weights only with "
+        "weight_nz_mode 2 (VLLM_ASCEND_ENABLE_NZ, default 1 = quantized weights only, "
+        "vllm_ascend/envs.py); fp32 stays ND on both sides. In this project only int8 weights reach "
+        "prepare_weight (ascend_qwen3/quant/layers.py), which is vllm-ascend's default; the bf16 "
+        "case is its opt-in mode 2 (torch_npu-npu_grouped_matmul.md takes bf16 weights in ND or NZ), "
+        "an accepted risk for direct callers until timed on an A2."),
+    "npu_fused_infer_attention_score.prefill_no_cache_kv": (
+        "For a prefill with nothing cached vllm-ascend passes the fresh K/V with block_table=None "
+        "and cumulative KV lengths (vllm_ascend/attention/attention_v1.py _get_fia_params, "
+        "PrefillNoCache); ours is always called after write_kv_cache has put the step's K/V in "
+        "the cache (ascend_qwen3/vllm_plugin/attention.py, ascend_qwen3/model/attention.py) and "
+        "reads them from the paged cache with the block table and per-request seq_lens. That is "
+        "the call vllm-ascend makes in its ChunkedPrefill and PrefillCacheHit states (same file: "
+        "key_cache.view(num_block, block_size, -1), block_tables, seq_lens_list, sparse_mode=3), "
+        "here with query length == KV length, so the result is the same; accepted cost: long first "
+        "prefills read K/V through the block table, to be timed on an A2."),
+    "npu_moe_gating_top_k_softmax.finished": (
+        "Ours passes finished=None, the schema default (op_plugin_functions.yaml: Tensor? "
+        "finished=None); vllm-ascend's calls (vllm_ascend/_310p/fused_moe/experts_selector.py) "
+        "leave it out. The same call."),
+    "npu_moe_gating_top_k_softmax.not_called_on_A2": (
+        "vllm-ascend calls npu_moe_gating_top_k_softmax only on 310P "
+        "(vllm_ascend/_310p/fused_moe/experts_selector.py, renormalising afterwards as ours does); on "
+        "A2 its select_experts uses its own torch.ops._C_ascend.moe_gating_top_k "
+        "(vllm_ascend/device/device_op.py BaseDeviceAdaptor.moe_gating_top_k) or torch softmax + "
+        "topk. Accepted risk: the kernel is documented for A2 "
+        "(torch_npu-npu_moe_gating_top_k_softmax.md) and ours feeds it fp32 logits so the softmax "
+        "is fp32 like ops.cpu, but vllm-ascend does not run it on A2. Its 310P path splits the "
+        "logits into chunks of 1024 tokens (\"returns invalid routing results\" above that on 310P); "
+        "the A2 page states no such limit, so the npu-marked moe_gating_topk tests on an A2 must "
+        "include more than 1024 tokens (its tie order is undocumented too)."),
+    "npu_moe_init_routing_v2.a2_custom_op": (
+        "vllm-ascend's A2 all-gather MoE dispatch (vllm_ascend/ops/fused_moe/token_dispatcher.py "
+        "TokenDispatcherWithAllGather.token_dispatch -> vllm_ascend/device/device_op.py "
+        "BaseDeviceAdaptor.npu_moe_init_routing) calls its own "
+        "torch.ops._C_ascend.npu_moe_init_routing_custom with the keywords ours passes (bar "
+        "row_idx_type); "
+        "torch_npu.npu_moe_init_routing_v2 runs on A2 only in its all-to-all dispatcher (same file, "
+        "_dispatch_postprocess) and on 310P/A5. Ours is the public kernel documented for A2 "
+        "(torch_npu-npu_moe_init_routing_v2.md), with row_idx_type=0 as "
+        "vllm_ascend/_310p/fused_moe/token_dispatcher.py passes it; accepted risk for quant_mode=1, "
+        "which vllm-ascend never sends to this kernel on A2, until the npu-marked moe_route_quant "
+        "tests run on an A2."),
+    "npu_moe_token_unpermute.fp32_inputs": (
+        "Ours casts permuted_tokens and probs to fp32 and the result back; vllm-ascend passes the "
+        "expert outputs and top-k weights as they come, in the model dtype "
+        "(vllm_ascend/device/device_op.py BaseDeviceAdaptor.npu_moe_token_unpermute). "
+        "The aclnnMoeTokenUnpermute page (CANN ops-transformer, moe/moe_token_unpermute) lists "
+        "BFLOAT16/FLOAT16/FLOAT32 for both on A2 and returns permuted_tokens' dtype, so fp32 makes "
+        "the weighted sum fp32 as ops.cpu specifies, at the cost of an fp32 copy of the "
+        "[T*k, hidden] expert outputs per MoE layer."),
+    "npu_quant_matmul.bias": (
+        "int8_matmul leaves out bias (schema default None), which every vllm-ascend call passes "
+        "explicitly; its own int32-output call, the same use as ours, passes bias=None "
+        "(vllm_ascend/ops/fused_moe/fused_moe.py AscendMoERunner._forward_shared_experts). The same "
+        "call."),
+    "npu_quant_matmul.offset": (
+        "quant_matmul passes offset=None, the schema default (torch_npu-npu_quant_matmul.md: an "
+        "optional offset added after the scale), which no vllm-ascend call passes (e.g. "
+        "vllm_ascend/quantization/methods/w8a8_dynamic.py). The same call."),
+    "npu_quantize.div_mode": (
+        "Ours passes div_mode=True (fp32 x / scale + int8 offset); vllm-ascend "
+        "(vllm_ascend/ops/register_custom_ops.py _quantize_impl) passes div_mode=False with "
+        "1/input_scale computed in input_scale's dtype (the params dtype) and the offset cast to "
+        "it "
+        "(vllm_ascend/quantization/methods/w8a8_static.py process_weights_after_loading). Both modes "
+        "are documented on A2 (torch_npu-npu_quantize.md); ours divides in fp32 as ops.cpu does, "
+        "where a rounded reciprocal can land one step off at rounding boundaries. Accepted risk: "
+        "the page does not state div_mode=True's rounding mode; the npu-marked static_quant test "
+        "on an A2 settles it."),
+    "npu_swiglu.dim": (
+        "Ours passes dim=-1, the schema default (op_plugin_functions.yaml: npu_swiglu(Tensor self, "
+        "int dim=-1)); vllm-ascend relies on the default (vllm_ascend/ops/activation.py "
+        "AscendSiluAndMul.forward_oot). The same call."),
+    "npu_trans_quant_param.not_called": (
+        "Ours calls it only for fp16 output without a per-token scale, where the A2 table of "
+        "torch_npu-npu_quant_matmul.md wants an int64 scale and its examples make it with "
+        "npu_trans_quant_param (torch_npu-npu_trans_quant_param.md); vllm-ascend never calls it: for "
+        "fp16 static W8A8 it passes the checkpoint's int64 deq_scale through "
+        "(vllm_ascend/quantization/methods/w8a8_static.py get_perchannel_param). Accepted risk: "
+        "ours repacks an fp32 scale, not known to equal msModelSlim's int64 bit for bit; comparing "
+        "both scales, or both outputs on an A2, settles it."),
+}

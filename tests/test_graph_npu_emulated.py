@@ -12,6 +12,7 @@ kernels (not the CPU reference) produced the result.
 from __future__ import annotations
 
 import contextlib
+import os
 
 import pytest
 import torch
@@ -46,14 +47,18 @@ QUANT_KERNELS = {"w8a8": ["npu_quantize", "npu_quant_matmul"],
 
 @contextlib.contextmanager
 def npu_backend():
-    """``ops`` dispatching to ops.npu bound to the emulator, for the duration of the block."""
+    """Models built inside the block bind ops.npu (bound to the emulator): the emulated tensors
+    live on the CPU, so the backend is forced, as ASCEND_QWEN3_BACKEND=npu does."""
     with npu_emulator.installed() as emu:
-        saved = ops._backend
-        ops._backend = emu.npu_ops
+        saved = os.environ.get(ops.ENV_VAR)
+        os.environ[ops.ENV_VAR] = "npu"
         try:
             yield emu
         finally:
-            ops._backend = saved
+            if saved is None:
+                os.environ.pop(ops.ENV_VAR, None)
+            else:
+                os.environ[ops.ENV_VAR] = saved
 
 
 def _logits(path, chunk=None):
@@ -62,7 +67,6 @@ def _logits(path, chunk=None):
 
 
 def _compare(path, name, chunk, expected_kernels):
-    ops.select_backend("cpu")
     ref = _logits(path, chunk)
     with npu_backend() as emu:
         got = _logits(path, chunk)
@@ -101,7 +105,6 @@ def test_w8a8_graph_on_emulated_npu_matches_cpu(quantized, case):
     layout or index convention would break by far."""
     name, scheme, overrides = QUANT_CASES[case]
     path = quantized(name, scheme, dtype=torch.bfloat16, **overrides)
-    ops.select_backend("cpu")
     model, _ = load_model(path, dtype="float32")
     truth = ours_prefill_logits(model, PROMPTS, block_size=128)
     cpu_bf16 = _logits(path)

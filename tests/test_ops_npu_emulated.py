@@ -294,6 +294,7 @@ def test_paged_attention(be, batch, hq, hkv):
     q, kc, vc, bt, qsl, lens = _paged_batch(reqs, hq, hkv)
     scale = 128 ** -0.5
     got = be.run("paged_attention", q, kc, vc, bt, qsl, lens, scale,
+                 query_start_loc_host=qsl.tolist(), seq_lens_host=lens.tolist(),
                  expect=("npu_fused_infer_attention_score",))
     ref = cpu.paged_attention(q, kc, vc, bt, qsl, lens, scale)
     close(got, ref, torch.bfloat16)
@@ -303,9 +304,25 @@ def test_paged_attention_padding_rows_and_gqa8(be):
     reqs = [(140, 1), (0, 77)]
     q, kc, vc, bt, qsl, lens = _paged_batch(reqs, 32, 4, pad_rows=5)
     got = be.run("paged_attention", q, kc, vc, bt, qsl, lens, 0.0883,
+                 query_start_loc_host=qsl.tolist(), seq_lens_host=lens.tolist(),
                  expect=("npu_fused_infer_attention_score",))
     n = int(qsl[-1])
     close(got[:n], cpu.paged_attention(q, kc, vc, bt, qsl, lens, 0.0883)[:n], torch.bfloat16)
+
+
+def test_paged_attention_takes_host_lengths_and_no_device_copy(be):
+    """The kernel's lengths come from the host lists (never from the device tensors): without
+    them the op refuses, and with lists that disagree with the tensors the lists win."""
+    q, kc, vc, bt, qsl, lens = _paged_batch([(30, 2), (5, 1)], 8, 8)
+    with pytest.raises(ValueError, match="query_start_loc_host and seq_lens_host"):
+        be.run("paged_attention", q, kc, vc, bt, qsl, lens, 0.1)
+    with pytest.raises(ValueError, match="host lists of 3 query starts"):
+        be.run("paged_attention", q, kc, vc, bt, qsl, lens, 0.1, query_start_loc_host=[0, 2],
+               seq_lens_host=lens.tolist())
+    zeros = torch.zeros_like(qsl)       # device tensors that are never read
+    got = be.run("paged_attention", q, kc, vc, bt, zeros, zeros[:2], 0.1,
+                 query_start_loc_host=qsl.tolist(), seq_lens_host=lens.tolist())
+    close(got, cpu.paged_attention(q, kc, vc, bt, qsl, lens, 0.1), torch.bfloat16)
 
 
 def test_paged_attention_requires_bf16_and_block_128(be):
@@ -420,16 +437,16 @@ def _route_inputs(T, E, k, dtype, hidden=64, idle=(3, 5)):
 @pytest.mark.parametrize("T,E,k", [(1, 16, 2), (5, 16, 4), (300, 128, 8), (600, 8, 4)])
 def test_moe_route(be, dtype, T, E, k):
     x, ids = _route_inputs(T, E, k, dtype)
-    sx, pairs, counts = be.run("moe_route", x, ids, E, expect=("npu_moe_init_routing_v2",))
+    sx, rows, counts = be.run("moe_route", x, ids, E, expect=("npu_moe_init_routing_v2",))
     # the specification itself, independent of ops.cpu's implementation: pairs p = t*k + j
-    # stably sorted by expert id
-    spec = torch.sort(ids.reshape(-1).long(), stable=True).indices
-    exact(pairs, spec.to(torch.int32))
-    exact(sx, x[spec // k])
+    # stably sorted by expert id; rows[p] is the sorted row of pair p
+    order = torch.sort(ids.reshape(-1).long(), stable=True).indices
+    exact(rows[order], torch.arange(T * k, dtype=torch.int32))
+    exact(sx, x[order // k])
     exact(counts, torch.bincount(ids.reshape(-1).long(), minlength=E))
     assert counts[3] == 0 and counts[5] == 0
-    sx_ref, pairs_ref, counts_ref = cpu.moe_route(x, ids, E)
-    exact(pairs, pairs_ref)
+    sx_ref, rows_ref, counts_ref = cpu.moe_route(x, ids, E)
+    exact(rows, rows_ref)
     exact(sx, sx_ref)
     exact(counts, counts_ref)
 
@@ -548,6 +565,56 @@ def test_prepare_weight(be, shape, dtype):
     exact(be.host(p), cpu.prepare_weight(w))
     with pytest.raises(ValueError):
         be.npu.prepare_weight(be.dev(torch.randn(8)))
+
+
+@pytest.mark.parametrize("out_dtype", HALFS)
+def test_prepared_static_quant_gives_the_same_int8(be, out_dtype):
+    """static_quant with prepare_static_quant's (scale, offset) equals the raw [1] form and
+    ops.cpu, bit for bit; the prepared form needs no conversion per call."""
+    K = 256
+    x = (torch.randn(300, K) * 3).to(out_dtype)
+    scale, offset = torch.tensor([0.0213]), torch.tensor([-7.0])
+    p_scale, p_offset = be.npu.prepare_static_quant(be.dev(scale), be.dev(offset), K)
+    assert p_scale.shape == (K,) and p_scale.dtype == torch.float32
+    assert p_offset.shape == (K,) and p_offset.dtype == torch.int8
+    prepared = be.run("static_quant", x, be.host(p_scale), be.host(p_offset), expect=("npu_quantize",))
+    exact(prepared, be.run("static_quant", x, scale, offset))
+    exact(prepared, cpu.static_quant(x, *cpu.prepare_static_quant(scale, offset, K)))
+    exact(prepared, cpu.static_quant(x, scale, offset))
+
+
+@pytest.mark.parametrize("out_dtype", HALFS)
+@pytest.mark.parametrize("pertoken", [False, True])
+def test_prepared_quant_scale_gives_the_same_matmul(be, out_dtype, pertoken):
+    """quant_matmul with prepare_quant_scale's scale (fp32, or the FP19 int64 pack for fp16
+    without per-token scales: npu_trans_quant_param runs once, at preparation) equals the raw
+    fp32 scale."""
+    M, K, N = 9, 128, 64
+    xq, wq = _int8(M, K), _int8(K, N)
+    scale = torch.rand(N) * 1e-3 + 1e-4
+    pts = torch.rand(M) * 0.02 + 1e-3 if pertoken else None
+    packs = out_dtype == torch.float16 and not pertoken
+    with be.expect(*(("npu_trans_quant_param",) if packs else ())):
+        prep = be.npu.prepare_quant_scale(be.dev(scale), out_dtype, pertoken)
+    assert prep.dtype == (torch.int64 if packs else torch.float32)
+    w = be.npu.prepare_weight(be.dev(wq))
+    with be.expect("npu_quant_matmul"):
+        got = be.host(be.npu.quant_matmul(be.dev(xq), w, prep, be.dev(pts) if pertoken else None,
+                                          None, out_dtype))
+    exact(got, be.run("quant_matmul", xq, w, scale, pts, None, out_dtype))
+    exact(cpu.prepare_quant_scale(scale, out_dtype, pertoken), scale)
+    if packs:
+        with pytest.raises(ValueError, match="int64"):
+            be.npu.quant_matmul(be.dev(xq), w, prep, be.dev(torch.rand(M)), None, out_dtype)
+
+
+@pytest.mark.parametrize("out_dtype", HALFS)
+def test_prepared_expert_scale(be, out_dtype):
+    scale = (torch.rand(4, 32) * 1e-2).bfloat16().float()     # a bf16 checkpoint's values
+    prep = be.npu.prepare_expert_scale(be.dev(scale), out_dtype)
+    assert prep.dtype == (torch.bfloat16 if out_dtype == torch.bfloat16 else torch.float32)
+    exact(be.host(prep).float(), scale)                       # exact for bf16-born scales
+    exact(cpu.prepare_expert_scale(scale, out_dtype), scale)
 
 
 def test_every_op_is_covered():

@@ -443,8 +443,12 @@ def test_moe_route_combine_invariants(t, e, k):
     ids = torch.stack([torch.randperm(e)[:k] for _ in range(t)]).to(torch.int32) if t else \
         torch.zeros(0, k, dtype=torch.int32)
     weights = torch.rand(t, k)
-    sorted_x, pairs, counts = cpu.moe_route(x, ids, e)
-    assert sorted_x.shape == (t * k, hd) and pairs.dtype == torch.int32 and counts.dtype == torch.int64
+    sorted_x, rows, counts = cpu.moe_route(x, ids, e)
+    assert sorted_x.shape == (t * k, hd) and rows.dtype == torch.int32 and counts.dtype == torch.int64
+    # rows is a permutation of the sorted rows: pairs[i] (the pair in sorted row i) inverts it
+    assert torch.equal(torch.sort(rows.long()).values, torch.arange(t * k))
+    pairs = torch.empty(t * k, dtype=torch.int64)
+    pairs[rows.long()] = torch.arange(t * k)
     # tokens_per_expert sums to T*k and is the histogram of expert ids (zeros allowed)
     assert int(counts.sum()) == t * k
     assert torch.equal(counts, torch.bincount(ids.reshape(-1).long(), minlength=e))
@@ -457,10 +461,10 @@ def test_moe_route_combine_invariants(t, e, k):
         assert torch.equal(grp, torch.sort(grp).values)
     assert torch.equal(sorted_x, x[pairs.long() // k])  # sorted_x[i] = x[pair // k]
     # combine(all-ones expert outputs) = per-token sum of the weights
-    ones = cpu.moe_combine(torch.ones(t * k, hd), pairs, weights)
+    ones = cpu.moe_combine(torch.ones(t * k, hd), rows, weights)
     torch.testing.assert_close(ones, weights.sum(-1, keepdim=True).expand(t, hd), rtol=1e-6, atol=1e-6)
     # combine(route(x)) with identity experts = x * sum of weights
-    back = cpu.moe_combine(sorted_x, pairs, weights)
+    back = cpu.moe_combine(sorted_x, rows, weights)
     torch.testing.assert_close(back, x * weights.sum(-1, keepdim=True), rtol=1e-6, atol=1e-6)
 
 
@@ -487,8 +491,12 @@ def test_grouped_matmul_vs_per_group_and_bad_sizes():
         # fp32, same GEMM per group
         torch.testing.assert_close(out[starts[g]:starts[g + 1]], x[starts[g]:starts[g + 1]] @ w[g],
                                    rtol=1e-6, atol=1e-6)
-    with pytest.raises(ValueError, match="group sizes sum to 9"):
-        cpu.grouped_matmul(x, w, torch.tensor([3, 0, 4, 0, 2]))
+    # groups covering fewer rows than x has (expert parallel): the rest is not computed
+    part = cpu.grouped_matmul(x, w, torch.tensor([3, 0, 4, 0, 2]))
+    torch.testing.assert_close(part[:9], torch.cat([x[:3] @ w[0], x[3:7] @ w[2], x[7:9] @ w[4]]),
+                               rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="group sizes sum to 11, x has only 10"):
+        cpu.grouped_matmul(x, w, torch.tensor([3, 0, 6, 0, 2]))
 
 
 # ============================================================================================
@@ -625,8 +633,10 @@ def test_grouped_quant_matmul_vs_per_group():
                                    None, dtype)
             assert torch.equal(out[start:start + cnt], ref)  # same computation per group: bit-exact
             start += cnt
-    with pytest.raises(ValueError, match="group sizes sum to"):
-        cpu.grouped_quant_matmul(xq, wq, scale, pts, torch.tensor([4, 0, 1, 0, 0, 5]))
+    part = cpu.grouped_quant_matmul(xq, wq, scale, pts, torch.tensor([4, 0, 1, 0, 0, 5]))
+    assert torch.equal(part[:10], out[:10])          # the rows the groups cover
+    with pytest.raises(ValueError, match="group sizes sum to 12, x has only 11"):
+        cpu.grouped_quant_matmul(xq, wq, scale, pts, torch.tensor([4, 0, 1, 0, 0, 7]))
 
 
 

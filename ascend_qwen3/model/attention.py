@@ -22,16 +22,19 @@ from .metadata import AttentionMetadata
 class PagedAttention(nn.Module):
     """Write this step's K/V into the caller's (key_cache, value_cache) and attend over it."""
 
-    def __init__(self, scale: float):
+    def __init__(self, scale: float, device=None):
         super().__init__()
         self.scale = scale
+        self.ops = ops.bind(device, "write_kv_cache", "paged_attention")
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
                 kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         key_cache, value_cache = kv_cache
-        ops.write_kv_cache(k, v, key_cache, value_cache, meta.slot_mapping)
-        return ops.paged_attention(q, key_cache, value_cache, meta.block_tables, meta.query_start_loc,
-                                   meta.seq_lens, self.scale)
+        self.ops.write_kv_cache(k, v, key_cache, value_cache, meta.slot_mapping)
+        return self.ops.paged_attention(q, key_cache, value_cache, meta.block_tables,
+                                        meta.query_start_loc, meta.seq_lens, self.scale,
+                                        query_start_loc_host=meta.query_start_loc_host,
+                                        seq_lens_host=meta.seq_lens_host)
 
 
 class Qwen3Attention(nn.Module):
@@ -54,16 +57,17 @@ class Qwen3Attention(nn.Module):
                                         dtype=cfg.dtype, device=device, scheme=scheme(prefix + "o_proj"))
         self.q_norm = empty_param(cfg.head_dim, dtype=cfg.dtype, device=device)
         self.k_norm = empty_param(cfg.head_dim, dtype=cfg.dtype, device=device)
-        self.attn = (PagedAttention(self.scale) if attention is None else
+        self.ops = ops.bind(device, "head_rms_norm", "rotary_embedding")
+        self.attn = (PagedAttention(self.scale, device) if attention is None else
                      attention(layer, self.num_heads, self.num_kv_heads, self.head_dim, self.scale))
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata | None,
                 kv_cache, cos_sin_cache: torch.Tensor) -> torch.Tensor:
         T = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = ops.head_rms_norm(q.reshape(T, self.num_heads, self.head_dim), self.q_norm, self.eps)
-        k = ops.head_rms_norm(k.reshape(T, self.num_kv_heads, self.head_dim), self.k_norm, self.eps)
-        q, k = ops.rotary_embedding(q, k, positions, cos_sin_cache)
+        q = self.ops.head_rms_norm(q.reshape(T, self.num_heads, self.head_dim), self.q_norm, self.eps)
+        k = self.ops.head_rms_norm(k.reshape(T, self.num_kv_heads, self.head_dim), self.k_norm, self.eps)
+        q, k = self.ops.rotary_embedding(q, k, positions, cos_sin_cache)
         v = v.reshape(T, self.num_kv_heads, self.head_dim)
         out = self.attn(q, k, v, meta, kv_cache)
         return self.o_proj(out.reshape(T, self.q_size))

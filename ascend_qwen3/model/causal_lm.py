@@ -64,9 +64,11 @@ class Qwen3ForCausalLM(nn.Module):
         else:
             if len(kv_caches) != len(self.layers):
                 raise ValueError(f"got {len(kv_caches)} KV caches for {len(self.layers)} layers")
-            # (an engine bounds positions by its max_model_len; this check costs a host sync)
-            if positions.numel() and int(positions.max()) >= self.max_positions:
-                raise ValueError(f"position {int(positions.max())} exceeds the model's rotary table of "
+            # (an engine bounds positions by its max_model_len; the host copy of the lengths
+            # makes this check free of any device->host copy)
+            longest = max(meta.seq_lens_host, default=0)
+            if longest > self.max_positions:
+                raise ValueError(f"position {longest - 1} exceeds the model's rotary table of "
                                  f"{self.max_positions} positions (max_position_embeddings)")
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         residual = None

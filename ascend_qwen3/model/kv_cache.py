@@ -85,5 +85,7 @@ class PagedKVCache:
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
             block_tables=tables.to(dev),
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            query_start_loc_host=starts,
+            seq_lens_host=seq_lens,
         )
         return torch.tensor(positions, dtype=torch.int64, device=dev), meta

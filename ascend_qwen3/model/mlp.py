@@ -20,6 +20,7 @@ class Qwen3MLP(nn.Module):
                                                  scheme=scheme(prefix + "gate_up_proj"))
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, ctx, dtype=dtype, device=device,
                                            scheme=scheme(prefix + "down_proj"))
+        self.ops = ops.bind(device, "swiglu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(ops.swiglu(self.gate_up_proj(x)))
+        return self.down_proj(self.ops.swiglu(self.gate_up_proj(x)))

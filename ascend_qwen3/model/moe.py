@@ -3,9 +3,25 @@
 Expert placement (``ParallelContext``): without expert parallelism every rank holds all experts
 with the expert FFN split by TP; with expert parallelism (ep) each rank holds E/tp whole experts.
 Either way every rank sees all tokens, computes its share and the TP all-reduce sums the shares.
+
+The router runs in the graph. What follows it (routing, the grouped GEMMs, the weighted
+combine) produces tensors whose sizes depend on the routing decisions, so it is one custom op,
+``torch.ops.ascend_qwen3.sparse_moe``, with a fake (meta) implementation: a compiler
+(``torch.compile``, vLLM's ``support_torch_compile``) sees an op from [T, H] to [T, H] and leaves
+its inside to run eagerly, as vLLM does with its own fused MoE op. The op finds its layer by a
+name registered when the layer is built.
+
+Expert parallel without a host sync: the expert ids are rotated so that this rank's experts
+become 0 .. E_local-1 and sort first; the grouped GEMMs take the counts of those experts only
+(summing to fewer rows than the sorted input holds, as vllm-ascend's expert-parallel dispatch
+does), the rows past them are zeroed, and the other ranks' pairs get weight 0 in the combine. No
+row range is read back to the host.
 """
 
 from __future__ import annotations
+
+import itertools
+import weakref
 
 import torch
 from torch import nn
@@ -17,6 +33,30 @@ from ..parallel.layers import empty_param
 from ..parallel.plan import local_experts
 from ..quant.format import W8A8_DYNAMIC
 from ..quant.layers import apply_experts, create_experts, finalize_experts
+
+_LAYERS: "weakref.WeakValueDictionary[str, Qwen3SparseMoeBlock]" = weakref.WeakValueDictionary()
+_NAMES = itertools.count()
+
+
+def _sparse_moe(x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor, layer: str
+                ) -> torch.Tensor:
+    """x [T, H], router weights [T, k] fp32 and expert ids [T, k] int32 -> this rank's share of
+    the MoE output [T, H] (before the tensor-parallel all-reduce)."""
+    return _LAYERS[layer].experts_forward(x, weights, expert_ids)
+
+
+def _sparse_moe_fake(x, weights, expert_ids, layer):
+    return torch.empty_like(x)
+
+
+# Registered with torch.library's low-level API (a schema, one implementation for every device,
+# a fake), as vLLM registers its own ops (vllm.utils.torch_utils.direct_register_custom_op).
+# (The torch.library.custom_op decorator made gloo processes that had called the op abort at
+# exit now and then with torch 2.13: "terminate called without an active exception".)
+_LIB = torch.library.Library("ascend_qwen3", "DEF")
+_LIB.define("sparse_moe(Tensor x, Tensor weights, Tensor expert_ids, str layer) -> Tensor")
+_LIB.impl("sparse_moe", _sparse_moe, "CompositeExplicitAutograd")
+torch.library.register_fake("ascend_qwen3::sparse_moe", _sparse_moe_fake, lib=_LIB)
 
 
 class Qwen3MoeExperts(nn.Module):
@@ -30,6 +70,7 @@ class Qwen3MoeExperts(nn.Module):
         if scheme is None:
             self.w13 = empty_param(self.count, H, 2 * self.inter, dtype=cfg.dtype, device=device)
             self.w2 = empty_param(self.count, self.inter, H, dtype=cfg.dtype, device=device)
+            self.ops = ops.bind(device, "grouped_matmul", "swiglu")
         elif scheme == W8A8_DYNAMIC:
             create_experts(self, self.count, H, self.inter, device=device)
         else:
@@ -41,12 +82,13 @@ class Qwen3MoeExperts(nn.Module):
 
     def forward(self, sorted_x: torch.Tensor, counts: torch.Tensor,
                 token_scale: torch.Tensor | None = None) -> torch.Tensor:
-        """sorted_x: rows of this rank's experts only, grouped; counts [E_l]. For quantised
+        """sorted_x: rows grouped by this rank's experts first; counts [E_l] (they may cover fewer
+        rows than sorted_x has: the output rows past them are unspecified). For quantised
         experts sorted_x is int8 with its per-row ``token_scale``."""
         if self.scheme is not None:
             return apply_experts(self, sorted_x, token_scale, counts, self.dtype)
-        h = ops.grouped_matmul(sorted_x, self.w13, counts)
-        return ops.grouped_matmul(ops.swiglu(h), self.w2, counts)
+        h = self.ops.grouped_matmul(sorted_x, self.w13, counts)
+        return self.ops.grouped_matmul(self.ops.swiglu(h), self.w2, counts)
 
 
 class Qwen3SparseMoeBlock(nn.Module):
@@ -59,21 +101,30 @@ class Qwen3SparseMoeBlock(nn.Module):
         self.gate = empty_param(cfg.num_experts, cfg.hidden_size, dtype=cfg.dtype, device=device)
         scheme = quant.scheme(prefix + "experts") if quant is not None else None
         self.experts = Qwen3MoeExperts(cfg, ctx, device=device, scheme=scheme)
+        self.ops = ops.bind(device, "moe_gating_topk", "moe_combine",
+                            "moe_route_quant" if scheme is not None else "moe_route")
+        self.op_name = f"{prefix or 'moe'}#{next(_NAMES)}"
+        _LAYERS[self.op_name] = self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = torch.nn.functional.linear(x, self.gate)
-        weights, ids = ops.moe_gating_topk(logits, self.top_k, self.renormalize)
+        weights, ids = self.ops.moe_gating_topk(logits, self.top_k, self.renormalize)
+        out = torch.ops.ascend_qwen3.sparse_moe(x, weights, ids, self.op_name)
+        return self.ctx.all_reduce(out)
+
+    def experts_forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The inside of the ``sparse_moe`` op (eager): route, expert GEMMs, weighted combine."""
+        E, first, count = self.num_experts, self.experts.first, self.experts.count
+        if count != E:   # expert parallel: this rank's experts first, the others' pairs weigh 0
+            weights = weights * ((ids >= first) & (ids < first + count))
+            ids = torch.remainder(ids - first, E)
         if self.experts.scheme is not None:  # int8 experts: the dynamic quant fused into routing
-            sorted_x, pairs, counts, token_scale = ops.moe_route_quant(x, ids, self.num_experts)
+            sorted_x, row_of_pair, counts, token_scale = self.ops.moe_route_quant(x, ids, E)
         else:
-            (sorted_x, pairs, counts), token_scale = ops.moe_route(x, ids, self.num_experts), None
-        e0, e1 = self.experts.first, self.experts.first + self.experts.count
-        if e1 - e0 == self.num_experts:
-            expert_out = self.experts(sorted_x, counts, token_scale)
-        else:  # expert parallel: rows of this rank's experts are contiguous in the sorted order
-            r0 = int(counts[:e0].sum())
-            r1 = r0 + int(counts[e0:e1].sum())
-            expert_out = torch.zeros(sorted_x.shape, dtype=x.dtype, device=x.device)
-            expert_out[r0:r1] = self.experts(sorted_x[r0:r1], counts[e0:e1],
-                                             None if token_scale is None else token_scale[r0:r1])
-        return self.ctx.all_reduce(ops.moe_combine(expert_out, pairs, weights))
+            (sorted_x, row_of_pair, counts), token_scale = self.ops.moe_route(x, ids, E), None
+        expert_out = self.experts(sorted_x, counts[:count], token_scale)
+        if count != E:   # rows of the other ranks' experts: not computed, zero them
+            local_rows = counts[:count].sum()
+            keep = torch.arange(expert_out.shape[0], device=x.device) < local_rows
+            expert_out = torch.where(keep.unsqueeze(-1), expert_out, 0)
+        return self.ops.moe_combine(expert_out, row_of_pair, weights)

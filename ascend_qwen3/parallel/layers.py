@@ -37,6 +37,7 @@ class LinearBase(nn.Module):
         super().__init__()
         self.in_local, self.out_local = in_local, out_local
         self.scheme = scheme
+        self.output_dtype = dtype          # the activations' dtype (what quantised matmuls return)
         if scheme is None:
             self.weight = empty_param(out_local, in_local, dtype=dtype, device=device)
         else:

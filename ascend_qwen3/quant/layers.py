@@ -33,6 +33,9 @@ def create_linear(layer: nn.Module, scheme: str, out_local: int, in_local: int, 
     """Register the checkpoint-orientation parameters of a quantised linear on ``layer``."""
     if scheme not in (W8A8, W8A8_DYNAMIC):
         raise ValueError(f"unknown linear quantisation {scheme!r}")
+    layer.ops = ops.bind(device, "prepare_weight", "prepare_quant_scale", "quant_matmul",
+                         *(("prepare_static_quant", "static_quant") if scheme == W8A8 else
+                           ("dynamic_quant",)))
     layer.weight = _param(out_local, in_local, dtype=torch.int8, device=device)
     if scheme == W8A8_DYNAMIC:
         layer.weight_scale = _param(out_local, 1, dtype=torch.float32, device=device)
@@ -46,27 +49,44 @@ def create_linear(layer: nn.Module, scheme: str, out_local: int, in_local: int, 
 
 
 def finalize_linear(layer: nn.Module, scheme: str) -> None:
-    """After loading: int8 weight -> [K, N] in the backend layout; one fp32 scale vector [N]."""
-    qweight = ops.prepare_weight(layer.weight.data.t().contiguous())
+    """After loading: int8 weight -> [K, N] in the backend layout; one fp32 scale vector [N].
+    Static layers: the input offset is checked here, once, to be an integer in [-128, 127] (the
+    zero point of an int8 quantiser), so the per-call quantiser never has to look at it."""
+    if scheme == W8A8:
+        off = layer.input_offset.data
+        if not bool(torch.equal(off, off.round())) or not -128 <= float(off) <= 127:
+            raise ValueError(f"input_offset = {float(off)} of a static W8A8 linear is not an integer "
+                             f"in [-128, 127]; msModelSlim writes int8 zero points: re-export the "
+                             f"checkpoint")
+    qweight = layer.ops.prepare_weight(layer.weight.data.t().contiguous())
     scale = (layer.deq_scale.data if scheme == W8A8 else layer.weight_scale.data.reshape(-1))
     del layer.weight
     layer.register_buffer("qweight", qweight, persistent=False)
-    layer.register_buffer("qscale", scale.float().contiguous(), persistent=False)
+    layer.register_buffer("qscale", layer.ops.prepare_quant_scale(
+        scale, layer.output_dtype, pertoken=scheme == W8A8_DYNAMIC), persistent=False)
+    if scheme == W8A8:   # the quantiser's scale and zero point in the form its kernel takes
+        q_scale, q_offset = layer.ops.prepare_static_quant(layer.input_scale.data,
+                                                           layer.input_offset.data, layer.in_local)
+        layer.register_buffer("q_scale", q_scale, persistent=False)
+        layer.register_buffer("q_offset", q_offset, persistent=False)
 
 
 def apply_linear(layer: nn.Module, scheme: str, x: torch.Tensor) -> torch.Tensor:
     """y = x @ W^T of a quantised linear, x [T, in_local] in the model dtype."""
     if scheme == W8A8:
-        xq = ops.static_quant(x, layer.input_scale, layer.input_offset)
-        return ops.quant_matmul(xq, layer.qweight, layer.qscale, None,
-                                getattr(layer, "quant_bias", None), output_dtype=x.dtype)
-    xq, token_scale = ops.dynamic_quant(x)
-    return ops.quant_matmul(xq, layer.qweight, layer.qscale, token_scale, None, output_dtype=x.dtype)
+        xq = layer.ops.static_quant(x, layer.q_scale, layer.q_offset)
+        return layer.ops.quant_matmul(xq, layer.qweight, layer.qscale, None,
+                                      getattr(layer, "quant_bias", None), output_dtype=x.dtype)
+    xq, token_scale = layer.ops.dynamic_quant(x)
+    return layer.ops.quant_matmul(xq, layer.qweight, layer.qscale, token_scale, None,
+                                  output_dtype=x.dtype)
 
 
 def create_experts(experts: nn.Module, count: int, hidden: int, inter: int, *, device=None) -> None:
     """W8A8_DYNAMIC expert weights in grouped layout: int8 w13 [E, H, 2I], w2 [E, I, H] and
     per-channel scales/offsets [E, 2I] and [E, H]."""
+    experts.ops = ops.bind(device, "prepare_weight", "prepare_expert_scale", "grouped_quant_matmul",
+                           "dynamic_quant", "swiglu")
     experts.w13 = _param(count, hidden, 2 * inter, dtype=torch.int8, device=device)
     experts.w2 = _param(count, inter, hidden, dtype=torch.int8, device=device)
     experts.w13_scale = _param(count, 2 * inter, dtype=torch.float32, device=device)
@@ -76,15 +96,17 @@ def create_experts(experts: nn.Module, count: int, hidden: int, inter: int, *, d
 
 
 def finalize_experts(experts: nn.Module) -> None:
-    experts.w13.data = ops.prepare_weight(experts.w13.data.contiguous())
-    experts.w2.data = ops.prepare_weight(experts.w2.data.contiguous())
+    experts.w13.data = experts.ops.prepare_weight(experts.w13.data.contiguous())
+    experts.w2.data = experts.ops.prepare_weight(experts.w2.data.contiguous())
+    experts.w13_scale.data = experts.ops.prepare_expert_scale(experts.w13_scale.data, experts.dtype)
+    experts.w2_scale.data = experts.ops.prepare_expert_scale(experts.w2_scale.data, experts.dtype)
 
 
 def apply_experts(experts: nn.Module, xq: torch.Tensor, token_scale: torch.Tensor,
                   counts: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """Expert FFN on rows already routed and quantised (``ops.moe_route_quant``)."""
-    h = ops.grouped_quant_matmul(xq, experts.w13, experts.w13_scale, token_scale, counts,
-                                 output_dtype=out_dtype)
-    aq, a_scale = ops.dynamic_quant(ops.swiglu(h))
-    return ops.grouped_quant_matmul(aq, experts.w2, experts.w2_scale, a_scale, counts,
-                                    output_dtype=out_dtype)
+    h = experts.ops.grouped_quant_matmul(xq, experts.w13, experts.w13_scale, token_scale, counts,
+                                         output_dtype=out_dtype)
+    aq, a_scale = experts.ops.dynamic_quant(experts.ops.swiglu(h))
+    return experts.ops.grouped_quant_matmul(aq, experts.w2, experts.w2_scale, a_scale, counts,
+                                            output_dtype=out_dtype)

@@ -7,8 +7,9 @@ needs a ``__main__`` guard)::
 
 JOBS.json is a list of jobs: ``{"model": dir, "arch": "ours" | "builtin", "dtype": "float32",
 "tp": 1, "ep": false, "prompts": [[ids...], ...], "max_tokens": 16,
-"forced_prompts": [[ids...], ...], "ops_log": dir | null, "engine_args": {...}}``
-(``engine_args``: more keyword arguments for ``vllm.LLM``).
+"forced_prompts": [[ids...], ...], "ops_log": dir | null, "compile": false,
+"engine_args": {...}}`` (``compile``: let vLLM compile the model, as it does by default, instead
+of ``enforce_eager``; ``engine_args``: more keyword arguments for ``vllm.LLM``).
 "ours" serves the checkpoint with the project's class (the architecture overridden to
 AscendQwen3[Moe]ForCausalLM); "builtin" with vLLM's own Qwen3 / Qwen3-MoE class. One engine per
 job does up to two things, and its result says which CPU capability PyTorch ran with:
@@ -62,7 +63,7 @@ def run_job(job: dict) -> dict:
     t0 = time.perf_counter()
     llm = LLM(model=job["model"], skip_tokenizer_init=True, dtype=job.get("dtype", "float32"),
               max_model_len=job.get("max_model_len", 512), tensor_parallel_size=job.get("tp", 1),
-              enforce_eager=True, seed=0,
+              enforce_eager=not job.get("compile", False), seed=0,
               max_num_batched_tokens=job.get("max_num_batched_tokens"), **kw)
     result = {"job": job, "start_seconds": time.perf_counter() - t0, "outputs": [],
               "forced": [], "cpu_capability": torch.backends.cpu.get_cpu_capability()}

@@ -57,6 +57,12 @@ def _targets(stmt) -> list[str]:
     return []
 
 
+def _is_overload(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> bool:
+    """A ``typing.overload`` stub (its signature is one of several; the implementation follows)."""
+    return any((isinstance(d, ast.Name) and d.id == "overload")
+               or (isinstance(d, ast.Attribute) and d.attr == "overload") for d in fn.decorator_list)
+
+
 def parameters(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> list[tuple[str, bool]]:
     """(name, has_default) for every named parameter, in order (``*args``/``**kw`` excluded)."""
     a = fn.args
@@ -166,7 +172,7 @@ class SourceTree:
             if isinstance(stmt, ast.ClassDef) and stmt.name == name:
                 return Found("class", module, stmt)
             if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                if stmt.name == name:
+                if stmt.name == name and not _is_overload(stmt):   # the implementation, not a stub
                     return Found("function", module, stmt)
                 if stmt.name == "__getattr__":
                     getattr_fns.append(stmt)

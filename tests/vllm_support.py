@@ -77,11 +77,15 @@ def run_jobs(jobs: list[dict], workdir: str, tp: int = 1, timeout: float = 900,
             tail = f.read()[-6000:]
         raise AssertionError(f"vLLM runner failed (exit {proc.returncode}); log {log_path}:\n{tail}")
     with open(out_path) as f:
-        return json.load(f)
+        results = json.load(f)
+    for r in results:
+        r["log"] = log_path          # the runner's log: vLLM's lines for every job of the process
+    return results
 
 
 def ops_seen(log_dir: str) -> dict[int, set[str]]:
-    """pid -> ops that process ran (from ``ASCEND_QWEN3_OPS_LOG`` files)."""
+    """pid -> ops the graph built in that process is bound to (``ASCEND_QWEN3_OPS_LOG`` files,
+    written by ``ops.bind`` when the graph is constructed)."""
     out = {}
     for path in glob.glob(os.path.join(log_dir, "ops-*.log")):
         pid = int(os.path.basename(path)[4:-4])

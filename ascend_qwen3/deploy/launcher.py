@@ -57,6 +57,13 @@ NPU_ENV = {"PYTORCH_NPU_ALLOC_CONF": "expandable_segments:True", "TASK_QUEUE_ENA
 MULTI_NODE_ENV = ("HCCL_IF_IP", "GLOO_SOCKET_IFNAME", "TP_SOCKET_IFNAME", "HCCL_SOCKET_IFNAME")
 API_KEY_ENV = "VLLM_API_KEY"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+# The graph mode on the NPU (vllm-ascend's ACL graphs; vLLM's `cudagraph_mode`). The project's
+# attention impl records nothing a FULL graph replay could refresh (vllm_plugin/attention.py), so
+# its backend declares no full-graph support and the launcher asks for PIECEWISE: the compiled
+# backbone is captured in pieces, split at vLLM's attention op, which runs eagerly between them.
+# NONE (`--enforce-eager`) runs everything eagerly. On vLLM's CPU build there are no graphs.
+GRAPH_MODES = ("PIECEWISE", "NONE")
+NPU_GRAPH_MODE = "PIECEWISE"
 # seconds in-flight requests may run after SIGTERM (vLLM's --shutdown-timeout); container
 # managers must wait longer than this before they SIGKILL (manifests.py)
 SHUTDOWN_TIMEOUT_S = 60
@@ -86,6 +93,7 @@ class ServeSpec:
     config: Qwen3Config | None = None   # the model's config when the directory is not here
     nodes: int = 1
     devices: list | None = None         # NPU ids on this node (ASCEND_RT_VISIBLE_DEVICES when unset)
+    graph_mode: str | None = None       # NPU: PIECEWISE (default) or NONE (eager); see GRAPH_MODES
     api_key_file: str | None = None     # a file holding the API key (else $VLLM_API_KEY, if set)
     require_api_key: bool = False       # refuse to start without an API key
     env: dict = field(default_factory=dict)
@@ -151,6 +159,7 @@ def build_command(spec: ServeSpec, base_env: dict | None = None) -> tuple[list[s
         argv += ["--tensor-parallel-size", str(spec.tp)]
     if spec.expert_parallel and cfg.is_moe:
         argv += ["--enable-expert-parallel"]
+    argv += graph_mode_args(spec)
     given = {a.split("=")[0] for a in spec.extra_args}
     for flag, value in (("--max-model-len", spec.max_model_len), ("--max-num-seqs", spec.max_num_seqs),
                         ("--block-size", spec.block_size),
@@ -200,6 +209,30 @@ def build_command(spec: ServeSpec, base_env: dict | None = None) -> tuple[list[s
                           f"{API_KEY_ENV}, or pass --api-key-file with a file holding the key "
                           f"(e.g. a mounted Kubernetes Secret)")
     return argv, env
+
+
+def graph_mode_args(spec: ServeSpec) -> list[str]:
+    """The explicit graph mode of an NPU server (none on the CPU, where vLLM captures no graphs)."""
+    if spec.device != "npu":
+        if spec.graph_mode is not None:
+            raise LaunchError(f"graph mode {spec.graph_mode} is an NPU setting (vLLM's CPU build "
+                              f"captures no graphs); drop it, or serve with --device npu")
+        return []
+    user = {a.split("=")[0] for a in spec.extra_args}
+    if user & {"--enforce-eager", "--compilation-config", "-cc", "-O"} or \
+            any(a.startswith(("-cc.", "--compilation-config.")) for a in spec.extra_args):
+        if spec.graph_mode is not None:
+            raise LaunchError("the graph mode is given twice (graph_mode and vLLM flags after --); "
+                              "keep one")
+        return []          # the user's own vLLM flags decide
+    mode = (spec.graph_mode or NPU_GRAPH_MODE).upper()
+    if mode not in GRAPH_MODES:
+        raise LaunchError(f"graph mode {spec.graph_mode!r} is not one the project supports; use "
+                          f"{' or '.join(GRAPH_MODES)} (FULL graphs would replay the attention "
+                          f"with the lengths of their capture: see vllm_plugin/attention.py)")
+    if mode == "NONE":
+        return ["--enforce-eager"]
+    return ["--compilation-config", json.dumps({"cudagraph_mode": mode})]
 
 
 def read_api_key(path: str) -> str:

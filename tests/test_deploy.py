@@ -3,7 +3,7 @@
 - every profile under deploy/profiles validates against the schema and fits its hardware by the
   planner; edited to not fit (or malformed) it is rejected with the numbers / the key;
 - the planner's weights, KV bytes per token and KV tokens for Qwen3-32B and Qwen3-235B-A22B equal
-  a hand calculation written out below from FACTS.md's shapes;
+  a hand calculation written out below from the published config.json shapes;
 - golden files hold the `vllm serve` command and environment of every profile
   (UPDATE_GOLDEN=1 rewrites them after a deliberate change).
 """

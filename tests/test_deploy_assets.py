@@ -70,7 +70,7 @@ CANN_ENV_SCRIPTS = ["/usr/local/Ascend/ascend-toolkit/set_env.sh",
                     "/usr/local/Ascend/nnal/atb/set_env.sh --cxx_abi=1"]
 # MindCluster (Ascend device plugin) docs: Atlas 800I A2 -> huawei.com/Ascend910: <chips>
 NPU_RESOURCE = "huawei.com/Ascend910"
-# FACTS section 3: what an NPU container needs from the host
+# what an NPU container needs from the host (vllm-ascend's docker run example)
 NPU_CONTROL_DEVICES = {"/dev/davinci_manager", "/dev/devmm_svm", "/dev/hisi_hdc"}
 DRIVER_PATHS = {"/usr/local/dcmi", "/usr/local/bin/npu-smi", "/usr/local/Ascend/driver/lib64",
                 "/usr/local/Ascend/driver/version.info", "/etc/ascend_install.info"}

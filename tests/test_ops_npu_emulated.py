@@ -1,6 +1,6 @@
 """Contract tests of the NPU backend (``ops.npu``) against the CPU specification (``ops.cpu``).
 
-DESIGN.md tiers 2 and 3. Every test takes the ``be`` fixture, which has two parameters:
+Tiers 2 and 3 of the README's three tiers. Every test takes the ``be`` fixture, which has two parameters:
   * ``emulated`` (runs here): ``ops.npu`` is imported against the test-only torch_npu emulator
     (``tests/npu_emulator``), so the backend's marshalling (dtypes, layouts, index conventions,
     argument names) runs on CPU tensors through kernels that enforce the documented contracts,

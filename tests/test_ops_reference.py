@@ -1,6 +1,6 @@
 """CPU reference operators (``ops.cpu``, ``ops.rope``) against implementations nobody here wrote.
 
-DESIGN.md tier 1. The independent references are:
+Tier 1 of the README's three tiers. The independent references are:
 - attention: ``torch.nn.functional.scaled_dot_product_attention`` on the un-paged K/V of each
   request, with an explicit bottom-right causal mask and ``enable_gqa``;
 - norms, RoPE (plain and YaRN), the dense MLP and the sparse MoE block: Hugging Face

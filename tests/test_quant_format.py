@@ -1,5 +1,5 @@
-"""The msModelSlim W8A8 format written by the quantizer and read by the loader (FACTS.md §4,
-docs/w8a8_format.md), and clear errors for malformed quantised checkpoints."""
+"""The msModelSlim W8A8 format written by the quantizer and read by the loader (docs/w8a8_format.md),
+and clear errors for malformed quantised checkpoints."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def _tensors(path):
 
 
 def _expected(cfg: Qwen3Config, scheme: str, model_dtype: torch.dtype) -> dict:
-    """name -> (shape, dtype, description type), written out by hand from FACTS.md §4."""
+    """name -> (shape, dtype, description type), written out by hand from docs/w8a8_format.md."""
     H, D, V = cfg.hidden_size, cfg.head_dim, cfg.vocab_size
     exp = {"model.embed_tokens.weight": ((V, H), model_dtype, "FLOAT"),
            "model.norm.weight": ((H,), model_dtype, "FLOAT")}

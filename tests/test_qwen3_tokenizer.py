@@ -1,4 +1,4 @@
-"""The Qwen3 tokenizer built from quicktok-v1 and the project's chat template (FACTS.md §2)."""
+"""The Qwen3 tokenizer built from quicktok-v1 and the project's chat template (Qwen3's thinking modes)."""
 
 from __future__ import annotations
 

@@ -181,7 +181,7 @@ def build_command(spec: ServeSpec, base_env: dict | None = None) -> tuple[list[s
         if spec.tp > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in env:
             cores = os.cpu_count() or 1
             env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(r % cores) for r in range(spec.tp))
-    else:  # the Ascend runtime settings vllm-ascend recommends (FACTS: Atlas and vllm-ascend)
+    else:  # the Ascend runtime settings vllm-ascend recommends (its installation docs)
         for k, v in NPU_ENV.items():
             env.setdefault(k, v)
         if spec.devices is not None:

@@ -33,7 +33,7 @@ IMAGE = f"ascend-qwen3:{__version__}"           # `docker build -t ascend-qwen3:
 CPU_IMAGE = f"ascend-qwen3:{__version__}-cpu"   # `docker build -f deploy/Dockerfile.cpu ...`
 MODELS_HOST_DIR = "/data/models"                # checkpoints on the host, one directory each
 CONTAINER_PORT = 8000                           # EXPOSE in both Dockerfiles, the probes' port
-SHM = "4g"                                      # vLLM's shared-memory queues (FACTS: >= 1g)
+SHM = "4g"                                      # vLLM's shared-memory queues (vllm-ascend's docker run example: >= 1g)
 SHM_K8S = "4Gi"
 # the Ascend device plugin's extended resource for Atlas 800I A2 NPUs (MindCluster docs: "Atlas
 # 800I A2 inference server: huawei.com/Ascend910: <number of chips>", equal in requests and limits)

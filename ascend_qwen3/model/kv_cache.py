@@ -1,7 +1,7 @@
 """A standalone paged KV cache with a block allocator, for tests, benchmarks and ``run``.
 
 Layout per layer: key and value caches of [num_blocks, block_size, kv_heads_per_rank, head_dim]
-(the NPU layout of FACTS.md). ``prepare`` turns "these requests get these new tokens" into the
+(the layout torch_npu's paged KV-cache kernels use). ``prepare`` turns "these requests get these new tokens" into the
 positions and ``AttentionMetadata`` of one packed step, allocating blocks as sequences grow.
 """
 

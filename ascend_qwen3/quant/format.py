@@ -39,7 +39,7 @@ class TensorSpec:
         return {"out,in": (out, inp), "out,1": (out, 1), "out": (out,), "1": (1,)}[self.shape]
 
 
-# What each type stores per linear (FACTS.md §4, verified in docs/w8a8_format.md). Scales may be
+# What each type stores per linear (docs/w8a8_format.md, read from vllm-ascend 0.23's source). Scales may be
 # stored in the model dtype or fp32; deq_scale is fp32 for bf16 models and an int64 carrying the
 # fp32 bit pattern for fp16 models; input_offset is int8 or a float holding an integer.
 TENSORS: dict[str, tuple[TensorSpec, ...]] = {
@@ -60,7 +60,7 @@ TENSORS: dict[str, tuple[TensorSpec, ...]] = {
     FLOAT: (TensorSpec("weight", "out,in", FLOAT_ST),),
 }
 
-# dtypes the quantizer writes: input_scale in the model dtype and input_offset int8 (FACTS.md §4
+# dtypes the quantizer writes: input_scale in the model dtype and input_offset int8 (docs/w8a8_format.md
 # and vllm-ascend's parameters); deq_scale fp32, or for fp16 models the fp32 bit pattern as int64;
 # per-channel weight scales fp32 (what msModelSlim writes), offsets zero (symmetric weights)
 WRITE_DTYPES = {"weight": "int8", "input_scale": "model", "input_offset": "int8",

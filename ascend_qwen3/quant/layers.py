@@ -2,7 +2,7 @@
 
 Parameters are created in checkpoint orientation (what the loader fills); ``finalize`` then
 builds what the kernels consume (the int8 weight transposed to [K, N] and put into the
-backend's layout, fp32 scale vectors) and drops the loading copies. The maths (FACTS.md §4):
+backend's layout, fp32 scale vectors) and drops the loading copies. The maths (msModelSlim's format, docs/w8a8_format.md):
 
 * W8A8 (static): xq = clamp(round(x / input_scale + input_offset)); y = (xq @ Wq^T + quant_bias)
   * deq_scale. ``quant_bias`` folds the zero point (and any float bias); a row-parallel layer adds

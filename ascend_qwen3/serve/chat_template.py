@@ -1,4 +1,4 @@
-"""A Qwen3 chat template with the thinking behaviour of FACTS.md §2, written for this project.
+"""A Qwen3 chat template with Qwen3's thinking behaviour (model card, technical report), written for this project.
 
 - Turns: ``<|im_start|>{role}\\n{content}<|im_end|>\\n``; generation prompt ``<|im_start|>assistant\\n``.
 - Thinking: on by default; the generation prompt then opens ``<think>\\n`` so that a thinking budget

@@ -1,4 +1,4 @@
-"""A test-only torch_npu emulator (tier 2 of DESIGN.md).
+"""A test-only torch_npu emulator (tier 2 of the three tiers in the README).
 
 ``build()`` returns a fresh fake ``torch_npu`` module whose functions implement, on CPU
 tensors, the documented argument names, defaults, layouts, dtypes, output tuples and maths of

@@ -36,6 +36,7 @@ ENV_VAR = "ASCEND_QWEN3_BACKEND"
 LOG_ENV_VAR = "ASCEND_QWEN3_OPS_LOG"
 
 OPS = (
+    "linear", "prepare_linear_weight",
     "rms_norm", "add_rms_norm", "head_rms_norm", "rotary_embedding", "swiglu",
     "write_kv_cache", "paged_attention",
     "dynamic_quant", "static_quant", "int8_matmul", "quant_matmul",

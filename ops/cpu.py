@@ -16,6 +16,65 @@ NAME = "cpu"
 
 
 # --------------------------------------------------------------------------------------------
+# Float linear
+# --------------------------------------------------------------------------------------------
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """y = x @ weight^T. x: [M, K]; weight: [N, K] in x's dtype, as it is or as
+    ``prepare_linear_weight`` made it. Each output accumulated in fp32 and rounded once to
+    x.dtype. Returns [M, N]."""
+    return torch.ops.ascend_qwen3_ops.linear(x, weight)
+
+
+def prepare_linear_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A [N, K] linear weight in the form ``linear`` multiplies fastest, made once when the
+    weights are finalised: here oneDNN's prepacked (blocked) layout for bf16 / fp32 weights
+    (``torch.ops.mkldnn._reorder_linear_weight``, what PyTorch's own compiler uses for frozen
+    CPU linears; several times faster than multiplying the plain [N, K] weight), the weight
+    itself where oneDNN is not available. The same product either way."""
+    weight = weight.contiguous()
+    if weight.dtype in (torch.bfloat16, torch.float32) and _packing_works(weight.dtype):
+        return torch.ops.mkldnn._reorder_linear_weight(weight, None)
+    return weight
+
+
+_PACKING: dict[torch.dtype, bool] = {}
+
+
+def _packing_works(dtype: torch.dtype) -> bool:
+    """Can oneDNN prepack (and multiply) a ``dtype`` linear weight on this CPU? (probed once)
+    Its bf16 path needs AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT; it refuses on AVX2-only CPUs and
+    under ONEDNN_MAX_CPU_ISA=AVX2, where the plain weight is used."""
+    if dtype not in _PACKING:
+        try:
+            w, x = torch.ones(8, 16, dtype=dtype), torch.ones(2, 16, dtype=dtype)
+            y = torch.ops.mkldnn._linear_pointwise(
+                x, torch.ops.mkldnn._reorder_linear_weight(w, None), None, "none", [], "")
+            _PACKING[dtype] = bool(torch.backends.mkldnn.is_available()) and \
+                torch.equal(y, torch.nn.functional.linear(x, w))
+        except (RuntimeError, AttributeError):
+            _PACKING[dtype] = False
+    return _PACKING[dtype]
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    if w.is_mkldnn:                  # prepacked by prepare_linear_weight
+        return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+    return torch.nn.functional.linear(x, w)
+
+
+# The product as an op of its own (a schema, one implementation, a fake), so that a compiler
+# (torch.compile, vLLM's support_torch_compile) calls it as it is: Inductor lowers oneDNN's
+# prepacked linear only for weights it froze itself, and a traced graph cannot see whether a
+# weight is prepacked.
+_LIB = torch.library.Library("ascend_qwen3_ops", "DEF")
+_LIB.define("linear(Tensor x, Tensor w) -> Tensor")
+_LIB.impl("linear", _linear, "CompositeExplicitAutograd")
+torch.library.register_fake("ascend_qwen3_ops::linear",
+                            lambda x, w: x.new_empty(*x.shape[:-1], w.shape[0]), lib=_LIB)
+
+
+# --------------------------------------------------------------------------------------------
 # Normalisation
 # --------------------------------------------------------------------------------------------
 

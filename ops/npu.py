@@ -38,6 +38,27 @@ def _dt(t: torch.Tensor) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# Float linear
+# --------------------------------------------------------------------------------------------
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """y = x @ weight^T with ``torch.nn.functional.linear`` (torch_npu's matmul on NPU tensors).
+
+    Marshalling: none; the weight is the [N, K] tensor ``prepare_linear_weight`` returned.
+    Tolerance vs ops.cpu: fp32 accumulation, one rounding; order differs: rtol=atol=1e-2 bf16,
+    1e-5 fp32.
+    """
+    return torch.nn.functional.linear(x, weight)
+
+
+def prepare_linear_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The [N, K] float weight, contiguous. Kept in ND: vllm-ascend 0.23 casts float weights to
+    FRACTAL_NZ only when VLLM_ASCEND_ENABLE_NZ=2 (``maybe_trans_nz``, vllm_ascend/utils.py),
+    not by default. Numerically the identity."""
+    return weight.contiguous()
+
+
+# --------------------------------------------------------------------------------------------
 # Normalisation
 # --------------------------------------------------------------------------------------------
 

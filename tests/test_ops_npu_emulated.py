@@ -617,6 +617,17 @@ def test_prepared_expert_scale(be, out_dtype):
     exact(cpu.prepare_expert_scale(scale, out_dtype), scale)
 
 
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_linear(be, dtype):
+    """The float linear (torch_npu's matmul through F.linear on the NPU) against ops.cpu, whose
+    prepared weight is oneDNN's packed layout: the same product."""
+    x, w = torch.randn(7, 96).to(dtype), torch.randn(40, 96).to(dtype)
+    got = be.host(be.npu.linear(be.dev(x), be.npu.prepare_linear_weight(be.dev(w))))
+    ref = cpu.linear(x, cpu.prepare_linear_weight(w))
+    close(got, ref, dtype)
+    close(ref, (x.float() @ w.float().t()).to(dtype), dtype)
+
+
 def test_every_op_is_covered():
     """Each op of ops.OPS has a contract test in this file."""
     import ops

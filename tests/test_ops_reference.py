@@ -570,6 +570,31 @@ def test_int8_matmul_extreme_no_overflow():
     assert acc[0, 0] == 2 ** 26
 
 
+def test_linear_prepared_and_plain_give_one_product_on_any_isa():
+    """``linear`` on ``prepare_linear_weight``'s weight equals F.linear on the plain weight: at
+    the native ISA (oneDNN's prepacked layout) and capped to AVX2, where oneDNN refuses to
+    prepack bf16 and the plain weight is kept (each level in a process of its own)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, ops.cpu as c\n"
+        "for dt in (torch.float32, torch.bfloat16):\n"
+        "    g = torch.Generator().manual_seed(0)\n"
+        "    w = torch.randn(96, 64, generator=g).to(dt); x = torch.randn(5, 64, generator=g).to(dt)\n"
+        "    p = c.prepare_linear_weight(w)\n"
+        "    y, ref = c.linear(x, p), torch.nn.functional.linear(x, w)\n"
+        "    print(str(dt), p.is_mkldnn, float((y.float() - ref.float()).abs().max()))\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for caps in ({}, {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env=dict(os.environ, **caps), cwd=root, timeout=300)
+        assert out.returncode == 0, out.stderr
+        for line in out.stdout.splitlines():
+            dt, _packed, diff = line.split()
+            assert float(diff) <= (1e-5 if dt == "torch.float32" else 1e-2), (caps, line)
+
+
 def test_int8_matmul_exact_where_onednn_saturates():
     """Under oneDNN capped to AVX2 (no VNNI), torch._int_mm saturates int16 pair sums and is
     wrong for large products; the probe sees it and int8_matmul stays exact (run in a process of

@@ -45,7 +45,8 @@ class Qwen3ForCausalLM(nn.Module):
         self.register_buffer("cos_sin_cache", cache, persistent=False)
 
     def finalize_weights(self) -> None:
-        """Once, after loading: put quantised weights into the layout their kernels consume."""
+        """Once, after loading: put weights into the layout their kernels consume (quantised
+        weights, scales, and float weights in the backend's prepared form)."""
         for m in self.modules():
             if m is not self and hasattr(m, "finalize"):
                 m.finalize()

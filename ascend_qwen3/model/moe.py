@@ -29,7 +29,7 @@ from torch import nn
 import ops
 from ..config import Qwen3Config
 from ..parallel import ParallelContext
-from ..parallel.layers import empty_param
+from ..parallel.layers import empty_param, finalize_float_weight
 from ..parallel.plan import local_experts
 from ..quant.format import W8A8_DYNAMIC
 from ..quant.layers import apply_experts, create_experts, finalize_experts
@@ -101,16 +101,19 @@ class Qwen3SparseMoeBlock(nn.Module):
         self.gate = empty_param(cfg.num_experts, cfg.hidden_size, dtype=cfg.dtype, device=device)
         scheme = quant.scheme(prefix + "experts") if quant is not None else None
         self.experts = Qwen3MoeExperts(cfg, ctx, device=device, scheme=scheme)
-        self.ops = ops.bind(device, "moe_gating_topk", "moe_combine",
-                            "moe_route_quant" if scheme is not None else "moe_route")
+        self.ops = ops.bind(device, "linear", "prepare_linear_weight", "moe_gating_topk",
+                            "moe_combine", "moe_route_quant" if scheme is not None else "moe_route")
         self.op_name = f"{prefix or 'moe'}#{next(_NAMES)}"
         _LAYERS[self.op_name] = self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = torch.nn.functional.linear(x, self.gate)
+        logits = self.ops.linear(x, self.gate)
         weights, ids = self.ops.moe_gating_topk(logits, self.top_k, self.renormalize)
         out = torch.ops.ascend_qwen3.sparse_moe(x, weights, ids, self.op_name)
         return self.ctx.all_reduce(out)
+
+    def finalize(self) -> None:
+        finalize_float_weight(self, "gate")
 
     def experts_forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """The inside of the ``sparse_moe`` op (eager): route, expert GEMMs, weighted combine."""

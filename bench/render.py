@@ -1,0 +1,306 @@
+"""docs/BENCHMARKS.md and its figures (docs/bench/*.png), from docs/bench/results.json.
+
+Called by ``bench/run.py`` after every run (``bench/run.py --render`` alone re-renders). Each
+table and figure names the command that measured it and the machine it ran on.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+DOC = os.path.join(ROOT, "docs", "BENCHMARKS.md")
+FIG_DIR = os.path.join(ROOT, "docs", "bench")
+ENGINES = ("transformers", "standalone", "vllm-builtin", "vllm-ours")
+
+# NPU decode roofline: Huawei publishes no HBM bandwidth for the Atlas 800I A2's NPUs (Ascend
+# 910B family); third-party reports range from about 1.2 to 2 TB/s. The table below is computed
+# for that range and must be replaced by a measurement (bench/roofline.py --device npu) once
+# it has run on the hardware.
+NPU_HBM_TBPS = (1.2, 1.6, 2.0)
+
+
+def _f(x, digits=1):
+    return "–" if x is None else f"{x:,.{digits}f}"
+
+
+def _provenance(section: dict) -> str:
+    m = section.get("machine", {})
+    return (f"Measured {m.get('date', '?')} at commit `{m.get('commit', '?')}` on {m.get('cpu', '?')} "
+            f"({m.get('cores', '?')} cores, {m.get('memory_gib', '?')} GiB, PyTorch "
+            f"{m.get('torch', '?')}, kernels {m.get('cpu_capability', '?')}); command: "
+            f"`{section.get('command', 'make bench')}`.")
+
+
+def _by(rows, *keys):
+    out = {}
+    for r in rows:
+        out[tuple(r[k] for k in keys)] = r
+    return out
+
+
+def _plot_decode(rows, path, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    checkpoints = sorted({r["checkpoint"] for r in rows}, key=lambda c: (len(c), c))
+    batches = sorted({r["batch"] for r in rows})
+    engines = [e for e in ENGINES if any(r["engine"] == e for r in rows)]
+    idx = _by(rows, "checkpoint", "engine", "batch")
+    fig, axes = plt.subplots(1, len(checkpoints), figsize=(5.5 * len(checkpoints), 4), squeeze=False)
+    width = 0.8 / len(engines)
+    for ax, ck in zip(axes[0], checkpoints):
+        for i, e in enumerate(engines):
+            ys = [idx.get((ck, e, b), {}).get("decode_tokens_per_s", 0) for b in batches]
+            ax.bar([j + i * width for j in range(len(batches))], ys, width, label=e)
+        ax.set_xticks([j + width * (len(engines) - 1) / 2 for j in range(len(batches))])
+        ax.set_xticklabels([f"batch {b}" for b in batches])
+        ax.set_ylabel("decode tokens/s")
+        ax.set_title(f"{title}: {ck}")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _plot_serving(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    conc = sorted({r["concurrency"] for r in rows})
+    idx = _by(rows, "engine", "concurrency")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric, label in ((axes[0], "ttft", "TTFT (ms)"), (axes[1], "tpot", "TPOT (ms)")):
+        for i, e in enumerate(("ours", "builtin")):
+            for k, p in enumerate(("p50", "p99")):
+                ys = [idx.get((e, c), {}).get(f"{p}_{metric}_ms", 0) for c in conc]
+                ax.bar([j + (2 * i + k) * 0.2 for j in range(len(conc))], ys, 0.2,
+                       label=f"{e} {p}")
+        ax.set_xticks([j + 0.3 for j in range(len(conc))])
+        ax.set_xticklabels([f"concurrency {c}" for c in conc])
+        ax.set_ylabel(label)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _roofline(results) -> tuple[float | None, dict]:
+    sec = results.get("roofline")
+    if not sec:
+        return None, {}
+    return sec["bandwidth"]["read_GBps"], sec["models"]
+
+
+def _decode_section(results, lines, figures) -> None:
+    sec = results.get("decode")
+    if not sec:
+        return
+    rows = sec["results"]
+    bw, roof = _roofline(results)
+    idx = _by(rows, "checkpoint", "engine", "batch")
+    lines += ["## Decode and prefill, four engines side by side", "",
+              "Random-weight bf16 checkpoints written by `bench/checkpoints.py`: `dense` is the "
+              "Qwen3-0.6B shape (28 layers, hidden 1024, 16 / 8 heads, FFN 3072, tied 151,936 "
+              "vocabulary); `moe` has Qwen3-30B-A3B's ratios at a quarter of its width (4 layers, "
+              "hidden 1024, 16 / 2 heads, 128 experts of FFN 384, top-8). Prompts of "
+              f"{rows[0]['prompt']} random tokens, {rows[0]['new']} new tokens (greedy, end of "
+              "sequence ignored); decode tokens/s is batch x (new - 1) / (time(new) - time(1)), "
+              "so prefill drops out; prefill tokens/s is batch x prompt / time(1). Medians of "
+              f"{len(rows[0]['runs'])} runs after a warm-up; each engine in a process of its own, "
+              "one after another. vLLM's engines run with their default compilation (vLLM's "
+              "CPU build: Dynamo traced once, Inductor).", "",
+              _provenance(sec), ""]
+    lines += ["| checkpoint | batch | transformers | standalone | vLLM built-in | ours in vLLM | "
+              "ours / built-in | share of roofline (ours) |", "|---|---|---|---|---|---|---|---|"]
+    for ck in ("dense", "moe"):
+        for b in sorted({r["batch"] for r in rows}):
+            v = {e: idx.get((ck, e, b), {}).get("decode_tokens_per_s") for e in ENGINES}
+            ratio = (v["vllm-ours"] / v["vllm-builtin"]) if v["vllm-ours"] and v["vllm-builtin"] else None
+            share = None
+            if b == 1 and roof.get(f"{ck} bf16") and v["vllm-ours"]:
+                share = v["vllm-ours"] / roof[f"{ck} bf16"]["tokens_per_s"]
+            lines.append(f"| {ck} | {b} | " + " | ".join(_f(v[e]) for e in ENGINES)
+                         + f" | **{_f(ratio, 2)}** | {'–' if share is None else f'{share:.0%}'} |")
+    lines += ["", "Prefill tokens/s (same runs):", "",
+              "| checkpoint | batch | transformers | standalone | vLLM built-in | ours in vLLM | "
+              "ours / built-in |", "|---|---|---|---|---|---|---|"]
+    for ck in ("dense", "moe"):
+        for b in sorted({r["batch"] for r in rows}):
+            v = {e: idx.get((ck, e, b), {}).get("prefill_tokens_per_s") for e in ENGINES}
+            ratio = (v["vllm-ours"] / v["vllm-builtin"]) if v["vllm-ours"] and v["vllm-builtin"] else None
+            lines.append(f"| {ck} | {b} | " + " | ".join(_f(v[e]) for e in ENGINES)
+                         + f" | {_f(ratio, 2)} |")
+    lines += ["", "Peak resident memory of each engine's process (GiB; vLLM's includes the KV "
+              "cache it reserves up front, `VLLM_CPU_KVCACHE_SPACE=2`):", "",
+              "| checkpoint | batch | transformers | standalone | vLLM built-in | ours in vLLM |",
+              "|---|---|---|---|---|---|"]
+    for ck in ("dense", "moe"):
+        for b in sorted({r["batch"] for r in rows}):
+            v = {e: idx.get((ck, e, b), {}).get("peak_rss_gib") for e in ENGINES}
+            lines.append(f"| {ck} | {b} | " + " | ".join(_f(v[e], 2) for e in ENGINES) + " |")
+    _plot_decode(rows, os.path.join(FIG_DIR, "decode.png"), "decode")
+    figures.append("decode.png")
+    lines += ["", f"![decode tokens/s](bench/decode.png)", "",
+              f"Figure: decode tokens/s of the table above (`{sec.get('command')}`).", ""]
+
+
+def _w8a8_section(results, lines, figures) -> None:
+    sec = results.get("w8a8")
+    if not sec:
+        return
+    rows = sec["results"]
+    idx = _by(rows, "checkpoint", "engine", "batch")
+    bw, roof = _roofline(results)
+    lines += ["## W8A8 vs bf16", "",
+              "The dense checkpoint in bf16 and quantised by the project's quantizer "
+              "(`ascend-qwen3 quantize --scheme w8a8` / `w8a8_dynamic`, built-in calibration, no "
+              "smoothing). On the CPU the int8 linears are int8 x int8 GEMMs with int32 "
+              "accumulation (`torch._int_mm`, oneDNN), weights stored int8, activations quantised "
+              "per tensor (static) or per token (dynamic); the embedding, norms and lm_head stay "
+              "bf16. Same measurement as above.", "", _provenance(sec), "",
+              "| engine | batch | bf16 | W8A8 static | W8A8 dynamic | static / bf16 | dynamic / bf16 |",
+              "|---|---|---|---|---|---|---|"]
+    for e in ("standalone", "vllm-ours"):
+        for b in sorted({r["batch"] for r in rows}):
+            v = [idx.get((ck, e, b), {}).get("decode_tokens_per_s")
+                 for ck in ("dense", "dense-w8a8", "dense-w8a8_dynamic")]
+            r1 = v[1] / v[0] if v[0] and v[1] else None
+            r2 = v[2] / v[0] if v[0] and v[2] else None
+            lines.append(f"| {e} | {b} | " + " | ".join(_f(x) for x in v)
+                         + f" | **{_f(r1, 2)}** | **{_f(r2, 2)}** |")
+    if roof.get("dense w8a8"):
+        lines += ["", f"Batch-1 roofline of the W8A8 dense checkpoint: "
+                  f"{roof['dense w8a8']['tokens_per_s']:.1f} tokens/s "
+                  f"({roof['dense w8a8']['total'] / 1e9:.2f} GB per token)."]
+    _plot_decode(rows, os.path.join(FIG_DIR, "w8a8.png"), "W8A8")
+    figures.append("w8a8.png")
+    lines += ["", "![W8A8 decode tokens/s](bench/w8a8.png)", "",
+              f"Figure: decode tokens/s of bf16 and W8A8 (`{sec.get('command')}`).", ""]
+
+
+def _serving_section(results, lines, figures) -> None:
+    sec = results.get("serving")
+    if not sec:
+        return
+    rows = sec["results"]
+    lines += ["## Serving latency (vLLM's serving benchmark)", "",
+              "`vllm bench serve` against the server `make serve` starts "
+              f"(`ascend-qwen3 serve --model <dense>`), random prompts of {rows[0]['input_len']} "
+              f"tokens, {rows[0]['output_len']} output tokens each, end of sequence ignored; "
+              "then the same server command with vLLM's built-in class (`-- --hf-overrides "
+              "'{\"architectures\": [\"Qwen3ForCausalLM\"]}'`).", "", _provenance(sec), "",
+              "| engine | concurrency | requests | TTFT p50 | TTFT p99 | TPOT p50 | TPOT p99 | "
+              "ITL p50 | ITL p99 | E2E p50 | E2E p99 | output tokens/s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['engine']} | {r['concurrency']} | {r['completed']} | "
+                     + " | ".join(_f(r.get(f"{p}_{m}_ms"), 0 if m in ("ttft", "e2el") else 1)
+                                  for m in ("ttft", "tpot", "itl", "e2el") for p in ("p50", "p99"))
+                     + f" | {_f(r['output_throughput'])} |")
+    lines += ["", "Times in ms."]
+    _plot_serving(rows, os.path.join(FIG_DIR, "serving.png"))
+    figures.append("serving.png")
+    lines += ["", "![serving latency](bench/serving.png)", "",
+              f"Figure: TTFT and TPOT, p50 and p99 (`{sec.get('command')}`).", ""]
+
+
+def _ops_section(results, lines) -> None:
+    sec = results.get("ops")
+    if not sec:
+        return
+    lines += ["## Operator micro-benchmarks", "",
+              "Each op of `ops` on its backend at the benchmark shapes (bf16; median of repeated "
+              f"calls after warm-up, {sec.get('threads')} threads). GB/s where the op streams "
+              "weights or KV cache (bytes / time).", "", _provenance(sec), "",
+              "| backend | op | µs | GB/s |", "|---|---|---|---|"]
+    for r in sec["results"]:
+        lines.append(f"| {r['backend']} | {r['op']} | {_f(r['us'])} | {_f(r.get('GBps'))} |")
+    lines.append("")
+
+
+def _roofline_section(results, lines) -> None:
+    sec = results.get("roofline")
+    if not sec:
+        return
+    bw = sec["bandwidth"]
+    lines += ["## The memory-bandwidth roofline", "",
+              f"Read bandwidth measured here: **{bw['read_GBps']:.1f} GB/s** (median of "
+              f"{bw['repeats']} sums of a {bw['bytes'] / 2**30:.0f} GiB fp32 tensor, "
+              f"{bw['threads']} threads; best {bw['read_GBps_best']:.1f}). Batch-1 decode reads "
+              "every weight it uses once per token, so bandwidth / bytes per token bounds it "
+              "(`bench/roofline.py`; KV cache of the mean context included):", "",
+              _provenance(sec), "", "| checkpoint | GB per token | roofline tokens/s |",
+              "|---|---|---|"]
+    for name, m in sec["models"].items():
+        lines.append(f"| {name} | {m['total'] / 1e9:.3f} | {m['tokens_per_s']:.1f} |")
+    lines.append("")
+
+
+def _npu_section(lines) -> None:
+    from ascend_qwen3.config import family_config
+    from ascend_qwen3.deploy.launcher import graph_mode_args
+    from ascend_qwen3.deploy.profiles import load_profile, profile_names, to_spec
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import roofline
+
+    lines += ["## On the NPU: what to expect until it is measured", "",
+              "`make bench` runs the same operator benchmarks on an NPU when torch_npu sees one, "
+              "and `bench/serving.py --profile NAME` runs vLLM's serving benchmark against a "
+              "served profile. No Atlas hardware was available for these figures, so this "
+              "section is a computed bound, not a measurement: per-NPU bytes read per batch-1 "
+              "decode token (weights of the profile's precision, split by its TP size; MoE: "
+              "router and the top-8 experts of each layer; KV cache of a 4,096-token context) "
+              "divided by HBM bandwidth. Huawei publishes no HBM bandwidth figure for the "
+              "Atlas 800I A2's NPUs; third-party reports range from about 1.2 to 2 TB/s, so the "
+              f"bound is given at {', '.join(f'{x} TB/s' for x in NPU_HBM_TBPS)}. Replace it "
+              "with `bench/roofline.py --device npu` (a device read stream) on the hardware. "
+              "Collectives, kernel launch gaps and attention arithmetic are not counted: real "
+              "decode is below these bounds.", "",
+              "| profile | model | precision | TP | graph mode | GB per token per NPU | "
+              + " | ".join(f"tokens/s at {x} TB/s" for x in NPU_HBM_TBPS) + " |",
+              "|---|---|---|---|---|---|" + "---|" * len(NPU_HBM_TBPS)]
+    for name in profile_names():
+        p = load_profile(name, check_fit=False)
+        cfg = family_config(p["model"])
+        wb = 1.0 if p["precision"] == "w8a8" else 2.0
+        b = roofline.bytes_per_token(cfg, weight_bytes=wb, context=4096, tp=p["tp"] * p.get("nodes", 1))
+        mode = graph_mode_args(to_spec(p))
+        mode = mode[mode.index("--compilation-config") + 1] if "--compilation-config" in mode else \
+            ("eager" if "--enforce-eager" in mode else "vLLM default")
+        lines.append(f"| {name} | {p['model']} | {p['precision']} | {p['tp'] * p.get('nodes', 1)} | "
+                     f"`{mode}` | {b['total'] / 1e9:.2f} | "
+                     + " | ".join(f"{x * 1e12 / b['total']:.0f}" for x in NPU_HBM_TBPS) + " |")
+    lines.append("")
+
+
+def write(results: dict) -> None:
+    os.makedirs(FIG_DIR, exist_ok=True)
+    lines = ["# Benchmarks", "",
+             "Written by `make bench` (`bench/run.py`; results kept in `docs/bench/results.json`). "
+             "Every ratio compares engines measured one after another in the same run on the same "
+             "checkpoint; the tables say when and where. CPU figures are from vLLM's CPU build and "
+             "say how the project's code performs off the NPU; they are not NPU figures. Speed "
+             "targets live here, never in the test suite.", ""]
+    figures: list[str] = []
+    _roofline_section(results, lines)
+    _decode_section(results, lines, figures)
+    _w8a8_section(results, lines, figures)
+    _serving_section(results, lines, figures)
+    _ops_section(results, lines)
+    _npu_section(lines)
+    with open(DOC, "w") as f:
+        f.write("\n".join(lines).rstrip() + "\n")
+
+
+if __name__ == "__main__":
+    import json
+
+    with open(os.path.join(FIG_DIR, "results.json")) as f:
+        write(json.load(f))
+    print("rendered " + DOC)

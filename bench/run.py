@@ -1,0 +1,178 @@
+"""``make bench``: every benchmark of the project in one run, written to docs/BENCHMARKS.md.
+
+Sections (each runs its engines side by side, one after another, in this run):
+
+- ``roofline``: measured read bandwidth and the decode roofline of each checkpoint;
+- ``ops``: operator micro-benchmarks of the CPU backend (and the NPU backend where present);
+- ``decode``: decode and prefill speed and peak memory of transformers, the project's standalone
+  graph, vLLM's built-in class and the project's class inside vLLM, batch 1 / 8 / 32, on the
+  0.6B-shaped dense checkpoint and the 30B-A3B-ratio MoE checkpoint (``bench/checkpoints.py``);
+- ``w8a8``: the dense checkpoint in bf16, W8A8 (static) and W8A8_DYNAMIC, through the
+  standalone graph and the project's class inside vLLM;
+- ``serving``: TTFT / TPOT / ITL / end-to-end latency from ``vllm bench serve`` against the
+  server ``make serve`` starts, the project's class vs vLLM's built-in.
+
+Results are kept in docs/bench/results.json (a section run again replaces its own entry, with
+its date, machine and command) and rendered into docs/BENCHMARKS.md with PNG figures in
+docs/bench/.
+
+    .venv/bin/python bench/run.py [--only decode w8a8 ...] [--repeats 3] [--quick]
+    .venv/bin/python bench/run.py --render        # re-render the doc from results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+RESULTS = os.path.join(ROOT, "docs", "bench", "results.json")
+SECTIONS = ("roofline", "ops", "decode", "w8a8", "serving")
+
+
+def machine() -> dict:
+    """What the numbers were measured on."""
+    import torch
+
+    model = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                                capture_output=True).stdout.strip()
+    except OSError:
+        commit = ""
+    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return {"cpu": model, "cores": os.cpu_count(), "memory_gib": round(mem_gib, 1),
+            "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "commit": commit, "date": datetime.datetime.now(datetime.timezone.utc).strftime(
+                "%Y-%m-%d %H:%M UTC")}
+
+
+def run_section(name: str, a) -> dict:
+    import checkpoints
+    import decode
+
+    if name == "roofline":
+        import roofline
+
+        bw = roofline.measure_read_bandwidth()
+        from ascend_qwen3.config import Qwen3Config
+        models = {}
+        for ck in ("dense", "moe"):
+            cfg = Qwen3Config.from_model_dir(checkpoints.checkpoint(ck))
+            for scheme, wb in (("bf16", 2.0), ("w8a8", 1.0)):
+                b = roofline.bytes_per_token(cfg, weight_bytes=wb, context=a.prompt + a.new // 2)
+                models[f"{ck} {scheme}"] = dict(b, tokens_per_s=bw["read_GBps"] * 1e9 / b["total"])
+        return {"bandwidth": bw, "models": models}
+    if name == "ops":
+        import op_speed
+        import torch
+
+        rows = []
+        devices = ["cpu"] + (["npu"] if _has_npu() else [])
+        for dev in devices:
+            path = os.path.join(ROOT, "docs", "bench", f".ops-{dev}.json")
+            op_speed.main(["--device", dev, "--json", path, "--repeats", str(20 if a.quick else 50)])
+            with open(path) as f:
+                rows += json.load(f)["results"]
+            os.remove(path)
+        return {"results": rows, "threads": torch.get_num_threads()}
+    if name == "decode":
+        rows = []
+        for ck in ("dense", "moe"):
+            path = checkpoints.checkpoint(ck)
+            for batch in a.batch:
+                for engine in decode.ENGINES:
+                    rows.append(_decode(decode, engine, path, ck, batch, a))
+        return {"results": rows}
+    if name == "w8a8":
+        rows = []
+        for variant in ("dense", "dense-w8a8", "dense-w8a8_dynamic"):
+            path = checkpoints.checkpoint(variant)
+            for batch in a.batch[:2]:
+                for engine in ("standalone", "vllm-ours"):
+                    rows.append(_decode(decode, engine, path, variant, batch, a))
+        return {"results": rows}
+    if name == "serving":
+        import serving
+
+        out = os.path.join(ROOT, "docs", "bench", ".serving.json")
+        serving.main(["--model", checkpoints.checkpoint("dense"), "--json", out,
+                      "--concurrency", *map(str, a.concurrency)])
+        with open(out) as f:
+            rows = json.load(f)
+        os.remove(out)
+        return {"results": rows}
+    raise ValueError(name)
+
+
+def _decode(decode, engine, path, label, batch, a) -> dict:
+    r = decode.run_in_subprocess(engine, path, batch, a.prompt, a.new, a.repeats, "bfloat16")
+    r["checkpoint"] = label
+    print(f"{label:>20} {engine:>13} batch {batch:>2}: decode {r['decode_tokens_per_s']:8.1f} "
+          f"tokens/s, prefill {r['prefill_tokens_per_s']:8.1f} tokens/s, peak "
+          f"{r['peak_rss_gib']:.2f} GiB", flush=True)
+    return r
+
+
+def _has_npu() -> bool:
+    try:
+        import torch
+        import torch_npu  # noqa: F401
+        return torch.npu.is_available()
+    except Exception:
+        return False
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    ap.add_argument("--batch", nargs="+", type=int, default=[1, 8, 32])
+    ap.add_argument("--concurrency", nargs="+", type=int, default=[1, 8])
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--quick", action="store_true",
+                    help="batch 1 and 8, 32 new tokens, 2 repeats (a first look, about a third "
+                         "of the time)")
+    ap.add_argument("--render", action="store_true", help="only re-render docs/BENCHMARKS.md")
+    a = ap.parse_args(argv)
+    if a.quick:
+        a.batch, a.new, a.repeats = [1, 8], 32, 2
+    import render
+
+    results = {}
+    if os.path.isfile(RESULTS):
+        with open(RESULTS) as f:
+            results = json.load(f)
+    if not a.render:
+        command = "make bench" + (f" BENCH_ARGS={shlex.quote(' '.join(argv))}" if argv else "")
+        for name in a.only:
+            print(f"== {name}", flush=True)
+            results[name] = dict(run_section(name, a), machine=machine(), command=command)
+            os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
+            with open(RESULTS, "w") as f:
+                json.dump(results, f, indent=1)
+    render.write(results)
+    print(f"wrote docs/BENCHMARKS.md and docs/bench/*.png from {os.path.relpath(RESULTS, ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

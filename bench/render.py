@@ -255,7 +255,8 @@ def _npu_section(lines) -> None:
               "served profile. No Atlas hardware was available for these figures, so this "
               "section is a computed bound, not a measurement: per-NPU bytes read per batch-1 "
               "decode token (weights of the profile's precision, split by its TP size; MoE: "
-              "router and the top-8 experts of each layer; KV cache of a 4,096-token context) "
+              "router and the top-8 experts of each layer, spread evenly over the ranks; KV "
+              "cache of a 4,096-token context) "
               "divided by HBM bandwidth. Huawei publishes no HBM bandwidth figure for the "
               "Atlas 800I A2's NPUs; third-party reports range from about 1.2 to 2 TB/s, so the "
               f"bound is given at {', '.join(f'{x} TB/s' for x in NPU_HBM_TBPS)}. Replace it "
@@ -268,12 +269,12 @@ def _npu_section(lines) -> None:
     for name in profile_names():
         p = load_profile(name, check_fit=False)
         cfg = family_config(p["model"])
-        wb = 1.0 if p["precision"] == "w8a8" else 2.0
-        b = roofline.bytes_per_token(cfg, weight_bytes=wb, context=4096, tp=p["tp"] * p.get("nodes", 1))
+        wb = 1.0 if p["precision"].startswith("w8a8") else 2.0
+        b = roofline.bytes_per_token(cfg, weight_bytes=wb, context=4096, tp=p["tp"])
         mode = graph_mode_args(to_spec(p))
         mode = mode[mode.index("--compilation-config") + 1] if "--compilation-config" in mode else \
             ("eager" if "--enforce-eager" in mode else "vLLM default")
-        lines.append(f"| {name} | {p['model']} | {p['precision']} | {p['tp'] * p.get('nodes', 1)} | "
+        lines.append(f"| {name} | {p['model']} | {p['precision']} | {p['tp']} | "
                      f"`{mode}` | {b['total'] / 1e9:.2f} | "
                      + " | ".join(f"{x * 1e12 / b['total']:.0f}" for x in NPU_HBM_TBPS) + " |")
     lines.append("")

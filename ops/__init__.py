@@ -41,7 +41,8 @@ OPS = (
     "write_kv_cache", "paged_attention",
     "dynamic_quant", "static_quant", "int8_matmul", "quant_matmul",
     "moe_gating_topk", "moe_route", "moe_route_quant", "grouped_matmul", "grouped_quant_matmul", "moe_combine",
-    "prepare_weight", "prepare_static_quant", "prepare_quant_scale", "prepare_expert_scale",
+    "prepare_weight", "prepare_grouped_weight", "prepare_static_quant", "prepare_quant_scale",
+    "prepare_expert_scale",
 )
 
 _announced: set[tuple[str, str]] = set()     # (device type, backend) choices logged

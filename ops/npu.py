@@ -754,6 +754,16 @@ def prepare_weight(weight: torch.Tensor) -> torch.Tensor:
     return torch_npu.npu_format_cast(weight.contiguous(), 29)
 
 
+def prepare_grouped_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A [G, K, N] float ``grouped_matmul`` weight as the kernel takes it: contiguous, in ND
+    (the layout the float experts have always been multiplied in here; npu_grouped_matmul also
+    accepts bf16 / fp16 weights in FRACTAL_NZ, not tried without hardware). Numerically the
+    identity."""
+    _check(weight.dim() == 3, "prepare_grouped_weight", "a [G, K, N] weight", list(weight.shape),
+           "stack the expert weights as [experts, in, out]")
+    return weight.contiguous()
+
+
 def prepare_static_quant(scale: torch.Tensor, offset: torch.Tensor, k: int
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale fp32 [k], zero point int8 [k]): npu_quantize's scales / zero_points along

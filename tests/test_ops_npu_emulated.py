@@ -494,6 +494,25 @@ def test_grouped_matmul(be, dtype, sizes, prepared):
     close(got, cpu.grouped_matmul(x, w, gs), dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_prepare_grouped_weight(be, dtype):
+    """Both backends' prepared grouped weights multiply as the plain [G, K, N] weight does: the
+    NPU's stays the ND tensor (exact), the CPU's may be oneDNN-prepacked per group (same
+    products, fp32 accumulation in another order: within the bf16 / fp32 tolerance)."""
+    sizes = torch.tensor([3, 0, 1, 9], dtype=torch.int64)
+    x = torch.randn(int(sizes.sum()), 64).to(dtype)
+    w = (torch.randn(4, 64, 48) * 0.1).to(dtype)
+    p = be.npu.prepare_grouped_weight(be.dev(w))
+    exact(be.host(p), w)
+    with be.expect("npu_grouped_matmul"):
+        got = be.host(be.npu.grouped_matmul(be.dev(x), p, be.dev(sizes)))
+    close(got, cpu.grouped_matmul(x, w, sizes), dtype)
+    close(cpu.grouped_matmul(x, cpu.prepare_grouped_weight(w), sizes),
+          cpu.grouped_matmul(x, w, sizes), dtype)
+    with pytest.raises(ValueError):
+        be.npu.prepare_grouped_weight(be.dev(torch.randn(8, 8)))
+
+
 def test_grouped_matmul_zero_rows(be):
     w = torch.randn(3, 16, 8)
     got = be.run("grouped_matmul", torch.randn(0, 16), w, torch.zeros(3, dtype=torch.int64))

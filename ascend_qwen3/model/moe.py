@@ -60,7 +60,8 @@ torch.library.register_fake("ascend_qwen3::sparse_moe", _sparse_moe_fake, lib=_L
 
 
 class Qwen3MoeExperts(nn.Module):
-    """Weights of this rank's experts in grouped-GEMM layout: w13 [E_l, H, 2I_l], w2 [E_l, I_l, H]."""
+    """Weights of this rank's experts in grouped-GEMM layout: w13 [E_l, H, 2I_l], w2 [E_l, I_l, H]
+    (after ``finalize``, float weights are in the form ``ops.prepare_grouped_weight`` gives)."""
 
     def __init__(self, cfg: Qwen3Config, ctx: ParallelContext, *, device=None, scheme: str | None = None):
         super().__init__()
@@ -70,7 +71,7 @@ class Qwen3MoeExperts(nn.Module):
         if scheme is None:
             self.w13 = empty_param(self.count, H, 2 * self.inter, dtype=cfg.dtype, device=device)
             self.w2 = empty_param(self.count, self.inter, H, dtype=cfg.dtype, device=device)
-            self.ops = ops.bind(device, "grouped_matmul", "swiglu")
+            self.ops = ops.bind(device, "grouped_matmul", "prepare_grouped_weight", "swiglu")
         elif scheme == W8A8_DYNAMIC:
             create_experts(self, self.count, H, self.inter, device=device)
         else:
@@ -79,6 +80,11 @@ class Qwen3MoeExperts(nn.Module):
     def finalize(self) -> None:
         if self.scheme is not None:
             finalize_experts(self)
+            return
+        for name in ("w13", "w2"):   # the backend's prepared form replaces the parameter
+            loaded = getattr(self, name).data
+            delattr(self, name)
+            setattr(self, name, self.ops.prepare_grouped_weight(loaded))
 
     def forward(self, sorted_x: torch.Tensor, counts: torch.Tensor,
                 token_scale: torch.Tensor | None = None) -> torch.Tensor:

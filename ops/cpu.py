@@ -203,9 +203,9 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     kernel): scores and softmax in fp32; for bf16 / fp16 inputs the products accumulate in fp32
     and the probabilities are rounded to the input dtype before they weight the values (as
     flash-attention kernels do), the sum accumulated in fp32 and rounded once.
-    Batched: all requests with one query (decode) in one call, each request with more (prefill,
-    chunked prefill) in a call of its own; keys padded to the longest request of a call and
-    masked.
+    Batched: the requests with one query (decode) together, in groups whose keys take a few MB,
+    each request with more (prefill, chunked prefill) in a call of its own; keys padded to the
+    longest request of a call and masked.
     """
     T, Hq, D = query.shape
     Hkv = key_cache.shape[2]
@@ -215,19 +215,37 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     lens = seq_lens.tolist() if seq_lens_host is None else seq_lens_host
     out = query.new_zeros(T, Hq, D)
     decode = [r for r in range(len(lens)) if starts[r + 1] - starts[r] == 1]
-    if decode:
-        if len(decode) == starts[len(lens)]:           # decode only: the rows are 0 .. R-1
-            rows, tables = slice(0, len(decode)), block_tables[:len(decode)]
-        else:
-            rows, tables = [starts[r] for r in decode], block_tables[decode]
-        out[rows] = _attend(query[rows].unsqueeze(1), key_cache, value_cache, tables,
-                            [lens[r] for r in decode], scale).squeeze(1)
+    for group in _by_size(decode, lens, key_cache):
+        rows = [starts[r] for r in group]
+        out[rows] = _attend(query[rows].unsqueeze(1), key_cache, value_cache, block_tables[group],
+                            [lens[r] for r in group], scale).squeeze(1)
     for r in range(len(lens)):
         q0, q1 = starts[r], starts[r + 1]
         if q1 - q0 > 1:
             out[q0:q1] = _attend(query[q0:q1].unsqueeze(0), key_cache, value_cache,
                                  block_tables[r:r + 1], [lens[r]], scale).squeeze(0)
     return out
+
+
+# keys (and values) copied per call, at most: a few MB, so the copies stay in the CPU's caches
+# and below glibc's largest mmap threshold (32 MiB), above which every allocation is fresh pages
+_GATHER_BYTES = 8 * 2**20
+
+
+def _by_size(requests: list[int], lens: list[int], key_cache: torch.Tensor) -> list[list[int]]:
+    """``requests`` in consecutive groups whose padded keys take at most _GATHER_BYTES (one
+    request per group at least)."""
+    bs, h, d = key_cache.shape[1:]
+    block_bytes = bs * h * d * key_cache.element_size()
+    groups, group, most = [], [], 0
+    for r in requests:
+        blocks = max(most, -(-lens[r] // bs))
+        if group and (len(group) + 1) * blocks * block_bytes > _GATHER_BYTES:
+            groups.append(group)
+            group, blocks = [], -(-lens[r] // bs)
+        group.append(r)
+        most = blocks
+    return groups + [group] if group else groups
 
 
 def _attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,

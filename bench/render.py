@@ -90,6 +90,15 @@ def _plot_serving(rows, path):
     plt.close(fig)
 
 
+def _figure(lines, figures, name, caption, section) -> None:
+    """A figure of docs/bench/ under its table, with the command and machine that made it."""
+    figures.append(name)
+    m = section.get("machine", {})
+    lines += ["", f"![{caption}](bench/{name})", "",
+              f"Figure: {caption}. Command: `{section.get('command', 'make bench')}`, on "
+              f"{m.get('cpu', '?')} ({m.get('cores', '?')} cores), {m.get('date', '?')}.", ""]
+
+
 def _roofline(results) -> tuple[float | None, dict]:
     sec = results.get("roofline")
     if not sec:
@@ -102,7 +111,7 @@ def _decode_section(results, lines, figures) -> None:
     if not sec:
         return
     rows = sec["results"]
-    bw, roof = _roofline(results)
+    _, roof = _roofline(results)
     idx = _by(rows, "checkpoint", "engine", "batch")
     lines += ["## Decode and prefill, four engines side by side", "",
               "Random-weight bf16 checkpoints written by `bench/checkpoints.py`: `dense` is the "
@@ -111,10 +120,12 @@ def _decode_section(results, lines, figures) -> None:
               "hidden 1024, 16 / 2 heads, 128 experts of FFN 384, top-8). Prompts of "
               f"{rows[0]['prompt']} random tokens, {rows[0]['new']} new tokens (greedy, end of "
               "sequence ignored); decode tokens/s is batch x (new - 1) / (time(new) - time(1)), "
-              "so prefill drops out; prefill tokens/s is batch x prompt / time(1). Medians of "
-              f"{len(rows[0]['runs'])} runs after a warm-up; each engine in a process of its own, "
-              "one after another. vLLM's engines run with their default compilation (vLLM's "
-              "CPU build: Dynamo traced once, Inductor).", "",
+              "so prefill drops out; prefill tokens/s is batch x prompt / time(1). Each engine "
+              f"runs in a process of its own; vLLM's two engines in {sec.get('rounds', 1)} processes "
+              "each, interleaved with the other engines' (a slow spell of this shared machine "
+              "then touches both alike); medians of all timed runs after a warm-up per process. vLLM's engines run with their default compilation "
+              "(vLLM's CPU build: Dynamo traced once, Inductor), all engines with the allocator "
+              "settings `ascend-qwen3 serve` gives a CPU server.", "",
               _provenance(sec), ""]
     lines += ["| checkpoint | batch | transformers | standalone | vLLM built-in | ours in vLLM | "
               "ours / built-in | share of roofline (ours) |", "|---|---|---|---|---|---|---|---|"]
@@ -145,9 +156,7 @@ def _decode_section(results, lines, figures) -> None:
             v = {e: idx.get((ck, e, b), {}).get("peak_rss_gib") for e in ENGINES}
             lines.append(f"| {ck} | {b} | " + " | ".join(_f(v[e], 2) for e in ENGINES) + " |")
     _plot_decode(rows, os.path.join(FIG_DIR, "decode.png"), "decode")
-    figures.append("decode.png")
-    lines += ["", f"![decode tokens/s](bench/decode.png)", "",
-              f"Figure: decode tokens/s of the table above (`{sec.get('command')}`).", ""]
+    _figure(lines, figures, "decode.png", "decode tokens/s of the table above", sec)
 
 
 def _w8a8_section(results, lines, figures) -> None:
@@ -156,7 +165,7 @@ def _w8a8_section(results, lines, figures) -> None:
         return
     rows = sec["results"]
     idx = _by(rows, "checkpoint", "engine", "batch")
-    bw, roof = _roofline(results)
+    _, roof = _roofline(results)
     lines += ["## W8A8 vs bf16", "",
               "The dense checkpoint in bf16 and quantised by the project's quantizer "
               "(`ascend-qwen3 quantize --scheme w8a8` / `w8a8_dynamic`, built-in calibration, no "
@@ -179,9 +188,7 @@ def _w8a8_section(results, lines, figures) -> None:
                   f"{roof['dense w8a8']['tokens_per_s']:.1f} tokens/s "
                   f"({roof['dense w8a8']['total'] / 1e9:.2f} GB per token)."]
     _plot_decode(rows, os.path.join(FIG_DIR, "w8a8.png"), "W8A8")
-    figures.append("w8a8.png")
-    lines += ["", "![W8A8 decode tokens/s](bench/w8a8.png)", "",
-              f"Figure: decode tokens/s of bf16 and W8A8 (`{sec.get('command')}`).", ""]
+    _figure(lines, figures, "w8a8.png", "decode tokens/s of bf16 and W8A8", sec)
 
 
 def _serving_section(results, lines, figures) -> None:
@@ -205,9 +212,7 @@ def _serving_section(results, lines, figures) -> None:
                      + f" | {_f(r['output_throughput'])} |")
     lines += ["", "Times in ms."]
     _plot_serving(rows, os.path.join(FIG_DIR, "serving.png"))
-    figures.append("serving.png")
-    lines += ["", "![serving latency](bench/serving.png)", "",
-              f"Figure: TTFT and TPOT, p50 and p99 (`{sec.get('command')}`).", ""]
+    _figure(lines, figures, "serving.png", "TTFT and TPOT, p50 and p99", sec)
 
 
 def _ops_section(results, lines) -> None:

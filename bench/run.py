@@ -98,17 +98,14 @@ def run_section(name: str, a) -> dict:
         for ck in ("dense", "moe"):
             path = checkpoints.checkpoint(ck)
             for batch in a.batch:
-                for engine in decode.ENGINES:
-                    rows.append(_decode(decode, engine, path, ck, batch, a))
-        return {"results": rows}
+                rows += _side_by_side(decode, decode.ENGINES, [(path, ck)], batch, a)
+        return {"results": rows, "rounds": a.rounds}
     if name == "w8a8":
         rows = []
-        for variant in ("dense", "dense-w8a8", "dense-w8a8_dynamic"):
-            path = checkpoints.checkpoint(variant)
-            for batch in a.batch[:2]:
-                for engine in ("standalone", "vllm-ours"):
-                    rows.append(_decode(decode, engine, path, variant, batch, a))
-        return {"results": rows}
+        variants = [(checkpoints.checkpoint(v), v) for v in ("dense", "dense-w8a8", "dense-w8a8_dynamic")]
+        for batch in a.batch[:1 if a.quick else 2]:
+            rows += _side_by_side(decode, ("standalone", "vllm-ours"), variants, batch, a)
+        return {"results": rows, "rounds": a.rounds}
     if name == "serving":
         import serving
 
@@ -120,6 +117,31 @@ def run_section(name: str, a) -> dict:
         os.remove(out)
         return {"results": rows}
     raise ValueError(name)
+
+
+def _side_by_side(decode, engines, checkpoints, batch, a) -> list[dict]:
+    """Every (checkpoint, engine) pair at ``batch``, the vLLM engines in ``a.rounds`` interleaved
+    rounds (A B C, A B C, ...: a slow spell of this shared machine then touches every engine
+    alike), the others once; each pair's figures are the medians over all its runs."""
+    import statistics
+
+    runs: dict[tuple, list[dict]] = {}
+    for round_ in range(a.rounds):
+        for path, label in checkpoints:
+            for engine in engines:
+                if round_ and not engine.startswith("vllm"):
+                    continue      # the rounds are for the two engines whose ratio is the target
+                runs.setdefault((label, engine), []).append(_decode(decode, engine, path, label, batch, a))
+    merged = []
+    for (label, engine), rs in runs.items():
+        r = dict(rs[0])
+        r["runs"] = [x for one in rs for x in one["runs"]]
+        r["decode_tokens_per_s"] = statistics.median(r["runs"])
+        for key in ("prefill_tokens_per_s", "generate_seconds_median"):
+            r[key] = statistics.median(one[key] for one in rs)
+        r["peak_rss_gib"] = max(one["peak_rss_gib"] for one in rs)
+        merged.append(r)
+    return merged
 
 
 def _decode(decode, engine, path, label, batch, a) -> dict:
@@ -147,10 +169,11 @@ def main(argv=None) -> int:
     ap.add_argument("--concurrency", nargs="+", type=int, default=[1, 8])
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per engine process")
+    ap.add_argument("--rounds", type=int, default=2, help="engine processes per engine, interleaved")
     ap.add_argument("--quick", action="store_true",
-                    help="batch 1 and 8, 32 new tokens, 2 repeats (a first look, about a third "
-                         "of the time)")
+                    help="batch 1 and 8, 32 new tokens, 2 runs per process (about a third of "
+                         "the time)")
     ap.add_argument("--render", action="store_true", help="only re-render docs/BENCHMARKS.md")
     a = ap.parse_args(argv)
     from ascend_qwen3.deploy.launcher import CPU_MALLOC_ENV

@@ -1,0 +1,116 @@
+"""The benchmark code's arithmetic and rendering (no timing is asserted anywhere: speed figures
+live in docs/BENCHMARKS.md), and the standalone cache's vectorised step preparation."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+
+import pytest
+
+from ascend_qwen3.config import family_config
+from ascend_qwen3.deploy.planner import weight_bytes_per_rank
+from ascend_qwen3.model.kv_cache import PagedKVCache
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+import decode  # noqa: E402
+import render  # noqa: E402
+import roofline  # noqa: E402
+
+
+@pytest.mark.parametrize("name", ["Qwen3-0.6B", "Qwen3-8B", "Qwen3-32B"])
+def test_dense_bytes_per_token_are_the_weights(name):
+    """A dense model's batch-1 decode reads every weight once (the embedding matrix once, as
+    the lm_head, tied or not): the roofline's count matches the planner's bytes from the
+    sharding plan (which count the embedding twice when it is not tied, and norms alike)."""
+    cfg = family_config(name)
+    b = roofline.bytes_per_token(cfg, weight_bytes=2.0, context=0)
+    stored = weight_bytes_per_rank(cfg, 1, False, "bf16")[0]
+    embedding = cfg.vocab_size * cfg.hidden_size * 2
+    read_twice = 0 if cfg.tie_word_embeddings else embedding
+    assert b["kv_cache"] == 0
+    assert b["weights"] == pytest.approx(stored - read_twice + cfg.hidden_size * 2, rel=1e-3)
+
+
+def test_moe_bytes_per_token_count_the_routed_experts_only():
+    cfg = family_config("Qwen3-30B-A3B")
+    b = roofline.bytes_per_token(cfg, weight_bytes=2.0)
+    per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size * 2
+    unrouted = cfg.num_layers * (cfg.num_experts - cfg.num_experts_per_tok) * per_expert
+    embedding = cfg.vocab_size * cfg.hidden_size * 2                 # not tied: read as lm_head
+    stored = weight_bytes_per_rank(cfg, 1, False, "bf16")[0]
+    assert b["weights"] == pytest.approx(stored - unrouted - embedding + cfg.hidden_size * 2,
+                                         rel=1e-3)
+    # TP and int8 divide the linear bytes; the KV cache grows with the context
+    assert roofline.bytes_per_token(cfg, weight_bytes=1.0)["weights"] < b["weights"]
+    assert roofline.bytes_per_token(cfg, weight_bytes=2.0, tp=4)["weights"] < b["weights"] / 2
+    assert roofline.bytes_per_token(cfg, context=1000)["kv_cache"] == \
+        cfg.num_layers * 2 * cfg.kv_size * 1000 * 2
+
+
+def test_decode_speed_is_measured_without_prefill():
+    """tokens/s = batch x (new - 1) / (t(new) - t(1)): a fake engine whose prefill costs 1 s
+    and each token 0.1 s decodes at 10 tokens/s per sequence, whatever its prefill."""
+    clock = {"t": 0.0}
+
+    def fake(n):
+        clock["t"] += 1.0 + 0.1 * n
+
+    real = decode.time.perf_counter
+    decode.time.perf_counter = lambda: clock["t"]
+    try:
+        out = decode._measure(fake, batch=4, prompt=100, new=11, repeats=3)
+    finally:
+        decode.time.perf_counter = real
+    assert out["decode_tokens_per_s"] == pytest.approx(40.0)
+    assert out["prefill_tokens_per_s"] == pytest.approx(4 * 100 / 1.1)
+
+
+def _row(engine, ck, batch, tps):
+    return {"engine": engine, "checkpoint": ck, "batch": batch, "decode_tokens_per_s": tps,
+            "prefill_tokens_per_s": 10 * tps, "peak_rss_gib": 1.5, "runs": [tps] * 3,
+            "prompt": 128, "new": 64}
+
+
+def test_render_writes_tables_ratios_and_figures(tmp_path, monkeypatch):
+    monkeypatch.setattr(render, "DOC", str(tmp_path / "BENCHMARKS.md"))
+    monkeypatch.setattr(render, "FIG_DIR", str(tmp_path / "bench"))
+    machine = {"cpu": "Test CPU", "cores": 2, "date": "2026-11-30 00:00 UTC", "commit": "abc"}
+    results = {
+        "roofline": {"bandwidth": {"read_GBps": 40.0, "read_GBps_best": 41.0, "bytes": 2**31,
+                                   "repeats": 7, "threads": 2},
+                     "models": {"dense bf16": {"total": 1.2e9, "tokens_per_s": 33.3}},
+                     "machine": machine, "command": "make bench"},
+        "decode": {"results": [_row(e, ck, b, {"vllm-builtin": 40.0, "vllm-ours": 30.0}.get(e, 10.0))
+                               for ck in ("dense", "moe") for b in (1, 8) for e in render.ENGINES],
+                   "machine": machine, "command": "make bench BENCH_ARGS='--only decode'"},
+    }
+    render.write(results)
+    doc = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "| dense | 1 | 10.0 | 10.0 | 40.0 | 30.0 | **0.75** | 90% |" in doc
+    assert "make bench BENCH_ARGS='--only decode'" in doc and "Test CPU" in doc
+    assert (tmp_path / "bench" / "decode.png").stat().st_size > 1000
+    assert "## On the NPU" in doc and "qwen3-32b-w8a8" in doc      # the per-profile bound
+    json.dumps(results)                                            # results stay plain JSON
+
+
+def test_cache_prepare_gives_each_token_its_position_and_slot():
+    """The vectorised step preparation: token j of a request with `old` cached tokens sits at
+    position old + j, in slot table[pos // BS] * BS + pos % BS."""
+    cfg = family_config("Qwen3-0.6B")
+    cache = PagedKVCache(dataclasses.replace(cfg, num_layers=1), num_blocks=16, block_size=4)
+    cache.prepare([(7, 6), (3, 1)])
+    positions, meta = cache.prepare([(3, 2), (9, 5), (7, 1)])
+    want_pos, want_slots = [], []
+    for seq, n in ((3, 2), (9, 5), (7, 1)):
+        length = cache.lens[seq]
+        for p in range(length - n, length):
+            want_pos.append(p)
+            want_slots.append(cache.tables[seq][p // 4] * 4 + p % 4)
+    assert positions.tolist() == want_pos and meta.slot_mapping.tolist() == want_slots
+    assert meta.query_start_loc_host == [0, 2, 7, 8] and meta.seq_lens_host == [3, 5, 7]
+    assert meta.block_tables[1, :2].tolist() == cache.tables[9]

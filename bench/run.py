@@ -18,6 +18,7 @@ docs/bench/.
 
     .venv/bin/python bench/run.py [--only decode w8a8 ...] [--repeats 3] [--quick]
     .venv/bin/python bench/run.py --render        # re-render the doc from results.json
+    python bench/run.py --profile NAME            # on an Atlas server (make bench BENCH_ARGS=...)
 """
 
 from __future__ import annotations
@@ -71,14 +72,21 @@ def run_section(name: str, a) -> dict:
     if name == "roofline":
         import roofline
 
-        bw = roofline.measure_read_bandwidth()
-        from ascend_qwen3.config import Qwen3Config
+        from ascend_qwen3.config import Qwen3Config, family_config
+        if a.profile:      # on an Atlas server: the NPU's HBM and the profile's model
+            from ascend_qwen3.deploy.profiles import load_profile
+            p = load_profile(a.profile)
+            bw = roofline.measure_read_bandwidth(device="npu")
+            cfg, tp = family_config(p["model"]), p["tp"]
+            named = [(p["name"], cfg, 1.0 if p["precision"].startswith("w8a8") else 2.0, tp)]
+        else:
+            bw = roofline.measure_read_bandwidth()
+            named = [(f"{ck} {scheme}", Qwen3Config.from_model_dir(checkpoints.checkpoint(ck)), wb, 1)
+                     for ck in ("dense", "moe") for scheme, wb in (("bf16", 2.0), ("w8a8", 1.0))]
         models = {}
-        for ck in ("dense", "moe"):
-            cfg = Qwen3Config.from_model_dir(checkpoints.checkpoint(ck))
-            for scheme, wb in (("bf16", 2.0), ("w8a8", 1.0)):
-                b = roofline.bytes_per_token(cfg, weight_bytes=wb, context=a.prompt + a.new // 2)
-                models[f"{ck} {scheme}"] = dict(b, tokens_per_s=bw["read_GBps"] * 1e9 / b["total"])
+        for label, cfg, wb, tp in named:
+            b = roofline.bytes_per_token(cfg, weight_bytes=wb, context=a.prompt + a.new // 2, tp=tp)
+            models[label] = dict(b, tokens_per_s=bw["read_GBps"] * 1e9 / b["total"])
         return {"bandwidth": bw, "models": models}
     if name == "ops":
         import op_speed
@@ -110,8 +118,8 @@ def run_section(name: str, a) -> dict:
         import serving
 
         out = os.path.join(ROOT, "docs", "bench", ".serving.json")
-        serving.main(["--model", checkpoints.checkpoint("dense"), "--json", out,
-                      "--concurrency", *map(str, a.concurrency)])
+        target = ["--profile", a.profile] if a.profile else ["--model", checkpoints.checkpoint("dense")]
+        serving.main([*target, "--json", out, "--concurrency", *map(str, a.concurrency)])
         with open(out) as f:
             rows = json.load(f)
         os.remove(out)
@@ -175,6 +183,9 @@ def main(argv=None) -> int:
                     help="batch 1 and 8, 32 new tokens, 2 runs per process (about a third of "
                          "the time)")
     ap.add_argument("--render", action="store_true", help="only re-render docs/BENCHMARKS.md")
+    ap.add_argument("--profile", default=None,
+                    help="on an Atlas server: measure the NPU (HBM bandwidth, the NPU ops, "
+                         "vllm bench serve against this served deploy profile)")
     a = ap.parse_args(argv)
     from ascend_qwen3.deploy.launcher import CPU_MALLOC_ENV
     if any(os.environ.get(k) != v for k, v in CPU_MALLOC_ENV.items()):
@@ -184,6 +195,12 @@ def main(argv=None) -> int:
                   dict(os.environ, **CPU_MALLOC_ENV))
     if a.quick:
         a.batch, a.new, a.repeats = [1, 8], 32, 2
+    if a.profile:
+        skipped = [n for n in a.only if n in ("decode", "w8a8")]
+        if skipped:
+            print(f"--profile: {', '.join(skipped)} skipped (they compare engines on vLLM's CPU "
+                  f"build); the NPU sections are roofline, ops and serving", flush=True)
+        a.only = [n for n in a.only if n not in skipped]
     import render
 
     results = {}

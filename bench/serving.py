@@ -62,9 +62,15 @@ def serve_and_bench(model: str | None, profile: str | None, engine: str, concurr
 
     port = _free_port()
     serve = [sys.executable, "-m", "ascend_qwen3.cli", "serve", "--port", str(port)]
-    serve += ["--profile", profile] if profile else ["--model", model, "--max-num-seqs",
-                                                      str(max(concurrency, 1))]
-    served = os.path.basename(model.rstrip("/")) if model else None
+    if profile:        # the profile's model, its name and its container path (on the Atlas host)
+        from ascend_qwen3.deploy.profiles import load_profile
+        p = load_profile(profile)
+        serve += ["--profile", profile]
+        served, tokenizer = p["served_model_name"], p["model_path"]
+    else:
+        serve += ["--model", model, "--max-num-seqs", str(max(concurrency, 1)),
+                  "--max-model-len", str(max(2048, input_len + output_len))]
+        served, tokenizer = os.path.basename(model.rstrip("/")), model
     if engine == "builtin":
         cfg = Qwen3Config.from_model_dir(model)
         arch = "Qwen3MoeForCausalLM" if cfg.is_moe else "Qwen3ForCausalLM"
@@ -75,12 +81,16 @@ def serve_and_bench(model: str | None, profile: str | None, engine: str, concurr
         proc = subprocess.Popen(serve, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
                                 start_new_session=True)
     try:
-        _wait_healthy(port, proc, timeout=900)
+        try:
+            _wait_healthy(port, proc, timeout=900)
+        except (RuntimeError, TimeoutError) as exc:
+            with open(log_path) as f:
+                raise RuntimeError(f"{engine} server: {exc}; its log ends:\n{f.read()[-3000:]}") from None
         result_name = f"bench-{engine}-c{concurrency}.json"
         bench = [sys.executable, "-m", "vllm.entrypoints.cli.main", "bench", "serve",
                  "--backend", "openai", "--base-url", f"http://127.0.0.1:{port}",
-                 "--endpoint", "/v1/completions", "--model", served or profile,
-                 "--tokenizer", model, "--dataset-name", "random",
+                 "--endpoint", "/v1/completions", "--model", served,
+                 "--tokenizer", tokenizer, "--dataset-name", "random",
                  "--random-input-len", str(input_len), "--random-output-len", str(output_len),
                  "--num-prompts", str(prompts), "--max-concurrency", str(concurrency),
                  "--ignore-eos", "--seed", "0", "--percentile-metrics", METRICS,
@@ -93,11 +103,12 @@ def serve_and_bench(model: str | None, profile: str | None, engine: str, concurr
         with open(os.path.join(log_dir, result_name)) as f:
             raw = json.load(f)
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
     keep = {k: v for k, v in raw.items() if k.endswith("_ms") or k in (
         "completed", "request_throughput", "output_throughput", "total_token_throughput",
         "duration")}

@@ -216,8 +216,12 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     out = query.new_zeros(T, Hq, D)
     decode = [r for r in range(len(lens)) if starts[r + 1] - starts[r] == 1]
     for group in _by_size(decode, lens, key_cache):
-        rows = [starts[r] for r in group]
-        out[rows] = _attend(query[rows].unsqueeze(1), key_cache, value_cache, block_tables[group],
+        if group[-1] - group[0] == len(group) - 1:      # consecutive requests: views, no copies
+            rows, tables = slice(starts[group[0]], starts[group[0]] + len(group)), \
+                block_tables[group[0]:group[-1] + 1]
+        else:
+            rows, tables = [starts[r] for r in group], block_tables[group]
+        out[rows] = _attend(query[rows].unsqueeze(1), key_cache, value_cache, tables,
                             [lens[r] for r in group], scale).squeeze(1)
     for r in range(len(lens)):
         q0, q1 = starts[r], starts[r + 1]

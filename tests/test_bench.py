@@ -83,7 +83,8 @@ def test_render_writes_tables_ratios_and_figures(tmp_path, monkeypatch):
     results = {
         "roofline": {"bandwidth": {"read_GBps": 40.0, "read_GBps_best": 41.0, "bytes": 2**31,
                                    "repeats": 7, "threads": 2},
-                     "models": {"dense bf16": {"total": 1.2e9, "tokens_per_s": 33.3}},
+                     "models": {"dense bf16": {"weights": 1.2e9, "kv_cache": 0.0, "total": 1.2e9,
+                                               "tokens_per_s": 33.3}},
                      "machine": machine, "command": "make bench"},
         "decode": {"results": [_row(e, ck, b, {"vllm-builtin": 40.0, "vllm-ours": 30.0}.get(e, 10.0))
                                for ck in ("dense", "moe") for b in (1, 8) for e in render.ENGINES],
@@ -91,7 +92,8 @@ def test_render_writes_tables_ratios_and_figures(tmp_path, monkeypatch):
     }
     render.write(results)
     doc = (tmp_path / "BENCHMARKS.md").read_text()
-    assert "| dense | 1 | 10.0 | 10.0 | 40.0 | 30.0 | **0.75** | 90% |" in doc
+    assert "| dense | 1 | 10.0 | 10.0 | 40.0 | 30.0 | **0.75** |" in doc
+    assert "| dense | 1 | 33.3 | 30% | 30% | 120% | 90% |" in doc            # share of the roofline
     assert "make bench BENCH_ARGS='--only decode'" in doc and "Test CPU" in doc
     assert (tmp_path / "bench" / "decode.png").stat().st_size > 1000
     assert "## On the NPU" in doc and "qwen3-32b-w8a8" in doc      # the per-profile bound

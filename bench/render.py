@@ -137,7 +137,7 @@ def _decode_section(results, lines, figures) -> None:
             lines.append(f"| {ck} | {b} | " + " | ".join(_f(v[e]) for e in ENGINES)
                          + f" | **{_f(ratio, 2)}** |")
     if roof:
-        lines += ["", "Share of the memory-bandwidth roofline (next section): at batch B one step "
+        lines += ["", "Share of the memory-bandwidth roofline (section above): at batch B one step "
                   "reads the weights once and B requests' KV caches, so the bound is "
                   "B x bandwidth / (weights + B x KV bytes) tokens/s.", "",
                   "| checkpoint | batch | roofline tokens/s | transformers | standalone | "
@@ -251,7 +251,9 @@ def _ops_section(results, lines) -> None:
     lines += ["## Operator micro-benchmarks", "",
               "Each op of `ops` on its backend at the benchmark shapes (bf16; median of repeated "
               f"calls after warm-up, {sec.get('threads')} threads). GB/s where the op streams "
-              "weights or KV cache (bytes / time).", "", _provenance(sec), "",
+              "weights or KV cache (bytes / time); repeated calls find their operands in the "
+              "CPU's caches, so small operands exceed the memory bandwidth above (decode reads "
+              "them from memory).", "", _provenance(sec), "",
               "| backend | op | µs | GB/s |", "|---|---|---|---|"]
     for r in sec["results"]:
         lines.append(f"| {r['backend']} | {r['op']} | {_f(r['us'])} | {_f(r.get('GBps'))} |")

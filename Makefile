@@ -72,8 +72,8 @@ endif
 serve: setup
 	$(PY) -m ascend_qwen3.cli serve $(DEVICE) --host $(HOST) --port $(PORT) $(if $(MODEL),--model $(MODEL)) $(SERVE_ARGS)
 
-# make bench: every benchmark (bench/run.py) into docs/BENCHMARKS.md; about an hour on 2 cores
-# (BENCH_ARGS=--quick: a first look in about a third of that; BENCH_ARGS="--only decode" etc.)
+# make bench: every benchmark (bench/run.py) into docs/BENCHMARKS.md; BENCH_ARGS=--quick took
+# 28 minutes on 2 cores, the full run several times that; BENCH_ARGS="--only decode" etc.
 BENCH_ARGS ?=
 bench: setup
 	@$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q "matplotlib>=3.7"

@@ -180,8 +180,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per engine process")
     ap.add_argument("--rounds", type=int, default=2, help="engine processes per engine, interleaved")
     ap.add_argument("--quick", action="store_true",
-                    help="batch 1 and 8, 32 new tokens, 2 runs per process (about a third of "
-                         "the time)")
+                    help="batch 1 and 8, 32 new tokens, 2 runs per process (28 minutes on 2 "
+                         "cores, a fraction of the full run)")
     ap.add_argument("--render", action="store_true", help="only re-render docs/BENCHMARKS.md")
     ap.add_argument("--profile", default=None,
                     help="on an Atlas server: measure the NPU (HBM bandwidth, the NPU ops, "

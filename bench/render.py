@@ -106,6 +106,23 @@ def _roofline(results) -> tuple[float | None, dict]:
     return sec["bandwidth"]["read_GBps"], sec["models"]
 
 
+def _engine_table(idx, batches, key, digits=1, ratio=None) -> list[str]:
+    """A markdown table of ``key`` for every engine, per checkpoint and batch; with ``ratio``
+    (the markup around it), a last column ours / built-in."""
+    head = "| checkpoint | batch | transformers | standalone | vLLM built-in | ours in vLLM |"
+    out = [head + (" ours / built-in |" if ratio is not None else ""),
+           "|---|---|---|---|---|---|" + ("---|" if ratio is not None else "")]
+    for ck in ("dense", "moe"):
+        for b in batches:
+            v = {e: idx.get((ck, e, b), {}).get(key) for e in ENGINES}
+            line = f"| {ck} | {b} | " + " | ".join(_f(v[e], digits) for e in ENGINES) + " |"
+            if ratio is not None:
+                r = v["vllm-ours"] / v["vllm-builtin"] if v["vllm-ours"] and v["vllm-builtin"] else None
+                line += f" {ratio}{_f(r, 2)}{ratio} |"
+            out.append(line)
+    return out
+
+
 def _decode_section(results, lines, figures) -> None:
     sec = results.get("decode")
     if not sec:
@@ -128,14 +145,8 @@ def _decode_section(results, lines, figures) -> None:
               "Dynamo traced once, Inductor), all engines with the allocator settings "
               "`ascend-qwen3 serve` gives a CPU server.", "",
               _provenance(sec), ""]
-    lines += ["| checkpoint | batch | transformers | standalone | vLLM built-in | ours in vLLM | "
-              "ours / built-in |", "|---|---|---|---|---|---|---|"]
-    for ck in ("dense", "moe"):
-        for b in sorted({r["batch"] for r in rows}):
-            v = {e: idx.get((ck, e, b), {}).get("decode_tokens_per_s") for e in ENGINES}
-            ratio = (v["vllm-ours"] / v["vllm-builtin"]) if v["vllm-ours"] and v["vllm-builtin"] else None
-            lines.append(f"| {ck} | {b} | " + " | ".join(_f(v[e]) for e in ENGINES)
-                         + f" | **{_f(ratio, 2)}** |")
+    batches = sorted({r["batch"] for r in rows})
+    lines += _engine_table(idx, batches, "decode_tokens_per_s", ratio="**")
     if roof:
         lines += ["", "Share of the memory-bandwidth roofline (section above): at batch B one step "
                   "reads the weights once and B requests' KV caches, so the bound is "
@@ -145,30 +156,18 @@ def _decode_section(results, lines, figures) -> None:
         bw = results["roofline"]["bandwidth"]["read_GBps"] * 1e9
         for ck in ("dense", "moe"):
             m = roof.get(f"{ck} bf16")
-            for b in sorted({r["batch"] for r in rows}):
+            for b in batches:
                 if not m:
                     continue
                 bound = b * bw / (m["weights"] + b * m["kv_cache"])
                 v = {e: idx.get((ck, e, b), {}).get("decode_tokens_per_s") for e in ENGINES}
                 lines.append(f"| {ck} | {b} | {bound:,.1f} | " + " | ".join(
                     "–" if v[e] is None else f"{v[e] / bound:.0%}" for e in ENGINES) + " |")
-    lines += ["", "Prefill tokens/s (same runs):", "",
-              "| checkpoint | batch | transformers | standalone | vLLM built-in | ours in vLLM | "
-              "ours / built-in |", "|---|---|---|---|---|---|---|"]
-    for ck in ("dense", "moe"):
-        for b in sorted({r["batch"] for r in rows}):
-            v = {e: idx.get((ck, e, b), {}).get("prefill_tokens_per_s") for e in ENGINES}
-            ratio = (v["vllm-ours"] / v["vllm-builtin"]) if v["vllm-ours"] and v["vllm-builtin"] else None
-            lines.append(f"| {ck} | {b} | " + " | ".join(_f(v[e]) for e in ENGINES)
-                         + f" | {_f(ratio, 2)} |")
+    lines += ["", "Prefill tokens/s (same runs):", ""]
+    lines += _engine_table(idx, batches, "prefill_tokens_per_s", ratio="")
     lines += ["", "Peak resident memory of each engine's process (GiB; vLLM's includes the KV "
-              "cache it reserves up front, `VLLM_CPU_KVCACHE_SPACE=2`):", "",
-              "| checkpoint | batch | transformers | standalone | vLLM built-in | ours in vLLM |",
-              "|---|---|---|---|---|---|"]
-    for ck in ("dense", "moe"):
-        for b in sorted({r["batch"] for r in rows}):
-            v = {e: idx.get((ck, e, b), {}).get("peak_rss_gib") for e in ENGINES}
-            lines.append(f"| {ck} | {b} | " + " | ".join(_f(v[e], 2) for e in ENGINES) + " |")
+              "cache it reserves up front, `VLLM_CPU_KVCACHE_SPACE=2`):", ""]
+    lines += _engine_table(idx, batches, "peak_rss_gib", digits=2)
     _plot_decode(rows, os.path.join(FIG_DIR, "decode.png"), "decode")
     _figure(lines, figures, "decode.png", "decode tokens/s of the table above", sec)
     lines += ["**Where the difference between the two vLLM engines comes from.** "

@@ -65,9 +65,10 @@ class PagedKVCache:
         """
         starts, seq_lens = [0], []
         for seq_id, n in steps:
-            self._grow(seq_id, self.lens.get(seq_id, 0) + n)
+            length = self.lens.get(seq_id, 0) + n
+            self._grow(seq_id, length)
             starts.append(starts[-1] + n)
-            seq_lens.append(self.lens.get(seq_id, 0) + n)
+            seq_lens.append(length)
         width = max(len(self.tables[s]) for s, _ in steps)
         tables = torch.tensor([self.tables[s] + [0] * (width - len(self.tables[s])) for s, _ in steps],
                               dtype=torch.int32)

@@ -7,6 +7,7 @@ table and figure names the command that measured it and the machine it ran on.
 from __future__ import annotations
 
 import os
+import statistics
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -148,21 +149,32 @@ def _decode_section(results, lines, figures) -> None:
     batches = sorted({r["batch"] for r in rows})
     lines += _engine_table(idx, batches, "decode_tokens_per_s", ratio="**")
     if roof:
-        lines += ["", "Share of the memory-bandwidth roofline (section above): at batch B one step "
-                  "reads the weights once and B requests' KV caches, so the bound is "
-                  "B x bandwidth / (weights + B x KV bytes) tokens/s.", "",
-                  "| checkpoint | batch | roofline tokens/s | transformers | standalone | "
-                  "vLLM built-in | ours in vLLM |", "|---|---|---|---|---|---|---|"]
-        bw = results["roofline"]["bandwidth"]["read_GBps"] * 1e9
+        lines += ["", "Share of the memory-bandwidth roofline: at batch B one step reads the "
+                  "weights once and B requests' KV caches, so the bound is B x bandwidth / "
+                  "(weights + B x KV bytes) tokens/s (bytes per token: roofline section). The "
+                  "read bandwidth of this shared machine drifts, so it is measured again (a 1 GiB "
+                  "sum, median of 5) right before each engine's process, and each engine's share "
+                  "is taken against its own measurement; the bandwidth column is the median of "
+                  "those, the roofline column the bound at that median.", "",
+                  "| checkpoint | batch | bandwidth GB/s | roofline tokens/s | transformers | "
+                  "standalone | vLLM built-in | ours in vLLM |", "|---|---|---|---|---|---|---|---|"]
         for ck in ("dense", "moe"):
             m = roof.get(f"{ck} bf16")
             for b in batches:
                 if not m:
                     continue
-                bound = b * bw / (m["weights"] + b * m["kv_cache"])
-                v = {e: idx.get((ck, e, b), {}).get("decode_tokens_per_s") for e in ENGINES}
-                lines.append(f"| {ck} | {b} | {bound:,.1f} | " + " | ".join(
-                    "–" if v[e] is None else f"{v[e] / bound:.0%}" for e in ENGINES) + " |")
+                found = {e: idx[(ck, e, b)] for e in ENGINES if (ck, e, b) in idx}
+                # results from before bandwidths were measured per engine: the section's one
+                bws = {e: r.get("read_GBps", results["roofline"]["bandwidth"]["read_GBps"])
+                       for e, r in found.items()}
+                bw = statistics.median(bws.values()) if bws else None
+
+                def bound(gbps):
+                    return b * gbps * 1e9 / (m["weights"] + b * m["kv_cache"])
+
+                lines.append(f"| {ck} | {b} | {_f(bw)} | {_f(bw and bound(bw))} | " + " | ".join(
+                    f"{found[e]['decode_tokens_per_s'] / bound(bws[e]):.0%}" if e in found
+                    else "–" for e in ENGINES) + " |")
     lines += ["", "Prefill tokens/s (same runs):", ""]
     lines += _engine_table(idx, batches, "prefill_tokens_per_s", ratio="")
     lines += ["", "Peak resident memory of each engine's process (GiB; vLLM's includes the KV "

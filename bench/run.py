@@ -148,13 +148,19 @@ def _side_by_side(decode, engines, checkpoints, batch, a) -> list[dict]:
         for key in ("prefill_tokens_per_s", "generate_seconds_median"):
             r[key] = statistics.median(one[key] for one in rs)
         r["peak_rss_gib"] = max(one["peak_rss_gib"] for one in rs)
+        r["read_GBps"] = statistics.median(one["read_GBps"] for one in rs)
         merged.append(r)
     return merged
 
 
 def _decode(decode, engine, path, label, batch, a) -> dict:
+    import roofline
+
+    # the read bandwidth right before the engine runs: this shared machine's bandwidth drifts
+    # (2x between runs an hour apart was seen), so each result's roofline share uses its own
+    bw = roofline.measure_read_bandwidth(gib=1.0, repeats=5)["read_GBps"]
     r = decode.run_in_subprocess(engine, path, batch, a.prompt, a.new, a.repeats, "bfloat16")
-    r["checkpoint"] = label
+    r["checkpoint"], r["read_GBps"] = label, bw
     print(f"{label:>20} {engine:>13} batch {batch:>2}: decode {r['decode_tokens_per_s']:8.1f} "
           f"tokens/s, prefill {r['prefill_tokens_per_s']:8.1f} tokens/s, peak "
           f"{r['peak_rss_gib']:.2f} GiB", flush=True)

@@ -109,6 +109,15 @@ def bind(device, *names: str) -> ModuleType:
     return module
 
 
+def compile_kernels(enabled: bool = True) -> None:
+    """Let the CPU backend run the ops it writes in PyTorch through ``torch.compile`` where
+    that pays (today the decode attention of ``paged_attention``; see ``ops.cpu.compile_kernels``),
+    or back to eager (``enabled=False``, the default state). A serving engine that compiles the
+    model calls it. The NPU backend's kernels are torch_npu's: nothing changes there."""
+    from . import cpu
+    cpu.compile_kernels(enabled)
+
+
 def _first_device(args, kwargs):
     for a in list(args) + list(kwargs.values()):
         if isinstance(a, torch.Tensor):
@@ -130,5 +139,5 @@ for _op in OPS:
     globals()[_op] = _forward(_op)
 del _op
 
-__all__ = list(OPS) + ["backend_for", "backend_name_for", "bind", "rope_cos_sin_cache",
-                       "rope_inv_freq", "ENV_VAR", "LOG_ENV_VAR"]
+__all__ = list(OPS) + ["backend_for", "backend_name_for", "bind", "compile_kernels",
+                       "rope_cos_sin_cache", "rope_inv_freq", "ENV_VAR", "LOG_ENV_VAR"]

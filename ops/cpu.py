@@ -165,16 +165,20 @@ def write_kv_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tens
     ``slot % BS``; a slot of -1 means "do not write" (padding tokens).
     """
     nb, bs = key_cache.shape[0], key_cache.shape[1]
+    if not slot_mapping.numel():
+        return
     slots = slot_mapping.long()
-    keep = slots >= 0
-    slots = slots[keep]
-    if slots.numel() and int(slots.max()) >= nb * bs:
-        raise ValueError(f"slot {int(slots.max())} is outside the cache of {nb} blocks x {bs}")
+    lowest, highest = (int(x) for x in torch.aminmax(slots))
+    if highest >= nb * bs:
+        raise ValueError(f"slot {highest} is outside the cache of {nb} blocks x {bs}")
+    if lowest < 0:                                   # padding tokens: dropped
+        keep = slots >= 0
+        slots, key, value = slots[keep], key[keep], value[keep]
     # (block, offset) indexing works on any strided view of a cache, e.g. a page layout that
     # stores K transposed (vLLM's own CPU kernels do)
     block, offset = slots // bs, slots % bs
-    key_cache[block, offset] = key[keep].to(key_cache.dtype)
-    value_cache[block, offset] = value[keep].to(value_cache.dtype)
+    key_cache[block, offset] = key.to(key_cache.dtype)
+    value_cache[block, offset] = value.to(value_cache.dtype)
 
 
 def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
@@ -213,8 +217,16 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
         raise ValueError(f"query heads {Hq} are not a multiple of kv heads {Hkv}")
     starts = query_start_loc.tolist() if query_start_loc_host is None else query_start_loc_host
     lens = seq_lens.tolist() if seq_lens_host is None else seq_lens_host
-    out = query.new_zeros(T, Hq, D)
     decode = [r for r in range(len(lens)) if starts[r + 1] - starts[r] == 1]
+    if _compiled_decode is not None and len(decode) == T:         # a decode step, no padding:
+        return _decode_compiled(query, key_cache, value_cache, block_tables, seq_lens, lens,
+                                decode, scale)                      # the kernel's result as is
+    out = query.new_zeros(T, Hq, D)
+    if decode and _compiled_decode is not None:
+        rows = [starts[r] for r in decode]
+        out[rows] = _decode_compiled(query[rows], key_cache, value_cache, block_tables,
+                                     seq_lens, lens, decode, scale)
+        decode = []
     for group in _by_size(decode, lens, key_cache):
         if group[-1] - group[0] == len(group) - 1:      # consecutive requests: views, no copies
             rows, tables = slice(starts[group[0]], starts[group[0]] + len(group)), \
@@ -280,6 +292,67 @@ def _attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
         mask = visible.unsqueeze(1).expand(R, G, Lq, L).reshape(R, 1, G * Lq, L)
     out = torch.nn.functional.scaled_dot_product_attention(rows, k, v, attn_mask=mask, scale=scale)
     return out.view(R, Hkv, G, Lq, D).permute(0, 3, 1, 2, 4).reshape(R, Lq, Hq, D)
+
+
+# --- the decode attention for a compiler ------------------------------------------------------
+# ``_decode_attention`` is the same decode attention as ``_attend`` written as gathers,
+# element-wise products and sums, the form a compiler fuses: under ``torch.compile`` (inductor)
+# it becomes loops that read each request's keys and values in place from the cache pages, with
+# no gathered copy and no per-call packing of GEMM operands. Eager, it would materialise every
+# product, so it only ever runs compiled: ``compile_kernels()`` switches the decode requests of
+# ``paged_attention`` to it (the serving engine does when it compiles the model), and
+# ``tests/test_ops_reference.py`` holds it to ``_attend`` in fp32 and bf16.
+
+_compiled_decode = None
+
+
+def compile_kernels(enabled: bool = True) -> None:
+    """Run the decode requests of ``paged_attention`` through ``torch.compile`` (``enabled``)
+    or through the eager reference ``_attend`` (not ``enabled``, the default).
+
+    Compiling (inductor, a few seconds) happens at the first call, for its shapes; when the
+    number of requests or of blocks changes, once more with those sizes dynamic (PyTorch's
+    automatic dynamic shapes), and for a single request or block, whose sizes PyTorch
+    specialises. Head counts, head size and block size stay constants of the compiled code."""
+    global _compiled_decode
+    _compiled_decode = torch.compile(_decode_attention) if enabled else None
+
+
+def _decode_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                      blocks: torch.Tensor, lens: torch.Tensor, scale: float, L: int
+                      ) -> torch.Tensor:
+    """q [R, Hq, D], one query per request, the last of its ``lens[r]`` keys; blocks [R, n]
+    int, every entry a block of the cache; lens [R] int; L = max(lens).
+    Returns [R, Hq, D] in q.dtype, with the numerics of ``_attend``."""
+    R, Hq, D = q.shape
+    n, bs, Hkv = blocks.shape[1], key_cache.shape[1], key_cache.shape[2]
+    G = Hq // Hkv
+    # [R, Hkv, 1, L, D]: each request's first L keys (values), read where they lie in the pages
+    k = key_cache[blocks].permute(0, 3, 1, 2, 4).reshape(R, Hkv, 1, n * bs, D)[:, :, :, :L]
+    v = value_cache[blocks].permute(0, 3, 1, 2, 4).reshape(R, Hkv, 1, n * bs, D)[:, :, :, :L]
+    rows = q.view(R, Hkv, G, 1, D).float()          # GQA: query head kv * G + g reads kv head kv
+    scores = (rows * k.float()).sum(-1) * scale                                # [R, Hkv, G, L]
+    seen = torch.arange(L, device=q.device).view(1, 1, 1, L) < lens.view(R, 1, 1, 1)
+    p = torch.softmax(scores.masked_fill(~seen, float("-inf")), dim=-1).to(q.dtype)
+    out = (p.float().unsqueeze(-1) * v.float()).sum(3)                         # [R, Hkv, G, D]
+    return out.reshape(R, Hq, D).to(q.dtype)
+
+
+def _decode_compiled(q, key_cache, value_cache, block_tables, seq_lens, lens, decode,
+                     scale) -> torch.Tensor:
+    """q [len(decode), Hq, D]: the queries of the decode requests ``decode`` of a
+    ``paged_attention`` call, attended in one compiled call."""
+    bs = key_cache.shape[1]
+    kv_lens = [lens[r] for r in decode]
+    n = -(-max(kv_lens) // bs)
+    if decode[-1] - decode[0] == len(decode) - 1:       # consecutive requests: views, no copies
+        tables, lengths = block_tables[decode[0]:decode[-1] + 1, :n], \
+            seq_lens[decode[0]:decode[-1] + 1]
+    else:
+        tables, lengths = block_tables[decode, :n], seq_lens[decode]
+    if any(length <= (n - 1) * bs for length in kv_lens):    # a request needs fewer blocks:
+        tables = torch.where(torch.arange(n) * bs < lengths.view(-1, 1), tables, 0)  # others: any
+    return _compiled_decode(q, key_cache, value_cache, tables, lengths, scale, max(kv_lens))
 
 
 def _gather_blocks(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:

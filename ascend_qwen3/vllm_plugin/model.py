@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+import ops
 from ..config import ConfigError, Qwen3Config
 from ..loader import checkpoint_files, load_weights
 from ..model import Qwen3ForCausalLM
@@ -141,6 +142,9 @@ class AscendQwen3ForCausalLM(nn.Module):
                              f"{cc.backend or 'default'}, cudagraph_mode "
                              f"{getattr(cc.cudagraph_mode, 'name', cc.cudagraph_mode)}")
         self._compiled_said = False
+        # the engine compiles, so the CPU ops written in PyTorch may be compiled too (the decode
+        # attention runs in vLLM's opaque attention op, outside the compiled backbone)
+        ops.compile_kernels(not self.model.do_not_compile)
         cfg = self.config
         logger.info("ascend-qwen3 %s: %s, tp %d/%d%s, %s, attention %s, compilation %s",
                     type(self).__name__, cfg.architecture, self.ctx.tp_rank, self.ctx.tp_size,

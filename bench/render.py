@@ -185,18 +185,22 @@ def _decode_section(results, lines, figures) -> None:
     lines += ["**Where the difference between the two vLLM engines comes from.** "
               "`bench/engine_profile.py --engine ours` and `--engine builtin` print where each "
               "engine's time goes (PyTorch's profiler around one `generate`). The linear layers "
-              "take the same time in both: oneDNN with prepacked weights on either side "
+              "take about the same time in both: oneDNN with prepacked weights on either side "
               "(`mkldnn::_linear_pointwise` through `ops.linear` here, vLLM's `_C::onednn_mm` "
               "there); the compiled remainder (norms, rotary embedding, SwiGLU, residuals) "
-              "nearly so. The difference is attention. vLLM's built-in class runs vLLM's "
-              "hand-written C++ paged-attention kernel, which reads each request's keys and "
-              "values in place in the cache pages. The project's class runs "
-              "`ops.cpu.paged_attention`, the readable specification of the op that the NPU "
-              "backend implements with torch_npu's fused attention: it copies the step's keys "
-              "and values out of the pages (`index_select`) and calls PyTorch's fused CPU "
-              "attention (`scaled_dot_product_attention`), about three times the built-in "
-              "kernel's time per layer, which is the gap at batch 8 and most of it at batch 1. "
-              "On an Atlas server neither CPU kernel runs.", ""]
+              "nearly so. Attention: vLLM's built-in class runs vLLM's hand-written C++ "
+              "paged-attention kernel. The project's class runs `ops.cpu.paged_attention`, the "
+              "readable specification of the op the NPU backend implements with torch_npu's "
+              "fused attention; when vLLM compiles the model (its default), the decode requests "
+              "of each step go through `torch.compile` of the same attention written as gathers, "
+              "products and sums (`ops.compile_kernels`), which Inductor turns into loops that "
+              "read keys and values in place in the cache pages; prefill requests run PyTorch's "
+              "fused CPU attention, one call per request. What remains of the gap is per-layer "
+              "Python and guard overhead around that compiled call (batch 1), the compiled loops "
+              "against vLLM's AVX-512 kernel (batch 8), and, for the MoE, vLLM's fused C++ MoE "
+              "kernel (`_C::cpu_fused_moe`) against the project's per-expert loop of oneDNN "
+              "linears plus its routing and combine. On an Atlas server neither CPU kernel runs.",
+              ""]
 
 
 def _w8a8_section(results, lines, figures) -> None:

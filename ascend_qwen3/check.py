@@ -13,7 +13,7 @@ building the model and collects every problem it finds, in this order:
 3. quant_model_description.json (W8A8 checkpoints): ``QuantConfig.from_model_dir``, plus a
    description type that disagrees with the stored dtype of a weight (W8A8 for a float weight,
    FLOAT for an int8 one).
-4. tensors against the sharding plan (``rank_plan`` at tp=1 reads every tensor): none missing,
+4. tensors against the sharding plan (``loader.load_plan`` at tp=1 reads every tensor): none missing,
    none unexpected, each with the planned shape and a dtype the plan accepts.
 5. tokenizer: tokenizer.json / tokenizer_config.json are present (``serve`` and ``run`` need
    them) and hold ``<|im_start|>``, ``<|im_end|>``, ``<think>`` and ``</think>`` as single
@@ -44,8 +44,8 @@ import torch
 from safetensors import SafetensorError
 
 from .config import ConfigError, Qwen3Config
-from .loader import CheckpointError, count_non_finite, open_safetensors
-from .parallel.plan import ShardingError, check_parallel, rank_plan
+from .loader import CheckpointError, count_non_finite, load_plan, open_safetensors
+from .parallel.plan import ShardingError, check_parallel
 from .quant.description import QuantConfig
 from .quant.format import DESCRIPTION_FILE, FLOAT, FLOAT_ST, TENSORS, W8A8, W8A8_DYNAMIC, quant_groups
 
@@ -465,7 +465,7 @@ def _check_tensors(cfg: Qwen3Config, quant: QuantConfig | None, files: _Files, d
     """Every tensor the tp=1 plan reads is present with its shape and an accepted dtype; no
     tensor is left over."""
     expected = {}
-    for a in rank_plan(cfg, 1, 0, False, quant):
+    for a in load_plan(cfg, 1, 0, False, quant):
         expected.setdefault(a.name, (a.shape, a.dtypes))
     optional = _optional_tensors(cfg, quant)
     model = f"{cfg.architecture}, {cfg.num_layers} layers" \

@@ -23,13 +23,23 @@ from safetensors import SafetensorError, safe_open
 
 from .config import Qwen3Config, parse_dtype
 from .parallel import SINGLE, ParallelContext
-from .parallel.plan import check_parallel, rank_plan
+from .parallel.plan import Assignment, check_parallel, rank_plan
+from .quant.plan import expand_plan
 
 logger = logging.getLogger("ascend_qwen3.loader")
 
 FLOAT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 # set to 1 to load weights without the NaN / Inf check (e.g. through the vLLM plugin)
 SKIP_FINITE_ENV = "ASCEND_QWEN3_SKIP_FINITE_CHECK"
+
+
+def load_plan(cfg: Qwen3Config, tp: int = 1, rank: int = 0, ep: bool = False,
+              quant=None) -> list[Assignment]:
+    """Every checkpoint tensor a rank reads: the sharding plan of the float tensors
+    (``parallel.plan.rank_plan``) and, with ``quant`` (a ``QuantConfig``), the extra tensors of
+    its W8A8 / W8A8_DYNAMIC modules, sliced like their weights (``quant.plan.expand_plan``)."""
+    plan = rank_plan(cfg, tp, rank, ep)
+    return plan if quant is None else expand_plan(plan, cfg, quant, rank)
 
 
 class CheckpointError(ValueError):
@@ -134,7 +144,7 @@ def load_weights(model: torch.nn.Module, model_dir: str, cfg: Qwen3Config,
     check_finite = finite_check_enabled(check_finite)
     t0 = time.perf_counter()
     files = files or checkpoint_files(model_dir)
-    plan = rank_plan(cfg, ctx.tp_size, ctx.tp_rank, ctx.ep, quant)
+    plan = load_plan(cfg, ctx.tp_size, ctx.tp_rank, ctx.ep, quant)
     params = dict(model.named_parameters())
     missing = sorted({a.name for a in plan if a.name not in files})
     if missing:

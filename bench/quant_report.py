@@ -89,7 +89,7 @@ def main() -> None:
     from ascend_qwen3.checkpoint import write_random_checkpoint
     from ascend_qwen3.config import FAMILY, family_config
     from ascend_qwen3.loader import load_model
-    from ascend_qwen3.parallel.plan import rank_plan
+    from ascend_qwen3.loader import load_plan
     from ascend_qwen3.quant.description import QuantConfig
     from ascend_qwen3.quant.plan import assignment_bytes
     from ascend_qwen3.quant.quantize import quantize_checkpoint
@@ -142,7 +142,7 @@ def main() -> None:
               "| model | bf16 GiB | w8a8 GiB | w8a8_dynamic GiB | w8a8 / bf16 |", "|---|---|---|---|---|"]
     for n in FAMILY:
         cfg = family_config(n)
-        b = [sum(assignment_bytes(a, cfg.dtype) for a in rank_plan(cfg, 1, 0, False, q))
+        b = [sum(assignment_bytes(a, cfg.dtype) for a in load_plan(cfg, 1, 0, False, q))
              for q in (None, QuantConfig.for_scheme(cfg, "w8a8"), QuantConfig.for_scheme(cfg, "w8a8_dynamic"))]
         lines.append(f"| {n} | {b[0] / 2**30:.2f} | {b[1] / 2**30:.2f} | {b[2] / 2**30:.2f} | {b[1] / b[0]:.3f} |")
     print("\n".join(lines[-len(FAMILY):]), flush=True)

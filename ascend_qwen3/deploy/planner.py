@@ -11,8 +11,8 @@ Per NPU (the busiest rank):
                                                         head_dim x cache element bytes)
     sequences at full length = kv tokens // max_model_len
 
-The weights come from the same sharding plan the loader follows (``rank_plan``), so a replicated
-KV head or an expert-parallel split is counted as loaded. The workspace margin is an estimate:
+The weights come from the same sharding plan the loader follows (``loader.load_plan``), so a
+replicated KV head or an expert-parallel split is counted as loaded. The workspace margin is an estimate:
 it is the number to raise if a profile that fits here runs out of memory on the machine.
 """
 
@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import Qwen3Config
-from ..parallel.plan import check_parallel, rank_plan, valid_tp_sizes
+from ..parallel.plan import check_parallel, valid_tp_sizes
 
 GiB = 2**30
 
@@ -53,13 +53,14 @@ def weight_bytes_per_rank(cfg: Qwen3Config, tp: int, ep: bool, precision: str) -
     import torch
 
     from ..quant.description import QuantConfig
+    from ..loader import load_plan
     from ..quant.plan import assignment_bytes
 
     if precision not in PRECISIONS:
         raise PlanError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     cfg = cfg.with_dtype(torch.bfloat16)
     quant = None if precision == "bf16" else QuantConfig.for_scheme(cfg, precision)
-    return [sum(assignment_bytes(a, cfg.dtype) for a in rank_plan(cfg, tp, r, ep, quant))
+    return [sum(assignment_bytes(a, cfg.dtype) for a in load_plan(cfg, tp, r, ep, quant))
             for r in range(tp)]
 
 

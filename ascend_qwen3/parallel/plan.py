@@ -109,21 +109,10 @@ def _rows(start, n):
 ALL = slice(None)
 
 
-def rank_plan(cfg: Qwen3Config, tp: int = 1, rank: int = 0, ep: bool = False,
-              quant=None) -> list[Assignment]:
-    """Every checkpoint tensor this rank reads, with source and destination slices.
-
-    ``quant`` (a ``QuantConfig``) adds the tensors of W8A8 / W8A8_DYNAMIC modules, sliced like
-    their weights (``ascend_qwen3.quant.plan``).
-    """
-    plan = _float_plan(cfg, tp, rank, ep)
-    if quant is not None:
-        from ..quant.plan import expand_plan
-        plan = expand_plan(plan, cfg, quant, tp, rank)
-    return plan
-
-
-def _float_plan(cfg: Qwen3Config, tp: int, rank: int, ep: bool) -> list[Assignment]:
+def rank_plan(cfg: Qwen3Config, tp: int = 1, rank: int = 0, ep: bool = False) -> list[Assignment]:
+    """Every checkpoint tensor this rank reads, with source and destination slices (the float
+    tensors; a W8A8 checkpoint's extra tensors are added by ``ascend_qwen3.quant.plan``, and
+    ``ascend_qwen3.loader.load_plan`` gives the two together)."""
     check_parallel(cfg, tp, ep)
     if not 0 <= rank < tp:
         raise ShardingError(f"rank {rank} is outside tp={tp}")
@@ -187,10 +176,10 @@ def _float_plan(cfg: Qwen3Config, tp: int, rank: int, ep: bool) -> list[Assignme
     return plan
 
 
-def shard_plan(cfg: Qwen3Config, tp: int = 1, ep: bool = False, quant=None) -> list[list[Assignment]]:
+def shard_plan(cfg: Qwen3Config, tp: int = 1, ep: bool = False) -> list[list[Assignment]]:
     """The plan of every rank, rank order."""
     check_parallel(cfg, tp, ep)
-    return [rank_plan(cfg, tp, r, ep, quant) for r in range(tp)]
+    return [rank_plan(cfg, tp, r, ep) for r in range(tp)]
 
 
 def parameter_counts(cfg: Qwen3Config) -> tuple[int, int]:

@@ -7,6 +7,10 @@ except ``quant_bias``, which only TP rank 0 reads (it is added once, before the 
 ``input_scale``/``input_offset`` are per-tensor and replicated; the q/k/v (or gate/up) shards of a
 fused module carry one each and must agree. MoE expert scales go into the grouped layout
 ``[experts, out]`` next to the transposed int8 expert weights.
+
+The entries are the float plan's (``ascend_qwen3.parallel.plan.Assignment``); new ones are made
+from their weight's entry with ``dataclasses.replace``, so this module imports nothing from the
+parallel layers (the two sit side by side; the loader composes them).
 """
 
 from __future__ import annotations
@@ -14,7 +18,6 @@ from __future__ import annotations
 from dataclasses import replace
 
 from ..config import Qwen3Config
-from ..parallel.plan import ALL, Assignment
 from .description import QuantConfig
 from .format import TENSORS, W8A8_DYNAMIC, quant_groups
 
@@ -29,10 +32,21 @@ def _module_of(param: str) -> tuple[str, str] | None:
     return None
 
 
-def expand_plan(plan: list[Assignment], cfg: Qwen3Config, quant: QuantConfig, tp: int,
-                rank: int) -> list[Assignment]:
+ALL = slice(None)
+
+
+def _entry(weight, name: str, shape: tuple, param: str, src: tuple, dst: tuple, *, dtypes,
+           shared: bool = False, reshape: bool = False):
+    """A plan entry of the same type as ``weight``'s entry (every field given)."""
+    return replace(weight, name=name, shape=shape, param=param, src=src, dst=dst,
+                   transpose=False, dtypes=dtypes, shared=shared, reshape=reshape)
+
+
+def expand_plan(plan: list, cfg: Qwen3Config, quant: QuantConfig, rank: int) -> list:
+    """``plan`` (a rank's float plan) with the int8 dtype for quantised weights and, after each,
+    the tensors its scheme adds, sliced for ``rank``."""
     roles = {g.module: g.role for g in quant_groups(cfg)}
-    out: list[Assignment] = []
+    out = []
     for a in plan:
         found = _module_of(a.param)
         kind = quant.scheme(found[0]) if found else None
@@ -51,23 +65,23 @@ def expand_plan(plan: list[Assignment], cfg: Qwen3Config, quant: QuantConfig, tp
             # (transposed) weight are the last index of the destination
             dst = (a.dst[0], a.dst[2])
             for suffix in ("weight_scale", "weight_offset"):
-                out.append(Assignment(f"{member}.{suffix}", (out_full, 1),
-                                      f"{module}.{stem[len('experts.'):]}_{suffix.split('_')[1]}",
-                                      (rows_src, ALL), dst, dtypes=specs[suffix].dtypes, reshape=True))
+                out.append(_entry(a, f"{member}.{suffix}", (out_full, 1),
+                                  f"{module}.{stem[len('experts.'):]}_{suffix.split('_')[1]}",
+                                  (rows_src, ALL), dst, dtypes=specs[suffix].dtypes, reshape=True))
             continue
         if kind == W8A8_DYNAMIC:
             for suffix in ("weight_scale", "weight_offset"):
-                out.append(Assignment(f"{member}.{suffix}", (out_full, 1), f"{module}.{suffix}",
-                                      (rows_src, ALL), (rows_dst, ALL), dtypes=specs[suffix].dtypes))
+                out.append(_entry(a, f"{member}.{suffix}", (out_full, 1), f"{module}.{suffix}",
+                                  (rows_src, ALL), (rows_dst, ALL), dtypes=specs[suffix].dtypes))
         else:  # static W8A8: deq_scale already folds weight_scale in (weight_scale/offset unused)
             for suffix in ("input_scale", "input_offset"):
-                out.append(Assignment(f"{member}.{suffix}", (1,), f"{module}.{suffix}", (ALL,), (ALL,),
-                                      dtypes=specs[suffix].dtypes, shared=True))
-            out.append(Assignment(f"{member}.deq_scale", (out_full,), f"{module}.deq_scale",
-                                  (rows_src,), (rows_dst,), dtypes=specs["deq_scale"].dtypes))
+                out.append(_entry(a, f"{member}.{suffix}", (1,), f"{module}.{suffix}", (ALL,), (ALL,),
+                                  dtypes=specs[suffix].dtypes, shared=True))
+            out.append(_entry(a, f"{member}.deq_scale", (out_full,), f"{module}.deq_scale",
+                              (rows_src,), (rows_dst,), dtypes=specs["deq_scale"].dtypes))
             if role != "row" or rank == 0:
-                out.append(Assignment(f"{member}.quant_bias", (out_full,), f"{module}.quant_bias",
-                                      (rows_src,), (rows_dst,), dtypes=specs["quant_bias"].dtypes))
+                out.append(_entry(a, f"{member}.quant_bias", (out_full,), f"{module}.quant_bias",
+                                  (rows_src,), (rows_dst,), dtypes=specs["quant_bias"].dtypes))
     return out
 
 

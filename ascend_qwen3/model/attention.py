@@ -15,6 +15,7 @@ import ops
 from ..config import Qwen3Config
 from ..parallel import ParallelContext
 from ..parallel.layers import ColumnParallelLinear, RowParallelLinear, empty_param
+from ..quant.layers import linear_method
 from ..parallel.plan import local_heads
 from .metadata import AttentionMetadata
 
@@ -49,12 +50,12 @@ class Qwen3Attention(nn.Module):
         self.scale = cfg.head_dim ** -0.5
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        scheme = quant.scheme if quant is not None else (lambda module: None)
         self.qkv_proj = ColumnParallelLinear(cfg.hidden_size, self.q_size + 2 * self.kv_size, ctx,
                                              dtype=cfg.dtype, device=device,
-                                             scheme=scheme(prefix + "qkv_proj"))
+                                             method=linear_method(quant, prefix + "qkv_proj"))
         self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, ctx,
-                                        dtype=cfg.dtype, device=device, scheme=scheme(prefix + "o_proj"))
+                                        dtype=cfg.dtype, device=device,
+                                        method=linear_method(quant, prefix + "o_proj"))
         self.q_norm = empty_param(cfg.head_dim, dtype=cfg.dtype, device=device)
         self.k_norm = empty_param(cfg.head_dim, dtype=cfg.dtype, device=device)
         self.ops = ops.bind(device, "head_rms_norm", "rotary_embedding")

@@ -8,6 +8,7 @@ from torch import nn
 import ops
 from ..parallel import ParallelContext
 from ..parallel.layers import ColumnParallelLinear, RowParallelLinear, divide
+from ..quant.layers import linear_method
 
 
 class Qwen3MLP(nn.Module):
@@ -15,11 +16,10 @@ class Qwen3MLP(nn.Module):
                  device=None, quant=None, prefix: str = ""):
         super().__init__()
         local = divide(intermediate_size, ctx.tp_size, "intermediate_size")
-        scheme = quant.scheme if quant is not None else (lambda module: None)
         self.gate_up_proj = ColumnParallelLinear(hidden_size, 2 * local, ctx, dtype=dtype, device=device,
-                                                 scheme=scheme(prefix + "gate_up_proj"))
+                                                 method=linear_method(quant, prefix + "gate_up_proj"))
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, ctx, dtype=dtype, device=device,
-                                           scheme=scheme(prefix + "down_proj"))
+                                           method=linear_method(quant, prefix + "down_proj"))
         self.ops = ops.bind(device, "swiglu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

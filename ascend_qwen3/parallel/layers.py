@@ -36,48 +36,59 @@ def divide(total: int, parts: int, what: str) -> int:
     return total // parts
 
 
-class LinearBase(nn.Module):
-    """A linear y = x @ W^T, W [out_local, in_local] in checkpoint orientation.
+class FloatLinearMethod:
+    """How a float linear creates, finalises and applies its weight: the default ``method`` of
+    ``LinearBase``. A quantised linear gets another object with the same three methods
+    (``ascend_qwen3.quant.layers.Int8LinearMethod``), so these layers never import quantisation
+    (the pattern of vLLM's ``quant_method``)."""
 
-    ``scheme`` None is a float linear; ``W8A8`` / ``W8A8_DYNAMIC`` make it an int8 linear
-    (``ascend_qwen3.quant.layers``) with the same parallel role (column: outputs split; row:
-    inputs split, outputs all-reduced). ``finalize()`` runs once after the weights are loaded.
+    def create(self, layer: nn.Module, out_local: int, in_local: int, *, dtype, device=None,
+               with_quant_bias: bool = True) -> None:
+        """Register the parameters the loader fills (``weight`` [out_local, in_local])."""
+        layer.weight = empty_param(out_local, in_local, dtype=dtype, device=device)
+        layer.ops = ops.bind(device, "linear", "prepare_linear_weight")
+
+    def finalize(self, layer: nn.Module) -> None:
+        """The loaded weight, replaced by the form the backend multiplies fastest."""
+        finalize_float_weight(layer, "weight")
+
+    def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return layer.ops.linear(x, layer.weight)
+
+
+FLOAT = FloatLinearMethod()
+
+
+class LinearBase(nn.Module):
+    """A linear y = x @ W^T, W [out_local, in_local] as the checkpoint stores it.
+
+    ``method`` creates, finalises and applies the weight: ``FLOAT`` (the default), or an int8
+    method with the same parallel role (column: outputs split; row: inputs split, outputs
+    all-reduced). ``finalize()`` runs once after the weights are loaded.
     """
 
-    def __init__(self, in_local: int, out_local: int, *, dtype, device=None, scheme: str | None = None,
+    def __init__(self, in_local: int, out_local: int, *, dtype, device=None, method=None,
                  with_quant_bias: bool = True):
         super().__init__()
         self.in_local, self.out_local = in_local, out_local
-        self.scheme = scheme
+        self.method = method or FLOAT
         self.output_dtype = dtype          # the activations' dtype (what quantised matmuls return)
-        if scheme is None:
-            self.weight = empty_param(out_local, in_local, dtype=dtype, device=device)
-            self.ops = ops.bind(device, "linear", "prepare_linear_weight")
-        else:
-            from ..quant.layers import create_linear
-            create_linear(self, scheme, out_local, in_local, with_quant_bias=with_quant_bias,
-                          device=device)
+        self.method.create(self, out_local, in_local, dtype=dtype, device=device,
+                           with_quant_bias=with_quant_bias)
 
     def finalize(self) -> None:
-        if self.scheme is not None:
-            from ..quant.layers import finalize_linear
-            finalize_linear(self, self.scheme)
-        else:   # the loaded weight, replaced by the form the backend multiplies fastest
-            finalize_float_weight(self, "weight")
+        self.method.finalize(self)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if self.scheme is None:
-            return self.ops.linear(x, self.weight)
-        from ..quant.layers import apply_linear
-        return apply_linear(self, self.scheme, x)
+        return self.method.apply(self, x)
 
 
 class ColumnParallelLinear(LinearBase):
     """Output features split over ranks; the result stays split (no communication)."""
 
     def __init__(self, in_features: int, out_local: int, ctx: ParallelContext, *, dtype, device=None,
-                 scheme: str | None = None):
-        super().__init__(in_features, out_local, dtype=dtype, device=device, scheme=scheme)
+                 method=None):
+        super().__init__(in_features, out_local, dtype=dtype, device=device, method=method)
         self.ctx = ctx
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -88,10 +99,10 @@ class RowParallelLinear(LinearBase):
     """Input features split over ranks; partial outputs summed with an all-reduce."""
 
     def __init__(self, in_features: int, out_features: int, ctx: ParallelContext, *, dtype,
-                 device=None, reduce: bool = True, scheme: str | None = None):
+                 device=None, reduce: bool = True, method=None):
         # a static W8A8 quant_bias is added once: on rank 0, before the all-reduce
         super().__init__(divide(in_features, ctx.tp_size, "input features"), out_features,
-                         dtype=dtype, device=device, scheme=scheme, with_quant_bias=ctx.tp_rank == 0)
+                         dtype=dtype, device=device, method=method, with_quant_bias=ctx.tp_rank == 0)
         self.ctx, self.reduce = ctx, reduce
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

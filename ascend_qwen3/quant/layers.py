@@ -30,9 +30,8 @@ def _param(*shape, dtype, device=None) -> nn.Parameter:
 
 def create_linear(layer: nn.Module, scheme: str, out_local: int, in_local: int, *,
                   with_quant_bias: bool, device=None) -> None:
-    """Register the checkpoint-orientation parameters of a quantised linear on ``layer``."""
-    if scheme not in (W8A8, W8A8_DYNAMIC):
-        raise ValueError(f"unknown linear quantisation {scheme!r}")
+    """Register the parameters of a quantised linear (as the checkpoint stores them) on
+    ``layer``; ``scheme`` W8A8 or W8A8_DYNAMIC (checked by ``Int8LinearMethod``)."""
     layer.ops = ops.bind(device, "prepare_weight", "prepare_quant_scale", "quant_matmul",
                          *(("prepare_static_quant", "static_quant") if scheme == W8A8 else
                            ("dynamic_quant",)))
@@ -80,6 +79,35 @@ def apply_linear(layer: nn.Module, scheme: str, x: torch.Tensor) -> torch.Tensor
     xq, token_scale = layer.ops.dynamic_quant(x)
     return layer.ops.quant_matmul(xq, layer.qweight, layer.qscale, token_scale, None,
                                   output_dtype=x.dtype)
+
+
+class Int8LinearMethod:
+    """The ``method`` of a W8A8 / W8A8_DYNAMIC ``parallel.layers.LinearBase``: creates,
+    finalises and applies its int8 weight (``create_linear``, ``finalize_linear``,
+    ``apply_linear``)."""
+
+    def __init__(self, scheme: str):
+        if scheme not in (W8A8, W8A8_DYNAMIC):
+            raise ValueError(f"unknown linear quantisation {scheme!r}")
+        self.scheme = scheme
+
+    def create(self, layer: nn.Module, out_local: int, in_local: int, *, dtype, device=None,
+               with_quant_bias: bool = True) -> None:
+        create_linear(layer, self.scheme, out_local, in_local, with_quant_bias=with_quant_bias,
+                      device=device)
+
+    def finalize(self, layer: nn.Module) -> None:
+        finalize_linear(layer, self.scheme)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return apply_linear(layer, self.scheme, x)
+
+
+def linear_method(quant, module: str) -> Int8LinearMethod | None:
+    """The method of the linear ``module`` under ``quant`` (a ``QuantConfig`` or None): None
+    (the layer's float default) when the module is not quantised."""
+    scheme = quant.scheme(module) if quant is not None else None
+    return None if scheme is None else Int8LinearMethod(scheme)
 
 
 def create_experts(experts: nn.Module, count: int, hidden: int, inter: int, *, device=None) -> None:

@@ -21,7 +21,7 @@ import time
 def _run(args: argparse.Namespace) -> int:
     import ops
     from .loader import load_model
-    from .model.generate import SamplingParams, generate
+    from .runner.generate import SamplingParams, generate
 
     try:
         from transformers import AutoTokenizer

@@ -3,7 +3,7 @@
 Engines (each in a process of its own, one after another, in one run):
 
 - ``transformers``: Hugging Face's Qwen3 / Qwen3-MoE classes, ``generate`` (greedy);
-- ``standalone``: the project's graph with its own paged KV cache (``ascend_qwen3.model.generate``);
+- ``standalone``: the project's graph with its own paged KV cache (``ascend_qwen3.runner.generate``);
 - ``vllm-builtin``: vLLM's own Qwen3 / Qwen3-MoE class (vLLM's CPU build, compiled as it is by
   default);
 - ``vllm-ours``: the project's class inside the same vLLM.
@@ -82,7 +82,7 @@ def run_engine(engine: str, model: str, batch: int, prompt: int, new: int, repea
                            min_new_tokens=n, do_sample=False, pad_token_id=0)
     elif engine == "standalone":
         from ascend_qwen3.loader import load_model
-        from ascend_qwen3.model.generate import SamplingParams, generate
+        from ascend_qwen3.runner.generate import SamplingParams, generate
 
         m, _ = load_model(model, dtype=dtype, max_positions=prompt + new + 16)
 

@@ -12,7 +12,7 @@ import pytest
 
 from ascend_qwen3.config import family_config
 from ascend_qwen3.deploy.planner import weight_bytes_per_rank
-from ascend_qwen3.model.kv_cache import PagedKVCache
+from ascend_qwen3.runner.kv_cache import PagedKVCache
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))

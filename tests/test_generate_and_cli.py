@@ -8,8 +8,8 @@ import torch
 
 from ascend_qwen3.cli import main
 from ascend_qwen3.loader import load_model
-from ascend_qwen3.model.generate import SamplingParams, generate, sample
-from ascend_qwen3.model.kv_cache import CacheFullError, PagedKVCache
+from ascend_qwen3.runner.generate import SamplingParams, generate, sample
+from ascend_qwen3.runner.kv_cache import CacheFullError, PagedKVCache
 from tests.checkpoints import add_tokenizer, load_hf
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [40, 41], list(range(60, 93))]

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from ascend_qwen3.loader import load_model
-from ascend_qwen3.model.generate import SamplingParams, generate
-from ascend_qwen3.model.kv_cache import PagedKVCache
+from ascend_qwen3.runner.generate import SamplingParams, generate
+from ascend_qwen3.runner.kv_cache import PagedKVCache
 from tests.checkpoints import load_hf
 
 PROMPTS = [[3, 17, 42, 9, 100, 5, 61], [11, 250], list(range(20, 20 + 45))]

@@ -27,7 +27,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from ascend_qwen3.loader import load_model
-from ascend_qwen3.model.kv_cache import PagedKVCache
+from ascend_qwen3.runner.kv_cache import PagedKVCache
 from tests.test_graph_npu_emulated import CASES, npu_backend
 
 EMULATOR_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "npu_emulator") + os.sep

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ascend_qwen3.loader import load_model
-from ascend_qwen3.model.generate import SamplingParams, generate
+from ascend_qwen3.runner.generate import SamplingParams, generate
 from ascend_qwen3.parallel.launch import run_parallel
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [40, 41], list(range(60, 93))]

@@ -274,7 +274,7 @@ def test_project_ops_bound_in_the_engine(engines, key, quant_ops):
 
 
 def _standalone_greedy(model, prompts) -> list[dict]:
-    from ascend_qwen3.model.generate import SamplingParams, generate
+    from ascend_qwen3.runner.generate import SamplingParams, generate
 
     ref = []
     for g in generate(model, prompts, SamplingParams(max_new_tokens=MAX_TOKENS), keep_logits=True):

@@ -204,7 +204,7 @@ def standalone_forced(model, prompts: list[list[int]]) -> list[dict]:
     standalone paged KV cache."""
     import torch
 
-    from ascend_qwen3.model.kv_cache import PagedKVCache
+    from ascend_qwen3.runner.kv_cache import PagedKVCache
 
     out = []
     with torch.inference_mode():

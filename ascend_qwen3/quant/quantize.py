@@ -355,7 +355,7 @@ def _quantize_into(work: str, model_dir: str, cfg: Qwen3Config, files: dict, kin
     from tqdm import tqdm
 
     from ..model.decoder import Qwen3DecoderLayer
-    from ..model.kv_cache import PagedKVCache
+    from ..runner.kv_cache import PagedKVCache
 
     dtype = cfg.dtype
     cfg32 = cfg.with_dtype(torch.float32)

@@ -12,7 +12,7 @@ import torch
 from ..config import Qwen3Config
 from ..parallel import SINGLE, ParallelContext
 from ..parallel.plan import local_heads
-from .metadata import AttentionMetadata
+from ..model.metadata import AttentionMetadata
 
 
 class CacheFullError(RuntimeError):

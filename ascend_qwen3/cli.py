@@ -128,7 +128,7 @@ def _memory_plan(args: argparse.Namespace, cfg) -> int:
 
 
 def _quantize(args: argparse.Namespace) -> int:
-    from .quant.quantize import quantize_checkpoint
+    from .quantizer import quantize_checkpoint
 
     s = quantize_checkpoint(args.model, args.out, args.scheme, calib=args.calib, smooth=args.smooth,
                             max_calib_tokens=args.calib_tokens, progress=not args.no_progress)

@@ -50,7 +50,7 @@ def dir_bytes(path):
 CHILD_QUANT = """
 import sys, time
 sys.path.insert(0, {root!r})
-from ascend_qwen3.quant.quantize import quantize_checkpoint
+from ascend_qwen3.quantizer import quantize_checkpoint
 t = time.perf_counter()
 quantize_checkpoint({src!r}, {out!r}, {scheme!r}, smooth={smooth!r}, progress=False)
 print(time.perf_counter() - t, [l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM")][0])
@@ -67,7 +67,7 @@ print(0, [l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM
 CHILD_BASE = """
 import sys
 sys.path.insert(0, {root!r})
-import torch, ascend_qwen3.quant.quantize, ascend_qwen3.loader, transformers
+import torch, ascend_qwen3.quantizer, ascend_qwen3.loader, transformers
 print(0, [l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM")][0])
 """
 
@@ -92,7 +92,7 @@ def main() -> None:
     from ascend_qwen3.loader import load_plan
     from ascend_qwen3.quant.description import QuantConfig
     from ascend_qwen3.quant.plan import assignment_bytes
-    from ascend_qwen3.quant.quantize import quantize_checkpoint
+    from ascend_qwen3.quantizer import quantize_checkpoint
     from tests.checkpoints import SPECS, add_tokenizer, make_checkpoint
     from tests.test_quant_model import add_outlier_channels
 

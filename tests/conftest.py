@@ -41,7 +41,7 @@ def quantized(checkpoint, tmp_path_factory):
     made with the project's quantizer from checkpoint(name, ...) plus a small tokenizer."""
     import torch
 
-    from ascend_qwen3.quant.quantize import quantize_checkpoint
+    from ascend_qwen3.quantizer import quantize_checkpoint
     from tests.checkpoints import add_tokenizer
 
     made = {}

@@ -82,7 +82,7 @@ def test_run_refuses_npu_without_one(checkpoint, capsys):
 def test_quantize_on_an_atlas_host(checkpoint, tmp_path, monkeypatch):
     """The quantizer's fp32 CPU graph runs ops.cpu with torch_npu present, and writes exactly
     what it writes on a machine without torch_npu."""
-    from ascend_qwen3.quant.quantize import quantize_checkpoint
+    from ascend_qwen3.quantizer import quantize_checkpoint
 
     src = checkpoint("moe_norm")
     if not os.path.isfile(os.path.join(src, "tokenizer.json")):

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from ascend_qwen3.cli import main
 from ascend_qwen3.loader import checkpoint_files, load_model
-from ascend_qwen3.quant.quantize import QuantizeError, quantize_checkpoint
+from ascend_qwen3.quantizer import QuantizeError, quantize_checkpoint
 from tests.checkpoints import SPECS, add_tokenizer, make_checkpoint
 from tests.test_graph_parity import ours_prefill_logits
 

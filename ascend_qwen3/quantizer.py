@@ -28,12 +28,12 @@ from importlib import resources
 
 import torch
 
-from ..config import Qwen3Config
-from ..loader import CheckpointError, checkpoint_files
-from ..parallel import SINGLE
-from ..parallel.plan import rank_plan
-from .format import DESCRIPTION_FILE, FLOAT, W8A8, W8A8_DYNAMIC, quant_groups
-from .maths import activation_params, quantize_weight, smooth_scales, static_linear_params
+from .config import Qwen3Config
+from .loader import CheckpointError, checkpoint_files
+from .parallel import SINGLE
+from .parallel.plan import rank_plan
+from .quant.format import DESCRIPTION_FILE, FLOAT, W8A8, W8A8_DYNAMIC, quant_groups
+from .quant.maths import activation_params, quantize_weight, smooth_scales, static_linear_params
 
 logger = logging.getLogger("ascend_qwen3.quantize")
 
@@ -354,8 +354,8 @@ def _quantize_into(work: str, model_dir: str, cfg: Qwen3Config, files: dict, kin
     from safetensors.torch import save_file
     from tqdm import tqdm
 
-    from ..model.decoder import Qwen3DecoderLayer
-    from ..runner.kv_cache import PagedKVCache
+    from .model.decoder import Qwen3DecoderLayer
+    from .runner.kv_cache import PagedKVCache
 
     dtype = cfg.dtype
     cfg32 = cfg.with_dtype(torch.float32)

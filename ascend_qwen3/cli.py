@@ -67,13 +67,7 @@ def _run(args: argparse.Namespace) -> int:
 def _run_device(choice: str) -> str:
     """``run``'s device: the NPU when asked for, or by default when one is visible; else the CPU.
     The ops follow the device (ops.backend_for), so a CPU run on an Atlas host runs ops.cpu."""
-    def npu_visible() -> bool:
-        try:
-            import torch
-            import torch_npu  # noqa: F401
-            return bool(torch.npu.is_available() and torch.npu.device_count() > 0)
-        except Exception:   # noqa: BLE001 - no torch_npu, or a broken CANN install
-            return False
+    from ops import npu_visible
 
     if choice == "auto":
         return "npu" if npu_visible() else "cpu"

@@ -92,8 +92,10 @@ def run_section(name: str, a) -> dict:
         import op_speed
         import torch
 
+        import ops
+
         rows = []
-        devices = ["cpu"] + (["npu"] if _has_npu() else [])
+        devices = ["cpu"] + (["npu"] if ops.npu_visible() else [])
         for dev in devices:
             path = os.path.join(ROOT, "docs", "bench", f".ops-{dev}.json")
             op_speed.main(["--device", dev, "--json", path, "--repeats", str(20 if a.quick else 50)])
@@ -165,15 +167,6 @@ def _decode(decode, engine, path, label, batch, a) -> dict:
           f"tokens/s, prefill {r['prefill_tokens_per_s']:8.1f} tokens/s, peak "
           f"{r['peak_rss_gib']:.2f} GiB", flush=True)
     return r
-
-
-def _has_npu() -> bool:
-    try:
-        import torch
-        import torch_npu  # noqa: F401
-        return torch.npu.is_available()
-    except Exception:
-        return False
 
 
 def main(argv=None) -> int:

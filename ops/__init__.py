@@ -109,6 +109,15 @@ def bind(device, *names: str) -> ModuleType:
     return module
 
 
+def npu_visible() -> bool:
+    """Is an Ascend NPU usable here (torch_npu importable and at least one device visible)?"""
+    try:
+        import torch_npu  # noqa: F401
+        return bool(torch.npu.is_available() and torch.npu.device_count() > 0)
+    except Exception:   # noqa: BLE001 - no torch_npu, or a broken CANN install
+        return False
+
+
 def compile_kernels(enabled: bool = True) -> None:
     """Let the CPU backend run the ops it writes in PyTorch through ``torch.compile`` where
     that pays (today the decode attention of ``paged_attention``; see ``ops.cpu.compile_kernels``),
@@ -140,4 +149,5 @@ for _op in OPS:
 del _op
 
 __all__ = list(OPS) + ["backend_for", "backend_name_for", "bind", "compile_kernels",
-                       "rope_cos_sin_cache", "rope_inv_freq", "ENV_VAR", "LOG_ENV_VAR"]
+                       "npu_visible", "rope_cos_sin_cache", "rope_inv_freq", "ENV_VAR",
+                       "LOG_ENV_VAR"]

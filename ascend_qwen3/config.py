@@ -114,9 +114,6 @@ class Qwen3Config:
     def with_dtype(self, dtype) -> "Qwen3Config":
         return replace(self, dtype=parse_dtype(dtype))
 
-    def max_rope_positions(self) -> int:
-        return self.max_position_embeddings
-
     # ------------------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, d: dict, name: str = "") -> "Qwen3Config":

@@ -26,11 +26,3 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor
     query_start_loc_host: list[int]
     seq_lens_host: list[int]
-
-    @property
-    def num_requests(self) -> int:
-        return int(self.seq_lens.shape[0])
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.slot_mapping.shape[0])

@@ -39,10 +39,6 @@ class QuantConfig:
         """W8A8 / W8A8_DYNAMIC for a quantised module of the graph, None if it stays float."""
         return self.schemes.get(module)
 
-    @property
-    def is_static(self) -> bool:
-        return W8A8 in self.schemes.values()
-
     # -----------------------------------------------------------------------------------
     @classmethod
     def for_scheme(cls, cfg: Qwen3Config, scheme: str) -> "QuantConfig":
@@ -138,18 +134,4 @@ class QuantConfig:
         return cls(model_quant_type=mqt, schemes=schemes, source=source)
 
 
-def expected_tensors(cfg: Qwen3Config, quant: QuantConfig | None) -> dict[str, tuple]:
-    """name -> (shape, allowed safetensors dtypes, type) of every linear tensor the checkpoint
-    must hold, given its quantisation (float linears included)."""
-    out = {}
-    for g in quant_groups(cfg):
-        kind = quant.scheme(g.module) if quant else None
-        kind = kind or FLOAT
-        for m, (o, i) in zip(g.members, g.shapes):
-            for spec in TENSORS[kind]:
-                if spec.required:
-                    out[f"{m}.{spec.suffix}"] = (spec.dims(o, i), spec.dtypes, kind)
-    return out
-
-
-__all__ = ["QuantConfig", "QuantFormatError", "expected_tensors", "W8A8", "W8A8_DYNAMIC", "FLOAT"]
+__all__ = ["QuantConfig", "QuantFormatError", "W8A8", "W8A8_DYNAMIC", "FLOAT"]

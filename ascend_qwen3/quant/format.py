@@ -60,14 +60,6 @@ TENSORS: dict[str, tuple[TensorSpec, ...]] = {
     FLOAT: (TensorSpec("weight", "out,in", FLOAT_ST),),
 }
 
-# dtypes the quantizer writes: input_scale in the model dtype and input_offset int8 (docs/w8a8_format.md
-# and vllm-ascend's parameters); deq_scale fp32, or for fp16 models the fp32 bit pattern as int64;
-# per-channel weight scales fp32 (what msModelSlim writes), offsets zero (symmetric weights)
-WRITE_DTYPES = {"weight": "int8", "input_scale": "model", "input_offset": "int8",
-                "quant_bias": "int32", "deq_scale": "float32|int64 for fp16",
-                "weight_scale": "float32", "weight_offset": "float32"}
-
-
 @dataclass(frozen=True)
 class QuantGroup:
     """Checkpoint linears that one module of the graph fuses; they must share one type.

@@ -40,10 +40,6 @@ class PagedKVCache:
         (one partly filled block per sequence is accounted by the caller through total_tokens)."""
         return cls(cfg, max(1, -(-total_tokens // block_size)), block_size, **kw)
 
-    @property
-    def free_blocks(self) -> int:
-        return len(self._free)
-
     def release(self, seq_id: int) -> None:
         self._free.extend(reversed(self.tables.pop(seq_id, [])))
         self.lens.pop(seq_id, None)

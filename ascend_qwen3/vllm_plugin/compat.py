@@ -115,13 +115,6 @@ VLLM_ASCEND_USES: list[Use] = [
 ]
 
 
-def vllm_version() -> tuple[int, int]:
-    import vllm
-
-    major, minor = vllm.__version__.split(".")[:2]
-    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
-
-
 def on_npu() -> bool:
     from vllm.platforms import current_platform
 

@@ -37,7 +37,7 @@ LOG_ENV_VAR = "ASCEND_QWEN3_OPS_LOG"
 
 OPS = (
     "linear", "prepare_linear_weight",
-    "rms_norm", "add_rms_norm", "head_rms_norm", "rotary_embedding", "swiglu",
+    "rms_norm", "add_rms_norm", "rotary_embedding", "swiglu",
     "write_kv_cache", "paged_attention",
     "dynamic_quant", "static_quant", "int8_matmul", "quant_matmul",
     "moe_gating_topk", "moe_route", "moe_route_quant", "grouped_matmul", "grouped_quant_matmul", "moe_combine",

@@ -103,11 +103,6 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
     return rms_norm(new_residual, weight, eps), new_residual
 
 
-def head_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Per-head RMSNorm (Qwen3 QK-Norm): x [T, H, D], weight [D] shared by all heads."""
-    return rms_norm(x, weight, eps)
-
-
 # --------------------------------------------------------------------------------------------
 # Rotary embedding (neox / rotate-half style)
 # --------------------------------------------------------------------------------------------

@@ -117,17 +117,6 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
     return y, new_residual
 
 
-def head_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Per-head RMSNorm (Qwen3 QK-Norm) with ``torch_npu.npu_rms_norm`` on x [T, H, D], weight [D].
-
-    Same kernel, marshalling and tolerance as ``rms_norm`` (gamma [D] normalises the last dim
-    of every head).
-    """
-    _check(x.dim() == 3, "head_rms_norm", "x of shape [T, H, D]", list(x.shape),
-           "reshape q/k to [tokens, heads, head_dim] first")
-    return rms_norm(x, weight, eps)
-
-
 # --------------------------------------------------------------------------------------------
 # Rotary embedding (neox / rotate-half style)
 # --------------------------------------------------------------------------------------------

@@ -169,11 +169,12 @@ def test_add_rms_norm_fp32_weight_and_empty(be):
 
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("T,H", [(1, 16), (300, 8), (5, 4)])
-def test_head_rms_norm(be, dtype, T, H):
+def test_rms_norm_per_head(be, dtype, T, H):
+    """QK-norm: rms_norm of [T, H, D] with one weight [D] for every head."""
     x = torch.randn(T, H, 128, dtype=dtype)
     w = (torch.rand(128) + 0.5).to(dtype)
-    got = be.run("head_rms_norm", x, w, 1e-6, expect=("npu_rms_norm",))
-    close(got, cpu.head_rms_norm(x, w, 1e-6), dtype)
+    got = be.run("rms_norm", x, w, 1e-6, expect=("npu_rms_norm",))
+    close(got, cpu.rms_norm(x, w, 1e-6), dtype)
 
 
 # ============================================================================================

@@ -296,11 +296,11 @@ def test_rms_norm_vs_hf(dtype, shape):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_head_rms_norm_vs_hf_qk_norm(dtype):
+def test_rms_norm_per_head_vs_hf_qk_norm(dtype):
     t, h, d = 9, 4, 128
     m = _hf_norm(d, dtype)
     x = torch.randn(t, h, d).to(dtype)
-    y = cpu.head_rms_norm(x, m.weight.detach(), 1e-6)
+    y = cpu.rms_norm(x, m.weight.detach(), 1e-6)
     with torch.no_grad():  # HF applies q_norm on [B, S, H, D] before the transpose
         ref = m(x.unsqueeze(0))[0]
     torch.testing.assert_close(y, ref, **_NORM_TOL[dtype])

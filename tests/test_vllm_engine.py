@@ -47,7 +47,7 @@ FORCED_LENS = (32, 64, 128, 200, 250, 300, 350, 400)    # 1716 scored positions 
 # disagreements within BF16_FACTOR x the built-in's count + BF16_EVENTS x the positions.
 BF16_FACTOR, BF16_FLOOR, BF16_EVENTS = 1.5, 1e-3, 0.01
 
-ATTN_OPS = {"write_kv_cache", "paged_attention", "rotary_embedding", "head_rms_norm"}
+ATTN_OPS = {"write_kv_cache", "paged_attention", "rotary_embedding", "rms_norm"}
 MOE_OPS = {"moe_gating_topk", "moe_combine"}
 
 # MoE checkpoint with a head size vLLM's CPU attention accepts (32)

@@ -50,15 +50,15 @@ class Qwen3Attention(nn.Module):
         self.scale = cfg.head_dim ** -0.5
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = ColumnParallelLinear(cfg.hidden_size, self.q_size + 2 * self.kv_size, ctx,
+        self.qkv_proj = ColumnParallelLinear(cfg.hidden_size, self.q_size + 2 * self.kv_size,
                                              dtype=cfg.dtype, device=device,
                                              method=linear_method(quant, prefix + "qkv_proj"))
-        self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, ctx,
+        self.o_proj = RowParallelLinear(self.q_size, cfg.hidden_size, ctx,
                                         dtype=cfg.dtype, device=device,
                                         method=linear_method(quant, prefix + "o_proj"))
         self.q_norm = empty_param(cfg.head_dim, dtype=cfg.dtype, device=device)
         self.k_norm = empty_param(cfg.head_dim, dtype=cfg.dtype, device=device)
-        self.ops = ops.bind(device, "head_rms_norm", "rotary_embedding")
+        self.ops = ops.bind(device, "rms_norm", "rotary_embedding")
         self.attn = (PagedAttention(self.scale, device) if attention is None else
                      attention(layer, self.num_heads, self.num_kv_heads, self.head_dim, self.scale))
 
@@ -66,8 +66,9 @@ class Qwen3Attention(nn.Module):
                 kv_cache, cos_sin_cache: torch.Tensor) -> torch.Tensor:
         T = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = self.ops.head_rms_norm(q.reshape(T, self.num_heads, self.head_dim), self.q_norm, self.eps)
-        k = self.ops.head_rms_norm(k.reshape(T, self.num_kv_heads, self.head_dim), self.k_norm, self.eps)
+        # QK-norm: RMSNorm over head_dim of every head, one weight [D] shared by the heads
+        q = self.ops.rms_norm(q.reshape(T, self.num_heads, self.head_dim), self.q_norm, self.eps)
+        k = self.ops.rms_norm(k.reshape(T, self.num_kv_heads, self.head_dim), self.k_norm, self.eps)
         q, k = self.ops.rotary_embedding(q, k, positions, cos_sin_cache)
         v = v.reshape(T, self.num_kv_heads, self.head_dim)
         out = self.attn(q, k, v, meta, kv_cache)

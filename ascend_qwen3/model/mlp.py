@@ -16,9 +16,9 @@ class Qwen3MLP(nn.Module):
                  device=None, quant=None, prefix: str = ""):
         super().__init__()
         local = divide(intermediate_size, ctx.tp_size, "intermediate_size")
-        self.gate_up_proj = ColumnParallelLinear(hidden_size, 2 * local, ctx, dtype=dtype, device=device,
+        self.gate_up_proj = ColumnParallelLinear(hidden_size, 2 * local, dtype=dtype, device=device,
                                                  method=linear_method(quant, prefix + "gate_up_proj"))
-        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, ctx, dtype=dtype, device=device,
+        self.down_proj = RowParallelLinear(local, hidden_size, ctx, dtype=dtype, device=device,
                                            method=linear_method(quant, prefix + "down_proj"))
         self.ops = ops.bind(device, "swiglu")
 

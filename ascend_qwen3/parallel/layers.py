@@ -84,30 +84,31 @@ class LinearBase(nn.Module):
 
 
 class ColumnParallelLinear(LinearBase):
-    """Output features split over ranks; the result stays split (no communication)."""
+    """Output features split over ranks; the result stays split (no communication).
+    ``out_local``: this rank's output features (its heads' q/k/v, its share of gate/up)."""
 
-    def __init__(self, in_features: int, out_local: int, ctx: ParallelContext, *, dtype, device=None,
-                 method=None):
+    def __init__(self, in_features: int, out_local: int, *, dtype, device=None, method=None):
         super().__init__(in_features, out_local, dtype=dtype, device=device, method=method)
-        self.ctx = ctx
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.matmul(x)
 
 
 class RowParallelLinear(LinearBase):
-    """Input features split over ranks; partial outputs summed with an all-reduce."""
+    """Input features split over ranks; partial outputs summed with an all-reduce.
+    ``in_local``: this rank's input features (its heads' attention output, its share of the
+    FFN), as ``ColumnParallelLinear`` takes its local outputs."""
 
-    def __init__(self, in_features: int, out_features: int, ctx: ParallelContext, *, dtype,
-                 device=None, reduce: bool = True, method=None):
+    def __init__(self, in_local: int, out_features: int, ctx: ParallelContext, *, dtype,
+                 device=None, method=None):
         # a static W8A8 quant_bias is added once: on rank 0, before the all-reduce
-        super().__init__(divide(in_features, ctx.tp_size, "input features"), out_features,
-                         dtype=dtype, device=device, method=method, with_quant_bias=ctx.tp_rank == 0)
-        self.ctx, self.reduce = ctx, reduce
+        super().__init__(in_local, out_features, dtype=dtype, device=device, method=method,
+                         with_quant_bias=ctx.tp_rank == 0)
+        self.ctx = ctx
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.matmul(x)
-        return self.ctx.all_reduce(y) if self.reduce else y
+        return self.ctx.all_reduce(y)
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -236,7 +236,7 @@ def load_model(model_dir: str, dtype=None, ctx: ParallelContext = SINGLE, device
     """Build the graph for ``model_dir``'s config and load its weights. Returns (model, config).
 
     ``check_finite``: refuse float weights holding NaN / Inf (see ``load_weights``)."""
-    from .model import Qwen3ForCausalLM
+    from .model import Qwen3Graph
 
     from .quant.description import QuantConfig
 
@@ -246,7 +246,7 @@ def load_model(model_dir: str, dtype=None, ctx: ParallelContext = SINGLE, device
     check_parallel(cfg, ctx.tp_size, ctx.ep)  # before any weight is read
     files = checkpoint_files(model_dir)
     quant = QuantConfig.from_model_dir(model_dir, cfg, set(files))
-    model = Qwen3ForCausalLM(cfg, ctx, device=device, max_positions=max_positions, quant=quant)
+    model = Qwen3Graph(cfg, ctx, device=device, max_positions=max_positions, quant=quant)
     load_weights(model, model_dir, cfg, ctx, quant, files, check_finite=check_finite)
     model.finalize_weights()
     return model.eval(), cfg

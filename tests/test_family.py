@@ -4,14 +4,14 @@ import pytest
 import torch
 
 from ascend_qwen3.config import FAMILY, family_config
-from ascend_qwen3.model import Qwen3ForCausalLM
+from ascend_qwen3.model import Qwen3Graph
 from ascend_qwen3.parallel.plan import parameter_counts
 
 
 @pytest.mark.parametrize("name", list(FAMILY))
 def test_family_builds_on_meta_with_published_size(name):
     cfg = family_config(name)
-    model = Qwen3ForCausalLM(cfg, device="meta")
+    model = Qwen3Graph(cfg, device="meta")
     built = sum(p.numel() for p in model.parameters())
     total, active = parameter_counts(cfg)
     assert built == total  # the model and the sharding plan count the same parameters
@@ -27,7 +27,7 @@ def test_family_builds_on_meta_with_published_size(name):
 @pytest.mark.parametrize("name", ["Qwen3-0.6B", "Qwen3-30B-A3B"])
 def test_family_shapes(name):
     cfg = family_config(name)
-    model = Qwen3ForCausalLM(cfg, device="meta")
+    model = Qwen3Graph(cfg, device="meta")
     attn = model.layers[0].self_attn
     assert attn.qkv_proj.weight.shape == ((cfg.num_heads + 2 * cfg.num_kv_heads) * 128, cfg.hidden_size)
     assert model.cos_sin_cache.shape == (cfg.max_position_embeddings, 128)

@@ -9,7 +9,7 @@ import pytest
 from ascend_qwen3.cli import main
 from ascend_qwen3.config import FAMILY, family_config
 from ascend_qwen3.loader import load_model
-from ascend_qwen3.model import Qwen3ForCausalLM
+from ascend_qwen3.model import Qwen3Graph
 from ascend_qwen3.parallel import ParallelContext
 from ascend_qwen3.parallel.plan import ShardingError, parameter_counts, shard_plan
 
@@ -72,7 +72,7 @@ def test_plan_covers_every_tensor_exactly(name, tp, ep):
     assert sum(sum(a.numel for a in p) for p in plans) == rank_sum >= total
     # and the model built for a rank has exactly the parameters its plan fills (vocab padding aside)
     ctx = ParallelContext(tp - 1, tp, ep)
-    model = Qwen3ForCausalLM(cfg, ctx, device="meta")
+    model = Qwen3Graph(cfg, ctx, device="meta")
     params = dict(model.named_parameters())
     filled = {}
     for a in plans[tp - 1]:
@@ -120,7 +120,7 @@ def test_rank_reads_only_its_slices(checkpoint):
         read = []
         for rank in range(tp):
             ctx = ParallelContext(rank, tp)
-            model = Qwen3ForCausalLM(cfg, ctx)
+            model = Qwen3Graph(cfg, ctx)
             read.append(load_weights(model, path, cfg, ctx)["bytes"])
         if tp == 1:
             full = read[0]

@@ -24,7 +24,7 @@ class Assignment:
 
     name: str                      # checkpoint tensor name
     shape: tuple[int, ...]         # full checkpoint shape expected
-    param: str                     # parameter name in Qwen3ForCausalLM
+    param: str                     # parameter name in the graph (model.Qwen3Graph)
     src: tuple[slice, ...]         # slice of the checkpoint tensor read by this rank
     dst: tuple                     # index into the parameter
     transpose: bool = False

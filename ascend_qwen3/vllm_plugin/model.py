@@ -3,7 +3,7 @@
 vLLM builds ``AscendQwen3ForCausalLM(vllm_config=..., prefix=...)`` in each worker, runs its
 ``forward`` on the packed tokens of each step and samples from ``compute_logits``. Inside:
 
-- the graph is ``ascend_qwen3.model.Qwen3ForCausalLM`` (``ops`` for every kernel), held by
+- the graph is ``ascend_qwen3.model.Qwen3Graph`` (``ops`` for every kernel), held by
   ``AscendQwen3Backbone``, which vLLM compiles (``support_torch_compile``) unless told
   ``--enforce-eager``;
 - its tensor-parallel collectives go through vLLM's TP group (``VllmParallelContext``), with
@@ -30,7 +30,7 @@ from torch import nn
 import ops
 from ..config import ConfigError, Qwen3Config
 from ..loader import checkpoint_files, load_weights
-from ..model import Qwen3ForCausalLM
+from ..model import Qwen3Graph
 from ..parallel import ParallelContext
 from ..quant.description import QuantConfig
 from . import compat
@@ -110,7 +110,7 @@ class AscendQwen3Backbone(nn.Module):
                 prefix=f"{prefix}layers.{layer}.self_attn.attn.layer"))
 
         device = vllm_config.device_config.device
-        self.graph = Qwen3ForCausalLM(cfg, self.ctx, device=device, quant=self.quant,
+        self.graph = Qwen3Graph(cfg, self.ctx, device=device, quant=self.quant,
                                       max_positions=max(mc.max_model_len, 1), attention=attention)
         self.attention_backend = backend
 

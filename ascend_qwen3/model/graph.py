@@ -1,4 +1,7 @@
-"""Qwen3ForCausalLM: embedding, decoder layers, final norm, LM head (tied or not).
+"""Qwen3Graph: the project's Qwen3 / Qwen3-MoE graph: embedding, decoder layers, final norm, LM
+head (tied or not). ``forward`` returns the final hidden states and ``compute_logits`` turns them
+into logits, the split vLLM's model classes make (Hugging Face's ``Qwen3ForCausalLM.forward``
+returns logits; hence the different name).
 
 The forward takes the packed tokens of a step (TND) with their positions and attention metadata,
 the same shape of call a serving engine makes, so the standalone generation loop and the vLLM
@@ -20,7 +23,7 @@ from .metadata import AttentionMetadata
 from .norm import RMSNorm
 
 
-class Qwen3ForCausalLM(nn.Module):
+class Qwen3Graph(nn.Module):
     def __init__(self, cfg: Qwen3Config, ctx: ParallelContext = SINGLE, *, device=None,
                  max_positions: int | None = None, quant=None, attention=None):
         """``quant``: a ``QuantConfig`` (W8A8 checkpoint) or None (float). ``attention``: None

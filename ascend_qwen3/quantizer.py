@@ -195,42 +195,40 @@ def _calibrate_layer(layer, cfg32: Qwen3Config, h, residual, positions, meta, kv
 # smoothing and quantisation of one layer's tensors
 # ------------------------------------------------------------------------------------------------
 
+def _fold(absmax: torch.Tensor, consumers: list[torch.Tensor], producer: torch.Tensor,
+          alpha: float) -> torch.Tensor:
+    """SmoothQuant at one activation point, in place: the factors s of the activation (per-channel
+    ``absmax``) against its ``consumers`` (weights [N, K] reading it), the consumers' input
+    columns times s, the ``producer``'s output divided by s (a norm weight [K] or up_proj rows
+    [K, H]), so the float function is unchanged. Returns s."""
+    s = smooth_scales(absmax, consumers, alpha)
+    producer /= s if producer.dim() == 1 else s.unsqueeze(-1)
+    for w in consumers:
+        w *= s
+    return s
+
+
 def _smooth(W: dict, cfg: Qwen3Config, i: int, stats, experts_down, alpha: float) -> dict[str, torch.Tensor]:
     """Fold SmoothQuant factors into W in place; returns the factor per activation point."""
     c = f"model.layers.{i}."
     a, m = c + "self_attn.", c + "mlp."
-    factors = {}
     qkv = [W[a + p + ".weight"] for p in ("q_proj", "k_proj", "v_proj")]
-    s = smooth_scales(stats["attn_in"].absmax(), qkv, alpha)
-    W[c + "input_layernorm.weight"] /= s
-    for w in qkv:
-        w *= s
-    factors["attn_in"] = s
+    factors = {"attn_in": _fold(stats["attn_in"].absmax(), qkv, W[c + "input_layernorm.weight"],
+                                alpha)}
+    post_norm = W[c + "post_attention_layernorm.weight"]
     if cfg.is_moe_layer(i):
         ups = [W[f"{m}experts.{e}.{p}.weight"] for e in range(cfg.num_experts)
                for p in ("gate_proj", "up_proj")]
-        s = smooth_scales(stats["mlp_in"].absmax(), ups, alpha)
-        W[c + "post_attention_layernorm.weight"] /= s
-        for w in ups:
-            w *= s
+        s = factors["mlp_in"] = _fold(stats["mlp_in"].absmax(), ups, post_norm, alpha)
         W[m + "gate.weight"] *= s  # the float router sees the smoothed input: compensate exactly
-        factors["mlp_in"] = s
         for e, act in experts_down.items():
-            down, up = W[f"{m}experts.{e}.down_proj.weight"], W[f"{m}experts.{e}.up_proj.weight"]
-            se = smooth_scales(act, [down], alpha)
-            up /= se.unsqueeze(-1)
-            down *= se
+            _fold(act, [W[f"{m}experts.{e}.down_proj.weight"]], W[f"{m}experts.{e}.up_proj.weight"],
+                  alpha)
     else:
         gu = [W[m + "gate_proj.weight"], W[m + "up_proj.weight"]]
-        s = smooth_scales(stats["mlp_in"].absmax(), gu, alpha)
-        W[c + "post_attention_layernorm.weight"] /= s
-        for w in gu:
-            w *= s
-        factors["mlp_in"] = s
-        sd = smooth_scales(stats["down_in"].absmax(), [W[m + "down_proj.weight"]], alpha)
-        W[m + "up_proj.weight"] /= sd.unsqueeze(-1)
-        W[m + "down_proj.weight"] *= sd
-        factors["down_in"] = sd
+        factors["mlp_in"] = _fold(stats["mlp_in"].absmax(), gu, post_norm, alpha)
+        factors["down_in"] = _fold(stats["down_in"].absmax(), [W[m + "down_proj.weight"]],
+                                   W[m + "up_proj.weight"], alpha)
     return factors
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from .rope import cos_sin_for
+
 NAME = "cpu"
 
 
@@ -122,10 +124,7 @@ def rotary_embedding(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
     ``out = x * cos + rotate_half(x) * sin`` with cos/sin repeated to D, computed in fp32 and
     returned in the input dtype.
     """
-    cs = cos_sin_cache.index_select(0, positions.long())
-    half = cs.shape[-1] // 2
-    cos = torch.cat((cs[:, :half], cs[:, :half]), dim=-1).unsqueeze(1)  # [T, 1, D]
-    sin = torch.cat((cs[:, half:], cs[:, half:]), dim=-1).unsqueeze(1)
+    cos, sin = cos_sin_for(cos_sin_cache, positions)                    # [T, 1, D] fp32
 
     def apply(x):
         xf = x.float()
@@ -524,18 +523,26 @@ def grouped_matmul(x: torch.Tensor, weight, group_sizes: torch.Tensor) -> torch.
     """
     n_out = weight[0].shape[0] if isinstance(weight, list) else weight.shape[2]
     out = x.new_zeros(x.shape[0], n_out)
-    start = 0
-    for g, n in enumerate(group_sizes.tolist()):
-        if n:
-            w = weight[g]
-            if w.is_mkldnn:              # prepacked [N, K] (prepare_grouped_weight)
-                out[start:start + n] = _linear(x[start:start + n], w)
-            else:
-                torch.mm(x[start:start + n], w, out=out[start:start + n])
-        start += n
-    if start > x.shape[0]:
-        raise ValueError(f"group sizes sum to {start}, x has only {x.shape[0]} rows")
+    for g, rows in _groups(group_sizes, x.shape[0]):
+        w = weight[g]
+        if w.is_mkldnn:                  # prepacked [N, K] (prepare_grouped_weight)
+            out[rows] = _linear(x[rows], w)
+        else:
+            torch.mm(x[rows], w, out=out[rows])
     return out
+
+
+def _groups(group_sizes: torch.Tensor, m: int):
+    """(group, its slice of rows) for every non-empty group of rows sorted by group; refuses
+    sizes that add up to more than the ``m`` rows there are."""
+    sizes = group_sizes.tolist()
+    if sum(sizes) > m:
+        raise ValueError(f"group sizes sum to {sum(sizes)}, x has only {m} rows")
+    start = 0
+    for g, n in enumerate(sizes):
+        if n:
+            yield g, slice(start, start + n)
+        start += n
 
 
 def prepare_grouped_weight(weight: torch.Tensor):
@@ -560,14 +567,9 @@ def grouped_quant_matmul(xq: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor
     Rows past the last group: unspecified, as in ``grouped_matmul``.
     """
     out = torch.zeros(xq.shape[0], wq.shape[2], dtype=output_dtype)
-    start = 0
-    for g, n in enumerate(group_sizes.tolist()):
-        if n:
-            out[start:start + n] = quant_matmul(xq[start:start + n], wq[g], scale[g],
-                                                pertoken_scale[start:start + n], None, output_dtype)
-        start += n
-    if start > xq.shape[0]:
-        raise ValueError(f"group sizes sum to {start}, x has only {xq.shape[0]} rows")
+    for g, rows in _groups(group_sizes, xq.shape[0]):
+        out[rows] = quant_matmul(xq[rows], wq[g], scale[g], pertoken_scale[rows], None,
+                                 output_dtype)
     return out
 
 

@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 import torch_npu
 
+from .rope import cos_sin_for
+
 NAME = "npu"
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -161,10 +163,7 @@ def rotary_embedding(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
            "use tensor parallelism to reduce the heads per rank")
     if T == 0:
         return q.clone(), k.clone()
-    cs = cos_sin_cache.index_select(0, positions.to(cos_sin_cache.device).long()).float()
-    half = D // 2
-    cos = torch.cat((cs[:, :half], cs[:, :half]), dim=-1).unsqueeze(1).contiguous()  # [T, 1, D]
-    sin = torch.cat((cs[:, half:], cs[:, half:]), dim=-1).unsqueeze(1).contiguous()
+    cos, sin = cos_sin_for(cos_sin_cache, positions)                    # [T, 1, D] fp32
     qf = q.float() if q.dtype != torch.float32 else q.clone()
     kf = k.float() if k.dtype != torch.float32 else k.clone()
     qf, kf = qf.contiguous(), kf.contiguous()
@@ -544,18 +543,20 @@ def moe_route(x: torch.Tensor, expert_ids: torch.Tensor, num_experts: int
     ``moe_gating_topk`` over E logits, so they lie in [0, E).
     Tolerance vs ops.cpu: bit-exact (a permutation and counts), given the stable sort.
     """
-    _check(expert_ids.dim() == 2 and x.dim() == 2 and x.shape[0] == expert_ids.shape[0],
-           "moe_route", "x [T, Hd] and expert_ids [T, k]",
-           f"{list(x.shape)} and {list(expert_ids.shape)}", "pass the router's top-k ids")
-    _check(0 < num_experts <= 10240, "moe_route", "1..10240 experts", num_experts,
-           "check num_experts of the config")
     _check(x.dtype in _FLOAT, "moe_route", "x of dtype float16/bfloat16/float32", _dt(x),
            "route the activations in the model dtype")
-    sorted_x, pairs, counts, _scale = _route(x, expert_ids, num_experts, quant_mode=-1)
+    sorted_x, pairs, counts, _scale = _route("moe_route", x, expert_ids, num_experts, quant_mode=-1)
     return sorted_x, pairs, counts
 
 
-def _route(x: torch.Tensor, expert_ids: torch.Tensor, num_experts: int, quant_mode: int):
+def _route(op: str, x: torch.Tensor, expert_ids: torch.Tensor, num_experts: int, quant_mode: int):
+    """The shared body of ``moe_route`` (quant_mode -1) and ``moe_route_quant`` (1): their shape
+    checks and the kernel call."""
+    _check(expert_ids.dim() == 2 and x.dim() == 2 and x.shape[0] == expert_ids.shape[0],
+           op, "x [T, Hd] and expert_ids [T, k]",
+           f"{list(x.shape)} and {list(expert_ids.shape)}", "pass the router's top-k ids")
+    _check(0 < num_experts <= 10240, op, "1..10240 experts", num_experts,
+           "check num_experts of the config")
     T, k = expert_ids.shape
     if T == 0:
         return x.new_empty(0, x.shape[1], dtype=torch.int8 if quant_mode == 1 else x.dtype), \
@@ -581,15 +582,10 @@ def moe_route_quant(x: torch.Tensor, expert_ids: torch.Tensor, num_experts: int
     Tolerance vs ops.cpu (moe_route then dynamic_quant): bit-exact permutation and counts; the
     quantised rows and scales are the same arithmetic (round half to even of x / scale).
     """
-    _check(expert_ids.dim() == 2 and x.dim() == 2 and x.shape[0] == expert_ids.shape[0],
-           "moe_route_quant", "x [T, Hd] and expert_ids [T, k]",
-           f"{list(x.shape)} and {list(expert_ids.shape)}", "pass the router's top-k ids")
-    _check(0 < num_experts <= 10240, "moe_route_quant", "1..10240 experts", num_experts,
-           "check num_experts of the config")
     _check(x.dtype in (torch.float16, torch.bfloat16), "moe_route_quant",
            "x of dtype float16/bfloat16 (the fused dynamic quant)", _dt(x),
            "run W8A8 models in bfloat16 or float16 on the NPU")
-    return _route(x, expert_ids, num_experts, quant_mode=1)
+    return _route("moe_route_quant", x, expert_ids, num_experts, quant_mode=1)
 
 
 def _group_list(op: str, group_sizes: torch.Tensor, groups: int, rows: int) -> tuple[torch.Tensor, int]:

@@ -56,6 +56,18 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> tuple[to
     raise ValueError(f"rope_type {rope_type!r} is not supported; Qwen3 uses 'default' or 'yarn'")
 
 
+def cos_sin_for(cos_sin_cache: torch.Tensor, positions: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) of ``positions`` [T] from a ``rope_cos_sin_cache`` table, each half repeated
+    to the full head dim, fp32 [T, 1, D] (one row per token, broadcast over the heads): what
+    both backends' ``rotary_embedding`` apply."""
+    cs = cos_sin_cache.index_select(0, positions.to(cos_sin_cache.device).long()).float()
+    half = cs.shape[-1] // 2
+    cos = torch.cat((cs[:, :half], cs[:, :half]), dim=-1).unsqueeze(1)
+    sin = torch.cat((cs[:, half:], cs[:, half:]), dim=-1).unsqueeze(1)
+    return cos, sin
+
+
 def rope_cos_sin_cache(head_dim: int, max_positions: int, theta: float,
                        scaling: dict | None = None) -> torch.Tensor:
     """[max_positions, head_dim] fp32: cat(cos * mscale, sin * mscale) of pos * inv_freq."""

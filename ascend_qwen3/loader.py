@@ -144,7 +144,7 @@ def load_weights(model: torch.nn.Module, model_dir: str, cfg: Qwen3Config,
     check_finite = finite_check_enabled(check_finite)
     t0 = time.perf_counter()
     files = files or checkpoint_files(model_dir)
-    plan = load_plan(cfg, ctx.tp_size, ctx.tp_rank, ctx.ep, quant)
+    plan = load_plan(cfg, ctx.tp_size, ctx.tp_rank, ctx.expert_parallel, quant)
     params = dict(model.named_parameters())
     missing = sorted({a.name for a in plan if a.name not in files})
     if missing:
@@ -243,7 +243,7 @@ def load_model(model_dir: str, dtype=None, ctx: ParallelContext = SINGLE, device
     cfg = Qwen3Config.from_model_dir(model_dir)
     if dtype is not None:
         cfg = cfg.with_dtype(parse_dtype(dtype))
-    check_parallel(cfg, ctx.tp_size, ctx.ep)  # before any weight is read
+    check_parallel(cfg, ctx.tp_size, ctx.expert_parallel)  # before any weight is read
     files = checkpoint_files(model_dir)
     quant = QuantConfig.from_model_dir(model_dir, cfg, set(files))
     model = Qwen3Graph(cfg, ctx, device=device, max_positions=max_positions, quant=quant)

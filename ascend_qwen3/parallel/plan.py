@@ -96,7 +96,7 @@ def kv_head_start(cfg: Qwen3Config, tp: int, rank: int) -> int:
 
 def local_experts(cfg: Qwen3Config, ctx) -> tuple[int, int, int]:
     """(first expert, number of experts, expert FFN width) held by ``ctx``'s rank."""
-    if ctx.ep:
+    if ctx.expert_parallel:
         per = cfg.num_experts // ctx.tp_size
         return ctx.tp_rank * per, per, cfg.moe_intermediate_size
     return 0, cfg.num_experts, cfg.moe_intermediate_size // ctx.tp_size

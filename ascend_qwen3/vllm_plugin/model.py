@@ -45,13 +45,13 @@ logger = logging.getLogger("vllm.ascend_qwen3")
 class VllmParallelContext(ParallelContext):
     """The project's parallel context over vLLM's tensor-parallel group."""
 
-    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+    def _reduce(self, x: torch.Tensor) -> torch.Tensor:
         # in the activation dtype, as vLLM's own models reduce (an fp32 reduction would move twice
         # the bytes over HCCL for bf16 models)
-        return x if self.tp_size == 1 else compat.tp_all_reduce(x)
+        return compat.tp_all_reduce(x)
 
-    def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.tp_size == 1 else compat.tp_all_gather(x.contiguous(), dim=-1)
+    def _gather_last(self, x: torch.Tensor) -> torch.Tensor:
+        return compat.tp_all_gather(x, dim=-1)
 
 
 def _model_dir(model_config, load_config) -> str:
@@ -96,7 +96,7 @@ class AscendQwen3Backbone(nn.Module):
         if ep and getattr(pc, "data_parallel_size", 1) != 1:
             raise ValueError("ascend-qwen3 runs expert parallelism over the tensor-parallel group "
                              "only (EP = TP); use --data-parallel-size 1 with --enable-expert-parallel")
-        self.ctx = VllmParallelContext(tp_rank=rank, tp_size=size, ep=ep and cfg.is_moe)
+        self.ctx = VllmParallelContext(tp_rank=rank, tp_size=size, expert_parallel=ep and cfg.is_moe)
         self.model_dir = _model_dir(mc, vllm_config.load_config)
         self.files = checkpoint_files(self.model_dir)
         self.quant = QuantConfig.from_model_dir(self.model_dir, cfg, set(self.files))
@@ -148,7 +148,7 @@ class AscendQwen3ForCausalLM(nn.Module):
         cfg = self.config
         logger.info("ascend-qwen3 %s: %s, tp %d/%d%s, %s, attention %s, compilation %s",
                     type(self).__name__, cfg.architecture, self.ctx.tp_rank, self.ctx.tp_size,
-                    " (expert parallel)" if self.ctx.ep else "",
+                    " (expert parallel)" if self.ctx.expert_parallel else "",
                     "W8A8 (" + self.quant.model_quant_type + ")" if self.quant else str(cfg.dtype),
                     self.model.attention_backend.__name__, self._compilation)
 

@@ -285,7 +285,11 @@ FAMILY: dict[str, tuple[dict, float, float | None]] = {
     "Qwen3-235B-A22B": (_moe(94, 64, 4, 4096, 12288, 1536), 235e9, 22e9),
 }
 
+# the published 128K extension (YaRN x4 over the native 32K) of the models from Qwen3-4B up;
+# Qwen3-0.6B and Qwen3-1.7B have none
 YARN_128K = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+YARN_MAX_POSITIONS = 131072
+NO_YARN = ("Qwen3-0.6B", "Qwen3-1.7B")
 
 
 def family_config(name: str, yarn: bool = False, dtype=None) -> Qwen3Config:
@@ -294,9 +298,9 @@ def family_config(name: str, yarn: bool = False, dtype=None) -> Qwen3Config:
         raise ConfigError(f"unknown Qwen3 model {name!r}; known: {', '.join(FAMILY)}")
     d = dict(FAMILY[name][0])
     if yarn:
-        if name in ("Qwen3-0.6B", "Qwen3-1.7B"):
+        if name in NO_YARN:
             raise ConfigError(f"{name} has a native 32K context and no published YaRN extension")
         d["rope_scaling"] = dict(YARN_128K)
-        d["max_position_embeddings"] = 131072
+        d["max_position_embeddings"] = YARN_MAX_POSITIONS
     cfg = Qwen3Config.from_dict(d, name=name)
     return cfg.with_dtype(dtype) if dtype is not None else cfg

@@ -33,7 +33,8 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 
-from ..config import PROJECT_DENSE_ARCH, PROJECT_MOE_ARCH, Qwen3Config
+from ..config import (PROJECT_DENSE_ARCH, PROJECT_MOE_ARCH, YARN_128K, YARN_MAX_POSITIONS,
+                      Qwen3Config)
 from ..parallel.plan import check_parallel
 from ..vllm_plugin.options import refusals_from_argv
 
@@ -51,7 +52,6 @@ SAMPLING = {
 }
 
 
-YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
 # glibc malloc settings for a CPU server: keep freed memory in the process (trim threshold
 # 1 GiB) and serve allocations up to 32 MiB from it (mmap threshold), instead of mapping fresh,
 # zero-filled pages for every large temporary of every step (a KV gather of a few MB costs
@@ -152,7 +152,7 @@ def build_command(spec: ServeSpec, base_env: dict | None = None) -> tuple[list[s
     mode = "thinking" if spec.thinking else "non_thinking"
     overrides = {"architectures": [arch]}
     if spec.yarn:
-        overrides.update(rope_scaling=YARN, max_position_embeddings=131072)
+        overrides.update(rope_scaling=dict(YARN_128K), max_position_embeddings=YARN_MAX_POSITIONS)
     argv = _serve_prefix(spec.model) + [
             "--served-model-name", spec.served_model_name or os.path.basename(spec.model.rstrip("/")),
             "--host", spec.host, "--port", str(spec.port), "--dtype", spec.dtype,

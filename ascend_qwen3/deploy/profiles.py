@@ -13,7 +13,7 @@ import os
 
 import yaml
 
-from ..config import FAMILY, family_config
+from ..config import FAMILY, NO_YARN, family_config
 from .launcher import ServeSpec
 from .planner import HARDWARE, PRECISIONS, Plan, plan
 
@@ -116,7 +116,7 @@ def validate(p: dict, where: str = "profile") -> None:
     if p["max_model_len"] > 32768 and not p.get("yarn"):
         raise ProfileError(f"{where}: max_model_len {p['max_model_len']} is past Qwen3's native 32768; "
                            f"set yarn: true (models from Qwen3-4B up) or lower max_model_len")
-    if p.get("yarn") and p["model"] in ("Qwen3-0.6B", "Qwen3-1.7B"):
+    if p.get("yarn") and p["model"] in NO_YARN:
         raise ProfileError(f"{where}: {p['model']} has a 32K context without YaRN; set yarn: false")
     if p.get("expert_parallel") and not cfg.is_moe:
         raise ProfileError(f"{where}: expert_parallel is for MoE models; {p['model']} is dense")

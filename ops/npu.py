@@ -3,7 +3,8 @@
 Every function has exactly the signature, shapes, dtypes and semantics of its ``ops.cpu``
 counterpart (the specification); its docstring names the torch_npu kernel, the marshalling done
 around it (dtype casts, layouts, index conventions) and the tolerance against ``ops.cpu``.
-There is no CPU fallback here: inputs outside a kernel's documented limits raise an error that
+Nothing here hands an input to ``ops.cpu`` (which backend runs is decided once, by the tensors'
+device: ``ops.backend_for``): inputs outside a kernel's documented limits raise an error that
 says what was expected, what was found and what to do.
 
 Sources (Ascend Extension for PyTorch API reference, i.e. the op-plugin docs

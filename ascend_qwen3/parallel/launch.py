@@ -1,6 +1,7 @@
 """Run a function in ``tp`` local processes joined by a torch.distributed group (gloo on the CPU,
-HCCL on the NPU), each with its ``ParallelContext``. Used by ``run --tp``, the benchmarks and the
-tests; inside vLLM the engine's own tensor-parallel group is used instead."""
+HCCL on the NPU), each with its ``ParallelContext``. Used by the tests of the parallel layers
+and by ``bench/load_memory.py``; inside vLLM the engine's own tensor-parallel group is used
+instead."""
 
 from __future__ import annotations
 

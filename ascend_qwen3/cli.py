@@ -122,11 +122,13 @@ def _memory_plan(args: argparse.Namespace, cfg) -> int:
 
 
 def _quantize(args: argparse.Namespace) -> int:
+    from .quant.description import SCHEMES
     from .quantizer import quantize_checkpoint
 
     s = quantize_checkpoint(args.model, args.out, args.scheme, calib=args.calib, smooth=args.smooth,
                             max_calib_tokens=args.calib_tokens, progress=not args.no_progress)
-    print(f"wrote {s['out_dir']}: {s['scheme']} ({s['dtype']}), {s['tensors']} tensors, "
+    print(f"wrote {s['out_dir']}: {s['scheme']} ({SCHEMES[s['scheme']]}; {s['dtype']}), "
+          f"{s['tensors']} tensors, "
           f"{s['bytes_out'] / 2**20:.1f} MiB (float weights {s['bytes_in'] / 2**20:.1f} MiB), "
           f"calibrated on {s['calib_tokens']} tokens from {s['calib_samples']} samples"
           + (f", smoothing alpha {s['smooth']}" if s['smooth'] is not None else "")
@@ -216,6 +218,8 @@ def _loadtest(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .quant.description import SCHEMES
+
     p = argparse.ArgumentParser(prog="ascend-qwen3", description="Qwen3 on Ascend NPUs (with a CPU fallback)")
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = p.add_subparsers(dest="command", required=True)
@@ -244,16 +248,17 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--dtype", default=None, help="weight dtype for byte counts (default: config's)")
     pl.add_argument("--hw", default=None, help="memory plan for a machine: atlas-800i-a2 (64 GB), "
                     "atlas-800i-a2-64g, atlas-800i-a2-32g")
-    pl.add_argument("--precision", default=None, choices=["bf16", "w8a8", "w8a8_dynamic"],
-                    help="memory plan at this precision (with --hw; default bf16)")
+    pl.add_argument("--precision", default=None, choices=["bf16", *SCHEMES],
+                    help="memory plan at this precision (with --hw; default bf16; the W8A8 ones "
+                         "as `quantize --scheme` makes them)")
     pl.add_argument("--max-model-len", type=int, default=32768, help="context for the memory plan")
     pl.set_defaults(func=_plan)
 
     q = sub.add_parser("quantize", help="quantise a float checkpoint to msModelSlim W8A8 format")
     q.add_argument("--model", required=True, help="float Hugging Face Qwen3 checkpoint directory")
     q.add_argument("--out", required=True, help="new output directory (must not exist or be empty)")
-    q.add_argument("--scheme", required=True, choices=["w8a8", "w8a8_dynamic"],
-                   help="w8a8: static linears + dynamic experts; w8a8_dynamic: all dynamic")
+    q.add_argument("--scheme", required=True, choices=list(SCHEMES),
+                   help="; ".join(f"{k}: {v}" for k, v in SCHEMES.items()))
     q.add_argument("--calib", default=None,
                    help="calibration text file, samples separated by blank lines (default: built-in "
                         "multilingual set)")

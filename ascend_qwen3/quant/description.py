@@ -18,6 +18,14 @@ from .format import (DESCRIPTION_FILE, FLOAT, MODEL_QUANT_TYPES, TENSORS, TYPES,
                      float_only_tensors, quant_groups)
 
 
+# the quantizer's schemes, in words (the CLI's help and its summary line print these)
+SCHEMES = {
+    "w8a8": "static W8A8 attention and dense-MLP linears; MoE experts W8A8_DYNAMIC (msModelSlim's "
+            "format has no static experts)",
+    "w8a8_dynamic": "every linear and every MoE expert W8A8_DYNAMIC",
+}
+
+
 class QuantFormatError(ValueError):
     """A quantised checkpoint that does not follow the msModelSlim W8A8 format; names the fix."""
 
@@ -42,8 +50,8 @@ class QuantConfig:
     # -----------------------------------------------------------------------------------
     @classmethod
     def for_scheme(cls, cfg: Qwen3Config, scheme: str) -> "QuantConfig":
-        """What ``ascend-qwen3 quantize --scheme`` produces for cfg: ``w8a8`` = static linears and
-        dynamic experts, ``w8a8_dynamic`` = everything dynamic (for planning and byte counts)."""
+        """What ``ascend-qwen3 quantize --scheme`` produces for cfg (``SCHEMES`` says what each
+        scheme means), for planning and byte counts."""
         kind = {"w8a8": W8A8, "w8a8_dynamic": W8A8_DYNAMIC}.get(scheme.lower())
         if kind is None:
             raise QuantFormatError(f"unknown scheme {scheme!r}; use w8a8 or w8a8_dynamic")

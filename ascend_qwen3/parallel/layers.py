@@ -60,11 +60,13 @@ FLOAT = FloatLinearMethod()
 
 
 class LinearBase(nn.Module):
-    """A linear y = x @ W^T, W [out_local, in_local] as the checkpoint stores it.
+    """A linear y = x @ W^T with this rank's slice of W.
 
     ``method`` creates, finalises and applies the weight: ``FLOAT`` (the default), or an int8
     method with the same parallel role (column: outputs split; row: inputs split, outputs
-    all-reduced). ``finalize()`` runs once after the weights are loaded.
+    all-reduced). The loader fills ``weight`` [out_local, in_local], the checkpoint's layout;
+    ``finalize()``, once after loading, replaces it with the form the method's kernel takes (a
+    prepacked float weight; an int8 weight as [in_local, out_local] in the backend's layout).
     """
 
     def __init__(self, in_local: int, out_local: int, *, dtype, device=None, method=None,

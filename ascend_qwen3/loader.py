@@ -127,6 +127,26 @@ def _convert(a, t: torch.Tensor, st_dtype: str, dst: torch.Tensor) -> torch.Tens
     return t
 
 
+def fill_from_tensors(module: torch.nn.Module, plan: list[Assignment],
+                      tensors: dict[str, torch.Tensor], prefix: str = "") -> None:
+    """Fill ``module``'s parameters from checkpoint tensors already in memory (``tensors``:
+    checkpoint name -> whole tensor), following ``plan`` as ``load_weights`` follows it for files.
+    ``module`` may be a part of the graph (one decoder layer for the quantizer): the plan's
+    parameter names lose ``prefix``, and entries outside it are skipped."""
+    params = dict(module.named_parameters())
+    for a in plan:
+        if not a.param.startswith(prefix):
+            continue
+        t = tensors[a.name][a.src]
+        if a.transpose:
+            t = t.transpose(-1, -2)
+        dst = params[a.param[len(prefix):]].data[a.dst]
+        if tuple(dst.shape) != tuple(t.shape):
+            raise CheckpointError(f"slice of {a.name!r} has shape {list(t.shape)} but parameter "
+                                  f"{a.param} expects {list(dst.shape)} at {a.dst}")
+        dst.copy_(t.to(dst.dtype))
+
+
 def load_weights(model: torch.nn.Module, model_dir: str, cfg: Qwen3Config,
                  ctx: ParallelContext = SINGLE, quant=None, files: dict | None = None, *,
                  check_finite: bool = True) -> dict:

@@ -29,7 +29,7 @@ from importlib import resources
 import torch
 
 from .config import Qwen3Config
-from .loader import CheckpointError, checkpoint_files
+from .loader import CheckpointError, checkpoint_files, fill_from_tensors
 from .parallel import SINGLE
 from .parallel.plan import rank_plan
 from .quant.format import DESCRIPTION_FILE, FLOAT, W8A8, W8A8_DYNAMIC, quant_groups
@@ -134,19 +134,6 @@ class _ChannelRange:
 def _layer_names(cfg: Qwen3Config, i: int) -> list[str]:
     prefix = f"model.layers.{i}."
     return [a.name for a in rank_plan(cfg, 1, 0) if a.name.startswith(prefix)]
-
-
-def _fill_layer(layer: torch.nn.Module, cfg: Qwen3Config, i: int, W: dict[str, torch.Tensor]) -> None:
-    """Load the float tensors ``W`` (HF names) into a standalone decoder layer ``i``."""
-    params = dict(layer.named_parameters())
-    strip = f"layers.{i}."
-    for a in rank_plan(cfg, 1, 0):
-        if not a.name.startswith(f"model.layers.{i}."):
-            continue
-        t = W[a.name][a.src]
-        if a.transpose:
-            t = t.transpose(-1, -2)
-        params[a.param[len(strip):]].data[a.dst].copy_(t)
 
 
 @torch.no_grad()
@@ -357,6 +344,7 @@ def _quantize_into(work: str, model_dir: str, cfg: Qwen3Config, files: dict, kin
 
     dtype = cfg.dtype
     cfg32 = cfg.with_dtype(torch.float32)
+    float_plan = rank_plan(cfg, 1, 0)          # the layers are filled as the loader fills them
     n_shards = cfg.num_layers + 1
     shard = lambda k: f"model-{k + 1:05d}-of-{n_shards:05d}.safetensors"  # noqa: E731
     weight_map: dict[str, str] = {}
@@ -394,7 +382,7 @@ def _quantize_into(work: str, model_dir: str, cfg: Qwen3Config, files: dict, kin
         bytes_in += sum(t.numel() for t in W.values()) * torch.empty(0, dtype=dtype).element_size()
         is_moe = cfg.is_moe_layer(i)
         layer = Qwen3DecoderLayer(cfg32, i, SINGLE)
-        _fill_layer(layer, cfg32, i, W)
+        fill_from_tensors(layer, float_plan, W, prefix=f"layers.{i}.")
         stats, experts_down, h_next, res_next = _calibrate_layer(
             layer, cfg32, h, residual, positions, meta, cache.caches[0], cos_sin, is_moe)
         factors = _smooth(W, cfg, i, stats, experts_down, smooth) if smooth else {}

@@ -66,6 +66,12 @@ SKIP_ADVICE = ("found by the header-only check before starting vLLM; fix the che
                "--skip-check to start anyway")
 
 
+# the advice closing several problems: which files were made apart, and what to do
+_MIXED_EXPORTS = "the index and the shards are from different exports: re-download them together"
+_DESCRIPTION_DISAGREES = ("the description and the safetensors files disagree: regenerate them "
+                          "together (`ascend-qwen3 quantize` or msModelSlim)")
+
+
 @dataclass(frozen=True)
 class Problem:
     """One thing wrong with a checkpoint: where (file, tensor) and a sentence saying what was
@@ -341,15 +347,13 @@ def _check_files(model_dir: str, report: CheckReport) -> _Files | None:
                     tensors[name] = held[name]
                 else:
                     lacking.append(Problem(rel, name, f"{INDEX_FILE} maps it to {rel}, which does not "
-                                                      f"contain it; the index and the shards are from "
-                                                      f"different exports: re-download them together"))
+                                                      f"contain it; {_MIXED_EXPORTS}"))
             for name in held:
                 if weight_map.get(name) != rel:
                     unlisted.append(Problem(rel, name, f"expected every tensor of the shard in "
                                                        f"{INDEX_FILE}, found this one missing or mapped "
                                                        f"to {weight_map.get(name)!r}, so it is never "
-                                                       f"read; the index and the shards are from "
-                                                       f"different exports: re-download them together"))
+                                                       f"read; {_MIXED_EXPORTS}"))
         _capped(report, lacking, "tensors the index maps to a shard without them")
         _capped(report, unlisted, "shard tensors the index does not map to their shard")
         return _Files(tensors, broken, unknown, True,
@@ -400,14 +404,11 @@ def _check_description(model_dir: str, cfg: Qwen3Config, files: _Files,
             if kind in (W8A8, W8A8_DYNAMIC) and info.dtype != "I8":
                 lied.append(Problem(DESCRIPTION_FILE, name, f"described as {kind}, whose weight is "
                                     f"stored as int8 (I8), but {info.file} stores it as {info.dtype}; "
-                                    f"the description and the safetensors files disagree: regenerate "
-                                    f"them together (`ascend-qwen3 quantize` or msModelSlim)"))
+                                    f"{_DESCRIPTION_DISAGREES}"))
             elif kind == FLOAT and info.dtype not in FLOAT_ST:
                 lied.append(Problem(DESCRIPTION_FILE, name, f"described as FLOAT (stored as "
                                     f"{', '.join(FLOAT_ST)}), but {info.file} stores it as "
-                                    f"{info.dtype}; the description and the safetensors files "
-                                    f"disagree: regenerate them together (`ascend-qwen3 quantize` or "
-                                    f"msModelSlim)"))
+                                    f"{info.dtype}; {_DESCRIPTION_DISAGREES}"))
     _capped(report, lied, "weights whose description contradicts their dtype")
     names = set(files.tensors) if not files.unknown else None
     try:

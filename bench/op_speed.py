@@ -5,7 +5,9 @@ specification; ``npu``: torch_npu, when an NPU is present) at decode and prefill
 Qwen3-0.6B shape (hidden 1024, 16 / 8 heads of 128, FFN 3072) and of the MoE benchmark shape
 (128 experts of FFN 384, top-8). The figure is the median of ``--repeats`` timed calls after
 warm-up, in microseconds; where an op streams a known number of bytes (weights, KV cache), the
-effective GB/s is printed beside it.
+effective GB/s is printed beside it. On the CPU the decode attention is timed twice: eager (the
+reference) and "(compiled)", as a serving engine that compiles the model runs it
+(``ops.compile_kernels``).
 
     .venv/bin/python bench/op_speed.py [--device cpu|npu] [--repeats 50] [--json OUT]
 """
@@ -32,6 +34,10 @@ BS = 128
 def _sync(device):
     if device.type == "npu":
         torch.npu.synchronize()
+
+
+# a case run with ops.compile_kernels() on (the CPU backend's decode attention compiled)
+COMPILED = " (compiled)"
 
 
 def timed(fn, device, repeats: int) -> float:
@@ -81,6 +87,10 @@ def cases(be, device, dtype):
                     be.rotary_embedding(q, kk, pos, cs), 0))
     for reqs, ctx in ((1, 256), (8, 256), (32, 256), (8, 2048)):
         out.append(_attention_case(be, device, dtype, rnd, reqs, ctx, decode=True))
+    if be.NAME == "cpu":          # the decode requests as a compiling engine runs them
+        for reqs, ctx in ((1, 256), (8, 256), (32, 256), (8, 2048)):
+            name, fn, nbytes = _attention_case(be, device, dtype, rnd, reqs, ctx, decode=True)
+            out.append((name + COMPILED, fn, nbytes))
     out.append(_attention_case(be, device, dtype, rnd, 1, 1024, decode=False))
     for m in (1, 8, 32):
         x = rnd(m, H)
@@ -138,7 +148,9 @@ def main(argv=None) -> int:
     results = []
     with torch.inference_mode():
         for name, fn, nbytes in cases(be, device, dtype):
+            ops.compile_kernels(name.endswith(COMPILED))     # compiling: in the warm-up calls
             us = timed(fn, device, a.repeats)
+            ops.compile_kernels(False)
             r = {"op": name, "backend": be.NAME, "us": us}
             if nbytes:
                 r["GBps"] = nbytes / us / 1e3

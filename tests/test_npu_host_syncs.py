@@ -157,7 +157,7 @@ def test_expert_parallel_moe_reads_nothing_back(checkpoint):
             return torch.cat([x] * self.tp_size, dim=-1)
 
     with npu_backend():
-        model, _ = load_model(path, dtype="bfloat16", ctx=Rank0(tp_rank=0, tp_size=2, ep=True))
+        model, _ = load_model(path, dtype="bfloat16", ctx=Rank0(tp_rank=0, tp_size=2, expert_parallel=True))
         assert model.layers[0].mlp.experts.count == model.config.num_experts // 2
         reads = _one_decode_step(model)
     _assert_no_reads(reads)

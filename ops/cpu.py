@@ -309,7 +309,12 @@ def compile_kernels(enabled: bool = True) -> None:
     automatic dynamic shapes), and for a single request or block, whose sizes PyTorch
     specialises. Head counts, head size and block size stay constants of the compiled code."""
     global _compiled_decode
-    _compiled_decode = torch.compile(_decode_attention) if enabled else None
+    # Inductor's FX-graph cache is bypassed: shared across processes with different
+    # ATEN_CPU_CAPABILITY settings, it handed PyTorch 2.13 a graph compiled for another vector
+    # ISA, which computed garbage (seen: native AVX-512 run, then one capped to AVX2). The C++
+    # kernels' own cache stays on; it is keyed by their source, which names the ISA.
+    _compiled_decode = torch.compile(_decode_attention, options={"fx_graph_cache": False}) \
+        if enabled else None
 
 
 def _decode_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,

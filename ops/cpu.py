@@ -212,7 +212,7 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     starts = query_start_loc.tolist() if query_start_loc_host is None else query_start_loc_host
     lens = seq_lens.tolist() if seq_lens_host is None else seq_lens_host
     decode = [r for r in range(len(lens)) if starts[r + 1] - starts[r] == 1]
-    if _compiled_decode is not None and len(decode) == T:         # a decode step, no padding:
+    if _compiled_decode is not None and decode and len(decode) == T:  # a decode step, no padding:
         return _decode_compiled(query, key_cache, value_cache, block_tables, seq_lens, lens,
                                 decode, scale)                      # the kernel's result as is
     out = query.new_zeros(T, Hq, D)

@@ -224,6 +224,14 @@ def test_paged_attention_padding_rows_are_zero(decode_kernel):
     assert torch.equal(out[query.shape[0]:], torch.zeros(5, 4, 16))
 
 
+def test_paged_attention_of_no_tokens(decode_kernel):
+    """A step without tokens (no requests) gives an empty result, compiled or not."""
+    kc = torch.zeros(3, 8, 2, 16)
+    out = cpu.paged_attention(torch.randn(0, 4, 16), kc, kc, torch.zeros(0, 1, dtype=torch.int32),
+                              torch.tensor([0]), torch.tensor([], dtype=torch.int32), 1.0)
+    assert out.shape == (0, 4, 16)
+
+
 def test_paged_attention_rejects_bad_gqa():
     query = torch.randn(3, 6, 8)
     kc = torch.zeros(2, 4, 4, 8)

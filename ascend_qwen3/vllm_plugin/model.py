@@ -111,7 +111,7 @@ class AscendQwen3Backbone(nn.Module):
 
         device = vllm_config.device_config.device
         self.graph = Qwen3Graph(cfg, self.ctx, device=device, quant=self.quant,
-                                      max_positions=max(mc.max_model_len, 1), attention=attention)
+                                max_positions=max(mc.max_model_len, 1), attention=attention)
         self.attention_backend = backend
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,

@@ -16,7 +16,8 @@ TORCH  ?= torch==2.13.0
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 ON_NPU ?= $(shell $(PYTHON) -c "import importlib.util as u; print(int(u.find_spec('vllm_ascend') is not None))" 2>/dev/null)
 
-# make serve settings: MODEL empty = the embedded default (random weights, real Qwen3 tokenizer),
+# make serve settings: MODEL empty = the trained tiny Qwen3 (shipped, or `make train-tiny`; random
+# weights if neither is there, real Qwen3 tokenizer either way),
 # built once under $(ASCEND_QWEN3_HOME); SERVE_ARGS are passed to `ascend-qwen3 serve` (put
 # `-- <vllm serve flags>` at their end to reach vLLM itself), e.g. SERVE_ARGS="--profile NAME".
 HOST   ?= 127.0.0.1
@@ -35,7 +36,7 @@ STAMP  := $(VENV)/.installed
 DEVICE :=
 endif
 
-.PHONY: setup test serve bench clean
+.PHONY: setup test serve train-tiny bench clean
 
 setup: $(STAMP)
 
@@ -71,6 +72,12 @@ endif
 
 serve: setup
 	$(PY) -m ascend_qwen3.cli serve $(DEVICE) --host $(HOST) --port $(PORT) $(if $(MODEL),--model $(MODEL)) $(SERVE_ARGS)
+
+# make train-tiny: train the tiny Qwen3 models (dense and MoE) on the offline corpus into
+# $(ASCEND_QWEN3_HOME)/trained; make serve then serves the dense one. TRAIN_ARGS e.g. "--kind dense".
+TRAIN_ARGS ?=
+train-tiny: setup
+	$(PY) -m ascend_qwen3.cli train-tiny $(TRAIN_ARGS)
 
 # make bench: every benchmark (bench/run.py) into docs/BENCHMARKS.md; BENCH_ARGS=--quick took
 # 28 minutes on 2 cores, the full run several times that; BENCH_ARGS="--only decode" etc.

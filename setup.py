@@ -7,7 +7,7 @@ setup(
                 "with its own NPU operators and CPU fallbacks",
     python_requires=">=3.10",
     packages=find_packages(include=["ascend_qwen3", "ascend_qwen3.*", "ops", "ops.*"]),
-    package_data={"ascend_qwen3.quant": ["data/*.txt"]},
+    package_data={"ascend_qwen3.quant": ["data/*.txt"], "ascend_qwen3.serve": ["data/*.safetensors"]},
     install_requires=[
         "torch>=2.5",
         "transformers>=4.51",

@@ -5,7 +5,8 @@ Commands:
   plan      print the tensor / expert parallel sharding plan and per-rank weight bytes
   quantize  write an msModelSlim-format W8A8 / W8A8_DYNAMIC checkpoint from a float one
   serve     start vLLM's OpenAI-compatible server on a checkpoint with the project's plugin
-            (default: the embedded random-weight model with the real Qwen3 tokenizer)
+            (default: the embedded trained tiny Qwen3; random weights where there is none)
+  train-tiny  train the tiny Qwen3 models (dense, MoE) on an offline corpus, real tokenizer
   tiny      build the embedded default model into a directory
   loadtest  concurrent streaming chat load on a live server (latency, TTFT, tokens/s, errors)
 """
@@ -144,9 +145,27 @@ def _home() -> str:
 
 def _tiny(args: argparse.Namespace) -> int:
     from .serve.default_model import build_default_model
+    from .serve.train_tiny import default_source
 
-    build_default_model(args.out, force=args.force, log=lambda m: print(m, file=sys.stderr))
+    source = None if args.random else default_source(_home())
+    build_default_model(args.out, source=source, force=args.force,
+                        log=lambda m: print(m, file=sys.stderr))
     print(args.out)
+    return 0
+
+
+def _train_tiny(args: argparse.Namespace) -> int:
+    from .serve.train_tiny import Recipe, train_tiny
+
+    kinds = ("dense", "moe") if args.kind == "both" else (args.kind,)
+    recipe = Recipe(seed=args.seed) if args.steps is None else Recipe(seed=args.seed, steps=args.steps)
+    t = time.perf_counter()
+    out = train_tiny(args.home or _home(), kinds, recipe,
+                     force=args.force, package=args.package,
+                     log=lambda m: print(m, file=sys.stderr, flush=True))
+    for kind in kinds:
+        print(out[kind])
+    print(f"train-tiny: {time.perf_counter() - t:.0f} s", file=sys.stderr)
     return 0
 
 
@@ -166,7 +185,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     from .check import SKIP_ADVICE, check_checkpoint
     from .deploy.launcher import ServeSpec, launch
-    from .serve.default_model import NAME, build_default_model
+    from .serve.default_model import build_default_model, served_name
+    from .serve.train_tiny import default_source
 
     if args.profile:
         from .deploy.launcher import LaunchError
@@ -192,9 +212,13 @@ def _serve(args: argparse.Namespace) -> int:
         return launch(spec, dry_run=args.dry_run)
     model, name = args.model, args.served_model_name
     if model is None:
-        model = build_default_model(os.path.join(_home(), "default-model"),
-                                    log=lambda m: print(m, file=sys.stderr))
-        name = name or NAME
+        say = lambda m: print(m, file=sys.stderr)  # noqa: E731
+        source = default_source(_home())
+        if source is None:
+            say("no trained tiny Qwen3 here (neither packaged nor trained): serving random weights; "
+                "`make train-tiny` trains one (about 10 minutes on 2 cores), which make serve then serves")
+        model = build_default_model(os.path.join(_home(), "default-model"), source=source, log=say)
+        name = name or served_name(model)
     if not args.skip_check:  # header-only: a bad checkpoint fails here, before vLLM starts
         check_checkpoint(model).raise_for_problems(SKIP_ADVICE)
     extra = list(args.vllm_args)
@@ -273,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a deploy profile (deploy/profiles/NAME.yaml): validated against the memory "
                          "planner, served on the NPU (host 0.0.0.0)")
     sv.add_argument("--model", default=None,
-                    help="Qwen3 checkpoint directory (default: the embedded random-weight model, "
+                    help="Qwen3 checkpoint directory (default: the embedded default model, trained, "
                          "built on first use under $ASCEND_QWEN3_HOME or ~/.cache/ascend-qwen3)")
     sv.add_argument("--served-model-name", default=None, help="name clients use (default: dir name)")
     sv.add_argument("--host", default=None, help="default 127.0.0.1 (0.0.0.0 with --profile)")
@@ -313,9 +337,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "requests in mixed thinking modes; report latency, TTFT, tokens/s, errors")
     loadtest_arguments(lt).set_defaults(func=_loadtest)
 
-    t = sub.add_parser("tiny", help="build the embedded default model (random weights, real tokenizer)")
+    tt = sub.add_parser("train-tiny", help="train the tiny Qwen3 (dense and MoE, real tokenizer) on "
+                        "the offline corpus; cached under $ASCEND_QWEN3_HOME/trained")
+    tt.add_argument("--kind", default="both", choices=["dense", "moe", "both"])
+    tt.add_argument("--seed", type=int, default=0)
+    tt.add_argument("--steps", type=int, default=None, help="optimiser steps (default: the recipe's)")
+    tt.add_argument("--home", default=None, help="default: $ASCEND_QWEN3_HOME or ~/.cache/ascend-qwen3")
+    tt.add_argument("--force", action="store_true", help="train again even if it is there")
+    tt.add_argument("--package", action="store_true",
+                    help="maintainers: copy the dense result into the package (what make serve "
+                         "serves on a fresh clone)")
+    tt.set_defaults(func=_train_tiny)
+
+    t = sub.add_parser("tiny", help="build the embedded default model into a directory (the trained "
+                       "tiny Qwen3, or random weights where there is none)")
     t.add_argument("--out", required=True, help="directory to create")
     t.add_argument("--force", action="store_true", help="rebuild even if it is there")
+    t.add_argument("--random", action="store_true", help="random weights, even where a trained "
+                   "model is there")
     t.set_defaults(func=_tiny)
     return p
 

@@ -1,15 +1,23 @@
-"""The embedded default model: a small random-weight Qwen3 with the real Qwen3 tokenizer.
+"""The embedded default model: what ``make serve`` serves when no checkpoint is given.
 
-What ``make serve`` serves on a machine without a checkpoint: the Qwen3 architecture at toy
-size (4 layers, hidden 256, 4 query / 2 KV heads of 64, tied embeddings) with the full
-151,936-entry vocabulary, the real tokenizer (built from quicktok-v1), the project's chat
-template with Qwen3's thinking behaviour and Qwen3's generation defaults for thinking mode. Its
-weights are random: it exercises the whole serving path (tokenizer, template, engine, parsers)
-and answers with fluent-looking nonsense. About 80 MB in bf16; built in seconds, once.
+The trained tiny Qwen3 (``train_tiny.py``: 4 layers, hidden 256, 4 query / 2 KV heads of 64,
+tied embeddings, the full 151,936-entry vocabulary, trained on Python's reference documentation
+with thinking and non-thinking chats): the user's own ``ascend-qwen3 train-tiny`` result when
+there is one, else the copy that ships with the package. It answers in words from its corpus
+and closes its own ``<think>`` blocks.
+
+Where neither is there (the packaged file removed, or ``tiny --random``), the fallback is the
+same architecture with random weights: it exercises the whole serving path (tokenizer,
+template, engine, parsers) and answers with fluent-looking nonsense.
+
+Either way: the real Qwen3 tokenizer (built from quicktok-v1), the project's chat template with
+Qwen3's thinking behaviour, Qwen3's generation defaults for thinking mode; about 80 MB in bf16;
+built in seconds, once, and rebuilt when its source changes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -17,63 +25,71 @@ import shutil
 import torch
 
 from ..checkpoint import write_random_checkpoint
+from .generation_config import write_generation_config
 from .tokenizer import write_qwen3_tokenizer
+from .train_tiny import CONFIGS, NAMES, export
 
 NAME = "qwen3-tiny-random"
+TRAINED_NAME = NAMES["dense"]
 
-CONFIG = {
-    "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
-    "vocab_size": 151936, "hidden_size": 256, "intermediate_size": 768,
-    "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
-    "hidden_act": "silu", "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "rope_scaling": None,
-    "max_position_embeddings": 40960, "tie_word_embeddings": True, "attention_bias": False,
-    "attention_dropout": 0.0, "initializer_range": 0.02, "use_cache": True,
-    "use_sliding_window": False, "sliding_window": None, "max_window_layers": 4,
-    "bos_token_id": 151643, "eos_token_id": 151645,
-}
-
-# A request that sets no max_tokens gets this many (vLLM reads ``max_new_tokens`` from
-# generation_config.json as the default of max_tokens). A random-weight model almost never emits
-# end-of-sequence, so without it such a request would run to max_model_len (40,960 tokens: about
-# 25 minutes here); 256 tokens take seconds. A request may still ask for more.
-DEFAULT_MAX_TOKENS = 256
-
-# Qwen3's published generation_config.json (the thinking-mode sampling defaults and both stop
-# ids), plus the default output length above
-GENERATION_CONFIG = {
-    "bos_token_id": 151643, "pad_token_id": 151643, "eos_token_id": [151645, 151643],
-    "do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 20,
-    "max_new_tokens": DEFAULT_MAX_TOKENS,
-}
+CONFIG = CONFIGS["dense"]
 
 STAMP = "ascend_qwen3_default_model.json"
 # bumped whenever the files written below change, so an older build is rebuilt
-BUILD_VERSION = 2
+BUILD_VERSION = 3
 
 
-def is_built(path: str) -> bool:
+def _digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def _stamp(path: str) -> dict:
     try:
         with open(os.path.join(path, STAMP)) as f:
-            return json.load(f).get("build") == BUILD_VERSION
+            return json.load(f)
     except (OSError, ValueError):
-        return False
+        return {}
 
 
-def build_default_model(path: str, *, seed: int = 0, force: bool = False, log=print) -> str:
-    """Build the default model in ``path`` (a no-op if it is already there). Written to
+def is_built(path: str, source: str | None = None) -> bool:
+    """Built by this version, from ``source`` (a trained compact file) or random if None."""
+    s = _stamp(path)
+    return (s.get("build") == BUILD_VERSION
+            and s.get("source_digest") == (_digest(source) if source else None))
+
+
+def served_name(path: str) -> str:
+    """The name clients use for the default model in ``path``."""
+    return _stamp(path).get("name", NAME)
+
+
+def build_default_model(path: str, *, source: str | None = None, seed: int = 0,
+                        force: bool = False, log=print) -> str:
+    """Build the default model in ``path`` (a no-op if it is already there): exported from the
+    trained compact file ``source``, or random weights when ``source`` is None. Written to
     ``path + '.partial'`` and renamed at the end, so an interrupted build never looks finished."""
-    if is_built(path) and not force:
+    if is_built(path, source) and not force:
         return path
     tmp = path.rstrip("/") + ".partial"
     shutil.rmtree(tmp, ignore_errors=True)
-    log(f"building the embedded default model ({NAME}: random weights, real Qwen3 tokenizer) in {path}")
-    write_random_checkpoint(CONFIG, tmp, dtype=torch.bfloat16, seed=seed)
-    write_qwen3_tokenizer(tmp)
-    with open(os.path.join(tmp, "generation_config.json"), "w") as f:
-        json.dump(GENERATION_CONFIG, f, indent=2)
+    if source:
+        log(f"building the embedded default model ({TRAINED_NAME}: trained, from {source}) in {path}")
+        export(source, tmp, log=lambda m: None)
+        stamp = {"name": TRAINED_NAME, "weights": "trained (ascend-qwen3 train-tiny)",
+                 "source": source, "source_digest": _digest(source)}
+    else:
+        log(f"building the embedded default model ({NAME}: random weights, real Qwen3 tokenizer) in {path}")
+        write_random_checkpoint(CONFIG, tmp, dtype=torch.bfloat16, seed=seed)
+        write_qwen3_tokenizer(tmp)
+        write_generation_config(tmp)
+        stamp = {"name": NAME, "seed": seed, "weights": "random (not a trained model)",
+                 "source_digest": None}
     with open(os.path.join(tmp, STAMP), "w") as f:
-        json.dump({"name": NAME, "seed": seed, "build": BUILD_VERSION,
-                   "weights": "random (not a trained model)"}, f)
+        json.dump(dict(stamp, build=BUILD_VERSION), f)
     if os.path.exists(path):
         shutil.rmtree(path)
     os.replace(tmp, path)

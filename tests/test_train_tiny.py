@@ -1,0 +1,206 @@
+"""The trained tiny Qwen3 (``ascend-qwen3 train-tiny``): its corpus, its training maths, its
+reproducibility, and what the packaged model does.
+
+The packaged model (``ascend_qwen3/serve/data/qwen3-tiny.compact.safetensors``) is what
+``make serve`` serves on a fresh clone; its numbers are measured here in fp32 through the
+project's graph (bf16 results would depend on the machine's ISA).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+
+import pytest
+import torch
+
+from ascend_qwen3.serve import tiny_corpus as corpus
+from ascend_qwen3.serve import train_tiny as T
+
+SMALL = T.Recipe(steps=3, batch=2, seq_len=64, additions=40, tool_calls=8, warmup=2)
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    from ascend_qwen3.serve.tokenizer import write_qwen3_tokenizer
+
+    d = tmp_path_factory.mktemp("tok")
+    write_qwen3_tokenizer(str(d))
+    return AutoTokenizer.from_pretrained(str(d))
+
+
+# --- the corpus ----------------------------------------------------------------------------------
+
+def test_held_out_topics_are_in_no_training_sample():
+    train, held = corpus.split_topics()
+    assert len(held) >= 7 and len(train) >= 60
+    assert not {t.name for t in train} & {t.name for t in held}
+    import random
+    rng = random.Random(0)
+    chats = (corpus.topic_chats(train, rng) + corpus.addition_chats(50, rng)
+             + corpus.tool_chats(20, rng) + corpus.zen_chats(rng))
+    texts = [" ".join((c.answer + json.dumps(c.messages)).split()) for c, _ in chats]
+    texts += [" ".join(t.text.split()) for t in train]
+    for t in held:
+        # topics repeat each other's text ("in" is a part of "comparisons"): the split removes it
+        for para in corpus._paragraphs(t.text):
+            if len(para) > 40:
+                assert not any(para in x for x in texts), (t.name, para)
+
+
+def test_samples_follow_the_chat_template(tok):
+    samples = T.training_samples(tok, SMALL)
+    think, end_think, im_end = (tok.convert_tokens_to_ids(t) for t in ("<think>", "</think>", "<|im_end|>"))
+    chats = [(ids, mask) for ids, mask in samples if mask[0] == 0]
+    assert chats and len(chats) < len(samples)        # chats and plain documents
+    for ids, mask in chats:
+        answer = [t for t, m in zip(ids, mask) if m]
+        prompt = ids[:len(ids) - len(answer)]
+        assert answer[-1] == im_end and prompt[-1] != im_end
+        assert ids[:len(prompt)] == prompt and all(mask[len(prompt):])
+        # every answer closes the think block its prompt opened (thinking mode), or the prompt
+        # already closed it (non-thinking)
+        assert think in prompt[-4:] or end_think in prompt[-6:]
+        assert (end_think in answer) == (end_think not in prompt[-6:])
+    thinking = sum(end_think in [t for t, m in zip(ids, mask) if m] for ids, mask in chats)
+    assert 0.3 < thinking / len(chats) < 0.8
+
+
+def test_addition_reasoning_is_right():
+    for a in range(0, 100, 7):
+        for b in range(0, 100, 11):
+            text = corpus.addition_reasoning(a, b)
+            assert text.endswith(f"So {a} + {b} = {a + b}.")
+            m = re.search(r"Tens: (\d+) \+ (\d+)(?: \+ 1)? = (\d+)\.", text)
+            assert int(m.group(3)) == (a + b) // 10
+
+
+# --- the training maths --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_run(tok):
+    return T.train("dense", tok, SMALL, log=lambda m: None)
+
+
+def test_the_compact_loss_is_the_full_vocabulary_loss(small_run, tok):
+    """The shortlist + shared-row loss equals the cross-entropy of the exported full-vocabulary
+    model (fp32, transformers' own Qwen3, all 151,936 logits)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    model, short, samples, _ = small_run
+    full = Qwen3ForCausalLM(Qwen3Config(**{k: v for k, v in T.CONFIGS["dense"].items()
+                                          if k not in ("architectures", "model_type")}))
+    sd = T.expand_state({k: v.float() for k, v in model.state_dict().items()}, short)
+    missing, unexpected = full.load_state_dict(sd, strict=False)
+    assert set(missing) <= {"lm_head.weight"} and not unexpected
+    full.tie_weights()
+    remap = {t: i for i, t in enumerate(short)}
+    ids = torch.tensor([samples[0][0][:50], samples[-1][0][:50]])
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        compact = T.compact_loss(model, torch.tensor([[remap[t] for t in r] for r in ids.tolist()]),
+                                 mask, T.VOCAB - len(short))
+        logits = full(input_ids=ids[:, :-1]).logits
+        ref = torch.nn.functional.cross_entropy(logits.reshape(-1, T.VOCAB), ids[:, 1:].reshape(-1))
+    assert abs(float(compact) - float(ref)) < 1e-5 * float(ref)
+
+
+def test_same_seed_same_weights_other_seed_other_weights(small_run, tok):
+    again = T.train("dense", tok, SMALL, log=lambda m: None)[0].state_dict()
+    first = small_run[0].state_dict()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    other = T.train("dense", tok, T.Recipe(**{**SMALL.__dict__, "seed": 1}), log=lambda m: None)[0]
+    assert not torch.equal(first["model.layers.0.mlp.up_proj.weight"],
+                           other.state_dict()["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_export_round_trip(small_run, tmp_path):
+    """compact file -> Hugging Face checkpoint that the project loads and checks; every unused
+    embedding row is the shared row; the stamp names the corpus and the recipe."""
+    from ascend_qwen3.check import check_checkpoint
+
+    model, short, _, stats = small_run
+    path = str(tmp_path / "c.safetensors")
+    T.save_compact("dense", model, short, path, stats, SMALL)
+    out = T.export(path, str(tmp_path / "hf"), log=lambda m: None)
+    assert check_checkpoint(out, deep=True).ok
+    from safetensors import safe_open
+    with safe_open(os.path.join(out, "model.safetensors"), "pt") as f:
+        emb = f.get_tensor("model.embed_tokens.weight")
+    assert emb.shape == (T.VOCAB, 256) and emb.dtype == torch.bfloat16
+    unused = torch.ones(T.VOCAB, dtype=torch.bool)
+    unused[torch.tensor(short)] = False
+    assert torch.equal(emb[unused], emb[unused][:1].expand(int(unused.sum()), -1))
+    stamp = json.load(open(os.path.join(out, T.STAMP)))
+    assert stamp["corpus_digest"] == corpus.corpus_digest() and stamp["steps"] == SMALL.steps
+    assert T.is_trained(out) and not os.path.exists(out + ".partial")
+
+
+# --- the packaged model --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def packaged(tmp_path_factory):
+    if not os.path.exists(T.PACKAGED):
+        pytest.fail(f"{T.PACKAGED} is missing: `ascend-qwen3 train-tiny --kind dense --package` "
+                    "writes it")
+    return T.export(T.PACKAGED, str(tmp_path_factory.mktemp("packaged") / "qwen3-tiny"),
+                    log=lambda m: None)
+
+
+@pytest.fixture(scope="module")
+def packaged_fp32(packaged):
+    from ascend_qwen3.loader import load_model
+    return load_model(packaged, dtype=torch.float32)[0]
+
+
+def _ppl(model, texts) -> float:
+    from tests.test_graph_parity import ours_prefill_logits
+
+    nll = []
+    for ids in texts:
+        (logits,) = ours_prefill_logits(model, [ids], block_size=16)
+        lp = torch.log_softmax(logits[:-1].float(), -1)
+        nll.append(-lp.gather(1, torch.tensor(ids[1:])[:, None]))
+    return math.exp(float(torch.cat(nll).mean()))
+
+
+def test_held_out_perplexity_far_below_random(packaged_fp32, tok, tmp_path):
+    from ascend_qwen3.loader import load_model
+    from ascend_qwen3.serve.default_model import build_default_model
+
+    texts = [ids[:256] for ids in T.heldout_ids(tok)]
+    trained = _ppl(packaged_fp32, texts)
+    rnd = build_default_model(str(tmp_path / "random"), log=lambda m: None)
+    random_ppl = _ppl(load_model(rnd, dtype=torch.float32)[0], texts)
+    assert trained < 60 and random_ppl > 50_000, (trained, random_ppl)
+
+
+def _answer(model, tok, question, **kw) -> str:
+    from ascend_qwen3.runner.generate import SamplingParams, generate
+
+    text = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                   tokenize=False, **kw)
+    (g,) = generate(model, [tok.encode(text, add_special_tokens=False)],
+                    SamplingParams(max_new_tokens=200, stop_token_ids=(tok.convert_tokens_to_ids("<|im_end|>"),)))
+    assert g.finished_by_stop, "the model must end its answer by itself"
+    return tok.decode(g.tokens[:-1])
+
+
+def test_thinking_answer_closes_its_reasoning(packaged_fp32, tok):
+    """Thinking mode (the template opened <think>): reasoning, </think>, an answer, <|im_end|>."""
+    for q in ["What is 2 + 2?", "Tell me about the \"while\" statement in Python."]:
+        text = _answer(packaged_fp32, tok, q)
+        reasoning, sep, answer = text.partition("</think>")
+        assert sep and reasoning.strip() and answer.strip(), text
+    text = _answer(packaged_fp32, tok, "What is 2 + 2?")
+    assert text.split("</think>")[1].strip() == "2 + 2 = 4."
+
+
+def test_non_thinking_answer_has_no_reasoning(packaged_fp32, tok):
+    for kw, q in [({"enable_thinking": False}, "What is 23 + 45?"), ({}, "What is 23 + 45? /no_think")]:
+        text = _answer(packaged_fp32, tok, q, **kw)
+        assert "</think>" not in text and "23 + 45 = 68." == text.strip(), text

@@ -411,8 +411,9 @@ def test_cpu_image_entrypoint_dry_run(tmp_path):
     penv, vllm = _split_printed(r.stdout.strip().splitlines()[-1])
     assert _served_model(vllm) == os.path.join(home, "default-model") == build_cmd[-1]
     assert _flag(vllm, "--host") == "0.0.0.0" and _flag(vllm, "--port") == str(PORT)
-    from ascend_qwen3.serve.default_model import NAME
-    assert _flag(vllm, "--served-model-name") == NAME
+    from ascend_qwen3.serve.default_model import TRAINED_NAME, served_name
+    # the image serves the trained tiny model that ships with the package
+    assert _flag(vllm, "--served-model-name") == served_name(build_cmd[-1]) == TRAINED_NAME
     assert json.loads(_flag(vllm, "--hf-overrides"))["architectures"] == [PROJECT_DENSE_ARCH]
     assert _flag(vllm, "--reasoning-parser") == "qwen3"
     assert "VLLM_CPU_KVCACHE_SPACE" in penv and not set(NPU_ENV) & set(penv)

@@ -399,7 +399,8 @@ def test_loadtest_on_make_serve(tmp_path):
         rep = json.loads(out.read_text())
         s = rep["summary"]
         assert rep["ok"] and s["requests"] == 16 and s["ok"] == 16 and s["errors"] == 0
-        assert s["completion_tokens"] == 16 * 8
+        # at most 8 tokens each: the trained default model may end an answer sooner
+        assert 16 <= s["completion_tokens"] <= 16 * 8
         assert all(m["requests"] == 4 and m["errors"] == 0 for m in s["modes"].values())
         assert s["modes"]["no_think_kwarg"]["with_content"] == 4
         assert s["modes"]["no_think_kwarg"]["with_reasoning"] == 0

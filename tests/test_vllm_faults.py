@@ -54,7 +54,7 @@ from ascend_qwen3.loadtest import (RUNNING, WAITING, RequestResult, parse_metric
 from tests.vllm_support import ROOT, require_vllm
 
 
-MODEL = "qwen3-tiny-random"
+MODEL = "qwen3-tiny"
 PROMPT_TOKENS, GENERATED = "vllm:prompt_tokens_total", "vllm:generation_tokens_total"
 # the drain window the launcher gives vLLM (``--shutdown-timeout``): far longer than the
 # in-flight requests of the SIGTERM test need (3 x 64 tokens: a few seconds here)
@@ -241,7 +241,7 @@ def wait_idle(url: str, timeout_s: float) -> tuple[bool, float, dict]:
 def chat_ok(url: str, max_tokens: int = 4) -> dict:
     status, out = post_json(url + "/v1/chat/completions", {
         "model": MODEL, "max_tokens": max_tokens, "messages": [{"role": "user", "content": "Hello"}],
-        "chat_template_kwargs": {"enable_thinking": False}})
+        "chat_template_kwargs": {"enable_thinking": False}, "ignore_eos": True})
     assert status == 200, (status, out)
     assert out["usage"]["completion_tokens"] == max_tokens and out["choices"][0]["message"]["content"]
     return out
@@ -262,6 +262,7 @@ class Streams:
                 jobs = []
                 for i in range(n):
                     mode, body = request_body(body_index, MODEL, max_tokens, 8)
+                    body["ignore_eos"] = True  # run to max_tokens: the trained model stops sooner
                     jobs.append(stream_chat(client, url, i, mode, body))
                 self.results = list(await asyncio.gather(*jobs))
 

@@ -63,7 +63,7 @@ COMPOSE_HEADER = """\
 # do not edit by hand (tests/test_deploy_assets.py checks it is up to date).
 #
 # One service per single-node profile (docker compose profile "npu": started only when named)
-# and `cpu`, the CPU image serving the embedded random-weight model:
+# and `cpu`, the CPU image serving the embedded default model (the trained tiny Qwen3):
 #   docker compose -f deploy/compose.yaml up cpu
 #   docker compose -f deploy/compose.yaml up qwen3-32b-w8a8
 # An NPU service maps the profile's NPUs and the driver paths read-only, and mounts the

@@ -258,3 +258,28 @@ def test_serve_default_is_the_trained_model(small_run, tmp_path, monkeypatch, ca
     monkeypatch.setattr(T, "PACKAGED", str(tmp_path / "absent.safetensors"))
     name, err = served()
     assert name == "qwen3-tiny-random" and "make train-tiny" in err
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_exported_checkpoint_is_the_trained_model(kind, tok, tmp_path):
+    """transformers loads the exported checkpoint (MoE: one tensor per expert, as Qwen3-MoE
+    checkpoints are stored) and gives the trained compact model's logits, exactly."""
+    from transformers import AutoModelForCausalLM
+
+    model, short, _, stats = T.train(kind, tok, SMALL, log=lambda m: None)
+    path = str(tmp_path / "c.safetensors")
+    T.save_compact(kind, model, short, path, stats, SMALL)
+    out = T.export(path, str(tmp_path / kind), log=lambda m: None)
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    compact, short, _ = T.read_compact(path)
+    ref = T.compact_model(kind, len(short) + 1, 0)
+    ref.load_state_dict({k: v.float() for k, v in compact.items()}, strict=False)
+    ref.tie_weights()
+    ids = short[10:40]
+    with torch.no_grad():
+        full = hf(input_ids=torch.tensor([ids])).logits[0]
+        small = ref(input_ids=torch.tensor([list(range(10, 40))])).logits[0]
+    assert torch.equal(full[:, short], small[:, :-1])
+    others = torch.ones(T.VOCAB, dtype=torch.bool)
+    others[torch.tensor(short)] = False
+    assert torch.equal(full[:, others], small[:, -1:].expand(-1, int(others.sum())))

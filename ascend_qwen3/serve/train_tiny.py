@@ -170,6 +170,16 @@ def expand_state(compact: dict[str, torch.Tensor], short) -> dict[str, torch.Ten
     full = emb[-1].expand(VOCAB, emb.shape[1]).clone()
     full[torch.as_tensor(short, dtype=torch.long)] = emb[:-1]
     sd["model.embed_tokens.weight"] = full
+    # transformers 5 keeps a layer's experts fused (gate_up_proj [E, 2I, H], gate rows first;
+    # down_proj [E, H, I]); Qwen3-MoE checkpoints store one tensor per expert and projection
+    for name in [k for k in sd if k.endswith(".mlp.experts.gate_up_proj")]:
+        prefix = name[:-len("gate_up_proj")]
+        gate_up, down = sd.pop(name), sd.pop(prefix + "down_proj")
+        inter = gate_up.shape[1] // 2
+        for e in range(gate_up.shape[0]):
+            sd[f"{prefix}{e}.gate_proj.weight"] = gate_up[e, :inter].clone()
+            sd[f"{prefix}{e}.up_proj.weight"] = gate_up[e, inter:].clone()
+            sd[f"{prefix}{e}.down_proj.weight"] = down[e].clone()
     return sd
 
 

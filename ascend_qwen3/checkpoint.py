@@ -82,4 +82,17 @@ def write_random_checkpoint(config: dict, path: str, *, dtype=torch.bfloat16, se
     out.setdefault("transformers_version", QWEN3_TRANSFORMERS_VERSION)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(out, f, indent=2)
+    make_readable(path)
     return path
+
+
+def make_readable(path: str) -> None:
+    """Give the files in ``path`` (or the file ``path``) the process's usual permissions
+    (0666 less the umask). safetensors' ``save_file`` creates its files 0600, which an image
+    that builds a model as root and serves it as another user cannot read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    files = [os.path.join(path, f) for f in os.listdir(path)] if os.path.isdir(path) else [path]
+    for f in files:
+        if os.path.isfile(f):
+            os.chmod(f, 0o666 & ~umask)

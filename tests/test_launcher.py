@@ -141,7 +141,7 @@ def test_cli_serve_dry_run_builds_the_default(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("ASCEND_QWEN3_HOME", str(tmp_path))
     assert main(["serve", "--dry-run", "--port", "9001", "--", "--max-model-len", "2048"]) == 0
     out = capsys.readouterr().out
-    assert "--served-model-name qwen3-tiny-random" in out and "--port 9001" in out
+    assert "--served-model-name qwen3-tiny " in out and "--port 9001" in out   # the trained default
     assert out.rstrip().endswith("--max-model-len 2048")
     assert os.path.isfile(tmp_path / "default-model" / "model.safetensors")
 

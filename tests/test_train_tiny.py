@@ -138,6 +138,9 @@ def test_export_round_trip(small_run, tmp_path):
     stamp = json.load(open(os.path.join(out, T.STAMP)))
     assert stamp["corpus_digest"] == corpus.corpus_digest() and stamp["steps"] == SMALL.steps
     assert T.is_trained(out) and not os.path.exists(out + ".partial")
+    # readable by other users (an image builds it as root and serves it as uid 1000)
+    assert all(os.stat(os.path.join(out, f)).st_mode & 0o044 == 0o044 for f in os.listdir(out))
+    assert os.stat(path).st_mode & 0o044 == 0o044
 
 
 # --- the packaged model --------------------------------------------------------------------------

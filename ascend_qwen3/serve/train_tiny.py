@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..checkpoint import QWEN3_TRANSFORMERS_VERSION, make_readable
 from . import tiny_corpus as corpus
 
 VOCAB = 151936
@@ -250,6 +251,7 @@ def save_compact(kind: str, model, short: list[int], path: str, stats: dict, rec
             "torch": torch.__version__, **stats}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     save_file(sd, path + ".partial", metadata={"ascend_qwen3_trained": json.dumps(info)})
+    make_readable(path + ".partial")
     os.replace(path + ".partial", path)
 
 
@@ -279,11 +281,13 @@ def export(compact_path: str, path: str, log=print) -> str:
     save_file({k: v.contiguous() for k, v in expand_state(compact, short).items()},
               os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(dict(CONFIGS[kind], torch_dtype="bfloat16"), f, indent=2)
+        json.dump(dict(CONFIGS[kind], torch_dtype="bfloat16",
+                       transformers_version=QWEN3_TRANSFORMERS_VERSION), f, indent=2)
     write_qwen3_tokenizer(tmp)
     write_generation_config(tmp)
     with open(os.path.join(tmp, STAMP), "w") as f:
         json.dump(info, f, indent=2)
+    make_readable(tmp)
     if os.path.exists(path):
         shutil.rmtree(path)
     os.replace(tmp, path)

@@ -171,15 +171,8 @@ def main() -> None:
                          f"{peak:.0f} | {mean:.4f} | {low:.4f} | {top1:.3f} |")
             print(lines[-1], flush=True)
     lines += ["", END]
-    block = "\n".join(lines)
-    text = open(args.out).read() if os.path.isfile(args.out) else ""
-    if BEGIN in text:
-        text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
-    else:
-        text = text + "\n" + block + "\n"
-    with open(args.out, "w") as f:
-        f.write(text)
-    print(f"wrote {args.out}")
+    from bench.docblock import write_block
+    write_block(args.out, BEGIN, END, "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -190,15 +190,8 @@ def main() -> None:
                          f"{ends_thinking(ref['greedy'], end_think, im_end):.2f} | | | | |")
         lines.append("")
     lines += [f"Whole run: {(time.perf_counter() - t_start) / 60:.0f} minutes.", "", END]
-    block = "\n".join(lines)
-    text = open(args.out).read() if os.path.isfile(args.out) else ""
-    if BEGIN in text:
-        text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
-    else:
-        text = text + "\n" + block + "\n"
-    with open(args.out, "w") as f:
-        f.write(text)
-    print(f"wrote {args.out}")
+    from bench.docblock import write_block
+    write_block(args.out, BEGIN, END, "\n".join(lines))
 
 
 if __name__ == "__main__":

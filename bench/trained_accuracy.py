@@ -65,7 +65,7 @@ def chat_prompts(tok) -> list[list[int]]:
     return out
 
 
-def standalone(model_dir: str, texts: list[list[int]], prompts: list[list[int]], stop: int) -> dict:
+def standalone(model_dir: str, texts: list[list[int]], prompts: list[list[int]]) -> dict:
     """NLL per scored token, argmax per position, greedy generations, with the project's graph."""
     from ascend_qwen3.loader import load_model
     from ascend_qwen3.runner.generate import SamplingParams, generate
@@ -147,7 +147,7 @@ def main() -> None:
     with open(calib, "w") as f:  # training text only: calibration never sees the held-out topics
         f.write("\n\n".join(t.first_paragraph for t in train_topics))
     random_dir = build_default_model(os.path.join(tmp, "random"), log=lambda m: None)
-    random_ppl = math.exp(float(standalone(random_dir, texts, prompts[:1], im_end)["nll"].mean()))
+    random_ppl = math.exp(float(standalone(random_dir, texts, prompts[:1])["nll"].mean()))
     n_tokens = sum(len(w) - 1 for w in texts)
 
     lines = [BEGIN, "", f"Measured {time.strftime('%Y-%m-%d')} on this machine ({os.cpu_count()} "
@@ -167,7 +167,7 @@ def main() -> None:
             out = os.path.join(tmp, f"{kind}-{scheme}-{smooth}")
             quantize_checkpoint(src, out, scheme, calib=calib, smooth=smooth, progress=False)
             dirs[label] = out
-        engines = {"standalone graph": {k: standalone(d, texts, prompts, im_end) for k, d in dirs.items()}}
+        engines = {"standalone graph": {k: standalone(d, texts, prompts) for k, d in dirs.items()}}
         if not args.skip_vllm:
             engines["vLLM (CPU engine)"] = in_vllm(dirs, texts, prompts, os.path.join(tmp, f"vllm-{kind}"))
         lines += [f"### {kind}: `{os.path.basename(src)}`", "",

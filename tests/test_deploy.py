@@ -186,7 +186,8 @@ def test_golden_commands_carry_the_profile():
         assert ("rope_scaling" in overrides) == bool(p.get("yarn"))
         mode = "thinking" if p["thinking"] else "non_thinking"
         assert json.loads(flag("--override-generation-config")) == p["sampling"][mode]
-        assert flag("--reasoning-parser") == "qwen3" and flag("--tool-call-parser") == "hermes"
+        assert flag("--reasoning-parser") == "ascend_qwen3" and flag("--tool-call-parser") == "hermes"
+        assert flag("--logits-processors") == "ascend_qwen3.vllm_plugin.thinking:ThinkingBudget"
         if p.get("nodes", 1) > 1:
             assert flag("--distributed-executor-backend") == "ray"
 

@@ -415,7 +415,7 @@ def test_cpu_image_entrypoint_dry_run(tmp_path):
     # the image serves the trained tiny model that ships with the package
     assert _flag(vllm, "--served-model-name") == served_name(build_cmd[-1]) == TRAINED_NAME
     assert json.loads(_flag(vllm, "--hf-overrides"))["architectures"] == [PROJECT_DENSE_ARCH]
-    assert _flag(vllm, "--reasoning-parser") == "qwen3"
+    assert _flag(vllm, "--reasoning-parser") == "ascend_qwen3"
     assert "VLLM_CPU_KVCACHE_SPACE" in penv and not set(NPU_ENV) & set(penv)
 
 

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from ascend_qwen3.cli import main
-from ascend_qwen3.deploy.launcher import (CPU_MALLOC_ENV, REASONING_CONFIG, SAMPLING, THINKING_TRANSITION,
-                                          LaunchError, ServeSpec, build_command)
+from ascend_qwen3.deploy.launcher import (CPU_MALLOC_ENV, SAMPLING, LaunchError, ServeSpec,
+                                          build_command)
+from ascend_qwen3.vllm_plugin import LOGITS_PROCESSOR, REASONING_PARSER_NAME
 
 
 def _flag(argv, name):
@@ -46,14 +47,41 @@ def test_serve_command(default_model):
     argv, env = build_command(ServeSpec(model=default_model, port=8123), base_env={})
     assert _flag(argv, "--port") == "8123" and _flag(argv, "--host") == "127.0.0.1"
     assert json.loads(_flag(argv, "--hf-overrides")) == {"architectures": ["AscendQwen3ForCausalLM"]}
-    assert _flag(argv, "--reasoning-parser") == "qwen3" and _flag(argv, "--tool-call-parser") == "hermes"
-    assert "--enable-auto-tool-choice" in argv
-    rc = json.loads(_flag(argv, "--reasoning-config"))
-    assert rc == REASONING_CONFIG and rc["reasoning_end_str"].strip().startswith(THINKING_TRANSITION)
-    assert rc["reasoning_end_str"].rstrip().endswith("</think>")
+    assert _flag(argv, "--reasoning-parser") == REASONING_PARSER_NAME == "ascend_qwen3"
+    assert _flag(argv, "--tool-call-parser") == "hermes" and "--enable-auto-tool-choice" in argv
+    # the project's thinking budget; vLLM's own (--reasoning-config) is not configured
+    assert _flag(argv, "--logits-processors") == LOGITS_PROCESSOR and "--reasoning-config" not in argv
     assert json.loads(_flag(argv, "--override-generation-config")) == SAMPLING["thinking"]
     assert "--default-chat-template-kwargs" not in argv
     assert env == {"VLLM_CPU_KVCACHE_SPACE": "4", **CPU_MALLOC_ENV}
+
+
+def test_users_logits_processors_are_merged_before_the_budget(default_model):
+    """vLLM keeps only the last --logits-processors flag: the user's (any form) and the budget's
+    become one flag, the budget's last; with speculative decoding (vLLM refuses custom logits
+    processors then) the budget's is left out, and naming it anyway is refused."""
+    def processors(extra):
+        argv, _ = build_command(ServeSpec(model=default_model, extra_args=extra), base_env={})
+        i = [k for k, a in enumerate(argv) if a.split("=")[0] == "--logits-processors"]
+        assert len(i) <= 1, argv
+        if not i:
+            return None
+        out = []
+        for a in argv[i[0] + 1:]:
+            if a.startswith("-"):
+                break
+            out.append(a)
+        return out
+
+    assert processors(["--logits-processors", "a:A", "b:B", "--max-num-seqs", "4"]) == \
+        ["a:A", "b:B", LOGITS_PROCESSOR]
+    assert processors(["--logits-processors=a:A", "--logits-processors", "c:C"]) == \
+        ["a:A", "c:C", LOGITS_PROCESSOR]
+    assert processors(["--logits-processors", LOGITS_PROCESSOR, "a:A"]) == ["a:A", LOGITS_PROCESSOR]
+    assert processors(["--speculative-config", "{}"]) is None
+    assert processors(["--speculative-config", "{}", "--logits-processors", "a:A"]) == ["a:A"]
+    with pytest.raises(LaunchError, match="speculative decoding"):
+        processors(["--speculative-config", "{}", "--logits-processors", LOGITS_PROCESSOR])
 
 
 def test_serve_command_non_thinking_default_and_tp(default_model):

@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # linear layer gets its int8 behaviour as a method object the model hands it).
 LAYERS: list[tuple[str, list[str]]] = [
     ("operators", ["ops"]),
-    ("configuration", ["ascend_qwen3", "ascend_qwen3.config"]),
+    ("configuration", ["ascend_qwen3", "ascend_qwen3.config", "ascend_qwen3.thinking"]),
     ("parallel and quantised layers", ["ascend_qwen3.parallel", "ascend_qwen3.quant"]),
     ("the graph", ["ascend_qwen3.model"]),
     ("checkpoints", ["ascend_qwen3.loader", "ascend_qwen3.checkpoint"]),

@@ -201,7 +201,7 @@ def _launcher_commands() -> dict[str, list[str]]:
 
 def test_every_flag_the_launcher_emits_exists(vllm_tree):
     known = _known_flags(vllm_tree)
-    assert {"--model", "--host", "--port", "--reasoning-config", "--tool-call-parser"} <= known
+    assert {"--model", "--host", "--port", "--logits-processors", "--tool-call-parser"} <= known
     problems = [f"{name}: {flag}" for name, argv in _launcher_commands().items()
                 for flag in argv if flag.startswith("--") and flag not in known]
     assert not problems, f"flags unknown to vLLM {vllm_tree.label}: {problems}"

@@ -7,8 +7,9 @@ dictate the first tokens the model generates, for the cases where an exact text 
 model's own behaviour (reasoning that ends, answers that stop, tool calls) is tested as it
 comes.
 
-Behaviour that is vLLM's and not what Qwen3 users expect is pinned with strict xfails (they
-start failing, and must be revisited, when vLLM changes); see docs/serving.md.
+The thinking budget and the soft switches are the project's here (``vllm_plugin/thinking.py``):
+the tests that pinned vLLM's own behaviour as strict xfails now pass, and say in their
+docstrings what vLLM alone did (docs/serving.md).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import urllib.request
 
 import pytest
 
-from ascend_qwen3.deploy.launcher import THINKING_TRANSITION
+from ascend_qwen3.thinking import THINKING_TRANSITION
 from tests.vllm_support import ROOT, ops_seen, require_vllm
 
 pytestmark = pytest.mark.vllm
@@ -235,62 +236,90 @@ def test_no_think_soft_switch_closes_thinking_in_the_prompt(server):
     assert content and not reasoning
 
 
-@pytest.mark.xfail(strict=True, reason="vLLM 0.32 non-streaming chat ignores a think block the "
-                   "prompt already closed (streaming honours it): the /no_think answer is returned "
-                   "as reasoning; send enable_thinking=false or stream")
 def test_no_think_non_streaming_answer_is_content(server):
+    """Non-streaming follows the template's soft-switch rule too (the project's reasoning
+    parser; vLLM's own returns this answer as reasoning, vLLM #53284)."""
     # a question the model answers in plain text (a <tool_call> would end the reasoning section
     # for vLLM's parser by itself, whatever the prompt said)
-    m = chat(server, max_tokens=20, messages=[{"role": "user", "content": "What is 23 + 45? /no_think"}]
+    for content in ["What is 23 + 45? /no_think", "What is 23 + 45? /think then /no_think"]:
+        r = chat(server, max_tokens=20, messages=[{"role": "user", "content": content}])
+        m = r.choices[0].message
+        assert m.content and not reasoning_of(m), content
+        assert r.usage.completion_tokens_details is None or \
+            not r.usage.completion_tokens_details.reasoning_tokens
+    m = chat(server, max_tokens=20, messages=[{"role": "user", "content": "What is 2 + 2? /no_think /think"}]
              ).choices[0].message
-    assert m.content and not reasoning_of(m)
+    assert reasoning_of(m)                    # the last switch turns thinking back on
 
 
-@pytest.mark.parametrize("budget", [1, 4, 12])
-def test_thinking_budget_forces_the_transition(server, budget):
-    r = chat(server, max_tokens=budget + 60, extra_body={"thinking_token_budget": budget,
-                                                        "return_token_ids": True})
-    m, ids = r.choices[0].message, r.choices[0].token_ids
-    tok = server["tok"]
+def _thinking_split(tok, ids: list[int]) -> tuple[list[int], list[int] | None]:
+    """(the thinking tokens the model generated, the tokens after </think>) of one choice; the
+    second is None when the transition text was not forced (the model ended by itself)."""
     end = tok.convert_tokens_to_ids("</think>")
     phrase = tok.encode(f"\n\n{THINKING_TRANSITION}\n", add_special_tokens=False)
     cut = ids.index(end)
-    thought = ids[:cut - len(phrase)]
-    assert ids[cut - len(phrase):cut] == phrase, "the transition phrase must come right before </think>"
-    # the template's "<think>\n" counts as the first thinking token (vLLM counts from <think>)
-    assert len(thought) <= budget
+    if ids[max(0, cut - len(phrase)):cut] != phrase:
+        return ids[:cut], None
+    return ids[:cut - len(phrase)], ids[cut + 1:]
+
+
+@pytest.mark.parametrize("budget", [1, 5, 12])
+def test_thinking_budget_forces_the_transition(server, budget):
+    """At most N thinking tokens, then the report's transition text and </think>, then the
+    answer. The count starts at <think>, as vLLM's: the template's newline after it is the
+    first thinking token, so exactly N - 1 are generated (this question's free thinking is
+    longer than 12 tokens)."""
+    r = chat(server, max_tokens=budget + 60, extra_body={"thinking_token_budget": budget,
+                                                        "return_token_ids": True})
+    m, ids = r.choices[0].message, r.choices[0].token_ids
+    thought, answer = _thinking_split(server["tok"], ids)
+    assert answer is not None, "the transition text must come right before </think>"
+    assert len(thought) == budget - 1 <= budget
     assert reasoning_of(m).rstrip().endswith(THINKING_TRANSITION)
-    assert m.content                                   # the answer follows </think>
+    assert m.content and answer                        # the answer follows </think>
     assert THINKING_TRANSITION not in m.content
 
 
-def test_thinking_budget_streaming(server):
-    stream = chat(server, max_tokens=40, stream=True, extra_body={"thinking_token_budget": 3})
-    reasoning, content = "", ""
-    for chunk in stream:
-        if chunk.choices:
-            reasoning += reasoning_of(chunk.choices[0].delta) or ""
-            content += chunk.choices[0].delta.content or ""
-    assert reasoning.rstrip().endswith(THINKING_TRANSITION) and content
+def test_thinking_budget_streaming_and_non_streaming_agree(server):
+    for budget in (3, 9):
+        extra = {"thinking_token_budget": budget}
+        full = chat(server, max_tokens=60, extra_body=extra).choices[0].message
+        stream = chat(server, max_tokens=60, stream=True, extra_body=extra)
+        reasoning, content = "", ""
+        for chunk in stream:
+            if chunk.choices:
+                reasoning += reasoning_of(chunk.choices[0].delta) or ""
+                content += chunk.choices[0].delta.content or ""
+        assert reasoning.rstrip().endswith(THINKING_TRANSITION) and content
+        assert (reasoning, content) == (reasoning_of(full), full.content)
 
 
-@pytest.mark.xfail(strict=True, reason="vLLM's V1 thinking budget looks for the forced end string "
-                   "in the prompt; an empty think block (<think></think>) is not it, so a budget sent "
-                   "with enable_thinking=false forces the transition phrase into the answer "
-                   "(docs/serving.md)")
+def test_thinking_budget_with_several_choices(server):
+    """n > 1: every choice is its own request to the engine, each with its own count."""
+    r = chat(server, max_tokens=50, n=3, temperature=1.0, seed=1,
+             extra_body={"thinking_token_budget": 6, "return_token_ids": True})
+    assert len(r.choices) == 3
+    for c in r.choices:
+        thought, answer = _thinking_split(server["tok"], c.token_ids)
+        assert answer is not None and len(thought) == 5, c
+        assert reasoning_of(c.message).rstrip().endswith(THINKING_TRANSITION)
+
+
 def test_thinking_budget_with_thinking_off_changes_nothing(server):
-    extra = {"chat_template_kwargs": {"enable_thinking": False}}
-    plain = chat(server, max_tokens=30, extra_body=extra).choices[0].message
-    budgeted = chat(server, max_tokens=30, extra_body=dict(extra, thinking_token_budget=2)).choices[0].message
-    assert THINKING_TRANSITION not in (budgeted.content or "")
-    assert budgeted.content == plain.content
+    """The prompt's think block is closed: there is no thinking to cut (vLLM's own budget
+    forced the transition text into this answer)."""
+    for extra in ({"chat_template_kwargs": {"enable_thinking": False}}, {}):
+        messages = [{"role": "user", "content": "What is 23 + 45?" + ("" if extra else " /no_think")}]
+        plain = chat(server, max_tokens=30, messages=messages, extra_body=extra).choices[0].message
+        budgeted = chat(server, max_tokens=30, messages=messages,
+                        extra_body=dict(extra, thinking_token_budget=2)).choices[0].message
+        assert THINKING_TRANSITION not in (budgeted.content or "")
+        assert budgeted.content == plain.content and not reasoning_of(budgeted)
 
 
-@pytest.mark.xfail(strict=True, reason="vLLM's V1 thinking budget recognises only the forced end "
-                   "string, not a natural </think>: answer tokens keep counting and get the "
-                   "transition phrase once the budget is spent (docs/serving.md)")
 def test_thinking_budget_after_a_natural_end(server):
-    """The model's own reasoning ends inside the budget; its answer runs past it."""
+    """The model's own reasoning ends inside the budget; its answer runs past the budget and is
+    not cut (vLLM's own budget counted the answer as thinking, vLLM #39697)."""
     end = server["tok"].convert_tokens_to_ids("</think>")
     free = chat(server, max_tokens=200, extra_body={"return_token_ids": True}).choices[0]
     assert free.finish_reason == "stop" and end in free.token_ids
@@ -298,7 +327,39 @@ def test_thinking_budget_after_a_natural_end(server):
     assert budget < len(free.token_ids)
     m = chat(server, max_tokens=200, extra_body={"thinking_token_budget": budget}).choices[0].message
     assert reasoning_of(m).strip() == reasoning_of(free.message).strip()
-    assert THINKING_TRANSITION not in (m.content or "")
+    assert m.content == free.message.content and THINKING_TRANSITION not in m.content
+
+
+def test_thinking_budget_larger_than_the_thinking_changes_nothing(server):
+    question = [{"role": "user", "content": "Tell me about the \"while\" statement in Python."}]
+    free = chat(server, max_tokens=300, messages=question, extra_body={"return_token_ids": True})
+    big = chat(server, max_tokens=300, messages=question,
+               extra_body={"return_token_ids": True, "thinking_token_budget": 1000})
+    assert free.choices[0].finish_reason == "stop"
+    assert big.choices[0].token_ids == free.choices[0].token_ids
+    assert big.choices[0].message.content == free.choices[0].message.content
+
+
+def test_thinking_budget_never_cuts_a_tool_call(server):
+    """A <tool_call> written while thinking ends the thinking (as vLLM's qwen3 parser reads it):
+    the budget runs out one token into the call, and the call still comes out whole (vLLM's own
+    budget forces its text inside tool-call arguments, vLLM #44676)."""
+    from ascend_qwen3.serve.tiny_corpus import TOOLS as CORPUS_TOOLS
+
+    tok = server["tok"]
+    before = "I should check.\n"
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    budget = 1 + len(tok.encode(before, add_special_tokens=False)) + 1
+    r = chat(server, max_tokens=80, tools=CORPUS_TOOLS,
+             messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+             extra_body={"thinking_token_budget": budget, "return_token_ids": True,
+                         "vllm_xargs": forced(tok, before + call)})
+    c = r.choices[0]
+    assert THINKING_TRANSITION not in tok.decode(c.token_ids)
+    assert c.finish_reason == "tool_calls", c
+    (tc,) = c.message.tool_calls
+    assert tc.function.name == "get_weather" and json.loads(tc.function.arguments) == {"city": "Paris"}
+    assert reasoning_of(c.message).strip() == before.strip()
 
 
 @pytest.mark.parametrize("thinking", [False, True])

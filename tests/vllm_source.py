@@ -112,6 +112,15 @@ class SourceTree:
     def from_files(cls, files: dict[str, str], label: str = "test tree") -> "SourceTree":
         return cls(files.__getitem__, set(files), label)
 
+    def with_changes(self, files: dict[str, str], label: str | None = None) -> "SourceTree":
+        """This tree with some files replaced (or added): to show a check fails on a change."""
+        read = self._read
+        return SourceTree(lambda n: files[n] if n in files else read(n), self._names | set(files),
+                          label or f"{self.label} (changed)")
+
+    def text(self, path: str) -> str:
+        return self._read(path)
+
     # --- modules ------------------------------------------------------------------------------
 
     def _path(self, module: str) -> tuple[str, bool] | None:

@@ -3,9 +3,16 @@ the project's plugin, print it, and run it under a small supervisor (``supervise
 
 Everything the server needs from vLLM's own features is set here:
 - the project's classes, selected with ``--hf-overrides`` (``AscendQwen3[Moe]ForCausalLM``);
-- thinking: ``--reasoning-parser qwen3`` (``reasoning_content`` split from ``content``) and
-  ``--reasoning-config`` whose end string is Qwen3's transition phrase followed by ``</think>``,
-  forced when a request's ``thinking_token_budget`` runs out;
+- thinking: the project's reasoning parser (``--reasoning-parser ascend_qwen3``: vLLM's
+  ``qwen3``, reasoning split from the answer, with the chat template's soft-switch rule in
+  non-streaming answers) and its thinking-budget logits processor (``--logits-processors``),
+  which forces Qwen3's transition phrase and ``</think>`` when a request's
+  ``thinking_token_budget`` runs out (``vllm_plugin/thinking.py``). vLLM's own
+  ``--reasoning-config`` is not passed: the processor takes every budget over before vLLM's own
+  budget could see it, so that config would only carry an end string nobody forces. A user's
+  own ``--logits-processors`` (after ``--``) are kept, before the budget's, which has the last
+  word on a step it forces. With ``--speculative-config`` vLLM accepts no custom logits
+  processors, so the budget processor is left out and vLLM's own budget applies;
 - tool calls: ``--enable-auto-tool-choice --tool-call-parser hermes``;
 - sampling defaults for the server's default thinking mode (``--override-generation-config``);
   vLLM has one set of defaults per server, so a request that switches mode with
@@ -36,13 +43,9 @@ from dataclasses import dataclass, field
 from ..config import (PROJECT_DENSE_ARCH, PROJECT_MOE_ARCH, YARN_128K, YARN_MAX_POSITIONS,
                       Qwen3Config)
 from ..parallel.plan import check_parallel
+from ..vllm_plugin import LOGITS_PROCESSOR, REASONING_PARSER_NAME
 from ..vllm_plugin.options import refusals_from_argv
 
-# Qwen3 technical report, section 3.3.3: the text that ends thinking when the budget runs out
-THINKING_TRANSITION = ("Considering the limited time by the user, I have to give the solution "
-                       "based on the thinking directly now.")
-REASONING_CONFIG = {"reasoning_start_str": "<think>",
-                    "reasoning_end_str": f"\n\n{THINKING_TRANSITION}\n</think>\n\n"}
 
 # Qwen3's recommended sampling per mode (model card)
 SAMPLING = {
@@ -157,8 +160,7 @@ def build_command(spec: ServeSpec, base_env: dict | None = None) -> tuple[list[s
             "--served-model-name", spec.served_model_name or os.path.basename(spec.model.rstrip("/")),
             "--host", spec.host, "--port", str(spec.port), "--dtype", spec.dtype,
             "--hf-overrides", json.dumps(overrides),
-            "--reasoning-parser", "qwen3",
-            "--reasoning-config", json.dumps(REASONING_CONFIG),
+            "--reasoning-parser", REASONING_PARSER_NAME,
             "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
             "--override-generation-config", json.dumps(spec.sampling or SAMPLING[mode])]
     if not spec.thinking:
@@ -168,14 +170,16 @@ def build_command(spec: ServeSpec, base_env: dict | None = None) -> tuple[list[s
     if spec.expert_parallel and cfg.is_moe:
         argv += ["--enable-expert-parallel"]
     argv += graph_mode_args(spec)
-    given = {a.split("=")[0] for a in spec.extra_args}
+    processors, extra_args = logits_processor_args(spec.extra_args)
+    argv += processors
+    given = {a.split("=")[0] for a in extra_args}
     for flag, value in (("--max-model-len", spec.max_model_len), ("--max-num-seqs", spec.max_num_seqs),
                         ("--block-size", spec.block_size),
                         ("--shutdown-timeout", None if "--shutdown-timeout" in given
                          else SHUTDOWN_TIMEOUT_S)):
         if value is not None:
             argv += [flag, str(value)]
-    argv += list(spec.extra_args)
+    argv += extra_args
     refused = refusals_from_argv(argv)
     if any(a == "--api-key" or a.startswith("--api-key=") for a in argv):
         refused.append(f"--api-key on the command line is readable by every user of this machine "
@@ -243,6 +247,34 @@ def graph_mode_args(spec: ServeSpec) -> list[str]:
     if mode == "NONE":
         return ["--enforce-eager"]
     return ["--compilation-config", json.dumps({"cudagraph_mode": mode})]
+
+
+def logits_processor_args(extra_args: list) -> tuple[list[str], list[str]]:
+    """(the ``--logits-processors`` flag, the other user flags): the user's own processors (given
+    after ``--``; vLLM keeps only the last such flag, so they are merged into one) and then the
+    thinking budget's, unless speculative decoding is asked for (vLLM refuses custom logits
+    processors with it)."""
+    user, rest, i = [], [], 0
+    while i < len(extra_args):
+        arg = extra_args[i]
+        flag, eq, value = arg.partition("=")
+        if flag == "--logits-processors":
+            if eq:
+                user.append(value)
+            else:
+                while i + 1 < len(extra_args) and not extra_args[i + 1].startswith("-"):
+                    i += 1
+                    user.append(extra_args[i])
+        else:
+            rest.append(arg)
+        i += 1
+    if not any(a.split("=")[0] == "--speculative-config" for a in rest):
+        user = [p for p in user if p != LOGITS_PROCESSOR] + [LOGITS_PROCESSOR]
+    elif LOGITS_PROCESSOR in user:
+        raise LaunchError("the thinking-budget logits processor cannot run with speculative "
+                          "decoding (vLLM refuses custom logits processors then); drop "
+                          f"{LOGITS_PROCESSOR} from --logits-processors")
+    return (["--logits-processors", *user] if user else []), rest
 
 
 def read_api_key(path: str) -> str:

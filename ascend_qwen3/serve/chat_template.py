@@ -15,17 +15,12 @@
   of ``<tool_response>`` blocks.
 """
 
-QWEN3_CHAT_TEMPLATE = r"""
-{%- set ns = namespace(think=true, system='') -%}
-{%- if enable_thinking is defined and enable_thinking is false -%}{%- set ns.think = false -%}{%- endif -%}
-{%- for m in messages -%}
-  {%- if m.role in ['user', 'system'] and m.content is string -%}
-    {%- set a = m.content.rfind('/think') -%}
-    {%- set b = m.content.rfind('/no_think') -%}
-    {%- if b >= 0 and b >= a -%}{%- set ns.think = false -%}
-    {%- elif a >= 0 -%}{%- set ns.think = true if not (enable_thinking is defined and enable_thinking is false) else false -%}{%- endif -%}
-  {%- endif -%}
-{%- endfor -%}
+from ..thinking import SOFT_SWITCH_RULE
+
+# the soft-switch rule (ascend_qwen3/thinking.py) sets `thinking.on`; the reasoning parser
+# evaluates the same text, so a non-streaming answer is split by the rule its prompt was made with
+QWEN3_CHAT_TEMPLATE = SOFT_SWITCH_RULE + "\n" + r"""
+{%- set ns = namespace(system='') -%}
 {%- if messages and messages[0].role == 'system' -%}{%- set ns.system = messages[0].content -%}{%- endif -%}
 {%- if tools -%}
 <|im_start|>system
@@ -74,7 +69,7 @@ To call a function, answer with one JSON object per call inside <tool_call></too
 {%- endfor -%}
 {%- if add_generation_prompt -%}
 <|im_start|>assistant
-{% if ns.think %}<think>
+{% if thinking.on %}<think>
 {% else %}<think>
 
 </think>

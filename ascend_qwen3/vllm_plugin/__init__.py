@@ -15,6 +15,12 @@ names (``Qwen3ForCausalLM`` / ``Qwen3MoeForCausalLM``), so unmodified configs pi
 opt-in *is* order dependent (the last registration of a name wins), which is why it is not the
 default. Registration is lazy (``"module:Class"``): vLLM imports the model module only when it
 builds or inspects the model.
+
+It also registers the project's reasoning parser, ``ascend_qwen3`` (vLLM's ``qwen3`` with the
+chat template's soft-switch rule applied to non-streaming answers; ``thinking.py``), lazily too.
+vLLM loads general plugins while it builds its command-line parser, before it checks the
+``--reasoning-parser`` name, so the launcher's ``--reasoning-parser ascend_qwen3`` is known by
+then.
 """
 
 from __future__ import annotations
@@ -44,10 +50,20 @@ def architectures(take_over: bool | None = None) -> dict[str, str]:
     return out
 
 
+# what the launcher passes to --reasoning-parser and --logits-processors (thinking.py)
+REASONING_PARSER_NAME = "ascend_qwen3"
+THINKING_MODULE = f"{__name__}.thinking"
+LOGITS_PROCESSOR = f"{THINKING_MODULE}:ThinkingBudget"
+
+
 def register() -> None:
     from vllm import ModelRegistry
+    from vllm.reasoning import ReasoningParserManager
 
     archs = architectures()
     for arch, target in archs.items():
         ModelRegistry.register_model(arch, target)
-    logger.debug("ascend-qwen3 registered %s", ", ".join(archs))
+    ReasoningParserManager.register_lazy_module(REASONING_PARSER_NAME, THINKING_MODULE,
+                                                "AscendQwen3ReasoningParser")
+    logger.debug("ascend-qwen3 registered %s and the reasoning parser %s", ", ".join(archs),
+                 REASONING_PARSER_NAME)

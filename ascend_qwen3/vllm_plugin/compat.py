@@ -96,8 +96,31 @@ VLLM_USES: list[Use] = [
     Use("vllm.config", "LoadConfig", "attrs", ("download_dir", "load_format")),
     Use("vllm.config", "CacheConfig", "attrs", ("cache_dtype",)),
     Use("vllm.config", "DeviceConfig", "attrs", ("device",)),
-    # the launcher's --reasoning-config keys
-    Use("vllm.config", "ReasoningConfig", "attrs", ("reasoning_start_str", "reasoning_end_str")),
+    # the thinking budget (vllm_plugin/thinking.py): a V1 logits processor ...
+    Use("vllm.v1.sample.logits_processor", "LogitsProcessor.__init__", "override",
+        ("vllm_config", "device", "is_pin_memory")),
+    Use("vllm.v1.sample.logits_processor", "LogitsProcessor.validate_params", "override",
+        ("sampling_params",)),
+    Use("vllm.v1.sample.logits_processor", "LogitsProcessor.update_state", "override",
+        ("batch_update",)),
+    Use("vllm.v1.sample.logits_processor", "LogitsProcessor.apply", "override", ("logits",)),
+    Use("vllm.v1.sample.logits_processor", "LogitsProcessor.is_argmax_invariant", "override", ()),
+    Use("vllm.v1.sample.logits_processor", "BatchUpdate", "attrs", ("removed", "added", "moved")),
+    Use("vllm.v1.sample.logits_processor", "MoveDirectionality", "attrs", ("SWAP",)),
+    Use("vllm.sampling_params", "SamplingParams", "attrs", ("thinking_token_budget", "extra_args")),
+    Use("vllm.tokenizers", "cached_tokenizer_from_config", "call", ("model_config",)),
+    # ... and the reasoning parser: vLLM's qwen3, registered under the project's name
+    Use("vllm.reasoning", "ReasoningParserManager.register_lazy_module", "call",
+        ("name", "module_path", "class_name")),
+    Use("vllm.reasoning", "ReasoningParserManager.get_reasoning_parser", "call", ("name",)),
+    Use("vllm.reasoning.abs_reasoning_parsers", "ReasoningParser.__init__", "override",
+        ("tokenizer",)),
+    Use("vllm.reasoning.abs_reasoning_parsers", "ReasoningParser.extract_reasoning", "override",
+        ("model_output", "request")),
+    Use("vllm.reasoning.abs_reasoning_parsers", "ReasoningParser.count_reasoning_tokens",
+        "override", ("token_ids",)),
+    Use("vllm.entrypoints.openai.chat_completion.protocol", "ChatCompletionRequest", "attrs",
+        ("messages", "chat_template_kwargs", "thinking_token_budget")),
 ]
 
 # vllm-ascend, on the NPU (``platform_attention_backend``, ``attention_inputs``, ``kv_views``)

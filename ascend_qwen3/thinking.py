@@ -147,7 +147,9 @@ class ThinkingTokens:
 class BudgetState:
     """One request's thinking under a budget: fed every generated token, asked which token (if
     any) must be forced next. Rebuilt from the prompt and all output tokens when a request
-    (re)joins a batch, so a preempted and resumed request keeps its count."""
+    (re)joins a batch, so a preempted and resumed request keeps its count, and a request
+    preempted halfway through the forced text goes on with the rest of it: feeding a token
+    replays the decision the step was made under."""
 
     __slots__ = ("tokens", "budget", "open", "count", "forcing", "fed")
 
@@ -163,6 +165,7 @@ class BudgetState:
     def feed(self, token: int) -> None:
         t = self.tokens
         self.fed += 1
+        self._due()                 # a step the budget forces (replayed alike on a rebuild)
         if self.forcing >= 0:
             if token == t.forced_end[self.forcing]:
                 self.forcing += 1
@@ -190,8 +193,11 @@ class BudgetState:
             self.feed(token)
         return False
 
-    def forced_token(self) -> int | None:
-        """The token the next step must produce, or None to let the model choose."""
+    def _due(self) -> None:
         if self.forcing < 0 and self.open and self.count >= self.budget:
             self.forcing = 0
+
+    def forced_token(self) -> int | None:
+        """The token the next step must produce, or None to let the model choose."""
+        self._due()
         return self.tokens.forced_end[self.forcing] if self.forcing >= 0 else None

@@ -349,3 +349,25 @@ def qwen3_tokenizer(tmp_path_factory):
     d = tmp_path_factory.mktemp("qwen3-tokenizer")
     write_qwen3_tokenizer(str(d))
     return AutoTokenizer.from_pretrained(str(d))
+
+
+def test_rebuilt_halfway_through_the_forced_text_goes_on_with_it():
+    """A request preempted while the forced text is being written is rebuilt from its output:
+    the tokens already forced are recognised as such (not counted as thinking), and the rest
+    of the text follows, once."""
+    live = BudgetState(TOK, 2, OPEN)
+    out = []
+    for model_token in [20, None, None]:
+        forced = live.forced_token()
+        token = forced if forced is not None else model_token
+        out.append(token)
+        live.feed(token)
+    assert out == [20, 7, 8]
+    rebuilt = BudgetState(TOK, 2, OPEN)
+    rebuilt.feed_all(out)
+    assert (rebuilt.forcing, rebuilt.count) == (live.forcing, live.count) == (2, 2)
+    assert rebuilt.forced_token() == 2
+    rebuilt.feed(2)
+    assert rebuilt.forced_token() == 9
+    rebuilt.feed(9)
+    assert rebuilt.forced_token() is None and not rebuilt.open

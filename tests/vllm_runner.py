@@ -8,14 +8,17 @@ needs a ``__main__`` guard)::
 JOBS.json is a list of jobs: ``{"model": dir, "arch": "ours" | "builtin", "dtype": "float32",
 "tp": 1, "ep": false, "prompts": [[ids...], ...], "max_tokens": 16,
 "forced_prompts": [[ids...], ...], "ops_log": dir | null, "compile": false,
-"engine_args": {...}}`` (``compile``: let vLLM compile the model, as it does by default, instead
-of ``enforce_eager``; ``engine_args``: more keyword arguments for ``vllm.LLM``).
+"engine_args": {...}, "tokenizer": false, "sampling": {...}, "metrics": false}`` (``compile``: let
+vLLM compile the model, as it does by default, instead of ``enforce_eager``; ``engine_args``: more
+keyword arguments for ``vllm.LLM``; ``tokenizer``: load the checkpoint's tokenizer, which the
+engine otherwise skips; ``sampling``: more ``SamplingParams`` for ``prompts``, e.g.
+``thinking_token_budget`` or ``n``; ``metrics``: the engine's counters after the run).
 "ours" serves the checkpoint with the project's class (the architecture overridden to
 AscendQwen3[Moe]ForCausalLM); "builtin" with vLLM's own Qwen3 / Qwen3-MoE class. One engine per
 job does up to two things, and its result says which CPU capability PyTorch ran with:
 
-- ``prompts`` -> ``outputs``: greedy generation; per prompt, the generated ids and the two most
-  likely (id, logprob) pairs of each step.
+- ``prompts`` -> ``outputs``: greedy generation (unless ``sampling`` says otherwise); per prompt, the generated ids and the two most
+  likely (id, logprob) pairs of each step (and ``choices``: every choice's ids, for ``n`` > 1).
 - ``forced_prompts`` -> ``forced``: every prompt is scored, not continued (vLLM's
   ``prompt_logprobs``, i.e. teacher forcing): per prompt and per position i >= 1, the logprob the
   engine gives the prompt's own token i and the two most likely (id, logprob) pairs there. Every
@@ -61,20 +64,26 @@ def run_job(job: dict) -> dict:
         kw["enable_expert_parallel"] = True
     kw.update(job.get("engine_args") or {})
     t0 = time.perf_counter()
-    llm = LLM(model=job["model"], skip_tokenizer_init=True, dtype=job.get("dtype", "float32"),
+    llm = LLM(model=job["model"], skip_tokenizer_init=not job.get("tokenizer"),
+              dtype=job.get("dtype", "float32"),
               max_model_len=job.get("max_model_len", 512), tensor_parallel_size=job.get("tp", 1),
               enforce_eager=not job.get("compile", False), seed=0,
               max_num_batched_tokens=job.get("max_num_batched_tokens"), **kw)
     result = {"job": job, "start_seconds": time.perf_counter() - t0, "outputs": [],
               "forced": [], "cpu_capability": torch.backends.cpu.get_cpu_capability()}
     if job.get("prompts"):
-        sp = SamplingParams(temperature=0.0, max_tokens=job.get("max_tokens", 16), logprobs=2,
-                            detokenize=False, ignore_eos=True)
+        kw = dict(temperature=0.0, max_tokens=job.get("max_tokens", 16), logprobs=2,
+                  detokenize=False, ignore_eos=True)
+        sp = SamplingParams(**dict(kw, **(job.get("sampling") or {})))
         for o in llm.generate([TokensPrompt(prompt_token_ids=p) for p in job["prompts"]], sp,
                               use_tqdm=False):
             c = o.outputs[0]
             result["outputs"].append({"token_ids": list(c.token_ids),
-                                      "top2": [_top2(d) for d in c.logprobs]})
+                                      "top2": [_top2(d) for d in c.logprobs],
+                                      "choices": [list(x.token_ids) for x in o.outputs]})
+    if job.get("metrics"):
+        result["metrics"] = {m.name: getattr(m, "value", None) for m in llm.get_metrics()
+                             if isinstance(getattr(m, "value", None), (int, float))}
     if job.get("forced_prompts"):
         sp = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=2, detokenize=False)
         prompts = job["forced_prompts"]

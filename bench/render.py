@@ -275,6 +275,39 @@ def _ops_section(results, lines) -> None:
     lines.append("")
 
 
+def _thinking_section(results, lines) -> None:
+    sec = results.get("thinking")
+    if not sec:
+        return
+    rows = _by(sec["results"], "batch", "case")
+    batches = sorted({b for b, _ in rows})
+    cases = [c for c in ("no processor", "no budgets", "budgets, thinking", "budgets, forcing")
+             if any((b, c) in rows for b in batches)]
+    lines += ["## Thinking budget", "",
+              "What the thinking-budget logits processor (`vllm_plugin/thinking.py`) adds to a "
+              "decode step: `update_state` and `apply` as vLLM calls them, on fp32 logits of "
+              "151,936 tokens, each request's output growing by a token a step "
+              "(`bench/thinking_budget.py`; median µs per step). \"no budgets\": the processor "
+              "is loaded (as `make serve` loads it) and no request has a budget; \"thinking\": "
+              "every request counts towards its budget; \"forcing\": every request is writing "
+              "the forced text, so each row is masked (all its logits written), the worst case. "
+              "A request forces 24 tokens (the transition text) once in its life.", "",
+              _provenance(sec), "",
+              "| case | " + " | ".join(f"batch {b}" for b in batches) + " |",
+              "|---|" + "---|" * len(batches)]
+    for c in cases:
+        lines.append(f"| {c} | " + " | ".join(_f(rows[(b, c)]["us"]) if (b, c) in rows else "–"
+                                               for b in batches) + " |")
+    step = {r["batch"]: 1e6 * r["batch"] / r["decode_tokens_per_s"]
+            for r in (results.get("decode") or {}).get("results", [])
+            if r["engine"] == "vllm-ours" and r["checkpoint"] == "dense" and r.get("decode_tokens_per_s")}
+    if step:
+        lines += ["", "For scale, a decode step of the project's class on the dense (0.6B-shaped) "
+                  "checkpoint in the decode section above takes " + ", ".join(
+                      f"{us / 1000:,.1f} ms at batch {b}" for b, us in sorted(step.items())) + "."]
+    lines.append("")
+
+
 def _roofline_section(results, lines) -> None:
     sec = results.get("roofline")
     if not sec:
@@ -345,6 +378,7 @@ def write(results: dict) -> None:
     _w8a8_section(results, lines, figures)
     _serving_section(results, lines, figures)
     _ops_section(results, lines)
+    _thinking_section(results, lines)
     _npu_section(lines)
     with open(DOC, "w") as f:
         f.write("\n".join(lines).rstrip() + "\n")

@@ -10,7 +10,9 @@ Sections (each runs its engines side by side, one after another, in this run):
 - ``w8a8``: the dense checkpoint in bf16, W8A8 (static) and W8A8_DYNAMIC, through the
   standalone graph and the project's class inside vLLM;
 - ``serving``: TTFT / TPOT / ITL / end-to-end latency from ``vllm bench serve`` against the
-  server ``make serve`` starts, the project's class vs vLLM's built-in.
+  server ``make serve`` starts, the project's class vs vLLM's built-in;
+- ``thinking``: what the thinking-budget logits processor costs per decode step at batch 1 and
+  64, without and with budgets (``bench/thinking_budget.py``).
 
 Results are kept in docs/bench/results.json (a section run again replaces its own entry, with
 its date, machine and command) and rendered into docs/BENCHMARKS.md with PNG figures in
@@ -37,7 +39,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 RESULTS = os.path.join(ROOT, "docs", "bench", "results.json")
-SECTIONS = ("roofline", "ops", "decode", "w8a8", "serving")
+SECTIONS = ("roofline", "ops", "decode", "w8a8", "serving", "thinking")
 
 
 def machine() -> dict:
@@ -116,6 +118,10 @@ def run_section(name: str, a) -> dict:
         for batch in a.batch[:1 if a.quick else 2]:
             rows += _side_by_side(decode, ("standalone", "vllm-ours"), variants, batch, a)
         return {"results": rows, "rounds": a.rounds}
+    if name == "thinking":
+        import thinking_budget
+
+        return {"results": thinking_budget.measure((1, 64), repeats=3 if a.quick else 5)}
     if name == "serving":
         import serving
 

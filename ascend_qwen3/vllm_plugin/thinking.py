@@ -134,7 +134,7 @@ class ThinkingBudget(LogitsProcessor):
         if rows:
             r = torch.tensor(rows, dtype=torch.long, device=logits.device)
             t = torch.tensor(forced, dtype=torch.long, device=logits.device)
-            logits[r] = float("-inf")
+            logits.index_fill_(0, r, float("-inf"))     # a forced row keeps one finite logit
             logits[r, t] = 0.0
         return logits
 

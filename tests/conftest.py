@@ -30,6 +30,17 @@ def checkpoint(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="session")
+def qwen3_tokenizer(tmp_path_factory):
+    """The real Qwen3 tokenizer with the project's chat template (what the default model ships)."""
+    from transformers import AutoTokenizer
+
+    from ascend_qwen3.serve.tokenizer import write_qwen3_tokenizer
+    d = tmp_path_factory.mktemp("qwen3-tokenizer")
+    write_qwen3_tokenizer(str(d))
+    return AutoTokenizer.from_pretrained(str(d))
+
+
 @pytest.fixture(params=sorted(SPECS))
 def spec_name(request):
     return request.param

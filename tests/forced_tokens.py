@@ -11,7 +11,8 @@ parsers and the thinking budget can be tested on real output.
 from __future__ import annotations
 
 import torch
-from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
+
+from ascend_qwen3.vllm_plugin.thinking import PerRequestProcessor
 
 KEY = "forced_token_ids"
 
@@ -26,7 +27,7 @@ def _ids(params) -> list[int] | None:
     return [int(t) for t in raw]
 
 
-class ForcedTokens(LogitsProcessor):
+class ForcedTokens(PerRequestProcessor):
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
         self.rows: dict[int, tuple[list[int], list[int]]] = {}   # row -> (forced ids, output ids)
 
@@ -37,26 +38,9 @@ class ForcedTokens(LogitsProcessor):
         except (TypeError, ValueError):
             raise ValueError(f"vllm_xargs.{KEY} must be comma-separated token ids") from None
 
-    def is_argmax_invariant(self) -> bool:
-        return False
-
-    def update_state(self, batch_update: BatchUpdate | None) -> None:
-        if not batch_update:
-            return
-        for index in batch_update.removed:
-            self.rows.pop(index, None)
-        for index, params, _prompt, output_ids in batch_update.added:
-            ids = _ids(params)
-            if ids:
-                self.rows[index] = (ids, output_ids)
-            else:
-                self.rows.pop(index, None)
-        for a, b, direction in batch_update.moved:
-            ra, rb = self.rows.pop(a, None), self.rows.pop(b, None)
-            if ra is not None:
-                self.rows[b] = ra
-            if rb is not None and direction == MoveDirectionality.SWAP:
-                self.rows[a] = rb
+    def track(self, params, prompt_ids, output_ids):
+        ids = _ids(params)
+        return (ids, output_ids) if ids else None
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         for row, (ids, out) in self.rows.items():

@@ -341,15 +341,6 @@ def test_reasoning_parser_follows_the_template(qwen3_tokenizer):
     assert stock_wrong >= 4
 
 
-@pytest.fixture(scope="module")
-def qwen3_tokenizer(tmp_path_factory):
-    from transformers import AutoTokenizer
-
-    from ascend_qwen3.serve.tokenizer import write_qwen3_tokenizer
-    d = tmp_path_factory.mktemp("qwen3-tokenizer")
-    write_qwen3_tokenizer(str(d))
-    return AutoTokenizer.from_pretrained(str(d))
-
 
 def test_rebuilt_halfway_through_the_forced_text_goes_on_with_it():
     """A request preempted while the forced text is being written is rebuilt from its output:

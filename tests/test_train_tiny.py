@@ -22,15 +22,9 @@ from ascend_qwen3.serve import train_tiny as T
 SMALL = T.Recipe(steps=3, batch=2, seq_len=64, additions=40, tool_calls=8, warmup=2)
 
 
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    from transformers import AutoTokenizer
-
-    from ascend_qwen3.serve.tokenizer import write_qwen3_tokenizer
-
-    d = tmp_path_factory.mktemp("tok")
-    write_qwen3_tokenizer(str(d))
-    return AutoTokenizer.from_pretrained(str(d))
+@pytest.fixture
+def tok(qwen3_tokenizer):
+    return qwen3_tokenizer
 
 
 # --- the corpus ----------------------------------------------------------------------------------

@@ -52,7 +52,39 @@ BUDGET_KEY = "ascend_qwen3_thinking_token_budget"
 logger = logging.getLogger(__name__)
 
 
-class ThinkingBudget(LogitsProcessor):
+class PerRequestProcessor(LogitsProcessor):
+    """A logits processor that keeps a state for some requests of the persistent batch, by batch
+    row, following vLLM's batch updates (applied in vLLM's order: removed, added, moved).
+    ``track`` says what to keep for a request joining the batch (None: nothing)."""
+
+    rows: dict
+
+    def track(self, params, prompt_ids, output_ids):
+        raise NotImplementedError
+
+    def is_argmax_invariant(self) -> bool:
+        return False
+
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        if not batch_update:
+            return
+        for index in batch_update.removed:
+            self.rows.pop(index, None)
+        for index, params, prompt_ids, output_ids in batch_update.added:
+            state = self.track(params, prompt_ids, output_ids)
+            if state is None:
+                self.rows.pop(index, None)
+            else:
+                self.rows[index] = state
+        for a, b, direction in batch_update.moved:
+            row_a, row_b = self.rows.pop(a, None), self.rows.pop(b, None)
+            if row_a is not None:
+                self.rows[b] = row_a
+            if row_b is not None and direction == MoveDirectionality.SWAP:
+                self.rows[a] = row_b
+
+
+class ThinkingBudget(PerRequestProcessor):
     """Forces Qwen3's end-of-thinking text when a request's thinking reaches its budget.
 
     Requests without a budget are not tracked: with none in the batch, ``apply`` returns at once
@@ -92,26 +124,12 @@ class ThinkingBudget(LogitsProcessor):
         self._warned = False
         self.rows: dict[int, tuple[BudgetState, list[int]]] = {}   # batch row -> (state, output ids)
 
-    def is_argmax_invariant(self) -> bool:
-        return False
-
-    def update_state(self, batch_update: BatchUpdate | None) -> None:
-        if not batch_update:
-            return
-        for index in batch_update.removed:
-            self.rows.pop(index, None)
-        for index, params, prompt_ids, output_ids in batch_update.added:
-            budget = (getattr(params, "extra_args", None) or {}).get(BUDGET_KEY)
-            if budget is None:
-                self.rows.pop(index, None)
-            else:   # a resumed request brings all its output so far: the count is rebuilt
-                self.rows[index] = (BudgetState(self.tokens, int(budget), prompt_ids), output_ids)
-        for a, b, direction in batch_update.moved:
-            row_a, row_b = self.rows.pop(a, None), self.rows.pop(b, None)
-            if row_a is not None:
-                self.rows[b] = row_a
-            if row_b is not None and direction == MoveDirectionality.SWAP:
-                self.rows[a] = row_b
+    def track(self, params, prompt_ids, output_ids):
+        budget = (getattr(params, "extra_args", None) or {}).get(BUDGET_KEY)
+        if budget is None:
+            return None
+        # a resumed request brings all its output so far: the count is rebuilt from it
+        return BudgetState(self.tokens, int(budget), prompt_ids), output_ids
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         if not self.rows:

@@ -137,7 +137,7 @@ def _layer_names(cfg: Qwen3Config, i: int) -> list[str]:
 
 
 @torch.no_grad()
-def _calibrate_layer(layer, cfg32: Qwen3Config, h, residual, positions, meta, kv, cos_sin, is_moe):
+def _calibrate_layer(layer, cfg32: Qwen3Config, h, residual, rope, meta, kv, is_moe):
     """Run the calibration tokens through ``layer``; returns (stats, h_out, residual_out)."""
     import ops
 
@@ -171,7 +171,7 @@ def _calibrate_layer(layer, cfg32: Qwen3Config, h, residual, positions, meta, kv
         hooks.append(layer.mlp.gate_up_proj.register_forward_pre_hook(record("mlp_in")))
         hooks.append(layer.mlp.down_proj.register_forward_pre_hook(record("down_in")))
     try:
-        out, res = layer(h, residual, positions, meta, kv, cos_sin)
+        out, res = layer(h, residual, rope, meta, kv)
     finally:
         for hk in hooks:
             hk.remove()
@@ -356,8 +356,9 @@ def _quantize_into(work: str, model_dir: str, cfg: Qwen3Config, files: dict, kin
     cache = PagedKVCache.for_tokens(one, sum(map(len, seqs)) + 16 * len(seqs), block_size=16)
     positions, meta = cache.prepare([(r, len(s)) for r, s in enumerate(seqs)])
     ids = torch.tensor([t for s in seqs for t in s])
-    cos_sin = ops.rope_cos_sin_cache(cfg.head_dim, int(positions.max()) + 1, cfg.rope_theta,
-                                     cfg.rope_scaling)
+    rope = ops.rope_cos_sin(ops.rope_table(ops.rope_cos_sin_cache(
+        cfg.head_dim, int(positions.max()) + 1, cfg.rope_theta, cfg.rope_scaling), torch.float32),
+        positions)
 
     # shard 0: embeddings, final norm, LM head (FLOAT)
     top = ["model.embed_tokens.weight", "model.norm.weight"]
@@ -384,7 +385,7 @@ def _quantize_into(work: str, model_dir: str, cfg: Qwen3Config, files: dict, kin
         layer = Qwen3DecoderLayer(cfg32, i, SINGLE)
         fill_from_tensors(layer, float_plan, W, prefix=f"layers.{i}.")
         stats, experts_down, h_next, res_next = _calibrate_layer(
-            layer, cfg32, h, residual, positions, meta, cache.caches[0], cos_sin, is_moe)
+            layer, cfg32, h, residual, rope, meta, cache.caches[0], is_moe)
         factors = _smooth(W, cfg, i, stats, experts_down, smooth) if smooth else {}
 
         out: dict[str, torch.Tensor] = {}

@@ -80,11 +80,11 @@ def cases(be, device, dtype):
         out.append((f"rms_norm {m}x{H}", lambda x=x, w=rnd(H): be.rms_norm(x, w, 1e-6), 0))
         out.append((f"swiglu {m}x{2 * FFN}", lambda h=rnd(m, 2 * FFN): be.swiglu(h), 0))
         q, kk = rnd(m, HQ, D), rnd(m, HKV, D)
-        cs = torch.cat([torch.cos(torch.arange(4096.0)[:, None] * torch.ones(D // 2)),
-                        torch.sin(torch.arange(4096.0)[:, None] * torch.ones(D // 2))], -1).to(device)
-        pos = torch.arange(m, device=device)
-        out.append((f"rotary_embedding {m} tokens", lambda q=q, kk=kk, pos=pos, cs=cs:
-                    be.rotary_embedding(q, kk, pos, cs), 0))
+        import ops
+        cos, sin = ops.rope_cos_sin(ops.rope_table(ops.rope_cos_sin_cache(D, 4096, 1e6), dtype)
+                                    .to(device), torch.arange(m, device=device))
+        out.append((f"rotary_embedding {m} tokens", lambda q=q, kk=kk, cos=cos, sin=sin:
+                    be.rotary_embedding(q, kk, cos, sin), 0))
     for reqs, ctx in ((1, 256), (8, 256), (32, 256), (8, 2048)):
         out.append(_attention_case(be, device, dtype, rnd, reqs, ctx, decode=True))
     if be.NAME == "cpu":          # the decode requests as a compiling engine runs them

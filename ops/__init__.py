@@ -28,7 +28,7 @@ from types import ModuleType
 
 import torch
 
-from .rope import rope_cos_sin_cache, rope_inv_freq  # noqa: F401  (backend independent)
+from .rope import rope_cos_sin, rope_cos_sin_cache, rope_inv_freq, rope_table  # noqa: F401  (backend independent)
 
 logger = logging.getLogger("ascend_qwen3.ops")
 
@@ -149,5 +149,6 @@ for _op in OPS:
 del _op
 
 __all__ = list(OPS) + ["backend_for", "backend_name_for", "bind", "compile_kernels",
-                       "npu_visible", "rope_cos_sin_cache", "rope_inv_freq", "ENV_VAR",
+                       "npu_visible", "rope_cos_sin", "rope_cos_sin_cache", "rope_inv_freq",
+                       "rope_table", "ENV_VAR",
                        "LOG_ENV_VAR"]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import torch
 
-from .rope import cos_sin_for
 
 NAME = "cpu"
 
@@ -114,21 +113,22 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def rotary_embedding(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
-                     cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_embedding(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply neox-style rotary embedding to q and k.
 
-    q: [T, Hq, D], k: [T, Hk, D]; positions: [T] int (position of each token);
-    cos_sin_cache: [max_pos, D] fp32, first half cos(pos * inv_freq) * mscale, second half
-    sin(...) * mscale (see ``ops.rope.rope_cos_sin_cache``). For each token and head:
-    ``out = x * cos + rotate_half(x) * sin`` with cos/sin repeated to D, computed in fp32 and
-    returned in the input dtype.
+    q: [T, Hq, D], k: [T, Hk, D]; cos, sin: [T, 1, D], each token's row with both halves
+    (``ops.rope_cos_sin``: gathered once per step from ``ops.rope_table``, in the model's
+    dtype). For each token and head: ``out = x * cos + rotate_half(x) * sin``, computed in fp32
+    from the given cos/sin and rounded once to the input dtype.
+    Returns (q_out, k_out). A backend may write the results into q and k (the NPU kernel works
+    in place): callers pass tensors they do not need afterwards.
     """
-    cos, sin = cos_sin_for(cos_sin_cache, positions)                    # [T, 1, D] fp32
+    c, s = cos.float(), sin.float()
 
     def apply(x):
         xf = x.float()
-        return (xf * cos + _rotate_half(xf) * sin).to(x.dtype)
+        return (xf * c + _rotate_half(xf) * s).to(x.dtype)
 
     return apply(q), apply(k)
 
@@ -191,6 +191,9 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     they must hold finite values (stale keys or zeros, what a cache holds).
     seq_lens: [R] int, number of keys of request r (cached prefix + this step's tokens).
     Bottom-right causal: with Lq queries and Lk keys, query j sees keys 0 .. Lk - Lq + j.
+    A query that sees no key (Lq > Lk: the first Lq - Lk queries; or Lk == 0) gets a zero row:
+    engines pad batches with such requests (vllm-ascend's graph padding: decode dummies with no
+    keys, one mixed-batch dummy with a query per padded token and one key).
     GQA: query head h reads kv head ``h // (Hq // Hkv)``.
     query_start_loc_host, seq_lens_host: the same values as Python lists, when the caller has
     them on the host (a backend whose kernel takes host lengths needs them, to avoid copying
@@ -211,26 +214,29 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
         raise ValueError(f"query heads {Hq} are not a multiple of kv heads {Hkv}")
     starts = query_start_loc.tolist() if query_start_loc_host is None else query_start_loc_host
     lens = seq_lens.tolist() if seq_lens_host is None else seq_lens_host
-    decode = [r for r in range(len(lens)) if starts[r + 1] - starts[r] == 1]
+    # the queries that see a key: a request's last min(Lq, Lk) (the others stay zero rows)
+    first = [max(starts[r], starts[r + 1] - lens[r]) for r in range(len(lens))]
+    decode = [r for r in range(len(lens)) if starts[r + 1] - first[r] == 1]
     if _compiled_decode is not None and decode and len(decode) == T:  # a decode step, no padding:
         return _decode_compiled(query, key_cache, value_cache, block_tables, seq_lens, lens,
                                 decode, scale)                      # the kernel's result as is
     out = query.new_zeros(T, Hq, D)
     if decode and _compiled_decode is not None:
-        rows = [starts[r] for r in decode]
+        rows = [first[r] for r in decode]
         out[rows] = _decode_compiled(query[rows], key_cache, value_cache, block_tables,
                                      seq_lens, lens, decode, scale)
         decode = []
     for group in _by_size(decode, lens, key_cache):
-        if group[-1] - group[0] == len(group) - 1:      # consecutive requests: views, no copies
-            rows, tables = slice(starts[group[0]], starts[group[0]] + len(group)), \
-                block_tables[group[0]:group[-1] + 1]
+        rows = [first[r] for r in group]
+        if group[-1] - group[0] == len(group) - 1 and rows[-1] - rows[0] == len(group) - 1:
+            # consecutive requests, a row each: views, no copies
+            rows, tables = slice(rows[0], rows[0] + len(group)), block_tables[group[0]:group[-1] + 1]
         else:
-            rows, tables = [starts[r] for r in group], block_tables[group]
+            tables = block_tables[group]
         out[rows] = _attend(query[rows].unsqueeze(1), key_cache, value_cache, tables,
                             [lens[r] for r in group], scale).squeeze(1)
     for r in range(len(lens)):
-        q0, q1 = starts[r], starts[r + 1]
+        q0, q1 = first[r], starts[r + 1]
         if q1 - q0 > 1:
             out[q0:q1] = _attend(query[q0:q1].unsqueeze(0), key_cache, value_cache,
                                  block_tables[r:r + 1], [lens[r]], scale).squeeze(0)

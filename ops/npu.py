@@ -22,7 +22,6 @@ from __future__ import annotations
 import torch
 import torch_npu
 
-from .rope import cos_sin_for
 
 NAME = "npu"
 
@@ -124,10 +123,10 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
 # Rotary embedding (neox / rotate-half style)
 # --------------------------------------------------------------------------------------------
 
-def rotary_embedding(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
-                     cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_embedding(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Neox RoPE with ``torch_npu.npu_apply_rotary_pos_emb(q, k, cos, sin, layout="TND",
-    rotary_mode="half")``.
+    rotary_mode="half")``, in place: one kernel per layer.
 
     Kernel doc: npu_apply_rotary_pos_emb(query, key, cos, sin, *, layout='BSND',
     rotary_mode='half') -> (query_out, key_out), updated IN PLACE; "half" computes
@@ -135,13 +134,14 @@ def rotary_embedding(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
     rotary_mode "half" only, D in {64, 128}, query/key/cos/sin of one dtype, TND shapes
     query [T, Nq, D], key [T, Nk, D], cos/sin [T, 1, D]; no empty tensors; and
     (aclnnApplyRotaryPosEmbV2 page) a per-token unified-buffer budget, checked here.
-    Marshalling: cos/sin rows are gathered for ``positions`` from cos_sin_cache [max_pos, D]
-    (first half cos, second half sin), each half repeated to D and shaped [T, 1, D]. q and k are
-    upcast to fp32 copies (the in-place update lands on the copies, never on the caller's q/k) so
-    the kernel computes in fp32 like ops.cpu, then cast back to the input dtypes; fp32 inputs
-    are cloned. T == 0 returns clones without a call.
-    Tolerance vs ops.cpu: same fp32 formula and one final rounding: ~1 fp32 ulp before the cast,
-    i.e. equal or 1 ulp apart in bf16/fp16.
+    Marshalling: none for the graph's tensors: q and k (the QK-norm outputs, contiguous) are
+    rotated where they lie and returned; cos/sin come once per step from ``ops.rope_cos_sin`` in
+    the model dtype (vllm-ascend and Hugging Face also rotate bf16 activations with bf16 cos/sin).
+    Non-contiguous q/k are copied first; cos/sin of another dtype are cast to q's. T == 0
+    returns q and k without a call.
+    Tolerance vs ops.cpu (fp32 maths from the same cos/sin, one rounding): about one ulp of the
+    input dtype, if the kernel widens to fp32 internally (the emulator does; the page does not
+    say, the npu-marked rotary test on an A2 settles it).
     """
     T, D = q.shape[0], q.shape[-1]
     _check(q.dim() == 3 and k.dim() == 3 and k.shape[0] == T and k.shape[-1] == D,
@@ -149,28 +149,28 @@ def rotary_embedding(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
            f"{list(q.shape)} and {list(k.shape)}", "pass per-head q/k in TND layout")
     _check(D in (64, 128), "rotary_embedding", "head_dim 64 or 128 (npu_apply_rotary_pos_emb on A2)",
            D, "Qwen3 uses head_dim 128; other head sizes need a different RoPE kernel")
-    _check(positions.numel() == T, "rotary_embedding", f"positions [{T}] (one per token)",
-           list(positions.shape), "pass the position of every query token")
-    _check(cos_sin_cache.shape[-1] == D, "rotary_embedding", f"cos_sin_cache of width {D}",
-           list(cos_sin_cache.shape), "build it with ops.rope_cos_sin_cache(head_dim, ...)")
-    _check(q.dtype in _FLOAT and k.dtype in _FLOAT, "rotary_embedding",
-           "q/k of dtype float16/bfloat16/float32", f"{_dt(q)}/{_dt(k)}", "cast to the model dtype")
+    _check(cos.shape == (T, 1, D) and sin.shape == cos.shape, "rotary_embedding",
+           f"cos and sin of shape [{T}, 1, {D}]", f"{list(cos.shape)} and {list(sin.shape)}",
+           "gather them for the step's positions with ops.rope_cos_sin")
+    _check(q.dtype in _FLOAT and k.dtype == q.dtype, "rotary_embedding",
+           "q and k of one dtype in float16/bfloat16/float32", f"{_dt(q)}/{_dt(k)}",
+           "cast to the model dtype")
     # aclnnApplyRotaryPosEmbV2 constraint: the per-token working set must fit the AI core's
-    # unified buffer (192 KiB on A2). With fp32 inputs (cast=0, castSize=DtypeSize=4):
+    # unified buffer (192 KiB on A2); counted here for fp32 (cast=0, castSize=DtypeSize=4),
+    # the largest case, whatever the dtype
     ub = (q.shape[1] + k.shape[1]) * D * 4 * 5 + D * 4 * 4
     _check(ub <= 192 * 1024, "rotary_embedding",
            "(q_heads + k_heads) * head_dim small enough for the RoPE kernel's unified buffer",
            f"{q.shape[1]} + {k.shape[1]} heads of {D} ({ub} bytes > 196608)",
            "use tensor parallelism to reduce the heads per rank")
     if T == 0:
-        return q.clone(), k.clone()
-    cos, sin = cos_sin_for(cos_sin_cache, positions)                    # [T, 1, D] fp32
-    qf = q.float() if q.dtype != torch.float32 else q.clone()
-    kf = k.float() if k.dtype != torch.float32 else k.clone()
-    qf, kf = qf.contiguous(), kf.contiguous()
-    q_out, k_out = torch_npu.npu_apply_rotary_pos_emb(qf, kf, cos, sin, layout="TND",
-                                                      rotary_mode="half")
-    return q_out.to(q.dtype), k_out.to(k.dtype)
+        return q, k
+    if cos.dtype != q.dtype:
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+    q_out, k_out = torch_npu.npu_apply_rotary_pos_emb(q.contiguous(), k.contiguous(),
+                                                      cos.contiguous(), sin.contiguous(),
+                                                      layout="TND", rotary_mode="half")
+    return q_out, k_out
 
 
 # --------------------------------------------------------------------------------------------
@@ -275,7 +275,8 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     "BFLOAT16 only"); D == 128 (TND without rope); block_size in {128, 512} (torch_npu page:
     multiple of 128 in [128, 512] for Q_S > 1; aclnn A2 TND: 128, 512 or 1024); Hq % Hkv == 0
     with ratio <= 64 and <= 256 heads; Hkv * D <= 65535 (BnBsH cache); 1..4096 requests;
-    T <= 1048576; per request query length <= KV length (sparse_mode 3 intercepts otherwise).
+    T <= 1048576. A request with more queries than keys (engines' padding requests) is passed
+    on: the kernel zeroes the query rows that see no key, as ops.cpu specifies.
     actual_seq_lengths(_kv) are host int lists: they are taken from ``query_start_loc_host`` and
     ``seq_lens_host``, which this backend REQUIRES (the engine's metadata carries them:
     vllm-ascend's ``actual_seq_lengths_q`` / ``seq_lens_list``, the standalone runner's
@@ -325,9 +326,12 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
            f"query_start_loc starting at 0 and ending at <= {T} query rows", starts,
            "query_start_loc must index rows of query")
     q_lens = [b - a for a, b in zip(starts, q_ends)]
-    _check(all(0 <= lq <= lk for lq, lk in zip(q_lens, kv_lens)), "paged_attention",
-           "0 <= query length <= seq_len for every request (seq_lens count this step's tokens)",
-           f"query lengths {q_lens}, seq_lens {kv_lens}", "fix the attention metadata")
+    # a query longer than its keys (an engine's padding request) is valid: the kernel gives the
+    # rows that see no key zeros ("sparse_mode=3 and Q_S > KV_S" invalid rows; empty KV: all
+    # zeros), as ops.cpu specifies
+    _check(all(lq >= 0 for lq in q_lens) and all(lk >= 0 for lk in kv_lens), "paged_attention",
+           "non-decreasing query starts and non-negative seq_lens", f"query lengths {q_lens}, "
+           f"seq_lens {kv_lens}", "fix the attention metadata")
     out, _lse = torch_npu.npu_fused_infer_attention_score(
         query[:n].contiguous(),
         key_cache.view(NB, BS, Hkv * D),

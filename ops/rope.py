@@ -1,8 +1,14 @@
-"""Rotary-embedding tables (backend independent; computed once at model build).
+"""Rotary-embedding tables (backend independent).
 
-``rope_cos_sin_cache`` returns the [max_positions, head_dim] fp32 table consumed by
-``ops.rotary_embedding``: first half cos(pos * inv_freq) * mscale, second half sin(...) * mscale.
-Plain RoPE and YaRN ("rope_type": "yarn") follow the YaRN paper and the Hugging Face definition.
+- ``rope_cos_sin_cache``: the [max_positions, head_dim] fp32 table, first half
+  cos(pos * inv_freq) * mscale, second half sin(...) * mscale; plain RoPE and YaRN
+  ("rope_type": "yarn") follow the YaRN paper and the Hugging Face definition.
+- ``rope_table``: the same values laid out for the kernels, made once at model build:
+  [2, max_positions, head_dim] (cos rows, then sin rows, each half repeated to the full head
+  dim) in the model's dtype, as Hugging Face and vLLM apply them (both round cos/sin to the
+  activations' dtype).
+- ``rope_cos_sin``: the rows of one step's positions, gathered once per step (one kernel) and
+  shared by every layer's ``ops.rotary_embedding``.
 """
 
 from __future__ import annotations
@@ -56,16 +62,21 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> tuple[to
     raise ValueError(f"rope_type {rope_type!r} is not supported; Qwen3 uses 'default' or 'yarn'")
 
 
-def cos_sin_for(cos_sin_cache: torch.Tensor, positions: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cos, sin) of ``positions`` [T] from a ``rope_cos_sin_cache`` table, each half repeated
-    to the full head dim, fp32 [T, 1, D] (one row per token, broadcast over the heads): what
-    both backends' ``rotary_embedding`` apply."""
-    cs = cos_sin_cache.index_select(0, positions.to(cos_sin_cache.device).long()).float()
-    half = cs.shape[-1] // 2
-    cos = torch.cat((cs[:, :half], cs[:, :half]), dim=-1).unsqueeze(1)
-    sin = torch.cat((cs[:, half:], cs[:, half:]), dim=-1).unsqueeze(1)
-    return cos, sin
+def rope_table(cos_sin_cache: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[2, P, D] in ``dtype`` from a [P, D] ``rope_cos_sin_cache``: cos rows then sin rows, each
+    half repeated to the full head dim."""
+    half = cos_sin_cache.shape[-1] // 2
+    cos, sin = cos_sin_cache[:, :half], cos_sin_cache[:, half:]
+    return torch.stack((torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1))).to(dtype)
+
+
+def rope_cos_sin(table: torch.Tensor, positions: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) of ``positions`` [T] (int32 / int64, on the table's device) from a
+    ``rope_table``: two contiguous [T, 1, D] views of one gather, in the table's dtype, what
+    ``ops.rotary_embedding`` takes (one row per token, broadcast over the heads)."""
+    rows = table.index_select(1, positions)                            # [2, T, D]
+    return rows[0].unsqueeze(1), rows[1].unsqueeze(1)
 
 
 def rope_cos_sin_cache(head_dim: int, max_positions: int, theta: float,

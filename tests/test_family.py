@@ -30,7 +30,7 @@ def test_family_shapes(name):
     model = Qwen3Graph(cfg, device="meta")
     attn = model.layers[0].self_attn
     assert attn.qkv_proj.weight.shape == ((cfg.num_heads + 2 * cfg.num_kv_heads) * 128, cfg.hidden_size)
-    assert model.cos_sin_cache.shape == (cfg.max_position_embeddings, 128)
+    assert model.rope_table.shape == (2, cfg.max_position_embeddings, 128)
     if cfg.is_moe:
         assert model.layers[0].mlp.experts.w13.shape == (128, cfg.hidden_size, 2 * cfg.moe_intermediate_size)
     assert ("lm_head.weight" in dict(model.named_parameters())) == (not cfg.tie_word_embeddings)

@@ -25,6 +25,7 @@ import sys
 import pytest
 import torch
 
+import ops
 from ops import cpu
 from ops.rope import rope_cos_sin_cache
 from tests import npu_emulator
@@ -187,23 +188,24 @@ def test_rms_norm_per_head(be, dtype, T, H):
 def test_rotary_embedding(be, dtype, T, hq, hk, d, yarn):
     scaling = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256} \
         if yarn else None
-    cache = rope_cos_sin_cache(d, 2048, 1_000_000.0, scaling)
+    table = ops.rope_table(rope_cos_sin_cache(d, 2048, 1_000_000.0, scaling), dtype)
     q, k = torch.randn(T, hq, d, dtype=dtype), torch.randn(T, hk, d, dtype=dtype)
     pos = torch.randint(0, 2048, (T,))
-    q0, k0 = q.clone(), k.clone()
-    qo, ko = be.run("rotary_embedding", q, k, pos, cache, expect=("npu_apply_rotary_pos_emb",))
-    qr, kr = cpu.rotary_embedding(q, k, pos, cache)
+    cos, sin = ops.rope_cos_sin(table, pos)
+    qr, kr = cpu.rotary_embedding(q, k, cos, sin)
+    qo, ko = be.run("rotary_embedding", q, k, cos, sin, expect=("npu_apply_rotary_pos_emb",))
     close(qo, qr, dtype)
     close(ko, kr, dtype)
-    exact(q, q0)  # the kernel updates in place: the caller's tensors must not change
-    exact(k, k0)
+    # one kernel: the rotation lands in q and k themselves (the graph passes tensors it owns)
+    assert qo.data_ptr() == q.data_ptr() and ko.data_ptr() == k.data_ptr()
 
 
 def test_rotary_embedding_rejects_head_dim_96(be):
-    cache = rope_cos_sin_cache(96, 64, 10000.0)
+    cos, sin = ops.rope_cos_sin(ops.rope_table(rope_cos_sin_cache(96, 64, 10000.0), torch.float32),
+                                torch.arange(3))
     q, k = torch.randn(3, 2, 96), torch.randn(3, 2, 96)
     with pytest.raises(ValueError, match="head_dim"):
-        be.run("rotary_embedding", q, k, torch.arange(3), cache)
+        be.run("rotary_embedding", q, k, cos, sin)
 
 
 @pytest.mark.parametrize("dtype", FLOATS + [torch.float16])
@@ -310,6 +312,23 @@ def test_paged_attention_padding_rows_and_gqa8(be):
                  expect=("npu_fused_infer_attention_score",))
     n = int(qsl[-1])
     close(got[:n], cpu.paged_attention(q, kc, vc, bt, qsl, lens, 0.0883)[:n], torch.bfloat16)
+
+
+def test_paged_attention_accepts_padding_requests(be):
+    """vllm-ascend's graph padding: decode dummies (q 1, seq_len 0) and a mixed-batch dummy
+    (q = the padding, seq_len 1) go to the kernel, which zeroes what sees no key, as ops.cpu."""
+    reqs = [(140, 1), (0, 77)]
+    q, kc, vc, bt, qsl, lens = _paged_batch(reqs, 8, 2, pad_rows=7)
+    n = int(qsl[-1])
+    qsl2 = torch.tensor(qsl.tolist() + [n + 1, n + 2, n + 7], dtype=torch.int32)
+    lens2 = torch.tensor(lens.tolist() + [0, 0, 1], dtype=torch.int32)
+    bt2 = torch.cat([bt, torch.zeros(3, bt.shape[1], dtype=bt.dtype)])
+    got = be.run("paged_attention", q, kc, vc, bt2, qsl2, lens2, 0.0883,
+                 query_start_loc_host=qsl2.tolist(), seq_lens_host=lens2.tolist(),
+                 expect=("npu_fused_infer_attention_score",))
+    ref = cpu.paged_attention(q, kc, vc, bt2, qsl2, lens2, 0.0883)
+    assert torch.equal(got[n:n + 6], torch.zeros_like(got[n:n + 6]))
+    close(got, ref, torch.bfloat16)
 
 
 def test_paged_attention_takes_host_lengths_and_no_device_copy(be):

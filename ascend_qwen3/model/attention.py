@@ -62,14 +62,15 @@ class Qwen3Attention(nn.Module):
         self.attn = (PagedAttention(self.scale, device) if attention is None else
                      attention(layer, self.num_heads, self.num_kv_heads, self.head_dim, self.scale))
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata | None,
-                kv_cache, cos_sin_cache: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                meta: AttentionMetadata | None, kv_cache) -> torch.Tensor:
+        """x [T, hidden]; rope: this step's (cos, sin), ``ops.rope_cos_sin``, made once per step."""
         T = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         # QK-norm: RMSNorm over head_dim of every head, one weight [D] shared by the heads
         q = self.ops.rms_norm(q.reshape(T, self.num_heads, self.head_dim), self.q_norm, self.eps)
         k = self.ops.rms_norm(k.reshape(T, self.num_kv_heads, self.head_dim), self.k_norm, self.eps)
-        q, k = self.ops.rotary_embedding(q, k, positions, cos_sin_cache)
+        q, k = self.ops.rotary_embedding(q, k, *rope)       # the norm outputs: rotated in place
         v = v.reshape(T, self.num_kv_heads, self.head_dim)
         out = self.attn(q, k, v, meta, kv_cache)
         return self.o_proj(out.reshape(T, self.q_size))

@@ -30,12 +30,13 @@ class Qwen3DecoderLayer(nn.Module):
             self.mlp = Qwen3MLP(cfg.hidden_size, cfg.intermediate_size, ctx, dtype=cfg.dtype,
                                 device=device, quant=quant, prefix=p + "mlp.")
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
-                meta: AttentionMetadata, kv_cache, cos_sin_cache: torch.Tensor):
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None,
+                rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata, kv_cache):
+        """rope: the step's (cos, sin) (``ops.rope_cos_sin``), shared by the layers."""
         if residual is None:
             residual, h = x, self.input_layernorm(x)
         else:
             h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(h, positions, meta, kv_cache, cos_sin_cache)
+        h = self.self_attn(h, rope, meta, kv_cache)
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual

@@ -41,11 +41,14 @@ class Qwen3Graph(nn.Module):
         self.lm_head = ParallelLMHead(self.embed_tokens, ctx, tied=cfg.tie_word_embeddings,
                                       dtype=cfg.dtype, device=device)
         self.max_positions = max_positions or cfg.max_position_embeddings
-        cache = (torch.empty(self.max_positions, cfg.head_dim, device="meta")
+        # RoPE rows of every position in the model dtype ([2, P, D]: ops.rope_table); a step
+        # gathers its positions' rows once for all layers
+        table = (torch.empty(2, self.max_positions, cfg.head_dim, dtype=cfg.dtype, device="meta")
                  if torch.device(device or "cpu").type == "meta" else
-                 ops.rope_cos_sin_cache(cfg.head_dim, self.max_positions, cfg.rope_theta,
-                                        cfg.rope_scaling).to(device))
-        self.register_buffer("cos_sin_cache", cache, persistent=False)
+                 ops.rope_table(ops.rope_cos_sin_cache(cfg.head_dim, self.max_positions,
+                                                       cfg.rope_theta, cfg.rope_scaling),
+                                cfg.dtype).to(device))
+        self.register_buffer("rope_table", table, persistent=False)
 
     def finalize_weights(self) -> None:
         """Once, after loading: put weights into the layout their kernels consume (quantised
@@ -75,9 +78,10 @@ class Qwen3Graph(nn.Module):
                 raise ValueError(f"position {longest - 1} exceeds the model's rotary table of "
                                  f"{self.max_positions} positions (max_position_embeddings)")
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        rope = ops.rope_cos_sin(self.rope_table, positions)     # once per step, for every layer
         residual = None
         for layer, kv in zip(self.layers, kv_caches):
-            h, residual = layer(h, residual, positions, meta, kv, self.cos_sin_cache)
+            h, residual = layer(h, residual, rope, meta, kv)
         h, _ = self.norm(h, residual)
         return h
 

@@ -74,12 +74,12 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, *, block_s
     if cache is None:
         blocks = sum(-(-(len(p) + params.max_new_tokens) // block_size) for p in prompts)
         cache = PagedKVCache(cfg, blocks, block_size, ctx=model.ctx,
-                             device=model.cos_sin_cache.device)
+                             device=model.rope_table.device)
     gen = None
     if params.temperature > 0:
         gen = torch.Generator(device="cpu")
         gen.manual_seed(params.seed if params.seed is not None else torch.seed())
-    device = model.cos_sin_cache.device
+    device = model.rope_table.device
     results = [Generation(list(p)) for p in prompts]
     budget = max_batch_tokens or sum(len(p) for p in prompts)
 

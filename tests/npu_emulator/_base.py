@@ -158,12 +158,18 @@ def fill_undefined(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 class CallLog:
-    """Which emulated torch_npu functions were called, how often, and which calls were rejected."""
+    """Which emulated torch_npu functions were called, how often, and which calls were rejected.
+
+    ``depth`` is above 0 while an emulated function runs (the PyTorch ops it computes with are
+    the emulator's, not the caller's); ``listeners`` are called after every accepted call with
+    ``(name, args, kwargs, result)``: the kernel counter and the graph capture listen there."""
 
     def __init__(self) -> None:
         self.counts: collections.Counter[str] = collections.Counter()
         self.calls: list[str] = []
         self.rejected: list[tuple[str, str]] = []
+        self.depth = 0
+        self.listeners: list[Callable[[str, tuple, dict, Any], None]] = []
 
     def count(self, name: str) -> int:
         return self.counts[name]
@@ -197,13 +203,18 @@ def bind(fn: Callable[..., Any], log: CallLog) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def call(*args: Any, **kwargs: Any) -> Any:
+        log.depth += 1
         try:
             out = fn(*args, **kwargs)
         except Exception as exc:
             log.rejected.append((fn.__name__, f"{type(exc).__name__}: {exc}"))
             raise
+        finally:
+            log.depth -= 1
         log.counts[fn.__name__] += 1
         log.calls.append(fn.__name__)
+        for listener in list(log.listeners):
+            listener(fn.__name__, args, kwargs, out)
         return out
 
     return call

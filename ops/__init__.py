@@ -37,11 +37,13 @@ LOG_ENV_VAR = "ASCEND_QWEN3_OPS_LOG"
 
 OPS = (
     "linear", "prepare_linear_weight",
-    "rms_norm", "add_rms_norm", "rotary_embedding", "swiglu",
+    "rms_norm", "add_rms_norm", "add_rms_norm_quant", "add_rms_norm_dynamic_quant",
+    "rotary_embedding", "swiglu",
     "write_kv_cache", "paged_attention",
     "dynamic_quant", "static_quant", "int8_matmul", "quant_matmul",
     "moe_gating_topk", "moe_route", "moe_route_quant", "grouped_matmul", "grouped_quant_matmul", "moe_combine",
-    "prepare_weight", "prepare_grouped_weight", "prepare_static_quant", "prepare_quant_scale",
+    "prepare_weight", "prepare_grouped_weight", "prepare_static_quant", "prepare_norm_quant",
+    "prepare_quant_scale",
     "prepare_expert_scale",
 )
 

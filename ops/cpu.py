@@ -88,9 +88,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     rounds ``x * rstd`` to x.dtype before multiplying by the weight: at most one ulp apart, and in
     bf16 that second rounding is measurably less accurate.)
     """
+    return _rms_norm_fp32(x, weight, eps).to(torch.promote_types(x.dtype, weight.dtype))
+
+
+def _rms_norm_fp32(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     xf = x.float()
     rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (xf * rstd * weight.float()).to(torch.promote_types(x.dtype, weight.dtype))
+    return xf * rstd * weight.float()
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
@@ -102,6 +106,43 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
     """
     new_residual = x + residual
     return rms_norm(new_residual, weight, eps), new_residual
+
+
+def add_rms_norm_quant(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                       scale: torch.Tensor, offset: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual add, RMSNorm and static int8 quantisation in one: what a linear with a static
+    W8A8 input receives from the norm in front of it.
+
+    x, residual: [..., K], one dtype; weight: [K]; scale, offset: the quantiser's input_scale
+    and input_offset as ``prepare_norm_quant`` made them (values of the checkpoint's
+    input_scale / integral input_offset). s = x + residual in fp32 (exact); y = RMSNorm of s
+    times weight, in fp32 and NOT rounded to x.dtype (the fused kernels' formula);
+    xq = clamp(round(y / scale + offset), -128, 127) (half to even), int8; the new residual is s
+    rounded once to x.dtype (the same values ``add_rms_norm`` returns).
+    Returns (xq [..., K] int8, new_residual).
+    """
+    s = x.float() + residual.float()
+    new_residual = s.to(x.dtype)
+    y = _rms_norm_fp32(s, weight, eps)
+    xq = torch.round(y / scale.float() + offset.float()).clamp(-128, 127).to(torch.int8)
+    return xq, new_residual
+
+
+def add_rms_norm_dynamic_quant(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                               eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Residual add, RMSNorm and per-token dynamic int8 quantisation in one: what a linear with
+    a W8A8_DYNAMIC input receives from the norm in front of it.
+
+    x, residual: [M, K], one dtype; weight: [K]. s = x + residual in fp32 (exact); y = RMSNorm
+    of s times weight in fp32, not rounded; then ``dynamic_quant`` of y: scale[m] =
+    max |y[m]| / 127, xq = round(y / scale) (half to even), a zero row gives scale 0; the new
+    residual is s rounded once to x.dtype.
+    Returns (xq [M, K] int8, scale [M] fp32, new_residual).
+    """
+    s = x.float() + residual.float()
+    xq, scale = dynamic_quant(_rms_norm_fp32(s, weight, eps))
+    return xq, scale, s.to(x.dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -470,8 +511,10 @@ def moe_gating_topk(router_logits: torch.Tensor, k: int, renormalize: bool
     """Softmax router with top-k selection.
 
     router_logits: [T, E] (any float dtype). Softmax over E in fp32, keep the k largest
-    probabilities (ties: lower expert id first); if ``renormalize`` divide them by their sum.
-    Returns (weights [T, k] fp32, expert_ids [T, k] int32), each row sorted by descending weight.
+    probabilities (ties: lower expert id first); if ``renormalize`` divide them by their sum
+    (fp32). Returns (weights [T, k] in router_logits' dtype, rounded once; expert_ids [T, k]
+    int32), each row sorted by descending weight. (The weights stay in the model dtype, as
+    vLLM's and vllm-ascend's routers keep them for bf16 models; fp32 logits give fp32 weights.)
     """
     probs = torch.softmax(router_logits.float(), dim=-1)
     # a stable descending sort, not torch.topk: topk's order among equal values is unspecified
@@ -480,7 +523,7 @@ def moe_gating_topk(router_logits: torch.Tensor, k: int, renormalize: bool
     weights, ids = weights[:, :k], ids[:, :k]
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights, ids.to(torch.int32)
+    return weights.to(router_logits.dtype), ids.to(torch.int32)
 
 
 def moe_route(x: torch.Tensor, expert_ids: torch.Tensor, num_experts: int
@@ -589,8 +632,9 @@ def moe_combine(expert_out: torch.Tensor, row_of_pair: torch.Tensor, weights: to
     """Weighted un-permute: the inverse of ``moe_route`` followed by the top-k weighted sum.
 
     expert_out: [T*k, Hd] rows in sorted order; row_of_pair: [T*k] int (from moe_route);
-    weights: [T, k] fp32. out[t] = sum_j weights[t, j] * expert_out[row_of_pair[t*k + j]],
-    accumulated in fp32, returned [T, Hd] in expert_out.dtype.
+    weights: [T, k] (``moe_gating_topk``'s, any float dtype).
+    out[t] = sum_j weights[t, j] * expert_out[row_of_pair[t*k + j]], products and sum in fp32
+    from the given values, returned [T, Hd] in expert_out.dtype.
     """
     T, k = weights.shape
     gathered = expert_out.float().index_select(0, row_of_pair.long()).view(T, k, expert_out.shape[-1])
@@ -622,6 +666,15 @@ def prepare_static_quant(scale: torch.Tensor, offset: torch.Tensor, k: int
     takes fastest, made once when the weights are finalised. scale, offset: [1] (the
     checkpoint's input_scale / input_offset; offset integral); k: the input features.
     Here: (scale fp32 [1], offset fp32 [1]). Numerically the identity."""
+    return scale.reshape(1).float(), offset.reshape(1).float()
+
+
+def prepare_norm_quant(scale: torch.Tensor, offset: torch.Tensor, k: int, dtype: torch.dtype
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (scale, offset) of a static quantiser fused into a norm (``add_rms_norm_quant``) in
+    the form this backend takes, made once when the weights are finalised. scale, offset: [1]
+    (input_scale / input_offset); k: the features; dtype: the activations'. Here: fp32 [1]
+    each. Numerically the identity."""
     return scale.reshape(1).float(), offset.reshape(1).float()
 
 

@@ -19,6 +19,8 @@ token, NB cache blocks, BS block size.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch_npu
 
@@ -117,6 +119,71 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
         return rms_norm(new_residual, weight, eps), new_residual
     y, _rstd, new_residual = torch_npu.npu_add_rms_norm(x, residual, weight, epsilon=eps)
     return y, new_residual
+
+
+def add_rms_norm_quant(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                       scale: torch.Tensor, offset: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual add + RMSNorm + static int8 quantisation with ``torch_npu.npu_add_rms_norm_quant(
+    x1, x2, gamma, scales1, zero_points1, epsilon=eps)`` (div_mode=True, the default and the
+    only mode on A2): one kernel where ``add_rms_norm`` then ``static_quant`` take two.
+
+    Kernel doc (torch_npu-npu_add_rms_norm_quant.md): -> (y1, y2, x); x = x1 + x2 in x1's dtype,
+    y = x / RMS(x) * gamma, y1 = round(y / scales1 + zero_points1) int8; scales1 / zero_points1
+    of gamma's shape; A2 dtype rows: fp16 x with fp32 scales and int32 zero points, bf16 x with
+    bf16 scales and bf16 zero points; axis -1 only; y2 is allocated but not asked for here
+    (scales2 None). vllm-ascend makes this call from its norm + quant fusion pass
+    (compilation/passes/norm_quant_fusion_pass.py), with the scale repeated to [H] in the model
+    dtype (quantization/methods/w8a8_static.py).
+    Marshalling: scale / offset as ``prepare_norm_quant`` made them at finalisation (the
+    kernel's dtypes, [K]); nothing per call. T == 0 returns empties without a call.
+    Tolerance vs ops.cpu: bit-exact quantised values when the kernel computes y in fp32 (its
+    op-plugin test does) and rounds half to even (not documented: the npu-marked test settles it),
+    given a scale representable in the model dtype (msModelSlim stores it in that dtype).
+    """
+    _check(x.dtype in _HALF and residual.dtype == x.dtype and weight.dtype == x.dtype,
+           "add_rms_norm_quant", "x, residual and weight of one dtype, float16 or bfloat16",
+           f"{_dt(x)}/{_dt(residual)}/{_dt(weight)}", "run W8A8 models in bf16 or fp16")
+    _check(x.shape == residual.shape and weight.shape == x.shape[-1:] and scale.shape == weight.shape
+           and offset.shape == weight.shape, "add_rms_norm_quant",
+           f"x and residual of one shape, weight/scale/offset [{x.shape[-1]}]",
+           f"{list(x.shape)}, {list(residual.shape)}, {list(weight.shape)}, {list(scale.shape)}, "
+           f"{list(offset.shape)}", "prepare scale and offset with ops.prepare_norm_quant")
+    if x.numel() == 0:
+        return torch.empty(x.shape, dtype=torch.int8, device=x.device), x + residual
+    y1, _y2, x_sum = torch_npu.npu_add_rms_norm_quant(x, residual, weight, scale, offset,
+                                                      epsilon=eps)
+    return y1, x_sum
+
+
+def add_rms_norm_dynamic_quant(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                               eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Residual add + RMSNorm + per-token dynamic int8 quantisation with
+    ``torch_npu.npu_add_rms_norm_dynamic_quant(x1, x2, gamma, epsilon=eps, output_mask=[True,
+    False])``: one kernel where ``add_rms_norm`` then ``dynamic_quant`` take two.
+
+    Kernel doc (torch_npu-npu_add_rms_norm_dynamic_quant.md, A2/A3): -> (y1, y2, x_out, scale1,
+    scale2); x = x1 + x2, y = x / RMS(x) * gamma, scale1 = row_max(|y|) / 127 (fp32,
+    x1.shape[:-1]), y1 = round(y / scale1) int8; x1/x2 fp16/bf16 of 2-8 dims, gamma of x1's dtype
+    [K]; output_mask [True, False] asks for the first quantisation only (what vllm-ascend's
+    fusion pass asks, compilation/passes/norm_quant_fusion_pass.py).
+    Marshalling: none; M == 0 returns empties without a call.
+    Tolerance vs ops.cpu: scale within one fp32 ulp, xq within +-1 on rounding ties (as
+    ``dynamic_quant``); the sum bit-exact.
+    """
+    _check(x.dtype in _HALF and residual.dtype == x.dtype and weight.dtype == x.dtype,
+           "add_rms_norm_dynamic_quant", "x, residual and weight of one dtype, float16 or bfloat16",
+           f"{_dt(x)}/{_dt(residual)}/{_dt(weight)}", "run W8A8 models in bf16 or fp16")
+    _check(x.dim() == 2 and x.shape == residual.shape and weight.shape == x.shape[-1:],
+           "add_rms_norm_dynamic_quant", f"x and residual [M, K] and weight [{x.shape[-1]}]",
+           f"{list(x.shape)}, {list(residual.shape)}, {list(weight.shape)}",
+           "flatten the tokens to [M, K]")
+    if x.shape[0] == 0:
+        return torch.empty(x.shape, dtype=torch.int8, device=x.device), \
+            torch.empty(0, dtype=torch.float32, device=x.device), x + residual
+    y1, _y2, x_sum, scale1, _scale2 = torch_npu.npu_add_rms_norm_dynamic_quant(
+        x, residual, weight, epsilon=eps, output_mask=[True, False])
+    return y1, scale1, x_sum
 
 
 # --------------------------------------------------------------------------------------------
@@ -287,6 +354,26 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     Tolerance vs ops.cpu (fp32 softmax over the same keys): flash-style blocked softmax in
     fp32 with bf16 matmuls: rtol=atol=1e-2.
     """
+    T = query.shape[0]
+    lengths = _attention_lengths(query, key_cache, value_cache, block_tables, query_start_loc,
+                                 seq_lens, query_start_loc_host, seq_lens_host)
+    if lengths is None:                                   # T == 0
+        return torch.empty_like(query)
+    q_ends, kv_lens = lengths
+    n = q_ends[-1]
+    out = _fused_attention(query[:n].contiguous(), key_cache, value_cache, block_tables, scale,
+                           q_ends, kv_lens)
+    if n == T:
+        return out
+    full = query.new_zeros(query.shape)
+    full[:n] = out
+    return full
+
+
+def _attention_lengths(query, key_cache, value_cache, block_tables, query_start_loc, seq_lens,
+                       query_start_loc_host, seq_lens_host) -> tuple[list[int], list[int]] | None:
+    """The documented limits of ``paged_attention`` checked, and the kernel's host lengths:
+    (cumulative query ends, per-request KV lengths), or None for a step without tokens."""
     T, Hq, D = query.shape
     NB, BS, Hkv = key_cache.shape[0], key_cache.shape[1], key_cache.shape[2]
     R = seq_lens.shape[0]
@@ -310,7 +397,7 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     _check(T <= 1048576, "paged_attention", "at most 1048576 tokens per call (TND)", T,
            "split the prefill into chunks")
     if T == 0:
-        return torch.empty_like(query)
+        return None
     _check(query_start_loc_host is not None and seq_lens_host is not None, "paged_attention",
            "query_start_loc_host and seq_lens_host (the step's lengths as host lists)", "None",
            "pass the host copies the engine's metadata carries; reading the device tensors here "
@@ -321,8 +408,7 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
            f"host lists of {R + 1} query starts and {R} seq_lens", f"{len(starts)} and {len(kv_lens)}",
            "pass the host copies of the same step's query_start_loc and seq_lens")
     q_ends = starts[1:]
-    n = q_ends[-1]
-    _check(starts[0] == 0 and n <= T, "paged_attention",
+    _check(starts[0] == 0 and q_ends[-1] <= T, "paged_attention",
            f"query_start_loc starting at 0 and ending at <= {T} query rows", starts,
            "query_start_loc must index rows of query")
     q_lens = [b - a for a, b in zip(starts, q_ends)]
@@ -332,27 +418,83 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     _check(all(lq >= 0 for lq in q_lens) and all(lk >= 0 for lk in kv_lens), "paged_attention",
            "non-decreasing query starts and non-negative seq_lens", f"query lengths {q_lens}, "
            f"seq_lens {kv_lens}", "fix the attention metadata")
-    out, _lse = torch_npu.npu_fused_infer_attention_score(
-        query[:n].contiguous(),
-        key_cache.view(NB, BS, Hkv * D),
-        value_cache.view(NB, BS, Hkv * D),
-        atten_mask=_compressed_causal_mask(query.device),
-        block_table=block_tables[:R].to(device=query.device, dtype=torch.int32).contiguous(),
-        actual_seq_lengths=q_ends,
-        actual_seq_lengths_kv=kv_lens,
-        num_heads=Hq,
-        num_key_value_heads=Hkv,
-        scale=float(scale),
-        input_layout="TND",
-        block_size=BS,
-        sparse_mode=3,
-    )
-    out = out.view(n, Hq, D)
-    if n == T:
-        return out
-    full = query.new_zeros(query.shape)
-    full[:n] = out
-    return full
+    return q_ends, kv_lens
+
+
+# torch_npu's default for both: no sliding window (passed explicitly where vllm-ascend does)
+_NO_WINDOW = 2147483647
+
+
+def _fused_attention(query, key_cache, value_cache, block_tables, scale, q_ends, kv_lens,
+                     graph_out=None, workspace=None):
+    """The fused attention call, made here only.
+
+    Functional (``graph_out`` None): returns the attention output [n, Hq, D].
+    ``graph_out`` [n, Hq, D] (a capture): the updatable task of ``paged_attention_graph_task``
+    writing into it; returns its ``GraphTask``."""
+    NB, BS, Hkv, D = key_cache.shape
+    Hq = query.shape[1]
+    R = len(kv_lens)
+    args = dict(query=query, key=key_cache.view(NB, BS, Hkv * D),
+                value=value_cache.view(NB, BS, Hkv * D),
+                atten_mask=_compressed_causal_mask(query.device),
+                block_table=block_tables[:R].to(device=query.device, dtype=torch.int32).contiguous(),
+                actual_seq_lengths=q_ends, actual_seq_lengths_kv=kv_lens, num_heads=Hq,
+                num_key_value_heads=Hkv, scale=float(scale), input_layout="TND", block_size=BS,
+                sparse_mode=3)
+    if graph_out is None:
+        attention_out, _lse = torch_npu.npu_fused_infer_attention_score(**args)
+        return attention_out.view(query.shape[0], Hq, D)
+    if workspace is None:           # host work: the size for these arguments, and the tensor
+        workspace = torch_npu._npu_fused_infer_attention_score_get_max_workspace(
+            **args, pre_tokens=_NO_WINDOW, next_tokens=_NO_WINDOW)
+    lse = torch.empty(1, dtype=query.dtype, device=query.device)
+    stream = torch_npu.npu.current_stream()
+    event = torch_npu.npu.ExternalEvent()
+    event.wait(stream)
+    event.reset(stream)
+    torch_npu.npu.graph_task_group_begin(stream)
+    torch_npu.npu_fused_infer_attention_score.out(**args, pre_tokens=_NO_WINDOW,
+                                                  next_tokens=_NO_WINDOW, workspace=workspace,
+                                                  out=[graph_out, lse])
+    handle = torch_npu.npu.graph_task_group_end(stream)
+    return GraphTask(event, handle, dict(args, pre_tokens=_NO_WINDOW, next_tokens=_NO_WINDOW),
+                     workspace, lse, graph_out)
+
+
+def paged_attention_graph_task(query: torch.Tensor, key_cache: torch.Tensor,
+                               value_cache: torch.Tensor, block_tables: torch.Tensor,
+                               query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+                               scale: float, *, out: torch.Tensor,
+                               query_start_loc_host: list[int], seq_lens_host: list[int],
+                               workspace: torch.Tensor | None = None) -> GraphTask:
+    """``paged_attention`` while an ACL graph is being captured, as an updatable task: the NPU
+    backend's form of the op for a FULL graph (no CPU counterpart: CPU engines capture nothing).
+
+    A replayed graph runs its kernels with the arguments of their capture; the attention's host
+    lengths (``actual_seq_lengths``, ``actual_seq_lengths_kv``) and block table change every
+    step, so the call is captured the way torch.npu documents for an updatable task
+    (torch_npu-npu-graph_task_group_begin.md / graph_task_update_begin.md, whose example this
+    is, and vllm-ascend's own ``full_graph_fia`` in attention/attention_v1.py):
+    an ``ExternalEvent`` waited and reset on the stream (the replay stops there until an updater
+    records it), then alone in a task group the ``.out`` overload writing ``out`` [n, Hq, D]
+    directly (no copy), with a workspace queried for these arguments (``workspace``: one made
+    already for this token count, shared by the layers). Checks as ``paged_attention``; the
+    step must use every query row (n == T: a captured step is padded by the engine).
+    Returns the ``GraphTask``; an updater re-issues the same ``.out`` call with fresh lengths
+    and block table between ``graph_task_update_begin(stream, task.handle)`` and
+    ``graph_task_update_end(stream)``, then records ``task.event``.
+    """
+    lengths = _attention_lengths(query, key_cache, value_cache, block_tables, query_start_loc,
+                                 seq_lens, query_start_loc_host, seq_lens_host)
+    T, Hq, D = query.shape
+    _check(lengths is not None and lengths[0][-1] == T and out.shape == (T, Hq, D),
+           "paged_attention_graph_task", f"a padded step using all {T} query rows and out of shape "
+           f"[{T}, {Hq}, {D}]", f"query ends {lengths and lengths[0]}, out {list(out.shape)}",
+           "capture the step the engine pads to its graph size")
+    q_ends, kv_lens = lengths
+    return _fused_attention(query.contiguous(), key_cache, value_cache, block_tables, scale,
+                            q_ends, kv_lens, graph_out=out, workspace=workspace)
 
 
 # --------------------------------------------------------------------------------------------
@@ -389,9 +531,10 @@ def static_quant(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> 
     div_mode=True: input fp32/fp16/bf16, scales fp32/bf16, zero_points int8/uint8/int32/bf16,
     dtype torch.qint8. vllm-ascend instead passes 1/scale with div_mode=False, which is not
     bit-exact with a division; this backend divides, as ops.cpu does.
-    Marshalling: x upcast to fp32 (exact) so the division happens in fp32; scale and offset as
-    ``prepare_static_quant`` made them when the weights were finalised (fp32 [K], int8 [K]:
-    nothing is converted per call); a raw [1] scale / offset is expanded here instead. The
+    Marshalling: x passed in its own dtype (one kernel; the A2 table takes bf16 / fp16 input
+    with an fp32 scale, and an exact widening of x changes nothing in ``x / scale``); scale and
+    offset as ``prepare_static_quant`` made them when the weights were finalised (fp32 [K],
+    int8 [K]: nothing is converted per call); a raw [1] scale / offset is expanded here instead. The
     offset must be integral in [-128, 127] (the kernel takes integer zero points): checked once,
     at finalisation, never here.
     Tolerance vs ops.cpu: bit-exact if the kernel divides in fp32 and rounds half to even and
@@ -408,8 +551,8 @@ def static_quant(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> 
         return torch.empty(x.shape, dtype=torch.int8, device=x.device)
     if scale.numel() != K or scale.dtype != torch.float32 or offset.dtype != torch.int8:
         scale, offset = prepare_static_quant(scale.reshape(-1)[:1], offset.reshape(-1)[:1], K)
-    return torch_npu.npu_quantize(x.float().contiguous(), scale, offset, torch.qint8,
-                                  axis=-1, div_mode=True)
+    return torch_npu.npu_quantize(x.contiguous(), scale, offset, torch.qint8, axis=-1,
+                                  div_mode=True)
 
 
 def _check_mm(op: str, xq: torch.Tensor, wq: torch.Tensor) -> None:
@@ -500,11 +643,18 @@ def moe_gating_topk(router_logits: torch.Tensor, k: int, renormalize: bool
 
     Kernel doc: npu_moe_gating_top_k_softmax(x, finished=None, k=1) -> (y, expert_idx, row_idx);
     y = topK(softmax(x, -1)) in x's dtype (2-D/3-D x of fp16/bf16/fp32), expert_idx int32,
-    0 < k <= E, k <= 1024.
-    Marshalling: logits upcast to fp32 so the softmax runs in fp32 as ops.cpu specifies; row_idx
-    dropped; renormalisation (weights / their sum) is done here in fp32; T == 0 returns empties.
-    Tolerance vs ops.cpu: weights atol 1e-6; ids identical except between equal probabilities
-    (ops.cpu keeps the lower expert id first; the kernel's tie order is not documented).
+    0 < k <= E, k <= 1024. Neither this kernel nor npu_moe_gating_top_k renormalises softmax
+    weights (torch_npu-npu_moe_gating_top_k.md: renorm accepts 0 only; the renormalised
+    formula is the sigmoid mode's); vllm-ascend does it in its own _C_ascend.moe_gating_top_k.
+    Marshalling: none: the logits go in their own dtype (the weights come back in it, as
+    ops.cpu returns them, and as vllm-ascend keeps them), row_idx is dropped, the
+    renormalisation (weights / their sum) follows in that dtype: three kernels in all.
+    T == 0 returns empties.
+    Tolerance vs ops.cpu (fp32 softmax and renormalisation, one rounding): for bf16 logits the
+    kernel's rounding of the top-k probabilities and the bf16 sum and division add two
+    roundings: within 3 bf16 ulps (rtol 2e-2); fp32 logits: atol 1e-6. Ids identical except
+    between equal probabilities (ops.cpu keeps the lower expert id first; the kernel's tie
+    order is not documented).
     """
     _check(router_logits.dim() == 2, "moe_gating_topk", "router_logits [T, E]",
            list(router_logits.shape), "flatten the tokens first")
@@ -514,11 +664,10 @@ def moe_gating_topk(router_logits: torch.Tensor, k: int, renormalize: bool
     T = router_logits.shape[0]
     if T == 0:
         dev = router_logits.device
-        return torch.empty(0, k, dtype=torch.float32, device=dev), \
+        return torch.empty(0, k, dtype=router_logits.dtype, device=dev), \
             torch.empty(0, k, dtype=torch.int32, device=dev)
     weights, ids, _row_idx = torch_npu.npu_moe_gating_top_k_softmax(
-        router_logits.float().contiguous(), finished=None, k=k)
-    weights = weights.float()
+        router_logits.contiguous(), finished=None, k=k)
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights, ids.to(torch.int32)
@@ -700,11 +849,13 @@ def moe_combine(expert_out: torch.Tensor, row_of_pair: torch.Tensor, weights: to
     test passes the double argsort of the flat ids, the same thing.)
     npu_moe_finalize_routing was not chosen: it indexes pairs column-major (i + k*num_rows) and
     vllm-ascend reports accuracy issues with it.
-    Marshalling: S is ``row_of_pair`` from ``moe_route`` as it is (the routing kernel's gather
-    index, int32); expert_out and weights passed in fp32 so products and sums are fp32 as ops.cpu
-    specifies; result cast to expert_out.dtype. T == 0 returns [0, Hd].
-    Tolerance vs ops.cpu: fp32 sums in a possibly different order, one final rounding:
-    one ulp of expert_out.dtype (1e-5 relative for fp32).
+    Marshalling: none: S is ``row_of_pair`` from ``moe_route`` as it is (the routing kernel's
+    gather index, int32), expert_out and weights go in their own dtypes (the kernel's op
+    definition takes every pairing of bf16 / fp16 / fp32 tokens and probs and returns the
+    tokens' dtype; vllm-ascend passes bf16 for both), one kernel. T == 0 returns [0, Hd].
+    Tolerance vs ops.cpu (fp32 products and sum of the given values, one rounding): one ulp of
+    expert_out.dtype if the kernel accumulates in fp32 (not documented; the emulator does, the
+    npu-marked test settles it).
     """
     _check(weights.dim() == 2 and expert_out.dim() == 2
            and expert_out.shape[0] == weights.numel() == row_of_pair.numel(), "moe_combine",
@@ -715,10 +866,9 @@ def moe_combine(expert_out: torch.Tensor, row_of_pair: torch.Tensor, weights: to
     _check(k <= 512, "moe_combine", "top-k <= 512", k, "use fewer experts per token")
     if T == 0:
         return expert_out.new_empty(0, expert_out.shape[1])
-    out = torch_npu.npu_moe_token_unpermute(expert_out.float().contiguous(),
-                                            row_of_pair.to(device=expert_out.device, dtype=torch.int32),
-                                            probs=weights.float().contiguous())
-    return out.to(expert_out.dtype)
+    return torch_npu.npu_moe_token_unpermute(expert_out.contiguous(),
+                                             row_of_pair.to(device=expert_out.device, dtype=torch.int32),
+                                             probs=weights.contiguous())
 
 
 # --------------------------------------------------------------------------------------------
@@ -765,6 +915,23 @@ def prepare_static_quant(scale: torch.Tensor, offset: torch.Tensor, k: int
            "pass the checkpoint's input_scale / input_offset")
     return (scale.reshape(1).float().expand(k).contiguous(),
             offset.reshape(1).to(torch.int8).expand(k).contiguous())
+
+
+def prepare_norm_quant(scale: torch.Tensor, offset: torch.Tensor, k: int, dtype: torch.dtype
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scales1, zero_points1) of ``npu_add_rms_norm_quant`` for activations of ``dtype``,
+    expanded to [k] once here: bf16 scale and bf16 zero point for bf16 models, fp32 scale and
+    int32 zero point for fp16 (the kernel's A2 dtype table; vllm-ascend shapes them so for the
+    same kernel, quantization/methods/w8a8_static.py). Numerically the identity for a scale
+    stored in the model dtype and an integral zero point in [-128, 127]."""
+    _check(scale.numel() == 1 and offset.numel() == 1 and dtype in _HALF, "prepare_norm_quant",
+           "per-tensor scale [1] and offset [1] for bf16 / fp16 activations",
+           f"{list(scale.shape)} and {list(offset.shape)} for {dtype}",
+           "pass the checkpoint's input_scale / input_offset")
+    s_dt, o_dt = (torch.bfloat16, torch.bfloat16) if dtype == torch.bfloat16 else \
+        (torch.float32, torch.int32)
+    return (scale.reshape(1).to(s_dt).expand(k).contiguous(),
+            offset.reshape(1).to(o_dt).expand(k).contiguous())
 
 
 def prepare_quant_scale(scale: torch.Tensor, output_dtype: torch.dtype, pertoken: bool
@@ -843,6 +1010,18 @@ NPU_CALL_DIFFERENCES: dict[str, str] = {
         "key_cache.view(num_block, block_size, -1), block_tables, seq_lens_list, sparse_mode=3), "
         "here with query length == KV length, so the result is the same; accepted cost: long first "
         "prefills read K/V through the block table, to be timed on an A2."),
+    "_npu_fused_infer_attention_score_get_max_workspace.sparse_mode": (
+        "The only literal sparse_mode vllm-ascend passes to the workspace query is the ViT "
+        "encoder's 0 (vllm_ascend/ops/mm_encoder_attention.py, non-causal); its decoder capture "
+        "(vllm_ascend/attention/attention_v1.py full_graph_fia) passes a variable that is 3 for "
+        "causal attention (same file: 'sparse_mode = 4 if self.sliding_window else 3 if "
+        "attn_metadata.causal else 0'), what ours passes for Qwen3's causal layers. The same call."),
+    "npu_fused_infer_attention_score.out.sparse_mode": (
+        "As for the workspace query: vllm-ascend's literal 0 is the ViT encoder's "
+        "(vllm_ascend/ops/mm_encoder_attention.py, vllm_ascend/worker/encoder_acl_graph.py); its "
+        "decoder capture and replay update (vllm_ascend/attention/attention_v1.py full_graph_fia, "
+        "update_graph_params) pass the variable that is 3 for causal layers, as ours does. The "
+        "same call."),
     "npu_moe_gating_top_k_softmax.finished": (
         "Ours passes finished=None, the schema default (op_plugin_functions.yaml: Tensor? "
         "finished=None); vllm-ascend's calls (vllm_ascend/_310p/fused_moe/experts_selector.py) "
@@ -870,14 +1049,6 @@ NPU_CALL_DIFFERENCES: dict[str, str] = {
         "vllm_ascend/_310p/fused_moe/token_dispatcher.py passes it; accepted risk for quant_mode=1, "
         "which vllm-ascend never sends to this kernel on A2, until the npu-marked moe_route_quant "
         "tests run on an A2."),
-    "npu_moe_token_unpermute.fp32_inputs": (
-        "Ours casts permuted_tokens and probs to fp32 and the result back; vllm-ascend passes the "
-        "expert outputs and top-k weights as they come, in the model dtype "
-        "(vllm_ascend/device/device_op.py BaseDeviceAdaptor.npu_moe_token_unpermute). "
-        "The aclnnMoeTokenUnpermute page (CANN ops-transformer, moe/moe_token_unpermute) lists "
-        "BFLOAT16/FLOAT16/FLOAT32 for both on A2 and returns permuted_tokens' dtype, so fp32 makes "
-        "the weighted sum fp32 as ops.cpu specifies, at the cost of an fp32 copy of the "
-        "[T*k, hidden] expert outputs per MoE layer."),
     "npu_quant_matmul.bias": (
         "int8_matmul leaves out bias (schema default None), which every vllm-ascend call passes "
         "explicitly; its own int32-output call, the same use as ours, passes bias=None "

@@ -662,6 +662,27 @@ def test_static_quant_random_vs_float64():
     assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_norm_fused_quantisers_vs_float64(dtype):
+    """add_rms_norm_quant / add_rms_norm_dynamic_quant against the plain formula in float64:
+    the norm of the exact sum x + residual, not rounded before it is quantised."""
+    g = torch.Generator().manual_seed(3)
+    x, r = (torch.randn(33, 256, generator=g) * 2).to(dtype), torch.randn(33, 256, generator=g).to(dtype)
+    w = (torch.rand(256, generator=g) + 0.5).to(dtype)
+    s = x.double() + r.double()
+    y = s / torch.sqrt(s.pow(2).mean(-1, keepdim=True) + 1e-6) * w.double()
+    scale, offset = cpu.prepare_norm_quant(torch.tensor([0.0211]), torch.tensor([-4.0]), 256, dtype)
+    xq, new_res = cpu.add_rms_norm_quant(x, r, w, 1e-6, scale, offset)
+    assert torch.equal(new_res, cpu.add_rms_norm(x, r, w, 1e-6)[1])   # the same residual stream
+    ref = torch.round(y / 0.0211 - 4).clamp(-128, 127)
+    diff = (xq.double() - ref).abs()
+    assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01
+    xq, tscale, _ = cpu.add_rms_norm_dynamic_quant(x, r, w, 1e-6)
+    torch.testing.assert_close(tscale.double(), y.abs().amax(-1) / 127, rtol=1e-6, atol=0)
+    diff = (xq.double() - torch.round(y / (y.abs().amax(-1, keepdim=True) / 127))).abs()
+    assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01
+
+
 def _int64_acc(xq, wq):
     return torch.matmul(xq.to(torch.int64), wq.to(torch.int64))
 
@@ -785,8 +806,9 @@ def test_empty_batch():
     e, k, hd = 8, 2, 6
     x = torch.zeros(0, hd)
     assert cpu.rms_norm(x, torch.ones(hd), 1e-6).shape == (0, hd)
-    q, kk = cpu.rotary_embedding(torch.zeros(0, 4, 16), torch.zeros(0, 2, 16), torch.zeros(0, dtype=torch.long),
-                                 rope_cos_sin_cache(16, 8, 1e6))
+    cos, sin = ops.rope_cos_sin(ops.rope_table(rope_cos_sin_cache(16, 8, 1e6), torch.float32),
+                                torch.zeros(0, dtype=torch.long))
+    q, kk = cpu.rotary_embedding(torch.zeros(0, 4, 16), torch.zeros(0, 2, 16), cos, sin)
     assert q.shape == (0, 4, 16) and kk.shape == (0, 2, 16)
     w, ids = cpu.moe_gating_topk(torch.zeros(0, e), k, renormalize=True)
     assert w.shape == ids.shape == (0, k)

@@ -35,8 +35,9 @@ class Qwen3DecoderLayer(nn.Module):
         """rope: the step's (cos, sin) (``ops.rope_cos_sin``), shared by the layers."""
         if residual is None:
             residual, h = x, self.input_layernorm(x)
-        else:
-            h, residual = self.input_layernorm(x, residual)
+        else:   # (a W8A8 qkv_proj gets its input quantised by the norm)
+            h, residual = self.input_layernorm(x, residual, into=self.self_attn.qkv_proj)
         h = self.self_attn(h, rope, meta, kv_cache)
-        h, residual = self.post_attention_layernorm(h, residual)
+        h, residual = self.post_attention_layernorm(h, residual,
+                                                    into=getattr(self.mlp, "gate_up_proj", None))
         return self.mlp(h), residual

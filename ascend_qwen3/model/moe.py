@@ -11,11 +11,13 @@ combine) produces tensors whose sizes depend on the routing decisions, so it is 
 its inside to run eagerly, as vLLM does with its own fused MoE op. The op finds its layer by a
 name registered when the layer is built.
 
-Expert parallel without a host sync: the expert ids are rotated so that this rank's experts
-become 0 .. E_local-1 and sort first; the grouped GEMMs take the counts of those experts only
-(summing to fewer rows than the sorted input holds, as vllm-ascend's expert-parallel dispatch
-does), the rows past them are zeroed, and the other ranks' pairs get weight 0 in the combine. No
-row range is read back to the host.
+Expert parallel without a host sync, in four kernels: the expert ids are rotated (one gather
+from a table made at build) so that this rank's experts become 0 .. E_local-1 and sort first;
+the grouped GEMMs take the counts of those experts only (summing to fewer rows than the sorted
+input holds, as vllm-ascend's expert-parallel dispatch does); the rows past them, which hold
+exactly the other ranks' pairs, are zeroed (their count summed, compared with a row index made
+once), so those pairs add nothing in the combine, whatever their weight. No row range is read
+back to the host.
 """
 
 from __future__ import annotations
@@ -111,6 +113,11 @@ class Qwen3SparseMoeBlock(nn.Module):
                             "moe_combine", "moe_route_quant" if scheme is not None else "moe_route")
         self.op_name = f"{prefix or 'moe'}#{next(_NAMES)}"
         _LAYERS[self.op_name] = self
+        first, count, E = self.experts.first, self.experts.count, cfg.num_experts
+        if count != E:   # expert parallel: expert id -> its place after rotating this rank's first
+            rotate = torch.remainder(torch.arange(E, device=device) - first, E).to(torch.int32)
+            self.register_buffer("rotate_ids", rotate, persistent=False)
+        self._row_index: torch.Tensor | None = None      # 0 .. n-1, grown when a step needs more
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.ops.linear(x, self.gate)
@@ -123,17 +130,22 @@ class Qwen3SparseMoeBlock(nn.Module):
 
     def experts_forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """The inside of the ``sparse_moe`` op (eager): route, expert GEMMs, weighted combine."""
-        E, first, count = self.num_experts, self.experts.first, self.experts.count
-        if count != E:   # expert parallel: this rank's experts first, the others' pairs weigh 0
-            weights = weights * ((ids >= first) & (ids < first + count))
-            ids = torch.remainder(ids - first, E)
+        E, count = self.num_experts, self.experts.count
+        if count != E:   # expert parallel: this rank's experts become 0 .. count-1, sorted first
+            ids = self.rotate_ids[ids]
         if self.experts.scheme is not None:  # int8 experts: the dynamic quant fused into routing
             sorted_x, row_of_pair, counts, token_scale = self.ops.moe_route_quant(x, ids, E)
         else:
             (sorted_x, row_of_pair, counts), token_scale = self.ops.moe_route(x, ids, E), None
         expert_out = self.experts(sorted_x, counts[:count], token_scale)
-        if count != E:   # rows of the other ranks' experts: not computed, zero them
-            local_rows = counts[:count].sum()
-            keep = torch.arange(expert_out.shape[0], device=x.device) < local_rows
+        if count != E:   # the rows past this rank's pairs (other ranks' pairs, not computed): 0
+            keep = self._rows(expert_out.shape[0], x.device) < counts[:count].sum()
             expert_out = torch.where(keep.unsqueeze(-1), expert_out, 0)
         return self.ops.moe_combine(expert_out, row_of_pair, weights)
+
+    def _rows(self, n: int, device) -> torch.Tensor:
+        """A view of 0 .. n-1 on ``device``, made once (and again only for a longer step): a
+        step decides by its shape, never by a device value."""
+        if self._row_index is None or self._row_index.numel() < n:
+            self._row_index = torch.arange(max(n, 256), device=device)
+        return self._row_index[:n]

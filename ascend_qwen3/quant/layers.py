@@ -28,13 +28,29 @@ def _param(*shape, dtype, device=None) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
 
 
+class QuantizedInput:
+    """A linear's input quantised already, by the norm in front of it (``add_rms_norm_into``):
+    int8 rows ``xq`` [T, K], their per-token ``scale`` [T] (W8A8_DYNAMIC; None for static) and
+    the ``dtype`` the activations had (the output's)."""
+
+    __slots__ = ("xq", "scale", "dtype")
+
+    def __init__(self, xq: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype):
+        self.xq, self.scale, self.dtype = xq, scale, dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.xq.shape
+
+
 def create_linear(layer: nn.Module, scheme: str, out_local: int, in_local: int, *,
                   with_quant_bias: bool, device=None) -> None:
     """Register the parameters of a quantised linear (as the checkpoint stores them) on
     ``layer``; ``scheme`` W8A8 or W8A8_DYNAMIC (checked by ``Int8LinearMethod``)."""
     layer.ops = ops.bind(device, "prepare_weight", "prepare_quant_scale", "quant_matmul",
-                         *(("prepare_static_quant", "static_quant") if scheme == W8A8 else
-                           ("dynamic_quant",)))
+                         *(("prepare_static_quant", "static_quant", "prepare_norm_quant",
+                            "add_rms_norm_quant") if scheme == W8A8 else
+                           ("dynamic_quant", "add_rms_norm_dynamic_quant")))
     layer.weight = _param(out_local, in_local, dtype=torch.int8, device=device)
     if scheme == W8A8_DYNAMIC:
         layer.weight_scale = _param(out_local, 1, dtype=torch.float32, device=device)
@@ -68,17 +84,50 @@ def finalize_linear(layer: nn.Module, scheme: str) -> None:
                                                            layer.input_offset.data, layer.in_local)
         layer.register_buffer("q_scale", q_scale, persistent=False)
         layer.register_buffer("q_offset", q_offset, persistent=False)
+        if _fusable(layer.output_dtype):   # the same quantiser, as the fused norm takes it
+            n_scale, n_offset = layer.ops.prepare_norm_quant(
+                layer.input_scale.data, layer.input_offset.data, layer.in_local, layer.output_dtype)
+            layer.register_buffer("norm_q_scale", n_scale, persistent=False)
+            layer.register_buffer("norm_q_offset", n_offset, persistent=False)
 
 
-def apply_linear(layer: nn.Module, scheme: str, x: torch.Tensor) -> torch.Tensor:
-    """y = x @ W^T of a quantised linear, x [T, in_local] in the model dtype."""
+def _fusable(dtype: torch.dtype) -> bool:
+    """The norm-fused quantisers exist for 16-bit activations (the NPU kernels' dtypes); an
+    fp32 model keeps the norm and the quantisation apart."""
+    return dtype in (torch.bfloat16, torch.float16)
+
+
+def apply_linear(layer: nn.Module, scheme: str, x: torch.Tensor | QuantizedInput) -> torch.Tensor:
+    """y = x @ W^T of a quantised linear, x [T, in_local] in the model dtype, or quantised
+    already by the norm in front (``QuantizedInput``)."""
+    if isinstance(x, QuantizedInput):
+        xq, token_scale, dtype = x.xq, x.scale, x.dtype
+    elif scheme == W8A8:
+        xq, token_scale, dtype = layer.ops.static_quant(x, layer.q_scale, layer.q_offset), None, x.dtype
+    else:
+        (xq, token_scale), dtype = layer.ops.dynamic_quant(x), x.dtype
     if scheme == W8A8:
-        xq = layer.ops.static_quant(x, layer.q_scale, layer.q_offset)
         return layer.ops.quant_matmul(xq, layer.qweight, layer.qscale, None,
-                                      getattr(layer, "quant_bias", None), output_dtype=x.dtype)
-    xq, token_scale = layer.ops.dynamic_quant(x)
+                                      getattr(layer, "quant_bias", None), output_dtype=dtype)
     return layer.ops.quant_matmul(xq, layer.qweight, layer.qscale, token_scale, None,
-                                  output_dtype=x.dtype)
+                                  output_dtype=dtype)
+
+
+def add_rms_norm_into(layer: nn.Module, scheme: str, x: torch.Tensor, residual: torch.Tensor,
+                      weight: torch.Tensor, eps: float
+                      ) -> tuple[QuantizedInput, torch.Tensor] | None:
+    """The residual add and RMSNorm in front of this linear with its input quantisation fused
+    in (``ops.add_rms_norm_quant`` / ``ops.add_rms_norm_dynamic_quant``: one kernel on the NPU
+    where norm and quantiser take two): (its input, quantised; the new residual), or None when
+    the activations' dtype has no fused kernel (fp32)."""
+    if not _fusable(x.dtype):
+        return None
+    if scheme == W8A8:
+        xq, new_residual = layer.ops.add_rms_norm_quant(x, residual, weight, eps, layer.norm_q_scale,
+                                                        layer.norm_q_offset)
+        return QuantizedInput(xq, None, x.dtype), new_residual
+    xq, scale, new_residual = layer.ops.add_rms_norm_dynamic_quant(x, residual, weight, eps)
+    return QuantizedInput(xq, scale, x.dtype), new_residual
 
 
 class Int8LinearMethod:
@@ -99,8 +148,12 @@ class Int8LinearMethod:
     def finalize(self, layer: nn.Module) -> None:
         finalize_linear(layer, self.scheme)
 
-    def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def apply(self, layer: nn.Module, x: torch.Tensor | QuantizedInput) -> torch.Tensor:
         return apply_linear(layer, self.scheme, x)
+
+    def add_rms_norm_into(self, layer: nn.Module, x: torch.Tensor, residual: torch.Tensor,
+                          weight: torch.Tensor, eps: float):
+        return add_rms_norm_into(layer, self.scheme, x, residual, weight, eps)
 
 
 def linear_method(quant, module: str) -> Int8LinearMethod | None:

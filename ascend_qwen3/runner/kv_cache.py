@@ -81,7 +81,7 @@ class PagedKVCache:
             query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
             block_tables=tables.to(dev),
-            slot_mapping=slots.to(dev),
+            slot_mapping=slots.to(device=dev, dtype=torch.int32),    # the NPU kernels' dtype
             query_start_loc_host=starts,
             seq_lens_host=seq_lens,
         )

@@ -23,7 +23,9 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from ._base import OPS, CallLog, NpuEmulatorError, bind
+from .attention import OUT_OVERLOADS
 from . import attention, formats, gmm, kv_cache, moe, norm_act, quant  # noqa: F401 (registers ops)
+from . import graphs
 from .formats import Format
 
 __all__ = ["build", "installed", "emulated_npu", "Emulation", "CallLog", "NpuEmulatorError",
@@ -45,6 +47,9 @@ def build() -> types.ModuleType:
     mod.NpuEmulatorError = NpuEmulatorError
     for name, fn in OPS.items():
         setattr(mod, name, bind(fn, log))
+    for name, fn in OUT_OVERLOADS.items():      # torch_npu.<op>.out, as the real ops have
+        getattr(mod, name).out = bind(fn, log)
+    graphs.install(mod, log)                    # torch_npu.npu: graphs, streams, events
     return mod
 
 

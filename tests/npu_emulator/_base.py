@@ -170,6 +170,9 @@ class CallLog:
         self.rejected: list[tuple[str, str]] = []
         self.depth = 0
         self.listeners: list[Callable[[str, tuple, dict, Any], None]] = []
+        self.raw: dict[str, Callable[..., Any]] = {}      # name -> the function, unlogged
+        # set while an ACL-graph task update is open (graphs.py): the call is handed to it
+        self.intercept: Callable[[str, Callable, tuple, dict], Any] | None = None
 
     def count(self, name: str) -> int:
         return self.counts[name]
@@ -201,8 +204,12 @@ def op(fn: Callable[..., Any]) -> Callable[..., Any]:
 def bind(fn: Callable[..., Any], log: CallLog) -> Callable[..., Any]:
     """Wrap an op so that every call is recorded in ``log`` (successes and rejections)."""
 
+    log.raw[fn.__name__] = fn
+
     @functools.wraps(fn)
     def call(*args: Any, **kwargs: Any) -> Any:
+        if log.intercept is not None and log.depth == 0:
+            return log.intercept(fn.__name__, fn, args, kwargs)
         log.depth += 1
         try:
             out = fn(*args, **kwargs)

@@ -431,3 +431,58 @@ def npu_fused_infer_attention_score(
     if not want_lse:
         lse_out = torch.zeros(1, dtype=torch.float32)
     return attn, lse_out
+
+
+# --------------------------------------------------------------------------------------------
+# The ``.out`` overload and the workspace query (graph capture)
+# --------------------------------------------------------------------------------------------
+# Sources: op-plugin ``op_plugin_functions.yaml`` (schemas of
+# ``npu_fused_infer_attention_score.out(..., Tensor? workspace=None, Tensor(a!) attention_out,
+# Tensor(b!) softmax_lse)`` and ``_npu_fused_infer_attention_score_get_max_workspace(<the
+# functional arguments>) -> Tensor``), and the example of the ``graph_task_group_begin`` /
+# ``graph_task_update_begin`` pages (torch_npu-npu-graph_task_group_begin.md,
+# torch_npu-npu-graph_task_update_begin.md): inside a graph capture the workspace is queried
+# with the call's arguments, ``output`` and a one-element ``softmax_lse`` are allocated, and
+# ``npu_fused_infer_attention_score.out(q, k, v, workspace=workspace, ..., out=[output,
+# softmax_lse])`` writes them. Neither has a page of its own: what the emulator checks is what
+# the schema says (two out tensors: the attention output of the functional call's shape and
+# dtype, the lse), and op-plugin's implementation (the workspace is a 1-D tensor of query's
+# dtype).
+
+WORKSPACE_NUMEL = 1 << 16      # the emulated size: any 1-D tensor of query's dtype is accepted
+
+
+def _npu_fused_infer_attention_score_get_max_workspace(query, key, value, **kwargs):
+    """The workspace a graph-captured ``.out`` call of these arguments needs (1-D, query's
+    dtype). The arguments are checked as the functional call checks them."""
+    npu_fused_infer_attention_score(query, key, value, **kwargs)
+    return torch.zeros(WORKSPACE_NUMEL, dtype=query.dtype)
+
+
+_npu_fused_infer_attention_score_get_max_workspace = op(_npu_fused_infer_attention_score_get_max_workspace)
+
+
+def npu_fused_infer_attention_score_out(query, key, value, *, workspace=None, out=None, **kwargs):
+    """``npu_fused_infer_attention_score.out``: the functional call's results written into
+    ``out = [attention_out, softmax_lse]`` (returned). ``workspace``: None or a 1-D tensor of
+    query's dtype (``_npu_fused_infer_attention_score_get_max_workspace``)."""
+    name = _NAME + ".out"
+    if workspace is not None:
+        tensor(name, "workspace", workspace, dtypes=(query.dtype,), dims=(1,))
+    if not isinstance(out, (list, tuple)) or len(out) != 2:
+        raise TypeError(f"torch_npu.{name}(): 'out' must be a list [attention_out, softmax_lse]")
+    attn_out, lse_out = out
+    attn, lse = npu_fused_infer_attention_score(query, key, value, **kwargs)
+    tensor(name, "attention_out", attn_out, dtypes=(attn.dtype,))
+    if tuple(attn_out.shape) != tuple(attn.shape):
+        fail(name, f"attention_out must have shape {list(attn.shape)}, got {list(attn_out.shape)}")
+    tensor(name, "softmax_lse", lse_out)
+    if lse_out.numel() != lse.numel():
+        fail(name, f"softmax_lse must hold {lse.numel()} element(s), got {lse_out.numel()}")
+    attn_out.copy_(attn)
+    lse_out.copy_(lse.reshape(lse_out.shape).to(lse_out.dtype))
+    return attn_out, lse_out
+
+
+npu_fused_infer_attention_score_out.__name__ = _NAME + ".out"
+OUT_OVERLOADS = {_NAME: npu_fused_infer_attention_score_out}

@@ -1,27 +1,27 @@
-"""Kernel launches, counted: what a step would put on an NPU's queue, attributed to the layer
-that launched it.
+"""Kernel launches: what a step would put on an NPU's queue, seen one by one.
 
 The NPU runs what the host queues; every queued kernel costs a launch (tens of microseconds of
 host and device time on Ascend, which is why decode is launch-bound in eager and piecewise
-modes and why vllm-ascend captures graphs). ``KernelCounter`` counts, while a block runs:
+modes and why vllm-ascend captures graphs). ``KernelMode`` sees, while a block runs:
 
 - every emulated torch_npu function the caller invokes (one kernel each; what the emulator
   computes inside it is its own business, not the caller's);
 - every PyTorch operator the caller dispatches that does work on the device: arithmetic,
   copies and casts, fills, index and cat ops, reductions (a composite operator, which
-  ``inference_mode`` hands over undecomposed, is counted as what it decomposes into). Views (``view``, ``reshape`` of a
-  contiguous tensor, slicing, ``transpose``, ``split``: operators whose schema says the result
-  aliases the input without writing it) and allocations (``empty*``) launch nothing and are not
-  counted. A tensor made from a Python list (``torch.tensor([...])``) is a host-to-device copy
-  and counts;
+  ``inference_mode`` hands over undecomposed, is taken as what it decomposes into). Views
+  (``view``, ``reshape`` of a contiguous tensor, slicing, ``transpose``, ``split``: operators
+  whose schema says the result aliases the input without writing it) and allocations
+  (``empty*``) launch nothing. A tensor made from a Python list (``torch.tensor([...])``) is a
+  host-to-device copy and counts;
 - collectives, reported by the parallel context a test gives the model (``collective``).
 
-Attribution: a decoder layer's kernels are those launched between its forward-pre and forward
-hooks (``attach(model)``); the rest is "outside any layer" (embedding, final norm, LM head, and
-the per-step work a graph does once before its layers).
-
 Custom operators (``torch.library``, e.g. the project's MoE op) are entered: their
-CompositeExplicitAutograd implementation runs under the counter, so the kernels inside count.
+CompositeExplicitAutograd implementation runs under the mode, so the kernels inside are seen.
+
+``KernelCounter`` counts them per decoder layer: a layer's kernels are those launched between
+its forward-pre and forward hooks (``attach(counter, model.layers)``); the rest is "outside any
+layer" (embedding, final norm, LM head, and the per-step work a graph does once before its
+layers). ``graphs.py`` records them into an emulated ACL graph the same way.
 """
 
 from __future__ import annotations
@@ -38,8 +38,11 @@ NO_KERNEL = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_str
              "_unsafe_view", "alias", "lift_fresh", "sym_size", "sym_stride", "sym_numel",
              "sym_storage_offset", "is_same_size", "resize_", "set_", "_local_scalar_dense",
              "is_nonzero"}
-# operators whose own implementation is entered (their insides are counted instead)
+# emulated torch_npu functions that do host work only (a size query and an allocation)
+HOST_ONLY = {"_npu_fused_infer_attention_score_get_max_workspace"}
+# operators whose own implementation is entered (their insides are seen instead)
 ENTERED_NAMESPACES = ("ascend_qwen3",)
+_COMPOSITE = torch._C.DispatchKey.CompositeImplicitAutograd
 
 
 def is_view(func) -> bool:
@@ -55,27 +58,27 @@ def launches_kernel(func) -> bool:
     return returns_tensor and name not in NO_KERNEL and not is_view(func)
 
 
-_COMPOSITE = torch._C.DispatchKey.CompositeImplicitAutograd
+def kernel_name(func) -> str:
+    name = func._schema.name.split("::", 1)[-1]
+    return "h2d_copy" if name == "lift_fresh_copy" else f"aten.{name}"
 
 
-class KernelCounter(TorchDispatchMode):
-    """Counts kernel launches per layer (module docstring). ``kernels``: (layer, name) in launch
-    order."""
+class KernelMode(TorchDispatchMode):
+    """Calls ``launched(name, fn, args, kwargs, result)`` for every kernel launch (module
+    docstring): ``fn`` re-runs the kernel (the aten operator, or the emulated torch_npu
+    function without its logging)."""
 
     def __init__(self, call_log):
         super().__init__()
         self.log = call_log
-        self.layer = OUTSIDE
-        self.kernels: list[tuple[str, str]] = []
+        self._entered = 0
 
-    # --- sources of kernels ---------------------------------------------------------------------
+    def launched(self, name, fn, args, kwargs, result) -> None:
+        raise NotImplementedError
 
     def _torch_npu_call(self, name, args, kwargs, result) -> None:
-        if self.log.depth == 0:                 # not one emulated function calling another
-            self.kernels.append((self.layer, f"torch_npu.{name}"))
-
-    def collective(self, name: str) -> None:
-        self.kernels.append((self.layer, f"collective.{name}"))
+        if self.log.depth == 0 and name not in HOST_ONLY:  # not one emulated function calling another
+            self.launched(f"torch_npu.{name}", self.log.raw[name], args, kwargs, result)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -85,18 +88,15 @@ class KernelCounter(TorchDispatchMode):
             with self:
                 return func._op_dk(torch._C.DispatchKey.CompositeExplicitAutograd, *args, **kwargs)
         if func.has_kernel_for_dispatch_key(_COMPOSITE):
-            # a composite (e.g. `to`, `linear` under inference_mode): what it decomposes into
-            # is what runs (`to` the same dtype is no kernel at all)
-            with self:
+            with self:                          # what it decomposes into is what runs
                 return func.decompose(*args, **kwargs)
+        result = func(*args, **kwargs)
         if launches_kernel(func):
-            name = func._schema.name.split("::", 1)[-1]
-            self.kernels.append((self.layer, "h2d_copy" if name == "lift_fresh_copy" else
-                                 f"aten.{name}"))
-        return func(*args, **kwargs)
+            self.launched(kernel_name(func), func, args, kwargs, result)
+        return result
 
     def __enter__(self):
-        self._entered = getattr(self, "_entered", 0) + 1     # re-entered for custom operators
+        self._entered += 1                      # re-entered for custom operators
         if self._entered == 1:
             self.log.listeners.append(self._torch_npu_call)
         return super().__enter__()
@@ -107,7 +107,20 @@ class KernelCounter(TorchDispatchMode):
             self.log.listeners.remove(self._torch_npu_call)
         return super().__exit__(*exc)
 
-    # --- results -----------------------------------------------------------------------------------
+
+class KernelCounter(KernelMode):
+    """Counts kernel launches per layer. ``kernels``: (layer, name) in launch order."""
+
+    def __init__(self, call_log):
+        super().__init__(call_log)
+        self.layer = OUTSIDE
+        self.kernels: list[tuple[str, str]] = []
+
+    def launched(self, name, fn, args, kwargs, result) -> None:
+        self.kernels.append((self.layer, name))
+
+    def collective(self, name: str) -> None:
+        self.kernels.append((self.layer, f"collective.{name}"))
 
     def per_layer(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = collections.defaultdict(list)
@@ -123,19 +136,19 @@ class KernelCounter(TorchDispatchMode):
 
 
 @contextlib.contextmanager
-def attach(counter: KernelCounter, layers):
-    """Attribute kernels to ``layers`` (an iterable of modules, e.g. ``model.layers``): a layer's
-    name is "layer i" while its forward runs."""
+def attach(tracker, layers):
+    """Attribute kernels to ``layers`` (an iterable of modules, e.g. ``model.layers``): the
+    tracker's ``layer`` is "layer i" while layer i's forward runs."""
     hooks = []
     for i, layer in enumerate(layers):
         def enter(_module, _args, i=i):
-            counter.layer = f"layer {i}"
+            tracker.layer = f"layer {i}"
 
         def leave(_module, _args, _out):
-            counter.layer = OUTSIDE
+            tracker.layer = OUTSIDE
         hooks += [layer.register_forward_pre_hook(enter), layer.register_forward_hook(leave)]
     try:
-        yield counter
+        yield tracker
     finally:
         for h in hooks:
             h.remove()

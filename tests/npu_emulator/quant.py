@@ -1,5 +1,5 @@
 """int8 quantisation kernels: npu_dynamic_quant, npu_quantize, npu_trans_quant_param,
-npu_quant_matmul.
+npu_quant_matmul, and the norm-fused npu_add_rms_norm_quant / npu_add_rms_norm_dynamic_quant.
 
 Sources: op-plugin ``docs/zh/custom_APIs/torch_npu/`` torch_npu-npu_dynamic_quant.md,
 torch_npu-npu_quantize.md, torch_npu-npu_trans_quant_param.md, torch_npu-npu_quant_matmul.md;
@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from ._base import (FLOAT_TYPES, HALF_TYPES, boolean, dt, fail, integer, op, tensor,
-                    unsupported)
+from ._base import (FLOAT_TYPES, HALF_TYPES, boolean, dt, fail, fill_undefined, integer, op,
+                    real, tensor, unsupported)
 
 # --------------------------------------------------------------------------------------------
 # npu_dynamic_quant
@@ -319,3 +319,110 @@ def npu_quant_matmul(x1, x2, scale, *, offset=None, pertoken_scale=None, bias=No
         return torch.round(y).clamp(-128, 127).to(torch.int8)
     return y.to(out)
 
+
+
+# --------------------------------------------------------------------------------------------
+# Residual add + RMSNorm + quantisation, fused
+# --------------------------------------------------------------------------------------------
+# Sources: op-plugin docs/zh/custom_APIs/torch_npu/torch_npu-npu_add_rms_norm_quant.md and its
+# English twin; CANN aclnnAddRmsNormQuantV2 ("divMode supports only True" on Atlas A2/A3);
+# torch_npu-npu_add_rms_norm_dynamic_quant.md. Precision model as npu_add_rms_norm (norm_act.py):
+# the sum x1 + x2 and the norm in fp32, the quantised value rounded once (half to even, op-plugin's
+# test golden clips to [-128, 127] before the int8 cast).
+
+def _add_norm(name, x1, x2, gamma, beta, epsilon, dims):
+    a = tensor(name, "x1", x1, dtypes=HALF_TYPES, dims=dims, nonempty=True)
+    b = tensor(name, "x2", x2, dtypes=HALF_TYPES, dims=dims, nonempty=True)
+    if b.dtype != a.dtype or tuple(b.shape) != tuple(a.shape):
+        fail(name, f"x1 and x2 must share dtype and shape, got {dt(a)} {list(a.shape)} and "
+                   f"{dt(b)} {list(b.shape)}")
+    K = a.shape[-1]
+    g = tensor(name, "gamma", gamma, dtypes=(a.dtype,), dims=(1,))
+    if g.shape[0] != K:
+        fail(name, f"gamma must be [{K}] (x1's last dim), got {list(g.shape)}")
+    bt = tensor(name, "beta", beta, dtypes=(a.dtype,), dims=(1,), optional=True)
+    if bt is not None and bt.shape[0] != K:
+        fail(name, f"beta must be [{K}], got {list(bt.shape)}")
+    eps = real(name, "epsilon", epsilon)
+    s32 = a.float() + b.float()
+    y = s32 * torch.rsqrt(s32.pow(2).mean(-1, keepdim=True) + eps) * g.float()
+    if bt is not None:
+        y = y + bt.float()
+    return a, y, s32.to(a.dtype)
+
+
+@op
+def npu_add_rms_norm_quant(x1, x2, gamma, scales1, zero_points1, beta=None, scales2=None,
+                           zero_points2=None, *, axis=-1, epsilon=1e-06, div_mode=True):
+    """(y1, y2, x): x = x1 + x2 (x1's dtype), y = x / RMS(x) * gamma (+ beta),
+    y1 = clamp(round(y / scales1 + zero_points1)) int8 (div_mode True), y2 likewise with
+    scales2 / zero_points2.
+
+    Doc (A2/A3 dtype rows): fp16 x1/x2/gamma with fp32 scales and int32 zero points; bf16 with
+    bf16 scales and bf16 zero points. x1/x2 1-8 dims of one shape; gamma, beta, the scales and
+    zero points of gamma's shape (1-D [K] here); zero points may be None; axis -1 only (op-plugin
+    checks it); div_mode: only True on A2/A3 (CANN page), and scales must then not be 0. y2 is
+    always allocated: without scales2 its content is not defined (here: the int8 minimum).
+    """
+    name = "npu_add_rms_norm_quant"
+    if integer(name, "axis", axis) != -1:
+        fail(name, f"axis must be -1, got {axis}")
+    if not boolean(name, "div_mode", div_mode):
+        fail(name, "div_mode=False is not supported on Atlas A2/A3 (aclnnAddRmsNormQuantV2)")
+    a, y, x_sum = _add_norm(name, x1, x2, gamma, beta, epsilon, range(1, 9))
+    K = a.shape[-1]
+    s_dt, z_dt = (torch.float32, torch.int32) if a.dtype == torch.float16 else \
+        (torch.bfloat16, torch.bfloat16)
+
+    def quantise(which, scales, zeros):
+        s = tensor(name, f"scales{which}", scales, dtypes=(s_dt,), dims=(1,))
+        z = tensor(name, f"zero_points{which}", zeros, dtypes=(z_dt,), dims=(1,), optional=True)
+        if s.shape[0] != K or (z is not None and z.shape[0] != K):
+            fail(name, f"scales{which} / zero_points{which} must be [{K}] (gamma's shape)")
+        if bool((s == 0).any()):
+            fail(name, f"scales{which} must not hold 0 with div_mode=True")
+        q = y / s.float() + (0.0 if z is None else z.float())
+        return torch.round(q).clamp(-128, 127).to(torch.int8)
+
+    y1 = quantise(1, scales1, zero_points1)
+    y2 = quantise(2, scales2, zero_points2) if scales2 is not None else \
+        fill_undefined(a.shape, torch.int8)
+    return y1, y2, x_sum
+
+
+@op
+def npu_add_rms_norm_dynamic_quant(x1, x2, gamma, *, smooth_scale1=None, smooth_scale2=None,
+                                   beta=None, epsilon=1e-06, output_mask=None, y_dtype=None):
+    """(y1, y2, x_out, scale1, scale2): x = x1 + x2, y = x / RMS(x) * gamma (+ beta);
+    branch i: input_i = y * smooth_scale_i (if given), scale_i = row_max(|input_i|) / 127 (fp32,
+    x1.shape[:-1]), y_i = round(input_i / scale_i) int8.
+
+    Doc (A2/A3): x1/x2 fp16/bf16 of 2-8 dims and one shape; gamma, beta and the smooth scales of
+    x1's dtype, 1-D [K]; output_mask (two bools, not both False) selects the branches, a branch
+    switched off returns empty y and scale, and a smooth scale needs its branch on; empty mask:
+    branch 1, and branch 2 when smooth_scale2 is given. y_dtype None = int8 (int4 not emulated).
+    """
+    name = "npu_add_rms_norm_dynamic_quant"
+    if y_dtype is not None:
+        unsupported(name, f"y_dtype={y_dtype}")
+    a, y, x_sum = _add_norm(name, x1, x2, gamma, beta, epsilon, range(2, 9))
+    K = a.shape[-1]
+    mask = list(output_mask) if output_mask else [True, smooth_scale2 is not None]
+    if len(mask) != 2 or not all(isinstance(m, bool) for m in mask) or not any(mask):
+        fail(name, f"output_mask must be two bools, not both False, got {output_mask}")
+    outs = []
+    for i, (on, smooth) in enumerate(zip(mask, (smooth_scale1, smooth_scale2)), 1):
+        sm = tensor(name, f"smooth_scale{i}", smooth, dtypes=(a.dtype,), dims=(1,), optional=True)
+        if sm is not None and not on:
+            fail(name, f"smooth_scale{i} is given but output_mask[{i - 1}] is False")
+        if not on:
+            outs.append((torch.empty(0, dtype=torch.int8), torch.empty(0, dtype=torch.float32)))
+            continue
+        if sm is not None and sm.shape[0] != K:
+            fail(name, f"smooth_scale{i} must be [{K}], got {list(sm.shape)}")
+        inp = y if sm is None else y * sm.float()
+        scale = inp.abs().amax(dim=-1) / 127.0
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        outs.append((torch.round(inp / safe.unsqueeze(-1)).clamp(-128, 127).to(torch.int8), scale))
+    (y1, s1), (y2, s2) = outs
+    return y1, y2, x_sum, s1, s2

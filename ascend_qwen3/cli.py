@@ -307,9 +307,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--dtype", default=None, help="auto (default) | bfloat16 | float16 | float32")
     sv.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default 1)")
     sv.add_argument("--ep", action="store_true", help="expert parallel (MoE models)")
-    sv.add_argument("--graph-mode", default=None, choices=["PIECEWISE", "NONE"],
-                    help="NPU only: PIECEWISE (default: ACL graphs of the compiled model, attention "
-                         "eager between them) or NONE (eager)")
+    sv.add_argument("--graph-mode", default=None, choices=["FULL_AND_PIECEWISE", "PIECEWISE", "NONE"],
+                    help="NPU only: FULL_AND_PIECEWISE (default, vllm-ascend's: full ACL graphs for "
+                         "decode steps, graph pieces for the rest), PIECEWISE (graph pieces, "
+                         "attention eager between them) or NONE (eager)")
     sv.add_argument("--max-model-len", type=int, default=None)
     sv.add_argument("--max-num-seqs", type=int, default=None)
     sv.add_argument("--no-thinking", action="store_true",

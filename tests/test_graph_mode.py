@@ -1,22 +1,22 @@
 """The graph-mode policy on vllm-ascend 0.23, checked against its published source.
 
-vllm-ascend 0.23 defaults to ``cudagraph_mode=FULL_AND_PIECEWISE`` and captures FULL decode
-graphs around the whole model; at replay it refreshes the attention's lengths only for the
-kernel calls its own impl recorded while capturing. The project's impl records none, so:
+vllm-ascend 0.23 defaults to ``cudagraph_mode=FULL_AND_PIECEWISE``: FULL decode graphs around
+the whole model, whose attention kernels it refreshes after each replay for the calls recorded
+in its graph params. The project's attention records its own captured call there
+(vllm_plugin/attention.py, tests/test_full_graph_emulated.py runs it), so:
 
-- the project's attention backend declares ``AttentionCGSupport.NEVER`` through its metadata
+- on the NPU the project's backend declares ``AttentionCGSupport.ALWAYS`` through its metadata
   builder's ``get_cudagraph_support`` (the hook vLLM and vllm-ascend consult for every layer's
-  backend): vLLM then never runs a FULL graph with it (FULL_AND_PIECEWISE becomes PIECEWISE, an
-  explicit FULL is refused at start-up);
-- the NPU launcher states the mode: ``--compilation-config {"cudagraph_mode": "PIECEWISE"}``
-  (the compiled backbone in ACL graph pieces, attention eager between them, where vLLM splits
-  them), or ``--enforce-eager`` for a profile with ``graph_mode: NONE``.
+  backend), as vllm-ascend's own builder does; on the CPU the platform builder's answer stands;
+- vLLM then keeps FULL_AND_PIECEWISE (and an explicit FULL);
+- the NPU launcher states the mode: ``--compilation-config {"cudagraph_mode":
+  "FULL_AND_PIECEWISE"}`` by default, PIECEWISE or ``--enforce-eager`` (NONE) as profile choices.
 
 What is proven here, without an NPU: each hook exists in the vLLM 0.23 / vllm-ascend 0.23 wheels
 (read as text, like tests/test_vllm_compat.py), vllm-ascend's runner asks the layers' own
-backends, vLLM 0.23's resolution turns NEVER into PIECEWISE (or NONE) and refuses FULL, the same
-resolution run for real in the installed vLLM 0.32, and every NPU command carries its mode. Not
-proven: a capture on an Atlas machine.
+backends, the resolution run for real in the installed vLLM 0.32, and every NPU command carries
+its mode. What the FULL participation relies on in vllm-ascend is pinned in
+tests/test_full_graph_protocol.py. Not proven: a capture on an Atlas machine.
 """
 
 from __future__ import annotations
@@ -55,8 +55,9 @@ def _names(node) -> set[str]:
 
 # --- the project's backend ---------------------------------------------------------------------
 
-def test_backend_declares_no_full_graph_support():
-    """On the running platform (vLLM 0.32's CPU build here, vllm-ascend on an Atlas host)."""
+def test_backend_declares_full_graph_support_on_the_npu(monkeypatch):
+    """ALWAYS on the NPU (replays get fresh lengths), the platform builder's own answer on the
+    CPU (here, vLLM 0.32's CPU build)."""
     from vllm.v1.attention.backend import AttentionCGSupport
 
     from ascend_qwen3.vllm_plugin import compat
@@ -65,26 +66,22 @@ def test_backend_declares_no_full_graph_support():
     ours, base = ops_attention_backend(), compat.platform_attention_backend()
     builder = ours.get_builder_cls()
     assert issubclass(ours, base) and issubclass(builder, base.get_builder_cls())
-    assert builder.get_cudagraph_support(None, None) == AttentionCGSupport.NEVER
+    assert builder.get_cudagraph_support(None, None) == \
+        base.get_builder_cls().get_cudagraph_support(None, None)
+    monkeypatch.setattr(compat, "on_npu", lambda: True)
+    assert builder.get_cudagraph_support(None, None) == AttentionCGSupport.ALWAYS
     assert ours.get_name() == base.get_name() and ours.forward_includes_kv_cache_update
 
 
 # --- vLLM 0.23 and vllm-ascend 0.23, read from their wheels ------------------------------------
 
-def test_vllm_023_turns_never_into_piecewise_and_refuses_full(vllm_023):
+def test_vllm_023_keeps_full_graphs_for_an_always_backend(vllm_023):
+    """vLLM 0.23 downgrades the mode only for less support than ALWAYS: its resolution tests
+    the support against NEVER / ALWAYS before touching a FULL mode."""
     fn = _function(vllm_023, "vllm.config.compilation",
                    "CompilationConfig.resolve_cudagraph_mode_and_sizes")
-    ifs = [n for n in ast.walk(fn) if isinstance(n, ast.If)]
-    decode = [n for n in ifs if {"AttentionCGSupport.NEVER"} <= _names(n.test)
-              and any("decode_mode" in x for x in _names(n.test))]
-    assert decode, "no 'decode graphs need support' check against AttentionCGSupport.NEVER"
-    assigned = {_attr_chain(a.value) for n in decode for a in ast.walk(n)
-                if isinstance(a, ast.Assign) and any(getattr(t, "id", "") == "cudagraph_mode"
-                                                     for t in a.targets)}
-    assert {"CUDAGraphMode.PIECEWISE", "CUDAGraphMode.NONE"} <= assigned, assigned
-    mixed = [n for n in ifs if any("mixed_mode" in x for x in _names(n.test))]
-    assert mixed and any(isinstance(r, ast.Raise) for n in mixed for r in ast.walk(n)), \
-        "an explicit FULL mode with a NEVER backend is no longer refused"
+    tests = {x for n in ast.walk(fn) if isinstance(n, ast.If) for x in _names(n.test)}
+    assert {"AttentionCGSupport.NEVER", "AttentionCGSupport.ALWAYS"} <= tests, tests
     modes = vllm_023.resolve("vllm.config.compilation", "CUDAGraphMode").node
     members = {t.id for s in modes.body if isinstance(s, ast.Assign) for t in s.targets}
     assert {"NONE", "PIECEWISE", "FULL", "FULL_AND_PIECEWISE"} <= members
@@ -105,43 +102,25 @@ def test_vllm_ascend_023_asks_every_layer_backend(vllm_ascend_023):
     assert any(c.endswith(".get_attn_backend") for c in calls), calls
 
 
-def test_vllm_ascend_023_refreshes_full_graphs_only_for_its_recorded_calls(vllm_ascend_023):
-    """Why NEVER: the replay update is the platform impl's ``update_graph_params``, which walks
-    the graph params its own ``forward`` appended while capturing (``full_graph_fia``)."""
-    upd = _function(vllm_ascend_023, "vllm_ascend.compilation.acl_graph", "update_full_graph_params")
-    calls = {_attr_chain(n.func) for n in ast.walk(upd) if isinstance(n, ast.Call)}
-    assert any(c.endswith(".get_impl_cls") for c in calls), calls
-    assert any(c.endswith(".update_graph_params") for c in calls), calls
-    fia = _function(vllm_ascend_023, "vllm_ascend.attention.attention_v1",
-                    "AscendAttentionBackendImpl.full_graph_fia")
-    assert any("attn_params" in x or "handles" in x for x in _names(fia))
-    import inspect
-
-    from ascend_qwen3.vllm_plugin import attention
-    # our impl replaces forward, so nothing calls full_graph_fia (nothing is recorded) for our
-    # layers: hence the declared NEVER
-    impl = attention.ops_attention_backend().get_impl_cls()
-    assert impl.forward is attention._forward
-    assert "full_graph" not in inspect.getsource(attention._forward)
-
-
 def test_the_resolution_runs_as_read_in_vllm_032():
-    """The same resolution, run for real in the installed vLLM (0.32): a NEVER backend turns
-    FULL_AND_PIECEWISE into PIECEWISE, keeps an explicit PIECEWISE, and refuses FULL."""
+    """The same resolution, run for real in the installed vLLM (0.32): an ALWAYS backend keeps
+    FULL_AND_PIECEWISE, PIECEWISE and FULL; a NEVER one (what the project declared before it
+    recorded its captured attention) turns FULL_AND_PIECEWISE into PIECEWISE and refuses FULL."""
     from vllm.config import CompilationConfig
     from vllm.config.compilation import CompilationMode, CUDAGraphMode
     from vllm.v1.attention.backend import AttentionCGSupport
 
-    def resolve(mode):
+    def resolve(mode, support):
         cc = CompilationConfig(mode=CompilationMode.VLLM_COMPILE, cudagraph_mode=mode)
         cc.splitting_ops = list(CompilationConfig._attention_ops)   # as piecewise modes set them
         assert cc.splitting_ops_contain_attention()
-        return cc.resolve_cudagraph_mode_and_sizes(AttentionCGSupport.NEVER, "OpsAttentionBackend")
+        return cc.resolve_cudagraph_mode_and_sizes(support, "OpsAttentionBackend")
 
-    assert resolve(CUDAGraphMode.FULL_AND_PIECEWISE) == CUDAGraphMode.PIECEWISE
-    assert resolve(CUDAGraphMode.PIECEWISE) == CUDAGraphMode.PIECEWISE
+    for mode in (CUDAGraphMode.FULL_AND_PIECEWISE, CUDAGraphMode.PIECEWISE, CUDAGraphMode.FULL):
+        assert resolve(mode, AttentionCGSupport.ALWAYS) == mode
+    assert resolve(CUDAGraphMode.FULL_AND_PIECEWISE, AttentionCGSupport.NEVER) == CUDAGraphMode.PIECEWISE
     with pytest.raises(ValueError, match="not supported"):
-        resolve(CUDAGraphMode.FULL)
+        resolve(CUDAGraphMode.FULL, AttentionCGSupport.NEVER)
 
 
 # --- the launcher states the mode -------------------------------------------------------------
@@ -159,7 +138,8 @@ def test_every_npu_profile_command_carries_its_graph_mode():
     with open(GOLDEN) as f:
         golden = json.load(f)
     for name, cmd in golden.items():
-        assert _mode_flags(cmd["argv"]) == load_profile(name).get("graph_mode", "PIECEWISE"), name
+        assert _mode_flags(cmd["argv"]) == load_profile(name).get("graph_mode",
+                                                                  "FULL_AND_PIECEWISE"), name
 
 
 def test_launcher_graph_mode_rules():
@@ -168,12 +148,13 @@ def test_launcher_graph_mode_rules():
     def argv(**kw):
         return build_command(ServeSpec(model="/models/m", config=cfg, **kw), base_env={})[0]
 
-    assert _mode_flags(argv(device="npu")) == "PIECEWISE"
+    assert _mode_flags(argv(device="npu")) == "FULL_AND_PIECEWISE"      # vllm-ascend's default
+    assert _mode_flags(argv(device="npu", graph_mode="PIECEWISE")) == "PIECEWISE"
     assert _mode_flags(argv(device="npu", graph_mode="NONE")) == "NONE"
     assert _mode_flags(argv(device="cpu")) is None                   # no graphs on the CPU build
     user = argv(device="npu", extra_args=["--enforce-eager"])      # the user's own flag decides
     assert user.count("--enforce-eager") == 1 and "--compilation-config" not in user
-    with pytest.raises(LaunchError, match="PIECEWISE or NONE"):
+    with pytest.raises(LaunchError, match="FULL_AND_PIECEWISE, PIECEWISE or NONE"):
         argv(device="npu", graph_mode="FULL")
     with pytest.raises(LaunchError, match="NPU setting"):
         argv(device="cpu", graph_mode="PIECEWISE")

@@ -68,13 +68,14 @@ NPU_ENV = {"PYTORCH_NPU_ALLOC_CONF": "expandable_segments:True", "TASK_QUEUE_ENA
 MULTI_NODE_ENV = ("HCCL_IF_IP", "GLOO_SOCKET_IFNAME", "TP_SOCKET_IFNAME", "HCCL_SOCKET_IFNAME")
 API_KEY_ENV = "VLLM_API_KEY"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
-# The graph mode on the NPU (vllm-ascend's ACL graphs; vLLM's `cudagraph_mode`). The project's
-# attention impl records nothing a FULL graph replay could refresh (vllm_plugin/attention.py), so
-# its backend declares no full-graph support and the launcher asks for PIECEWISE: the compiled
-# backbone is captured in pieces, split at vLLM's attention op, which runs eagerly between them.
+# The graph mode on the NPU (vllm-ascend's ACL graphs; vLLM's `cudagraph_mode`), stated on every
+# NPU command. The default is vllm-ascend's own: FULL_AND_PIECEWISE, one FULL graph per uniform
+# decode size (the project's attention records its kernel as an updatable task there, so each
+# replay gets the step's lengths: vllm_plugin/attention.py) and piecewise graphs, split at the
+# attention, for the other steps. PIECEWISE keeps the attention eager between graph pieces;
 # NONE (`--enforce-eager`) runs everything eagerly. On vLLM's CPU build there are no graphs.
-GRAPH_MODES = ("PIECEWISE", "NONE")
-NPU_GRAPH_MODE = "PIECEWISE"
+GRAPH_MODES = ("FULL_AND_PIECEWISE", "PIECEWISE", "NONE")
+NPU_GRAPH_MODE = "FULL_AND_PIECEWISE"
 # seconds in-flight requests may run after SIGTERM (vLLM's --shutdown-timeout); container
 # managers must wait longer than this before they SIGKILL (manifests.py)
 SHUTDOWN_TIMEOUT_S = 60
@@ -104,7 +105,7 @@ class ServeSpec:
     config: Qwen3Config | None = None   # the model's config when the directory is not here
     nodes: int = 1
     devices: list | None = None         # NPU ids on this node (ASCEND_RT_VISIBLE_DEVICES when unset)
-    graph_mode: str | None = None       # NPU: PIECEWISE (default) or NONE (eager); see GRAPH_MODES
+    graph_mode: str | None = None       # NPU: FULL_AND_PIECEWISE (default), PIECEWISE or NONE
     api_key_file: str | None = None     # a file holding the API key (else $VLLM_API_KEY, if set)
     require_api_key: bool = False       # refuse to start without an API key
     env: dict = field(default_factory=dict)
@@ -242,8 +243,9 @@ def graph_mode_args(spec: ServeSpec) -> list[str]:
     mode = (spec.graph_mode or NPU_GRAPH_MODE).upper()
     if mode not in GRAPH_MODES:
         raise LaunchError(f"graph mode {spec.graph_mode!r} is not one the project supports; use "
-                          f"{' or '.join(GRAPH_MODES)} (FULL graphs would replay the attention "
-                          f"with the lengths of their capture: see vllm_plugin/attention.py)")
+                          f"{', '.join(GRAPH_MODES[:-1])} or {GRAPH_MODES[-1]} (a FULL mode without "
+                          f"piecewise graphs would run mixed prefill/decode steps eagerly: "
+                          f"docs/serving.md)")
     if mode == "NONE":
         return ["--enforce-eager"]
     return ["--compilation-config", json.dumps({"cudagraph_mode": mode})]

@@ -47,9 +47,10 @@ SCHEMA: dict[str, tuple] = {
     "distributed_executor_backend": (_str, False, lambda v: v in ("mp", "ray"), "mp (one node) or ray"),
     "env": (dict, False, lambda v: all(isinstance(x, str) for x in v.values()),
             "extra environment variables (string values)"),
-    "graph_mode": (_str, False, lambda v: v in ("PIECEWISE", "NONE"),
-                   "PIECEWISE (default: the compiled model in ACL graph pieces, attention eager "
-                   "between them) or NONE (eager, --enforce-eager)"),
+    "graph_mode": (_str, False, lambda v: v in ("FULL_AND_PIECEWISE", "PIECEWISE", "NONE"),
+                   "FULL_AND_PIECEWISE (default, vllm-ascend's: full ACL graphs for decode, "
+                   "graph pieces for the rest), PIECEWISE (graph pieces, attention eager between "
+                   "them) or NONE (eager, --enforce-eager)"),
     "api_key": (_str, False, lambda v: v in ("optional", "required"),
                 "optional (default: clients authenticate when VLLM_API_KEY / --api-key-file gives "
                 "a key) or required (refuse to start without one)"),
@@ -164,7 +165,7 @@ def to_spec(p: dict, host: str = "0.0.0.0", port: int | None = None) -> ServeSpe
         extra += ["--distributed-executor-backend", p["distributed_executor_backend"]]
     env = dict(p.get("env", {}))
     return ServeSpec(require_api_key=p.get("api_key", "optional") == "required",
-                     graph_mode=p.get("graph_mode", "PIECEWISE"),model=p["model_path"], served_model_name=p["served_model_name"], host=host,
+                     graph_mode=p.get("graph_mode", "FULL_AND_PIECEWISE"), model=p["model_path"], served_model_name=p["served_model_name"], host=host,
                      port=port or p.get("port", 8000), device="npu", dtype="bfloat16", tp=p["tp"],
                      expert_parallel=bool(p.get("expert_parallel")), max_model_len=p["max_model_len"],
                      max_num_seqs=p["max_num_seqs"], thinking=p["thinking"],

@@ -11,14 +11,21 @@ vLLM offers (selecting a custom backend by name is not honoured on the CPU).
 
 Graph mode. vLLM calls the impl through its opaque ``unified_attention_with_output`` op, so the
 impl runs eagerly outside the compiled graph, and piecewise graphs (``cudagraph_mode``
-PIECEWISE) are split at it. A FULL graph would also capture the attention call, and replay it
-with the lengths of the capture: vllm-ascend refreshes those only for the kernel calls its own
-impl records while capturing (``update_full_graph_params`` in
-``vllm_ascend/compilation/acl_graph.py``, fed by ``full_graph_fia`` in
-``vllm_ascend/attention/attention_v1.py``), and this impl records none. So the backend's
-metadata builder declares ``AttentionCGSupport.NEVER``: vLLM then resolves the default
-FULL_AND_PIECEWISE to PIECEWISE (or NONE when nothing is compiled), never to a full graph, and
-an explicit FULL is refused at start-up. The launcher states the mode it relies on.
+PIECEWISE) are split at it. A FULL graph (vllm-ascend's default FULL_AND_PIECEWISE captures one
+per uniform decode size) also captures the attention call, and a replay would run it with the
+lengths of its capture, unless something refreshes them: vllm-ascend does, after each replay,
+for the calls recorded in its graph params (``update_full_graph_params`` in
+``vllm_ascend/compilation/acl_graph.py`` runs ``AscendAttentionBackendImpl.update_graph_params``
+of ``vllm_ascend/attention/attention_v1.py``). So while vllm-ascend captures (its forward
+context's ``capturing``), this impl captures its attention as an updatable task
+(``ops.npu.paged_attention_graph_task``: event, task group, the ``.out`` call writing vLLM's
+output) and records it in vllm-ascend's layout (``compat.record_attention_task``); every replay
+then gets the step's lengths and block table, as vllm-ascend's own layers do. Why this way in
+(and not delegating the captured call to vllm-ascend's impl, or patching its updater):
+docs/serving.md. The builder therefore declares ``AttentionCGSupport.ALWAYS`` on the NPU (as
+vllm-ascend's own builder does); the backbone refuses to start when the installed vllm-ascend
+no longer works as this relies on (``compat.check_full_graph_protocol``). On the CPU, where
+vLLM captures no graphs, the platform builder's own declaration stands.
 """
 
 from __future__ import annotations
@@ -51,6 +58,15 @@ def _forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.T
     a = compat.attention_inputs(kv_cache, attn_metadata)
     n = a.num_tokens
     be.write_kv_cache(key[:n], value[:n], a.key_cache, a.value_cache, a.slot_mapping)
+    graph_params = compat.full_graph_capture() if be.NAME == "npu" else None
+    if graph_params is not None:     # a FULL graph is being captured: an updatable task
+        S = a.query_start_loc_host[-1]       # the padded size: every query row is used
+        task = be.paged_attention_graph_task(
+            query[:S], a.key_cache, a.value_cache, a.block_tables, a.query_start_loc, a.seq_lens,
+            self.scale, out=output[:S].view(query[:S].shape), query_start_loc_host=a.query_start_loc_host,
+            seq_lens_host=a.seq_lens_host, workspace=graph_params.workspaces.get(S))
+        compat.record_attention_task(graph_params, S, task)
+        return output
     out = be.paged_attention(query[:n], a.key_cache, a.value_cache, a.block_tables,
                              a.query_start_loc, a.seq_lens, self.scale,
                              query_start_loc_host=a.query_start_loc_host,
@@ -68,10 +84,12 @@ def _do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None
                                                slot_mapping)
 
 
-def _no_graph_support(cls, vllm_config, kv_cache_spec):
+def _graph_support(cls, vllm_config, kv_cache_spec):
     from vllm.v1.attention.backend import AttentionCGSupport
 
-    return AttentionCGSupport.NEVER
+    if compat.on_npu():     # replays get fresh lengths (module docstring)
+        return AttentionCGSupport.ALWAYS
+    return super(cls, cls).get_cudagraph_support(vllm_config, kv_cache_spec)
 
 
 @functools.cache
@@ -85,10 +103,10 @@ def ops_attention_backend() -> type:
         "do_kv_cache_update": _do_kv_cache_update,
     })
     builder = type("OpsAttentionMetadataBuilder", (base.get_builder_cls(),), {
-        "__doc__": "The platform's metadata builder, declaring no CUDA/ACL full-graph support "
-                   "(see the module docstring).",
+        "__doc__": "The platform's metadata builder, declaring the graph support the project's "
+                   "attention has (see the module docstring).",
         "__module__": __name__,
-        "get_cudagraph_support": classmethod(_no_graph_support),
+        "get_cudagraph_support": classmethod(_graph_support),
     })
     return type("OpsAttentionBackend", (base,), {
         "__doc__": f"{base.__name__} with ascend-qwen3's ops as the attention kernel.",

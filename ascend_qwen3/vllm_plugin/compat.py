@@ -34,6 +34,7 @@ vLLM 0.23.0 and vllm-ascend 0.23.0 wheels (read as text) and the installed vLLM 
 
 from __future__ import annotations
 
+import ast
 from dataclasses import dataclass
 
 import torch
@@ -74,11 +75,12 @@ VLLM_USES: list[Use] = [
     Use("vllm.platforms.interface", "Platform", "attrs", ("device_type", "is_cpu")),
     Use("vllm.v1.attention.backend", "AttentionBackend", "attrs",
         ("forward_includes_kv_cache_update", "get_impl_cls", "get_builder_cls", "get_name")),
-    Use("vllm.v1.attention.backend", "AttentionCGSupport", "attrs", ("NEVER",)),
+    Use("vllm.v1.attention.backend", "AttentionCGSupport", "attrs", ("NEVER", "ALWAYS")),
     Use("vllm.v1.attention.backend", "AttentionMetadataBuilder.get_cudagraph_support", "override",
         ("vllm_config", "kv_cache_spec")),
     Use("vllm.compilation.decorators", "support_torch_compile", "call", ("dynamic_arg_dims",)),
     Use("vllm.config", "CompilationConfig", "attrs", ("mode", "backend", "cudagraph_mode")),
+    Use("vllm.config.compilation", "CUDAGraphMode", "attrs", ("has_full_cudagraphs",)),
     Use("vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackend", "attrs",
         ("get_impl_cls", "get_builder_cls")),
     Use("vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackendImpl", "attrs", ("scale",)),
@@ -135,6 +137,12 @@ VLLM_ASCEND_USES: list[Use] = [
     Use("vllm_ascend.attention.attention_v1", "AscendMetadata", "attrs",
         ("num_actual_tokens", "query_start_loc", "seq_lens", "block_tables", "slot_mapping",
          "actual_seq_lengths_q", "seq_lens_list")),
+    # FULL ACL graphs (record_attention_task, full_graph_capture; the rest of the protocol is
+    # read by full_graph_protocol_problems)
+    Use("vllm_ascend.compilation.acl_graph", "get_graph_params", "call", ()),
+    Use("vllm_ascend.compilation.acl_graph", "GraphParams", "attrs",
+        ("events", "workspaces", "handles", "attn_params")),
+    Use("vllm_ascend.ascend_forward_context", "_EXTRA_CTX"),
 ]
 
 
@@ -237,3 +245,181 @@ def tp_all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     from vllm.distributed import tensor_model_parallel_all_gather
 
     return tensor_model_parallel_all_gather(x, dim=dim)
+
+
+# --- FULL ACL graphs on vllm-ascend 0.23 -------------------------------------------------------
+# vllm-ascend captures FULL decode graphs around the whole model and, after each replay, gives
+# the captured attention kernels fresh lengths: ``update_full_graph_params``
+# (vllm_ascend/compilation/acl_graph.py) runs ``AscendAttentionBackendImpl.update_graph_params``
+# (vllm_ascend/attention/attention_v1.py) over the calls vllm-ascend's own impl recorded while
+# capturing (``full_graph_fia``): per call a tuple of its arguments in
+# ``GraphParams.attn_params[num_tokens]``, an ExternalEvent and a task-group handle. The updater
+# is the platform backend's, never a layer's (no hook for another impl), so the project's
+# attention records its own captured call in that layout (``record_attention_task``): the
+# updater then refreshes it as it refreshes vllm-ascend's. What this relies on is checked at
+# start-up (``full_graph_protocol_problems``), and by tests/test_full_graph_protocol.py against
+# the 0.23 wheel.
+
+# the names update_graph_params unpacks each recorded tuple into (its FIA branch), in order
+FULL_GRAPH_TUPLE = ("query", "key_cache", "value", "block_tables", "attn_mask", "block_size",
+                    "seq_lens", "query_start_loc", "num_kv_heads", "num_heads", "scale",
+                    "attn_output", "softmax_lse", "sparse_mode", "pre_tokens", "next_tokens",
+                    "sliding_window", "c8_k_aq_scale", "c8_k_aq_offset", "c8_v_aq_scale",
+                    "c8_v_aq_offset", "layer_name")
+# the keywords the updater passes to npu_fused_infer_attention_score.out
+FULL_GRAPH_UPDATE_KEYWORDS = ("query", "key", "value", "block_table", "atten_mask", "input_layout",
+                              "block_size", "actual_seq_lengths", "actual_seq_lengths_kv",
+                              "num_key_value_heads", "num_heads", "scale", "sparse_mode",
+                              "pre_tokens", "next_tokens", "workspace", "out")
+FULL_GRAPH_MODULES = {"impl": "vllm_ascend.attention.attention_v1",
+                      "graph": "vllm_ascend.compilation.acl_graph",
+                      "context": "vllm_ascend.ascend_forward_context",
+                      "runner": "vllm_ascend.worker.model_runner_v1"}
+
+
+def record_attention_task(graph_params, num_tokens: int, task) -> None:
+    """Append one captured attention call (``ops.npu.GraphTask``) to vllm-ascend's graph
+    params, laid out as ``update_graph_params`` unpacks it (FULL_GRAPH_TUPLE): the updater
+    re-issues the same ``.out`` call with the step's ``actual_seq_lengths_q``,
+    ``seq_lens_list`` and ``block_tables``."""
+    a = task.args
+    entry = (a["query"], a["key"], a["value"], a["block_table"], a["atten_mask"], a["block_size"],
+             a["actual_seq_lengths_kv"], a["actual_seq_lengths"], a["num_key_value_heads"],
+             a["num_heads"], a["scale"], task.output, task.softmax_lse, a["sparse_mode"],
+             a["pre_tokens"], a["next_tokens"], None, None, None, None, None, None)
+    assert len(entry) == len(FULL_GRAPH_TUPLE)
+    graph_params.attn_params[num_tokens].append(entry)
+    graph_params.events[num_tokens].append(task.event)
+    graph_params.handles[num_tokens].append(task.handle)
+    if graph_params.workspaces.get(num_tokens) is None:     # one per token count, every layer's
+        graph_params.workspaces[num_tokens] = task.workspace
+
+
+def full_graph_capture():
+    """vllm-ascend's graph params while it captures a graph with attention metadata (a FULL
+    graph; piecewise captures build none), else None."""
+    from vllm_ascend.ascend_forward_context import _EXTRA_CTX
+
+    if not getattr(_EXTRA_CTX, "capturing", False):
+        return None
+    from vllm_ascend.compilation.acl_graph import get_graph_params
+    return get_graph_params()
+
+
+def _function_node(module: ast.Module, path: str):
+    node = module
+    for part in path.split("."):
+        found = None
+        for child in node.body:
+            if isinstance(child, (ast.ClassDef, ast.FunctionDef)) and child.name == part:
+                found = child
+        if found is None:
+            return None
+        node = found
+    return node
+
+
+def _names_in(node) -> set[str]:
+    out = set()
+    for n in ast.walk(node):
+        if isinstance(n, ast.Attribute):
+            out.add(n.attr)
+        elif isinstance(n, ast.Name):
+            out.add(n.id)
+    return out
+
+
+def full_graph_protocol_problems(read_source) -> list[str]:
+    """What the project's FULL-graph participation relies on in vllm-ascend, checked in its
+    source (``read_source(module) -> text``): [] when all holds. Used at start-up (on the
+    installed vllm-ascend, through ``inspect``) and by the tests (on the 0.23 wheel)."""
+    problems: list[str] = []
+    trees = {}
+    for key, mod in FULL_GRAPH_MODULES.items():
+        try:
+            trees[key] = ast.parse(read_source(mod))
+        except Exception as exc:    # noqa: BLE001 - a missing or unreadable module is a problem
+            problems.append(f"{mod}: cannot be read ({exc})")
+    if problems:
+        return problems
+    upd = _function_node(trees["impl"], "AscendAttentionBackendImpl.update_graph_params")
+    if upd is None:
+        return ["AscendAttentionBackendImpl.update_graph_params is gone"]
+    def unpacks(node):
+        return [tuple(e.id for e in n.targets[0].elts) for n in ast.walk(node)
+                if isinstance(n, ast.Assign) and isinstance(n.targets[0], ast.Tuple)
+                and all(isinstance(e, ast.Name) for e in n.targets[0].elts)
+                and len(n.targets[0].elts) == len(FULL_GRAPH_TUPLE)]
+
+    # the loop over the recorded calls that unpacks them as the FIA branch does
+    loops = [n for n in ast.walk(upd) if isinstance(n, ast.For) and FULL_GRAPH_TUPLE in unpacks(n)]
+    if not loops:
+        problems.append(f"update_graph_params no longer unpacks the recorded attention call as "
+                        f"{FULL_GRAPH_TUPLE} (found {unpacks(upd) or 'no 22-name unpack'})")
+        return problems
+    upd = loops[0]
+    outs = [n for n in ast.walk(upd) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
+            and n.func.attr == "out" and isinstance(n.func.value, ast.Attribute)
+            and n.func.value.attr == "npu_fused_infer_attention_score"]
+    if not outs:
+        problems.append("update_graph_params no longer re-issues npu_fused_infer_attention_score.out")
+    elif not any(set(FULL_GRAPH_UPDATE_KEYWORDS) <= {k.arg for k in c.keywords if k.arg} for c in outs):
+        problems.append(f"update_graph_params re-issues npu_fused_infer_attention_score.out "
+                        f"without the keywords {FULL_GRAPH_UPDATE_KEYWORDS}")
+    needed = {"graph_task_update_begin", "graph_task_update_end", "record", "workspace"}
+    if not needed <= _names_in(upd):
+        problems.append(f"update_graph_params no longer calls {sorted(needed - _names_in(upd))} "
+                        f"for each recorded call")
+    # the main model's metadata (not a draft model's): the lengths and block table it refreshes
+    main = [n.orelse for n in ast.walk(upd) if isinstance(n, ast.If)
+            and "is_draft_model" in _names_in(n.test)]
+    reads = set().union(*(_names_in(ast.Module(body=b, type_ignores=[])) for b in main)) \
+        if main else _names_in(upd)
+    fresh = {"seq_lens_list", "actual_seq_lengths_q", "block_tables"}
+    if not fresh <= reads:
+        problems.append(f"update_graph_params no longer refreshes {sorted(fresh - reads)} from "
+                        f"the step's attention metadata")
+    # vllm-ascend's own recorder builds its tuple as 17 + 4 (C8 scales) + 1 (layer name)
+    fia = _function_node(trees["impl"], "AscendAttentionBackendImpl.full_graph_fia")
+    sizes = {len(n.elts) for n in ast.walk(fia) if isinstance(n, ast.Tuple)} if fia else set()
+    if not {17, 4, 1} <= sizes:
+        problems.append("vllm-ascend's own recorder (full_graph_fia) no longer builds its "
+                        f"{len(FULL_GRAPH_TUPLE)}-element tuple as 17 + 4 + 1")
+    params = _function_node(trees["graph"], "GraphParams")
+    fields = {n.target.id for n in (params.body if params else []) if isinstance(n, ast.AnnAssign)}
+    if not {"events", "workspaces", "handles", "attn_params"} <= fields:
+        problems.append(f"GraphParams fields changed: {sorted(fields)}")
+    full = _function_node(trees["graph"], "update_full_graph_params")
+    if full is None or not {"get_impl_cls", "update_graph_params"} <= _names_in(full):
+        problems.append("update_full_graph_params no longer runs the platform impl's "
+                        "update_graph_params")
+    if _function_node(trees["graph"], "get_graph_params") is None:
+        problems.append("get_graph_params is gone")
+    ctx = _function_node(trees["context"], "_ExtraForwardContextProxy")
+    if ctx is None or "capturing" not in {c.value for c in ast.walk(ctx) if isinstance(c, ast.Constant)}:
+        problems.append("the forward context no longer carries 'capturing' (_ExtraForwardContextProxy)")
+    runner = _function_node(trees["runner"], "NPUModelRunner._update_full_graph_params_if_needed")
+    if runner is None or "update_full_graph_params" not in _names_in(runner):
+        problems.append("the model runner no longer calls update_full_graph_params after a FULL replay")
+    return problems
+
+
+def full_graphs_requested(vllm_config) -> bool:
+    mode = getattr(vllm_config.compilation_config, "cudagraph_mode", None)
+    return bool(mode is not None and getattr(mode, "has_full_cudagraphs", lambda: False)())
+
+
+def check_full_graph_protocol() -> None:
+    """Refuse to serve FULL graphs when the installed vllm-ascend no longer works as the
+    project's recording relies on (a replay would reuse the lengths of its capture)."""
+    import importlib
+    import inspect
+
+    problems = full_graph_protocol_problems(
+        lambda mod: inspect.getsource(importlib.import_module(mod)))
+    if problems:
+        raise RuntimeError(
+            "ascend-qwen3 cannot take part in this vllm-ascend's FULL ACL graphs: "
+            + "; ".join(problems) + ". Serve with graph mode PIECEWISE (`ascend-qwen3 serve "
+            "--graph-mode PIECEWISE`, or `graph_mode: PIECEWISE` in the profile), or use the "
+            "vllm-ascend version the Dockerfile pins (0.23)")

@@ -97,6 +97,8 @@ class AscendQwen3Backbone(nn.Module):
             raise ValueError("ascend-qwen3 runs expert parallelism over the tensor-parallel group "
                              "only (EP = TP); use --data-parallel-size 1 with --enable-expert-parallel")
         self.ctx = VllmParallelContext(tp_rank=rank, tp_size=size, expert_parallel=ep and cfg.is_moe)
+        if compat.on_npu() and compat.full_graphs_requested(vllm_config):
+            compat.check_full_graph_protocol()    # before any weight is read
         self.model_dir = _model_dir(mc, vllm_config.load_config)
         self.files = checkpoint_files(self.model_dir)
         self.quant = QuantConfig.from_model_dir(self.model_dir, cfg, set(self.files))

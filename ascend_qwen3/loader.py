@@ -252,10 +252,12 @@ def load_weights(model: torch.nn.Module, model_dir: str, cfg: Qwen3Config,
 
 
 def load_model(model_dir: str, dtype=None, ctx: ParallelContext = SINGLE, device="cpu",
-               max_positions: int | None = None, *, check_finite: bool = True):
+               max_positions: int | None = None, *, check_finite: bool = True, attention=None):
     """Build the graph for ``model_dir``'s config and load its weights. Returns (model, config).
 
-    ``check_finite``: refuse float weights holding NaN / Inf (see ``load_weights``)."""
+    ``check_finite``: refuse float weights holding NaN / Inf (see ``load_weights``);
+    ``attention``: an attention core factory (``model.attention.Qwen3Attention``), None for the
+    standalone paged attention."""
     from .model import Qwen3Graph
 
     from .quant.description import QuantConfig
@@ -266,7 +268,8 @@ def load_model(model_dir: str, dtype=None, ctx: ParallelContext = SINGLE, device
     check_parallel(cfg, ctx.tp_size, ctx.expert_parallel)  # before any weight is read
     files = checkpoint_files(model_dir)
     quant = QuantConfig.from_model_dir(model_dir, cfg, set(files))
-    model = Qwen3Graph(cfg, ctx, device=device, max_positions=max_positions, quant=quant)
+    model = Qwen3Graph(cfg, ctx, device=device, max_positions=max_positions, quant=quant,
+                       attention=attention)
     load_weights(model, model_dir, cfg, ctx, quant, files, check_finite=check_finite)
     model.finalize_weights()
     return model.eval(), cfg

@@ -425,6 +425,20 @@ def _attention_lengths(query, key_cache, value_cache, block_tables, query_start_
 _NO_WINDOW = 2147483647
 
 
+@dataclass
+class GraphTask:
+    """``paged_attention`` captured in an ACL graph as an updatable task (``args``: the call,
+    every tensor and host value it was captured with; ``handle`` and ``event``: what an updater
+    needs to give a replay fresh lengths, see ``paged_attention_graph_task``)."""
+
+    event: object
+    handle: object
+    args: dict
+    workspace: torch.Tensor
+    softmax_lse: torch.Tensor
+    output: torch.Tensor
+
+
 def _fused_attention(query, key_cache, value_cache, block_tables, scale, q_ends, kv_lens,
                      graph_out=None, workspace=None):
     """The fused attention call, made here only.

@@ -139,8 +139,8 @@ class Qwen3SparseMoeBlock(nn.Module):
             (sorted_x, row_of_pair, counts), token_scale = self.ops.moe_route(x, ids, E), None
         expert_out = self.experts(sorted_x, counts[:count], token_scale)
         if count != E:   # the rows past this rank's pairs (other ranks' pairs, not computed): 0
-            keep = self._rows(expert_out.shape[0], x.device) < counts[:count].sum()
-            expert_out = torch.where(keep.unsqueeze(-1), expert_out, 0)
+            past = self._rows(expert_out.shape[0], x.device) >= counts[:count].sum()
+            expert_out = expert_out.masked_fill(past.unsqueeze(-1), 0)
         return self.ops.moe_combine(expert_out, row_of_pair, weights)
 
     def _rows(self, n: int, device) -> torch.Tensor:

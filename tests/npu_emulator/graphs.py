@@ -74,6 +74,7 @@ class _Task:
     kwargs: dict = field(default_factory=dict)
     result: object = None
     event: "ExternalEvent | None" = None
+    layer: str = ""             # the decoder layer that launched it (kernels.attach)
 
 
 def _write_back(recorded, fresh) -> None:
@@ -176,6 +177,10 @@ class NPUGraph:
     def kernels(self) -> list[_Task]:
         return [t for t in self.tasks if t.kind == "kernel"]
 
+    def recorder(self):
+        """The mode recording this graph's capture (to attribute kernels to layers)."""
+        return _STATE.recorder
+
 
 class _Recorder(KernelMode):
     """Records every kernel launched during a capture as a task of the graph."""
@@ -185,7 +190,8 @@ class _Recorder(KernelMode):
         self.graph = graph
 
     def launched(self, name, fn, args, kwargs, result) -> None:
-        self.graph.tasks.append(_Task("kernel", name, fn, tuple(args), dict(kwargs), result))
+        self.graph.tasks.append(_Task("kernel", name, fn, tuple(args), dict(kwargs), result,
+                                      layer=self.layer))
 
 
 class _State:

@@ -45,6 +45,10 @@ ENTERED_NAMESPACES = ("ascend_qwen3",)
 _COMPOSITE = torch._C.DispatchKey.CompositeImplicitAutograd
 
 
+def _keep(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
 def is_view(func) -> bool:
     """The schema says every result aliases an input and nothing is written."""
     returns = func._schema.returns
@@ -73,8 +77,16 @@ class KernelMode(TorchDispatchMode):
         self.log = call_log
         self._entered = 0
 
+    layer = OUTSIDE             # the decoder layer running (``attach``)
+
     def launched(self, name, fn, args, kwargs, result) -> None:
         raise NotImplementedError
+
+    def collective(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """A collective of the parallel context a test gives the model (one HCCL kernel on
+        the NPU; the emulated single process keeps the tensor, as the test's context does)."""
+        self.launched(f"collective.{name}", _keep, (tensor,), {}, tensor)
+        return tensor
 
     def _torch_npu_call(self, name, args, kwargs, result) -> None:
         if self.log.depth == 0 and name not in HOST_ONLY:  # not one emulated function calling another
@@ -118,9 +130,6 @@ class KernelCounter(KernelMode):
 
     def launched(self, name, fn, args, kwargs, result) -> None:
         self.kernels.append((self.layer, name))
-
-    def collective(self, name: str) -> None:
-        self.kernels.append((self.layer, f"collective.{name}"))
 
     def per_layer(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = collections.defaultdict(list)

@@ -36,7 +36,7 @@ STAMP  := $(VENV)/.installed
 DEVICE :=
 endif
 
-.PHONY: setup test serve train-tiny bench clean
+.PHONY: setup test serve train-tiny bench clean npu-acceptance
 
 setup: $(STAMP)
 
@@ -72,6 +72,17 @@ endif
 
 serve: setup
 	$(PY) -m ascend_qwen3.cli serve $(DEVICE) --host $(HOST) --port $(PORT) $(if $(MODEL),--model $(MODEL)) $(SERVE_ARGS)
+
+# make npu-acceptance: on an Atlas host, from a checkout: the tier-3 tests (pytest -m npu), then
+# the default model and MODEL (if set) with the project's and vllm-ascend's built-in Qwen3 class
+# in FULL_AND_PIECEWISE and PIECEWISE, into acceptance-report/acceptance.{md,json}. Elsewhere it
+# runs what it can (the CPU build) and marks the NPU sections skipped. ACCEPT_ARGS e.g. "--tp 2".
+ACCEPT_ARGS ?=
+npu-acceptance: setup
+ifeq ($(ON_NPU),1)
+	@$(PY) -c "import pytest" 2>/dev/null || $(PY) -m pip install -q pytest
+endif
+	$(PY) -m ascend_qwen3.cli npu-acceptance $(if $(MODEL),--model $(MODEL)) $(ACCEPT_ARGS)
 
 # make train-tiny: train the tiny Qwen3 models (dense and MoE) on the offline corpus into
 # $(ASCEND_QWEN3_HOME)/trained; make serve then serves the dense one. TRAIN_ARGS e.g. "--kind dense".

@@ -180,13 +180,51 @@ def _check(args: argparse.Namespace) -> int:
     return 0 if report.ok else 2
 
 
+def _default_model() -> str:
+    """The embedded default model's directory, built on first use (the trained tiny Qwen3, or
+    random weights where there is none, said on stderr)."""
+    import os
+
+    from .serve.default_model import build_default_model
+    from .serve.train_tiny import default_source
+
+    say = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    source = default_source(_home())
+    if source is None:
+        say("no trained tiny Qwen3 here (neither packaged nor trained): using random weights; "
+            "`make train-tiny` trains one (about 10 minutes on 2 cores), which is used from then on")
+    return build_default_model(os.path.join(_home(), "default-model"), source=source, log=say)
+
+
+def _npu_acceptance(args: argparse.Namespace) -> int:
+    """Tier-3 tests, then each model with the project's and the built-in class in each graph
+    mode; writes acceptance.md / acceptance.json; 1 if any section failed (deploy/acceptance.py)."""
+    from .check import check_checkpoint
+    from .deploy.acceptance import run_acceptance
+
+    for m in args.model or []:      # a bad checkpoint fails here, before anything runs
+        check_checkpoint(m, tp=args.tp).raise_for_problems(
+            "found by the header-only check; fix it, or name another checkpoint with --model")
+    models = [("default (embedded tiny Qwen3)", _default_model(), 1)]
+    models += [(m, m, args.tp) for m in args.model or []]
+    say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    report = run_acceptance(models, args.out, log=say,
+                            skip_tests="--skip-tests was given" if args.skip_tests else "",
+                            cpu_graph_mode="NONE" if args.cpu_eager else None,
+                            decode={"batch": args.decode_batch, "prompt": args.decode_prompt,
+                                    "new": args.decode_new, "repeats": args.repeats})
+    failed = [s["title"] for s in report["sections"] if s["status"] == "failed"]
+    if failed:
+        say(f"npu-acceptance: failed: {'; '.join(failed)} (see the report)")
+    return 1 if failed else 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     import os
 
     from .check import SKIP_ADVICE, check_checkpoint
     from .deploy.launcher import ServeSpec, launch
-    from .serve.default_model import build_default_model, served_name
-    from .serve.train_tiny import default_source
+    from .serve.default_model import served_name
 
     if args.profile:
         from .deploy.launcher import LaunchError
@@ -212,12 +250,7 @@ def _serve(args: argparse.Namespace) -> int:
         return launch(spec, dry_run=args.dry_run)
     model, name = args.model, args.served_model_name
     if model is None:
-        say = lambda m: print(m, file=sys.stderr)  # noqa: E731
-        source = default_source(_home())
-        if source is None:
-            say("no trained tiny Qwen3 here (neither packaged nor trained): serving random weights; "
-                "`make train-tiny` trains one (about 10 minutes on 2 cores), which make serve then serves")
-        model = build_default_model(os.path.join(_home(), "default-model"), source=source, log=say)
+        model = _default_model()
         name = name or served_name(model)
     if not args.skip_check:  # header-only: a bad checkpoint fails here, before vLLM starts
         check_checkpoint(model).raise_for_problems(SKIP_ADVICE)
@@ -324,6 +357,25 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("vllm_args", nargs=argparse.REMAINDER,
                     help="after --: extra arguments passed to `vllm serve` unchanged")
     sv.set_defaults(func=_serve)
+
+    na = sub.add_parser("npu-acceptance", help="on an Atlas host: the tier-3 tests, then the default "
+                        "model and any --model with the project's and vllm-ascend's built-in Qwen3 "
+                        "class in FULL_AND_PIECEWISE and PIECEWISE (logprob distance, decode "
+                        "tokens/s), into a Markdown + JSON report; off the NPU, what it can")
+    na.add_argument("--model", action="append", default=None,
+                    help="a Qwen3 checkpoint directory to run too (repeatable)")
+    na.add_argument("--out", default="acceptance-report",
+                    help="directory for acceptance.md and acceptance.json (default: %(default)s)")
+    na.add_argument("--tp", type=int, default=1, help="tensor-parallel size for --model (default 1)")
+    na.add_argument("--skip-tests", action="store_true", help="do not run pytest -m npu")
+    na.add_argument("--cpu-eager", action="store_true",
+                    help="off the NPU: run the CPU engines eagerly (quicker to start; by default "
+                         "vLLM compiles them, as make serve does)")
+    na.add_argument("--decode-batch", type=int, default=8, help="decode batch (default %(default)s)")
+    na.add_argument("--decode-prompt", type=int, default=128, help="prompt tokens (default %(default)s)")
+    na.add_argument("--decode-new", type=int, default=64, help="new tokens (default %(default)s)")
+    na.add_argument("--repeats", type=int, default=3, help="timed decodes per engine (default %(default)s)")
+    na.set_defaults(func=_npu_acceptance)
 
     ck = sub.add_parser("check", help="check a checkpoint (config, safetensors headers and sizes, "
                         "tensors, quant description, tokenizer) without loading it")

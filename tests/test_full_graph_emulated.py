@@ -234,13 +234,15 @@ class Requests:
         return [table[p // BS] * BS + p % BS for p in range(start, start + n)]
 
     def step(self, plan):
-        """plan: [(request id, new tokens)] -> the step's tokens, positions, query and KV lengths,
-        block tables (4 columns) and slots."""
+        """plan: [(request id, new tokens: how many (random ids) or which)] -> the step's tokens,
+        positions, query and KV lengths, block tables (4 columns) and slots."""
         tokens, positions, q_lens, kv_lens, tables, slots = [], [], [], [], [], []
-        for rid, n in plan:
+        for rid, new in plan:
+            n = new if isinstance(new, int) else len(new)
             start = self.lens.get(rid, 0)
             slots += self._slots(rid, start, n)
-            tokens += torch.randint(0, self.vocab, (n,), generator=self.g).tolist()
+            tokens += (torch.randint(0, self.vocab, (n,), generator=self.g).tolist()
+                       if isinstance(new, int) else list(new))
             positions += list(range(start, start + n))
             self.lens[rid] = start + n
             q_lens.append(n)

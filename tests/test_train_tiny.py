@@ -22,7 +22,7 @@ from ascend_qwen3.serve import train_tiny as T
 SMALL = T.Recipe(steps=3, batch=2, seq_len=64, additions=40, tool_calls=8, warmup=2)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tok(qwen3_tokenizer):
     return qwen3_tokenizer
 

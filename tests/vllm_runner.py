@@ -20,10 +20,10 @@ job does up to two things, and its result says which CPU capability PyTorch ran 
 - ``prompts`` -> ``outputs``: greedy generation (unless ``sampling`` says otherwise); per prompt, the generated ids and the two most
   likely (id, logprob) pairs of each step (and ``choices``: every choice's ids, for ``n`` > 1).
 - ``forced_prompts`` -> ``forced``: every prompt is scored, not continued (vLLM's
-  ``prompt_logprobs``, i.e. teacher forcing): per prompt and per position i >= 1, the logprob the
-  engine gives the prompt's own token i and the two most likely (id, logprob) pairs there. Every
-  engine sees exactly the same tokens, so engines can be compared position by position however
-  their own greedy choices would have drifted apart.
+  ``prompt_logprobs``, i.e. teacher forcing; ``ascend_qwen3.vllm_plugin.engine_run.teacher_forced``,
+  which ``ascend-qwen3 npu-acceptance`` uses too): per prompt and per position i >= 1, the
+  logprob the engine gives the prompt's own token i and the two most likely (id, logprob) pairs
+  there.
 
 Jobs with tp 1 run in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0 keeps the engine in-process,
 which the caller sets); tp > 1 needs the multiprocessing executor.
@@ -37,10 +37,6 @@ import sys
 import time
 
 
-def _top2(d) -> list:
-    return sorted(((tid, lp.logprob) for tid, lp in d.items()), key=lambda t: -t[1])[:2]
-
-
 def run_job(job: dict) -> dict:
     import torch
     from vllm import LLM, SamplingParams
@@ -48,7 +44,7 @@ def run_job(job: dict) -> dict:
     from vllm.inputs import TokensPrompt
 
     import ops
-    from ascend_qwen3.config import Qwen3Config
+    from ascend_qwen3.vllm_plugin.engine_run import project_architecture, teacher_forced, top2
 
     if job.get("ops_log"):
         os.environ[ops.LOG_ENV_VAR] = job["ops_log"]
@@ -57,9 +53,7 @@ def run_job(job: dict) -> dict:
         os.environ.pop(ops.LOG_ENV_VAR, None)
     kw = {}
     if job["arch"] == "ours":
-        cfg = Qwen3Config.from_model_dir(job["model"])
-        kw["hf_overrides"] = {"architectures": [
-            "AscendQwen3MoeForCausalLM" if cfg.is_moe else "AscendQwen3ForCausalLM"]}
+        kw["hf_overrides"] = {"architectures": [project_architecture(job["model"])]}
     if job.get("ep"):
         kw["enable_expert_parallel"] = True
     kw.update(job.get("engine_args") or {})
@@ -79,21 +73,13 @@ def run_job(job: dict) -> dict:
                               use_tqdm=False):
             c = o.outputs[0]
             result["outputs"].append({"token_ids": list(c.token_ids),
-                                      "top2": [_top2(d) for d in c.logprobs],
+                                      "top2": [top2(d) for d in c.logprobs],
                                       "choices": [list(x.token_ids) for x in o.outputs]})
     if job.get("metrics"):
         result["metrics"] = {m.name: getattr(m, "value", None) for m in llm.get_metrics()
                              if isinstance(getattr(m, "value", None), (int, float))}
     if job.get("forced_prompts"):
-        sp = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=2, detokenize=False)
-        prompts = job["forced_prompts"]
-        for ids, o in zip(prompts, llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
-                                                sp, use_tqdm=False)):
-            steps = o.prompt_logprobs[1:]   # position 0 has none: nothing precedes it
-            result["forced"].append({
-                "token_ids": list(ids[1:]),
-                "token_logprobs": [d[t].logprob for t, d in zip(ids[1:], steps)],
-                "top2": [_top2(d) for d in steps]})
+        result["forced"] = teacher_forced(llm, job["forced_prompts"])
     del llm
     cleanup_dist_env_and_memory()
     return result

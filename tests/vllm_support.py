@@ -25,6 +25,8 @@ import subprocess
 import sys
 import warnings
 
+from ascend_qwen3.vllm_plugin.engine_run import forced_distance
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -144,35 +146,16 @@ def compare_greedy(ours: list[dict], ref: list[dict], *, lp_tol: float, tie: flo
     return {"worst_logprob_diff": worst, "ties": ties, "tokens_compared": compared}
 
 
-# an error this large at one position is a discrete event (in a MoE: an expert chosen differently
-# somewhere below), not rounding noise; a top-2 margin this large is not a near-tie
-LARGE_ERR, CLEAR_MARGIN = 0.1, 0.05
-
-
 def forced_errors(run: list[dict], truth: list[dict], *, what: str, prompts: list[list[int]]) -> dict:
-    """How far a teacher-forced run is from the truth's, on the same tokens.
-
-    run, truth: ``teacher_forced`` results (per prompt: token_ids = prompt[1:], token_logprobs,
-    top2) for ``prompts``. Per position: the absolute difference of the logprob given to the
-    forced token, and whether the most likely next token is the truth's. Returns
-    {"positions", "mean_abs_err", "p50_abs_err", "p90_abs_err", "max_abs_err", "large_errs"
-    (positions with an error > LARGE_ERR nats), "clear_top1_disagree" (positions where the
-    truth's top-1 leads its top-2 by > CLEAR_MARGIN nats and the run's top-1 is another token)}.
-    """
+    """How far a teacher-forced run is from the truth's, on the same tokens: ``forced_distance``
+    (ascend_qwen3/vllm_plugin/engine_run.py, which the acceptance report uses too), after
+    checking that both scored every prompt as given."""
     _check_coverage({"the run": run, "the truth": truth}, prompts=len(prompts),
                     tokens=[len(p) - 1 for p in prompts], what=what)
-    errs, disagree = [], 0
     for p, (a, b, ids) in enumerate(zip(run, truth, prompts)):
         assert a["token_ids"] == b["token_ids"] == ids[1:], f"{what}: prompt {p} was not scored as given"
         assert len(a["token_logprobs"]) == len(b["token_logprobs"]) == len(ids) - 1
-        errs += [abs(x - y) for x, y in zip(a["token_logprobs"], b["token_logprobs"])]
-        disagree += sum(ta[0][0] != tb[0][0] and tb[0][1] - tb[1][1] > CLEAR_MARGIN
-                        for ta, tb in zip(a["top2"], b["top2"]))
-    errs.sort()
-    n = len(errs)
-    return {"positions": n, "mean_abs_err": sum(errs) / n, "p50_abs_err": errs[(n - 1) // 2],
-            "p90_abs_err": errs[int(0.9 * (n - 1))], "max_abs_err": errs[-1],
-            "large_errs": sum(e > LARGE_ERR for e in errs), "clear_top1_disagree": disagree}
+    return forced_distance(run, truth)
 
 
 def assert_as_accurate(ours: dict, ref: dict, *, factor: float, floor: float, events: float,

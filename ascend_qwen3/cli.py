@@ -242,7 +242,11 @@ def _serve(args: argparse.Namespace) -> int:
                               f"or serve with --model instead of --profile")
         p = load_profile(args.profile)
         print("# " + plan_of(p).report().replace("\n", "\n# "))
+        if args.dp:
+            raise LaunchError(f"--dp cannot be combined with --profile (the profile sets it); edit "
+                              f"deploy/profiles/{args.profile}.yaml")
         spec = to_spec(p, host=args.host or "0.0.0.0", port=args.port)
+        _place_node(spec, args)
         spec.api_key_file = args.api_key_file
         if not args.skip_check and os.path.isdir(spec.model):  # the container path may not be here
             check_checkpoint(spec.model).raise_for_problems(SKIP_ADVICE)
@@ -262,9 +266,35 @@ def _serve(args: argparse.Namespace) -> int:
                      tp=args.tp or 1, expert_parallel=args.ep,
                      max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                      thinking=not args.no_thinking, api_key_file=args.api_key_file,
-                     graph_mode=args.graph_mode,
+                     graph_mode=args.graph_mode, dp=args.dp or 1,
                      extra_args=extra)
+    if args.node_rank is not None or (args.dp or 1) > 1 and args.leader_address:
+        spec.nodes = spec.dp            # one data-parallel rank per node
+    _place_node(spec, args)
     return launch(spec, dry_run=args.dry_run)
+
+
+def _place_node(spec, args: argparse.Namespace) -> None:
+    """This node's place in a multi-node deployment: --node-rank / --leader-address, else the
+    variables a Kubernetes LeaderWorkerSet sets in each pod; the ports when given."""
+    import os
+
+    from .deploy.launcher import LWS_INDEX_ENV, LWS_LEADER_ENV, LaunchError
+
+    if spec.nodes == 1:
+        if args.node_rank not in (None, 0) or args.leader_address:
+            raise LaunchError("--node-rank and --leader-address are for multi-node deployments "
+                              "(a 2-node profile, or --dp N with one rank per node)")
+        return
+    rank = args.node_rank
+    if rank is None and os.environ.get(LWS_INDEX_ENV, "").isdigit():
+        rank = int(os.environ[LWS_INDEX_ENV])
+    spec.node_rank = rank
+    spec.leader_address = args.leader_address or os.environ.get(LWS_LEADER_ENV) or None
+    if args.dp_rpc_port:
+        spec.dp_rpc_port = args.dp_rpc_port
+    if args.peer_port:
+        spec.peer_port = args.peer_port
 
 
 def _loadtest(args: argparse.Namespace) -> int:
@@ -340,6 +370,19 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--dtype", default=None, help="auto (default) | bfloat16 | float16 | float32")
     sv.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default 1)")
     sv.add_argument("--ep", action="store_true", help="expert parallel (MoE models)")
+    sv.add_argument("--dp", type=int, default=None,
+                    help="data-parallel size (default 1); with --node-rank, one rank per node "
+                         "(with --ep, the MoE experts are spread over dp x tp ranks)")
+    sv.add_argument("--node-rank", type=int, default=None,
+                    help="multi-node: this node (0 = the leader, serving the API; 1.. = headless "
+                         "followers); default $LWS_WORKER_INDEX")
+    sv.add_argument("--leader-address", default=None,
+                    help="multi-node: the leader node's address, on every node; default "
+                         "$LWS_LEADER_ADDRESS")
+    sv.add_argument("--dp-rpc-port", type=int, default=None,
+                    help="multi-node: vLLM's data-parallel RPC port on the leader (default 13389)")
+    sv.add_argument("--peer-port", type=int, default=None,
+                    help="multi-node: the launchers' supervision link on the leader (default 13390)")
     sv.add_argument("--graph-mode", default=None, choices=["FULL_AND_PIECEWISE", "PIECEWISE", "NONE"],
                     help="NPU only: FULL_AND_PIECEWISE (default, vllm-ascend's: full ACL graphs for "
                          "decode steps, graph pieces for the rest), PIECEWISE (graph pieces, "

@@ -34,11 +34,11 @@ SKIP_FINITE_ENV = "ASCEND_QWEN3_SKIP_FINITE_CHECK"
 
 
 def load_plan(cfg: Qwen3Config, tp: int = 1, rank: int = 0, ep: bool = False,
-              quant=None) -> list[Assignment]:
+              quant=None, dp: int = 1, dp_rank: int = 0) -> list[Assignment]:
     """Every checkpoint tensor a rank reads: the sharding plan of the float tensors
     (``parallel.plan.rank_plan``) and, with ``quant`` (a ``QuantConfig``), the extra tensors of
     its W8A8 / W8A8_DYNAMIC modules, sliced like their weights (``quant.plan.expand_plan``)."""
-    plan = rank_plan(cfg, tp, rank, ep)
+    plan = rank_plan(cfg, tp, rank, ep, dp, dp_rank)
     return plan if quant is None else expand_plan(plan, cfg, quant, rank)
 
 
@@ -164,7 +164,8 @@ def load_weights(model: torch.nn.Module, model_dir: str, cfg: Qwen3Config,
     check_finite = finite_check_enabled(check_finite)
     t0 = time.perf_counter()
     files = files or checkpoint_files(model_dir)
-    plan = load_plan(cfg, ctx.tp_size, ctx.tp_rank, ctx.expert_parallel, quant)
+    plan = load_plan(cfg, ctx.tp_size, ctx.tp_rank, ctx.expert_parallel, quant, ctx.dp_size,
+                     ctx.dp_rank)
     params = dict(model.named_parameters())
     missing = sorted({a.name for a in plan if a.name not in files})
     if missing:
@@ -265,7 +266,7 @@ def load_model(model_dir: str, dtype=None, ctx: ParallelContext = SINGLE, device
     cfg = Qwen3Config.from_model_dir(model_dir)
     if dtype is not None:
         cfg = cfg.with_dtype(parse_dtype(dtype))
-    check_parallel(cfg, ctx.tp_size, ctx.expert_parallel)  # before any weight is read
+    check_parallel(cfg, ctx.tp_size, ctx.expert_parallel, ctx.dp_size)  # before any weight is read
     files = checkpoint_files(model_dir)
     quant = QuantConfig.from_model_dir(model_dir, cfg, set(files))
     model = Qwen3Graph(cfg, ctx, device=device, max_positions=max_positions, quant=quant,

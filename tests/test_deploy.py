@@ -35,8 +35,8 @@ def test_all_eight_models_have_profiles():
     assert models == {"Qwen3-0.6B", "Qwen3-1.7B", "Qwen3-4B", "Qwen3-8B", "Qwen3-14B", "Qwen3-32B",
                       "Qwen3-30B-A3B", "Qwen3-235B-A22B"}
     two_node = [load_profile(n) for n in PROFILES if load_profile(n).get("nodes", 1) == 2]
-    assert [(p["model"], p["precision"], p["distributed_executor_backend"]) for p in two_node] == \
-        [("Qwen3-235B-A22B", "bf16", "ray")]
+    assert [(p["model"], p["precision"], p["distributed_executor_backend"], p["dp"], p["tp"])
+            for p in two_node] == [("Qwen3-235B-A22B", "bf16", "mp", 2, 8)]
 
 
 @pytest.mark.parametrize("name", PROFILES)
@@ -120,19 +120,22 @@ def test_planner_qwen3_32b_by_hand():
 
 def test_planner_qwen3_235b_by_hand():
     # Qwen3-235B-A22B: 94 layers, hidden 4096, 64 query / 4 KV heads of 128, 128 experts of FFN
-    # 1536, router 128 x 4096, vocab 151936, untied. The two-node profile: tp=16 with expert
-    # parallel -> 4 query heads, 1 KV head (each replicated on 4 ranks), 8 whole experts per rank.
+    # 1536, router 128 x 4096, vocab 151936, untied. The two-node profile: dp=2 x tp=8 with expert
+    # parallel over all 16 NPUs -> per NPU 8 query heads, 1 KV head (each replicated on 2 ranks
+    # of a node), 8 whole experts, 1/8 of the vocabulary.
     H, L, D, E_local, I, E = 4096, 94, 128, 8, 1536, 128
-    vocab_rows = 151936 // 16
-    per_layer = (4 * D + 2 * D) * H + H * 4 * D + E * H + E_local * 3 * H * I + 2 * H + 2 * D
+    vocab_rows = 151936 // 8
+    per_layer = (8 * D + 2 * D) * H + H * 8 * D + E * H + E_local * 3 * H * I + 2 * H + 2 * D
     bf16_bytes = 2 * (2 * vocab_rows * H + L * per_layer + H)
     cfg = family_config("Qwen3-235B-A22B", yarn=True)
-    assert weight_bytes_per_rank(cfg, 16, True, "bf16")[0] == bf16_bytes
-    assert kv_bytes_per_token(cfg, 16) == 2 * L * 1 * D * 2 == 48128
-    p = plan(cfg, hw="atlas-800i-a2-64g", precision="bf16", tp=16, ep=True, nodes=2,
+    per_rank = weight_bytes_per_rank(cfg, 8, True, "bf16", dp=2)
+    assert len(per_rank) == 16 and set(per_rank) == {bf16_bytes}
+    assert kv_bytes_per_token(cfg, 8) == 2 * L * 1 * D * 2 == 48128
+    p = plan(cfg, hw="atlas-800i-a2-64g", precision="bf16", tp=8, ep=True, nodes=2, dp=2,
              max_model_len=131072)
+    # KV tokens per data-parallel rank (each node's 8 NPUs hold one cache)
     assert p.kv_tokens == int((64 * GiB * 0.9 - bf16_bytes - 4 * GiB) // 48128)
-    assert round(bf16_bytes / GiB, 1) == 27.6
+    assert round(bf16_bytes / GiB, 1) == 28.5
     # one node (tp=8, 16 experts per rank) cannot hold it in bf16: ~55 GiB of weights per NPU
     one_node = plan(cfg, hw="atlas-800i-a2-64g", precision="bf16", tp=8, ep=True, max_model_len=131072)
     assert not one_node.fits and one_node.weights_gib > 54
@@ -149,30 +152,49 @@ def test_cli_plan_recommends_tp(capsys):
 
 # --- golden commands -----------------------------------------------------------------------------
 
-def _command(name):
+LEADER_IP = "192.0.2.10"
+
+
+def _command(name, node_rank=None):
     p = load_profile(name)
     base = dict(MULTI_NODE_ENV) if p.get("nodes", 1) > 1 else {}
-    argv, env = build_command(to_spec(p), base_env=base)
+    spec = to_spec(p)
+    if node_rank is not None:
+        spec.node_rank, spec.leader_address = node_rank, LEADER_IP
+    argv, env = build_command(spec, base_env=base)
     i = argv.index(p["model_path"])
     # the start is "vllm serve MODEL" or "python -m vllm...api_server --model MODEL" by packaging
     return {"argv": ["vllm", "serve"] + argv[i:], "env": {k: v for k, v in env.items() if k not in base}}
 
 
+def _commands() -> dict:
+    """Every profile's command; a multi-node profile's for each node (NAME@node0, NAME@node1)."""
+    got = {}
+    for name in PROFILES:
+        nodes = load_profile(name).get("nodes", 1)
+        if nodes == 1:
+            got[name] = _command(name)
+        for r in range(nodes if nodes > 1 else 0):
+            got[f"{name}@node{r}"] = _command(name, r)
+    return got
+
+
 def test_golden_serve_commands():
-    got = {name: _command(name) for name in PROFILES}
+    got = _commands()
     if os.environ.get("UPDATE_GOLDEN"):
         with open(GOLDEN, "w") as f:
             json.dump(got, f, indent=1, sort_keys=True)
     with open(GOLDEN) as f:
         want = json.load(f)
     assert sorted(got) == sorted(want), "profiles added or removed: UPDATE_GOLDEN=1 after review"
-    for name in PROFILES:
+    for name in got:
         assert got[name] == want[name], f"{name}: the generated command changed"
 
 
 def test_golden_commands_carry_the_profile():
-    for name in PROFILES:
-        p, c = load_profile(name), _command(name)
+    for key, c in _commands().items():
+        name = key.split("@")[0]
+        p = load_profile(name)
         argv, env = c["argv"], c["env"]
         flag = lambda f: argv[argv.index(f) + 1] if f in argv else None  # noqa: E731
         assert env["ASCEND_RT_VISIBLE_DEVICES"] == ",".join(map(str, p["devices"]))
@@ -188,16 +210,80 @@ def test_golden_commands_carry_the_profile():
         assert json.loads(flag("--override-generation-config")) == p["sampling"][mode]
         assert flag("--reasoning-parser") == "ascend_qwen3" and flag("--tool-call-parser") == "hermes"
         assert flag("--logits-processors") == "ascend_qwen3.vllm_plugin.thinking:ThinkingBudget"
+        assert flag("--distributed-executor-backend") == "mp"
         if p.get("nodes", 1) > 1:
-            assert flag("--distributed-executor-backend") == "ray"
+            assert flag("--data-parallel-size") == str(p["dp"])
+            assert flag("--data-parallel-size-local") == "1"
+            assert flag("--data-parallel-address") == LEADER_IP
+            assert flag("--data-parallel-rpc-port") == "13389"
+            follower = key.endswith("@node1")
+            assert ("--headless" in argv) == follower
+            assert flag("--data-parallel-start-rank") == ("1" if follower else None)
+
+
+def test_two_node_commands_are_the_vendor_tested_ones():
+    """The flags vllm-ascend v0.23.0's nightly passes for Qwen3-235B-A22B on two A2 nodes
+    (tests/e2e/nightly/multi_node/internal_dp/config/Qwen3-235B-A22B-A2.yaml), on each node."""
+    vendor = [("--data-parallel-size", "2"), ("--data-parallel-size-local", "1"),
+              ("--data-parallel-address", LEADER_IP), ("--data-parallel-rpc-port", "13389"),
+              ("--tensor-parallel-size", "8"), ("--enable-expert-parallel", None)]
+    name = "qwen3-235b-a22b-bf16-2node"
+    for rank, extra in ((0, []), (1, [("--headless", None), ("--data-parallel-start-rank", "1")])):
+        c = _command(name, rank)
+        argv = c["argv"]
+        for flag, value in vendor + extra:
+            assert flag in argv, (rank, flag)
+            if value is not None:
+                assert argv[argv.index(flag) + 1] == value, (rank, flag, argv)
+        assert ("--headless" in argv) == (rank == 1)
+        assert c["env"]["HCCL_BUFFSIZE"] == "1024" and c["env"]["OMP_PROC_BIND"] == "false"
+        assert c["env"]["OMP_NUM_THREADS"] == "1"
 
 
 def test_multi_node_profile_needs_the_network_settings(monkeypatch):
     from ascend_qwen3.deploy.launcher import LaunchError
     for k in MULTI_NODE_ENV:
         monkeypatch.delenv(k, raising=False)
+    spec = to_spec(load_profile("qwen3-235b-a22b-bf16-2node"))
+    spec.node_rank, spec.leader_address = 0, LEADER_IP
     with pytest.raises(LaunchError, match="HCCL_IF_IP"):
-        build_command(to_spec(load_profile("qwen3-235b-a22b-bf16-2node")), base_env={})
+        build_command(spec, base_env={})
+
+
+@pytest.mark.parametrize("rank,address,message", [
+    (None, LEADER_IP, "--node-rank 0 on the leader"),
+    (2, LEADER_IP, "2 is out of range"),
+    (1, None, "needs the leader's address on every node"),
+])
+def test_two_node_profile_needs_its_place(rank, address, message):
+    from ascend_qwen3.deploy.launcher import LaunchError
+    spec = to_spec(load_profile("qwen3-235b-a22b-bf16-2node"))
+    spec.node_rank, spec.leader_address = rank, address
+    with pytest.raises(LaunchError, match=message):
+        build_command(spec, base_env=dict(MULTI_NODE_ENV))
+
+
+def test_cli_two_node_dry_runs(capsys, monkeypatch):
+    """Each node's command from the same profile; the place from the flags, or from the
+    variables a LeaderWorkerSet sets."""
+    for k, v in MULTI_NODE_ENV.items():
+        monkeypatch.setenv(k, v)
+    name = "qwen3-235b-a22b-bf16-2node"
+    assert main(["serve", "--profile", name, "--node-rank", "0", "--leader-address", LEADER_IP,
+                 "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    leader = out.strip().splitlines()[-1]
+    assert "--data-parallel-address 192.0.2.10" in leader and "--headless" not in leader
+    assert "# Qwen3-235B-A22B bf16 on atlas-800i-a2-64g: dp=2 x tp=8" in out
+    monkeypatch.setenv("LWS_WORKER_INDEX", "1")
+    monkeypatch.setenv("LWS_LEADER_ADDRESS", "leader.example")
+    assert main(["serve", "--profile", name, "--dry-run"]) == 0
+    follower = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "--headless --data-parallel-start-rank 1" in follower
+    assert "--data-parallel-address leader.example" in follower
+    monkeypatch.delenv("LWS_WORKER_INDEX")
+    assert main(["serve", "--profile", name, "--dry-run"]) == 2
+    assert "--node-rank 0 on the leader" in capsys.readouterr().err
 
 
 def test_visible_devices_from_the_environment_win_if_they_count_right():

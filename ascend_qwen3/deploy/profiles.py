@@ -14,7 +14,7 @@ import os
 import yaml
 
 from ..config import FAMILY, NO_YARN, family_config
-from .launcher import ServeSpec
+from .launcher import DP_RPC_PORT, ServeSpec
 from .planner import HARDWARE, PRECISIONS, Plan, plan
 
 # key -> (type(s), required, check or None, help)
@@ -27,9 +27,12 @@ SCHEMA: dict[str, tuple] = {
     "served_model_name": (_str, True, None, "the name clients send as `model`"),
     "precision": (_str, True, lambda v: v in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
     "hardware": (_str, True, lambda v: v in HARDWARE, f"one of {', '.join(HARDWARE)}"),
-    "nodes": (_int, False, lambda v: v in (1, 2), "1, or 2 for the Ray multi-node profile"),
-    "tp": (_int, True, lambda v: v in (1, 2, 4, 8, 16), "tensor-parallel size (1, 2, 4, 8; 16 over 2 nodes)"),
-    "expert_parallel": (_bool, False, None, "MoE: whole experts per rank (EP = tp)"),
+    "nodes": (_int, False, lambda v: v in (1, 2), "1, or 2 (one data-parallel rank per node)"),
+    "dp": (_int, False, lambda v: v in (1, 2), "data-parallel size (1 or 2; one rank per node "
+           "when nodes is 2)"),
+    "tp": (_int, True, lambda v: v in (1, 2, 4, 8), "tensor-parallel size per data-parallel rank "
+           "(1, 2, 4, 8)"),
+    "expert_parallel": (_bool, False, None, "MoE: whole experts per rank (EP = dp x tp)"),
     "max_model_len": (_int, True, lambda v: 1024 <= v <= 131072, "context length (1024 to 131072)"),
     "yarn": (_bool, False, None, "YaRN rope scaling x4 (needed past 32768 tokens)"),
     "max_num_seqs": (_int, True, lambda v: 1 <= v <= 1024, "concurrent sequences (1 to 1024)"),
@@ -44,7 +47,10 @@ SCHEMA: dict[str, tuple] = {
     "devices": (list, True, lambda v: all(isinstance(d, int) and 0 <= d <= 7 for d in v),
                 "NPU ids per node (ASCEND_RT_VISIBLE_DEVICES)"),
     "port": (_int, False, lambda v: 1 <= v <= 65535, "server port (default 8000)"),
-    "distributed_executor_backend": (_str, False, lambda v: v in ("mp", "ray"), "mp (one node) or ray"),
+    "distributed_executor_backend": (_str, False, lambda v: v == "mp",
+                                     "mp (vLLM's multiprocessing executor, on every node)"),
+    "dp_rpc_port": (_int, False, lambda v: 1024 <= v <= 65535,
+                    "multi-node: vLLM's data-parallel RPC port on the leader (default 13389)"),
     "env": (dict, False, lambda v: all(isinstance(x, str) for x in v.values()),
             "extra environment variables (string values)"),
     "graph_mode": (_str, False, lambda v: v in ("FULL_AND_PIECEWISE", "PIECEWISE", "NONE"),
@@ -107,12 +113,15 @@ def validate(p: dict, where: str = "profile") -> None:
     if "VLLM_API_KEY" in p.get("env", {}):
         raise ProfileError(f"{where}: env sets VLLM_API_KEY; a key does not belong in a profile "
                            f"file: export it, or use serve --api-key-file (e.g. a mounted Secret)")
-    nodes = p.get("nodes", 1)
-    if len(p["devices"]) * nodes != p["tp"]:
-        raise ProfileError(f"{where}: {len(p['devices'])} device(s) x {nodes} node(s) != tp {p['tp']}; "
-                           f"list tp / nodes NPU ids in devices")
-    if nodes > 1 and p.get("distributed_executor_backend") != "ray":
-        raise ProfileError(f"{where}: a {nodes}-node profile needs distributed_executor_backend: ray")
+    nodes, dp = p.get("nodes", 1), p.get("dp", 1)
+    if dp % nodes:
+        raise ProfileError(f"{where}: {nodes} nodes need dp to be a multiple of {nodes} (each node "
+                           f"runs dp / nodes data-parallel ranks; tensor parallel stays inside a "
+                           f"node); set dp: {nodes}")
+    if len(p["devices"]) != p["tp"] * dp // nodes:
+        raise ProfileError(f"{where}: {len(p['devices'])} device(s) per node but tp {p['tp']} x "
+                           f"{dp // nodes} data-parallel rank(s) per node need "
+                           f"{p['tp'] * dp // nodes}; list that many NPU ids in devices")
     cfg = family_config(p["model"])
     if p["max_model_len"] > 32768 and not p.get("yarn"):
         raise ProfileError(f"{where}: max_model_len {p['max_model_len']} is past Qwen3's native 32768; "
@@ -126,7 +135,7 @@ def validate(p: dict, where: str = "profile") -> None:
 def plan_of(p: dict) -> Plan:
     cfg = family_config(p["model"], yarn=bool(p.get("yarn")))
     return plan(cfg, hw=p["hardware"], precision=p["precision"], tp=p["tp"],
-                ep=bool(p.get("expert_parallel")), nodes=p.get("nodes", 1),
+                ep=bool(p.get("expert_parallel")), nodes=p.get("nodes", 1), dp=p.get("dp", 1),
                 max_model_len=p["max_model_len"], max_num_seqs=p["max_num_seqs"],
                 memory_utilization=p.get("memory_utilization", 0.9))
 
@@ -171,5 +180,6 @@ def to_spec(p: dict, host: str = "0.0.0.0", port: int | None = None) -> ServeSpe
                      max_num_seqs=p["max_num_seqs"], thinking=p["thinking"],
                      sampling=p["sampling"][mode], yarn=bool(p.get("yarn")),
                      config=family_config(p["model"], yarn=bool(p.get("yarn"))),
-                     nodes=p.get("nodes", 1), devices=list(p["devices"]), env=env,
+                     nodes=p.get("nodes", 1), dp=p.get("dp", 1), devices=list(p["devices"]),
+                     dp_rpc_port=p.get("dp_rpc_port", DP_RPC_PORT), env=env,
                      extra_args=extra)

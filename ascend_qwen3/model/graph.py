@@ -30,7 +30,7 @@ class Qwen3Graph(nn.Module):
         (standalone paged attention on caches passed to ``forward``) or a core factory, see
         ``model.attention.Qwen3Attention``."""
         super().__init__()
-        check_parallel(cfg, ctx.tp_size, ctx.expert_parallel)  # fail before allocating anything
+        check_parallel(cfg, ctx.tp_size, ctx.expert_parallel, ctx.dp_size)  # fail before allocating anything
         self.config, self.ctx, self.quant = cfg, ctx, quant
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, ctx, dtype=cfg.dtype,
                                                    device=device)

@@ -18,6 +18,16 @@ input holds, as vllm-ascend's expert-parallel dispatch does); the rows past them
 exactly the other ranks' pairs, are zeroed (their count summed, compared with a row index made
 once), so those pairs add nothing in the combine, whatever their weight. No row range is read
 back to the host.
+
+Expert parallel across data-parallel ranks (EP = DP x TP, inside a serving engine): each
+data-parallel rank runs its own tokens, so the layer is one op, ``sparse_moe_across_dp``, that
+gathers the tokens of every data-parallel rank (each rank's rows padded with zeros to the step's
+largest count, a host value from the engine: one all-gather of equal shapes), runs the router
+and this rank's experts on all of them, sums the partial outputs over every expert-parallel rank
+(one all-reduce, which also replaces the tensor-parallel one) and keeps this rank's rows. The
+all-gather dispatch is what vllm-ascend uses on Atlas A2 for expert parallel (its
+``AllGather`` MoE communication, ``vllm_ascend/ops/fused_moe``); a data-parallel rank with no
+request runs the engine's dummy batch, so every rank joins every step's collectives.
 """
 
 from __future__ import annotations
@@ -51,6 +61,16 @@ def _sparse_moe_fake(x, weights, expert_ids, layer):
     return torch.empty_like(x)
 
 
+def _sparse_moe_across_dp(x: torch.Tensor, layer: str) -> torch.Tensor:
+    """x [T, H] of this data-parallel rank -> the MoE output of its tokens [T, H], summed over
+    every expert-parallel rank (no further all-reduce)."""
+    return _LAYERS[layer].forward_across_dp(x)
+
+
+def _sparse_moe_across_dp_fake(x, layer):
+    return torch.empty_like(x)
+
+
 # Registered with torch.library's low-level API (a schema, one implementation for every device,
 # a fake), as vLLM registers its own ops (vllm.utils.torch_utils.direct_register_custom_op).
 # (The torch.library.custom_op decorator made gloo processes that had called the op abort at
@@ -59,6 +79,10 @@ _LIB = torch.library.Library("ascend_qwen3", "DEF")
 _LIB.define("sparse_moe(Tensor x, Tensor weights, Tensor expert_ids, str layer) -> Tensor")
 _LIB.impl("sparse_moe", _sparse_moe, "CompositeExplicitAutograd")
 torch.library.register_fake("ascend_qwen3::sparse_moe", _sparse_moe_fake, lib=_LIB)
+_LIB.define("sparse_moe_across_dp(Tensor x, str layer) -> Tensor")
+_LIB.impl("sparse_moe_across_dp", _sparse_moe_across_dp, "CompositeExplicitAutograd")
+torch.library.register_fake("ascend_qwen3::sparse_moe_across_dp", _sparse_moe_across_dp_fake,
+                            lib=_LIB)
 
 
 class Qwen3MoeExperts(nn.Module):
@@ -120,10 +144,30 @@ class Qwen3SparseMoeBlock(nn.Module):
         self._row_index: torch.Tensor | None = None      # 0 .. n-1, grown when a step needs more
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.ctx.experts_across_dp:
+            return torch.ops.ascend_qwen3.sparse_moe_across_dp(x, self.op_name)
         logits = self.ops.linear(x, self.gate)
         weights, ids = self.ops.moe_gating_topk(logits, self.top_k, self.renormalize)
         out = torch.ops.ascend_qwen3.sparse_moe(x, weights, ids, self.op_name)
         return self.ctx.all_reduce(out)
+
+    def forward_across_dp(self, x: torch.Tensor) -> torch.Tensor:
+        """The inside of ``sparse_moe_across_dp`` (eager): every data-parallel rank's tokens meet
+        this rank's experts; the sum over all expert-parallel ranks; this rank's rows."""
+        ctx, T = self.ctx, x.shape[0]
+        counts = ctx.dp_token_counts(T)
+        if counts[ctx.dp_rank] != T:
+            raise RuntimeError(f"data-parallel rank {ctx.dp_rank} runs {T} tokens but the step's "
+                               f"counts say {counts}: the engine's metadata and the batch disagree")
+        pad = max(counts)
+        if pad > T:
+            x = torch.cat([x, x.new_zeros(pad - T, x.shape[1])])
+        everyone = ctx.dp_all_gather(x)                                 # [dp x pad, H]
+        logits = self.ops.linear(everyone, self.gate)
+        weights, ids = self.ops.moe_gating_topk(logits, self.top_k, self.renormalize)
+        out = ctx.ep_all_reduce(self.experts_forward(everyone, weights, ids))
+        start = ctx.dp_rank * pad
+        return out[start:start + T]
 
     def finalize(self) -> None:
         finalize_float_weight(self, "gate")

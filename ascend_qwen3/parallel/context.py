@@ -3,6 +3,14 @@
 Works over any torch.distributed process group (gloo on the CPU, HCCL on the NPU, or the tensor-
 parallel group of a vLLM engine); with tp_size == 1 every collective is the identity and
 torch.distributed is never touched.
+
+Data parallel (``dp_size`` > 1) exists only inside a serving engine, where each data-parallel
+rank runs its own batch on its own tensor-parallel group; with expert parallel the experts are
+spread over all of them (EP = DP x TP, expert-parallel rank = dp_rank x tp_size + tp_rank, the
+order of vLLM's EP group) and the MoE layers exchange tokens across the data-parallel ranks. The
+collectives that needs (``dp_token_counts``, ``dp_all_gather``, ``ep_all_reduce``) run over
+torch.distributed groups here (``parallel.launch.run_parallel(..., dp=N)`` makes them, for tests)
+and over the engine's groups inside vLLM (``vllm_plugin.model.VllmParallelContext``).
 """
 
 from __future__ import annotations
@@ -18,20 +26,31 @@ import torch.distributed as dist
 class ParallelContext:
     tp_rank: int = 0
     tp_size: int = 1
-    expert_parallel: bool = False   # each rank holds whole experts (EP size = tp_size)
+    expert_parallel: bool = False   # each rank holds whole experts (EP size = dp_size x tp_size)
     group: Any = None         # torch.distributed group (None: the default group)
+    dp_rank: int = 0          # data-parallel rank (a serving engine's; 0 elsewhere)
+    dp_size: int = 1
+    dp_group: Any = None      # the ranks with this tp_rank in every data-parallel rank
+    ep_group: Any = None      # every rank (data- and tensor-parallel): None, the default group
 
     def __post_init__(self):
         if not (0 <= self.tp_rank < self.tp_size):
             raise ValueError(f"tp_rank={self.tp_rank} must lie in [0, tp_size={self.tp_size})")
+        if not (0 <= self.dp_rank < self.dp_size):
+            raise ValueError(f"dp_rank={self.dp_rank} must lie in [0, dp_size={self.dp_size})")
 
     @property
     def ep_size(self) -> int:
-        return self.tp_size if self.expert_parallel else 1
+        return self.tp_size * self.dp_size if self.expert_parallel else 1
 
     @property
     def ep_rank(self) -> int:
-        return self.tp_rank if self.expert_parallel else 0
+        return self.dp_rank * self.tp_size + self.tp_rank if self.expert_parallel else 0
+
+    @property
+    def experts_across_dp(self) -> bool:
+        """True when the MoE layers must exchange tokens between data-parallel ranks."""
+        return self.expert_parallel and self.dp_size > 1
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum over the tensor-parallel ranks."""
@@ -40,6 +59,27 @@ class ParallelContext:
     def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
         """Concatenate the ranks' tensors along the last dim (rank order)."""
         return x if self.tp_size == 1 else self._gather_last(x.contiguous())
+
+    # across data-parallel ranks (a serving engine's context overrides these with its groups)
+    def dp_token_counts(self, local: int) -> list[int]:
+        """The number of tokens each data-parallel rank runs in this step (host values; ``local``
+        is this rank's). Here: exchanged as a host tensor over the group."""
+        n = torch.tensor([local], dtype=torch.int64)
+        parts = [torch.empty_like(n) for _ in range(self.dp_size)]
+        dist.all_gather(parts, n, group=self.dp_group)
+        return [int(p) for p in parts]
+
+    def dp_all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        """Concatenate equal-shaped tensors of the data-parallel ranks along dim 0 (rank order)."""
+        parts = [torch.empty_like(x) for _ in range(self.dp_size)]
+        dist.all_gather(parts, x.contiguous(), group=self.dp_group)
+        return torch.cat(parts)
+
+    def ep_all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum over every expert-parallel rank (all data- and tensor-parallel ranks)."""
+        y = x.float() if x.dtype in (torch.bfloat16, torch.float16) else x.clone()
+        dist.all_reduce(y, group=self.ep_group)
+        return y.to(x.dtype)
 
     # the collectives themselves, over torch.distributed (a serving engine's context overrides
     # them with its own group's)

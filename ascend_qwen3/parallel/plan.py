@@ -43,8 +43,9 @@ class Assignment:
         return n
 
 
-def _tp_ok(cfg: Qwen3Config, tp: int, ep: bool) -> str | None:
-    """None if tp works for cfg, else the reason."""
+def _tp_ok(cfg: Qwen3Config, tp: int, ep: bool, dp: int = 1) -> str | None:
+    """None if tp (with dp data-parallel ranks sharing the experts under ep) works for cfg,
+    else the reason."""
     if tp < 1:
         return "tp must be >= 1"
     if cfg.num_heads % tp:
@@ -55,8 +56,8 @@ def _tp_ok(cfg: Qwen3Config, tp: int, ep: bool) -> str | None:
     if dense_layers and cfg.intermediate_size % tp:
         return f"tp={tp} does not divide intermediate_size={cfg.intermediate_size}"
     if cfg.is_moe:
-        if ep and cfg.num_experts % tp:
-            return f"expert parallel size {tp} does not divide {cfg.num_experts} experts"
+        if ep and cfg.num_experts % (tp * dp):
+            return f"expert parallel size {tp * dp} does not divide {cfg.num_experts} experts"
         if not ep and cfg.moe_intermediate_size % tp:
             return f"tp={tp} does not divide moe_intermediate_size={cfg.moe_intermediate_size}"
     return None
@@ -66,19 +67,25 @@ def valid_tp_sizes(cfg: Qwen3Config, ep: bool = False, limit: int = 64) -> list[
     return [t for t in range(1, limit + 1) if _tp_ok(cfg, t, ep) is None]
 
 
-def check_parallel(cfg: Qwen3Config, tp: int, ep: bool = False) -> None:
-    """Raise ShardingError, naming the valid choices, if (cfg, tp, ep) cannot be sharded."""
+def check_parallel(cfg: Qwen3Config, tp: int, ep: bool = False, dp: int = 1) -> None:
+    """Raise ShardingError, naming the valid choices, if (cfg, tp, ep) cannot be sharded (with
+    ``dp`` data-parallel ranks: under ep the experts are spread over dp x tp ranks)."""
     label = cfg.name or cfg.architecture
     if ep and not cfg.is_moe:
         raise ShardingError(f"expert parallel was requested for {label}, which is a dense model; "
                             f"drop --ep")
-    if ep and tp > cfg.num_experts:
-        raise ShardingError(f"expert parallel size {tp} exceeds the {cfg.num_experts} experts of "
-                            f"{label}; use ep <= {cfg.num_experts}, or tp without --ep")
-    why = _tp_ok(cfg, tp, ep)
+    if dp < 1:
+        raise ShardingError(f"data-parallel size {dp} must be >= 1")
+    if ep and tp * dp > cfg.num_experts:
+        raise ShardingError(f"expert parallel size {tp * dp} (dp {dp} x tp {tp}) exceeds the "
+                            f"{cfg.num_experts} experts of {label}; use dp x tp <= "
+                            f"{cfg.num_experts}, or tp without --ep")
+    why = _tp_ok(cfg, tp, ep, dp)
     if why:
-        choices = ", ".join(map(str, [t for t in valid_tp_sizes(cfg, ep) if t <= 64]))
+        choices = ", ".join(map(str, [t for t in valid_tp_sizes(cfg, ep) if t <= 64
+                                      and _tp_ok(cfg, t, ep, dp) is None]))
         mode = " with expert parallel" if ep else ""
+        mode += f" and data parallel {dp}" if dp > 1 and ep else ""
         raise ShardingError(f"{why} of {label}; use tp in {{{choices}}}{mode}")
 
 
@@ -97,8 +104,8 @@ def kv_head_start(cfg: Qwen3Config, tp: int, rank: int) -> int:
 def local_experts(cfg: Qwen3Config, ctx) -> tuple[int, int, int]:
     """(first expert, number of experts, expert FFN width) held by ``ctx``'s rank."""
     if ctx.expert_parallel:
-        per = cfg.num_experts // ctx.tp_size
-        return ctx.tp_rank * per, per, cfg.moe_intermediate_size
+        per = cfg.num_experts // ctx.ep_size
+        return ctx.ep_rank * per, per, cfg.moe_intermediate_size
     return 0, cfg.num_experts, cfg.moe_intermediate_size // ctx.tp_size
 
 
@@ -109,13 +116,17 @@ def _rows(start, n):
 ALL = slice(None)
 
 
-def rank_plan(cfg: Qwen3Config, tp: int = 1, rank: int = 0, ep: bool = False) -> list[Assignment]:
+def rank_plan(cfg: Qwen3Config, tp: int = 1, rank: int = 0, ep: bool = False, dp: int = 1,
+              dp_rank: int = 0) -> list[Assignment]:
     """Every checkpoint tensor this rank reads, with source and destination slices (the float
     tensors; a W8A8 checkpoint's extra tensors are added by ``ascend_qwen3.quant.plan``, and
-    ``ascend_qwen3.loader.load_plan`` gives the two together)."""
-    check_parallel(cfg, tp, ep)
+    ``ascend_qwen3.loader.load_plan`` gives the two together). ``dp``/``dp_rank``: the
+    data-parallel rank, which decides the experts under ep (everything else follows tp)."""
+    check_parallel(cfg, tp, ep, dp)
     if not 0 <= rank < tp:
         raise ShardingError(f"rank {rank} is outside tp={tp}")
+    if not 0 <= dp_rank < dp:
+        raise ShardingError(f"data-parallel rank {dp_rank} is outside dp={dp}")
     H, D, V = cfg.hidden_size, cfg.head_dim, cfg.vocab_size
     hq, hkv = local_heads(cfg, tp)
     q0, kv0 = rank * hq, kv_head_start(cfg, tp, rank)
@@ -153,7 +164,8 @@ def rank_plan(cfg: Qwen3Config, tp: int = 1, rank: int = 0, ep: bool = False) ->
         if cfg.is_moe_layer(i):
             add(Assignment(m + "gate.weight", (cfg.num_experts, H), pm + "gate", (ALL, ALL), (ALL, ALL)))
             from .context import ParallelContext
-            first, count, inter = local_experts(cfg, ParallelContext(rank, tp, ep))
+            first, count, inter = local_experts(cfg, ParallelContext(rank, tp, ep, dp_rank=dp_rank,
+                                                                     dp_size=dp))
             I = cfg.moe_intermediate_size
             f0 = 0 if ep else rank * inter
             for e in range(first, first + count):

@@ -71,6 +71,16 @@ VLLM_USES: list[Use] = [
     Use("vllm.distributed", "get_tensor_model_parallel_world_size", "call"),
     Use("vllm.distributed", "tensor_model_parallel_all_reduce", "call", ("input_",)),
     Use("vllm.distributed", "tensor_model_parallel_all_gather", "call", ("input_", "dim")),
+    # data parallel + expert parallel (model/moe.py through VllmParallelContext)
+    Use("vllm.distributed", "get_dp_group", "call"),
+    Use("vllm.distributed", "get_ep_group", "call"),
+    Use("vllm.distributed.parallel_state", "GroupCoordinator", "attrs",
+        ("rank_in_group", "world_size", "cpu_group", "all_gather", "all_reduce")),
+    Use("vllm.distributed.parallel_state", "GroupCoordinator.all_gather", "call", ("input_", "dim")),
+    Use("vllm.distributed.parallel_state", "GroupCoordinator.all_reduce", "call", ("input_",)),
+    Use("vllm.forward_context", "get_forward_context", "call"),
+    Use("vllm.forward_context", "is_forward_context_available", "call"),
+    Use("vllm.forward_context", "DPMetadata", "attrs", ("num_tokens_across_dp_cpu",)),
     Use("vllm.platforms", "current_platform"),
     Use("vllm.platforms.interface", "Platform", "attrs", ("device_type", "is_cpu")),
     Use("vllm.v1.attention.backend", "AttentionBackend", "attrs",
@@ -245,6 +255,49 @@ def tp_all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     from vllm.distributed import tensor_model_parallel_all_gather
 
     return tensor_model_parallel_all_gather(x, dim=dim)
+
+
+# --- data parallel (vllm/distributed/parallel_state.py, vllm/forward_context.py; 0.23 and 0.32) ---
+# vLLM orders its expert-parallel group data-parallel rank major (EP rank = dp_rank x tp_size +
+# tp_rank), as the project's ParallelContext does. Its data-parallel and expert-parallel groups
+# need equal shapes for all_gather (vLLM's CPU communicator has no all_gatherv).
+
+def dp_rank_and_size() -> tuple[int, int]:
+    from vllm.distributed import get_dp_group
+
+    group = get_dp_group()
+    return group.rank_in_group, group.world_size
+
+
+def dp_cpu_group():
+    """The data-parallel group's host (gloo) group, for exchanging host values."""
+    from vllm.distributed import get_dp_group
+
+    return get_dp_group().cpu_group
+
+
+def dp_all_gather(x: torch.Tensor) -> torch.Tensor:
+    from vllm.distributed import get_dp_group
+
+    return get_dp_group().all_gather(x, dim=0)
+
+
+def ep_all_reduce(x: torch.Tensor) -> torch.Tensor:
+    from vllm.distributed import get_ep_group
+
+    return get_ep_group().all_reduce(x)
+
+
+def dp_token_counts() -> list[int] | None:
+    """Each data-parallel rank's token count in this step, as the engine synchronised them
+    before the forward (``DPMetadata.num_tokens_across_dp_cpu``, a host tensor; set for real,
+    dummy and profiling steps when data parallel is on), or None outside a forward."""
+    from vllm.forward_context import get_forward_context, is_forward_context_available
+
+    if not is_forward_context_available():
+        return None
+    meta = get_forward_context().dp_metadata
+    return None if meta is None else [int(n) for n in meta.num_tokens_across_dp_cpu.tolist()]
 
 
 # --- FULL ACL graphs on vllm-ascend 0.23 -------------------------------------------------------

@@ -53,6 +53,17 @@ class VllmParallelContext(ParallelContext):
     def _gather_last(self, x: torch.Tensor) -> torch.Tensor:
         return compat.tp_all_gather(x, dim=-1)
 
+    # expert parallel across data-parallel ranks: vLLM's groups and its step's token counts
+    def dp_token_counts(self, local: int) -> list[int]:
+        counts = compat.dp_token_counts()
+        return counts if counts is not None else super().dp_token_counts(local)
+
+    def dp_all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        return compat.dp_all_gather(x.contiguous())
+
+    def ep_all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        return compat.ep_all_reduce(x)
+
 
 def _model_dir(model_config, load_config) -> str:
     path = model_config.model
@@ -92,11 +103,14 @@ class AscendQwen3Backbone(nn.Module):
             raise ValueError(str(exc)) from None
         self.config = cfg = cfg.with_dtype(mc.dtype)
         rank, size = compat.tp_rank_and_size()
-        ep = bool(getattr(pc, "enable_expert_parallel", False))
-        if ep and getattr(pc, "data_parallel_size", 1) != 1:
-            raise ValueError("ascend-qwen3 runs expert parallelism over the tensor-parallel group "
-                             "only (EP = TP); use --data-parallel-size 1 with --enable-expert-parallel")
-        self.ctx = VllmParallelContext(tp_rank=rank, tp_size=size, expert_parallel=ep and cfg.is_moe)
+        ep = bool(getattr(pc, "enable_expert_parallel", False)) and cfg.is_moe
+        dp_rank, dp_size = compat.dp_rank_and_size() if pc.data_parallel_size > 1 else (0, 1)
+        # data parallel: each rank its own batch; with expert parallel the experts are spread
+        # over dp x tp ranks and the MoE layers exchange tokens (model/moe.py)
+        self.ctx = VllmParallelContext(tp_rank=rank, tp_size=size, expert_parallel=ep,
+                                       dp_rank=dp_rank if ep else 0, dp_size=dp_size if ep else 1,
+                                       dp_group=compat.dp_cpu_group() if ep and dp_size > 1
+                                       else None)
         if compat.on_npu() and compat.full_graphs_requested(vllm_config):
             compat.check_full_graph_protocol()    # before any weight is read
         self.model_dir = _model_dir(mc, vllm_config.load_config)

@@ -522,28 +522,65 @@ def k8s_problems(profile_name: str, docs: list[dict]) -> list[str]:
     bad = []
     p = load_profile(profile_name)
     kinds = sorted(d.get("kind", "?") for d in docs)
-    if kinds != ["Deployment", "Service"]:
+    nodes = p.get("nodes", 1)
+    controller = "Deployment" if nodes == 1 else "LeaderWorkerSet"
+    if kinds != sorted([controller, "Service"]):
         return [f"{profile_name}: kinds {kinds}"]
-    dep = next(d for d in docs if d["kind"] == "Deployment")
+    ctl = next(d for d in docs if d["kind"] == controller)
     svc = next(d for d in docs if d["kind"] == "Service")
-    if not DNS1123.fullmatch(dep["metadata"]["name"]):
-        bad.append(f"{profile_name}: Deployment name {dep['metadata']['name']!r}")
+    if not DNS1123.fullmatch(ctl["metadata"]["name"]):
+        bad.append(f"{profile_name}: {controller} name {ctl['metadata']['name']!r}")
     if not DNS1035.fullmatch(svc["metadata"]["name"]):
         bad.append(f"{profile_name}: Service name {svc['metadata']['name']!r} is not a DNS-1035 label")
-    spec = dep["spec"]
+    spec = ctl["spec"]
     if spec.get("replicas") != 1:
         bad.append(f"{profile_name}: replicas {spec.get('replicas')}")
-    pod = spec["template"]["spec"]
-    labels = spec["template"]["metadata"]["labels"]
-    if spec["selector"]["matchLabels"] != labels:
-        bad.append(f"{profile_name}: selector does not match the pod labels")
+    if nodes == 1:
+        served = spec["template"]
+        if spec["selector"]["matchLabels"] != served["metadata"]["labels"]:
+            bad.append(f"{profile_name}: selector does not match the pod labels")
+        pods = [(served, [], True)]
+    else:
+        group = spec["leaderWorkerTemplate"]
+        if group.get("size") != nodes or group.get("restartPolicy") != "RecreateGroupOnPodRestart":
+            bad.append(f"{profile_name}: group size {group.get('size')} (profile: {nodes} nodes), "
+                       f"restartPolicy {group.get('restartPolicy')} (a failed pod must recreate "
+                       f"the whole group)")
+        served = group["leaderTemplate"]
+        pods = [(served, ["--node-rank", "0"], True),
+                (group["workerTemplate"], ["--node-rank", "1"], False)]
+        if svc["metadata"]["name"] == ctl["metadata"]["name"]:
+            bad.append(f"{profile_name}: the Service takes the name of LWS's own headless Service")
+        worker_labels = group["workerTemplate"]["metadata"]["labels"]
+        if svc["spec"]["selector"].items() <= worker_labels.items():
+            bad.append(f"{profile_name}: the Service selects the worker pod (headless, no API)")
+    for template, rank_args, serves in pods:
+        bad += _pod_problems(p, profile_name, template, rank_args, serves, nodes)
+    c = served["spec"]["containers"][0]
+    ports = {cp.get("name"): cp["containerPort"] for cp in c.get("ports", [])}
+    port_of = lambda ref: ports.get(ref) if isinstance(ref, str) else ref  # noqa: E731
+    s = svc["spec"]
+    if s.get("type", "ClusterIP") != "ClusterIP" or \
+            not s["selector"].items() <= served["metadata"]["labels"].items():
+        bad.append(f"{profile_name}: Service type/selector {s.get('type')} {s['selector']}")
+    if [(sp_["port"], port_of(sp_["targetPort"])) for sp_ in s["ports"]] != [(PORT, PORT)]:
+        bad.append(f"{profile_name}: Service ports {s['ports']}")
+    return bad
+
+
+def _pod_problems(p: dict, profile_name: str, template: dict, rank_args: list, serves: bool,
+                  nodes: int) -> list[str]:
+    """One pod template of a profile's controller: args, NPUs, mounts, shared memory, probes
+    (on the pod that serves the API only), the network settings of a multi-node pod."""
+    bad = []
+    pod = template["spec"]
     (c,) = pod["containers"]
-    if c.get("args") != ["--profile", profile_name] or c.get("command"):
+    if c.get("args") != ["--profile", profile_name, *rank_args] or c.get("command"):
         bad.append(f"{profile_name}: args {c.get('args')} (command {c.get('command')})")
     n = len(p["devices"])
     res = c.get("resources", {})
     if res.get("requests") != {NPU_RESOURCE: n} or res.get("limits") != {NPU_RESOURCE: n} or \
-            n != p["tp"] // p.get("nodes", 1):
+            n != p["tp"] * p.get("dp", 1) // nodes:
         bad.append(f"{profile_name}: resources {res}, the profile uses {n} NPUs (tp {p['tp']})")
     ports = {cp.get("name"): cp["containerPort"] for cp in c.get("ports", [])}
     volumes = {v["name"]: v for v in pod.get("volumes", [])}
@@ -559,11 +596,24 @@ def k8s_problems(profile_name: str, docs: list[dict]) -> list[str]:
     shm = mounts.get("/dev/shm")
     if not shm or volumes[shm["name"]].get("emptyDir", {}).get("medium") != "Memory":
         bad.append(f"{profile_name}: /dev/shm is not a memory emptyDir")
+    env = {e["name"]: e for e in c.get("env", [])}
+    if "VLLM_API_KEY" not in env:
+        bad.append(f"{profile_name}: no VLLM_API_KEY from the Secret")
+    if nodes > 1:
+        ip = env.get("HCCL_IF_IP", {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
+        if ip != "status.podIP" or not all(env.get(k, {}).get("value") for k in (
+                "GLOO_SOCKET_IFNAME", "TP_SOCKET_IFNAME", "HCCL_SOCKET_IFNAME")):
+            bad.append(f"{profile_name}: the network settings of a multi-node pod: {sorted(env)}")
 
     def port_of(ref):
         return ports.get(ref) if isinstance(ref, str) else ref
 
-    for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+    probes = ("startupProbe", "readinessProbe", "livenessProbe")
+    if not serves:
+        if any(c.get(k) for k in probes):
+            bad.append(f"{profile_name}: probes on a headless pod (it serves no HTTP)")
+        return bad
+    for kind in probes:
         probe = c.get(kind) or {}
         get = probe.get("httpGet", {})
         if get.get("path") != "/health" or port_of(get.get("port")) != PORT:
@@ -574,11 +624,6 @@ def k8s_problems(profile_name: str, docs: list[dict]) -> list[str]:
         bad.append(f"{profile_name}: startup window {window}s; loading a large checkpoint takes longer")
     if port_of("http") != p.get("port", PORT):
         bad.append(f"{profile_name}: containerPort {ports}")
-    s = svc["spec"]
-    if s.get("type", "ClusterIP") != "ClusterIP" or not s["selector"].items() <= labels.items():
-        bad.append(f"{profile_name}: Service type/selector {s.get('type')} {s['selector']}")
-    if [(sp_["port"], port_of(sp_["targetPort"])) for sp_ in s["ports"]] != [(PORT, PORT)]:
-        bad.append(f"{profile_name}: Service ports {s['ports']}")
     return bad
 
 
@@ -644,10 +689,14 @@ def test_k8s_checks_catch_mistakes(mutate, needle):
 def test_committed_manifests_are_the_generated_ones():
     assert manifests.stale(DEPLOY) == [], \
         "run `python -m ascend_qwen3.deploy.manifests --write` and commit deploy/"
-    # every single-node profile is rendered, the two-node one is not
+    # every single-node profile is a compose service and a Deployment; the two-node one is a
+    # LeaderWorkerSet only (compose runs on one host)
     single = {n for n in profile_names() if load_profile(n).get("nodes", 1) == 1}
     assert set(_load_compose()["services"]) == single | {"cpu"}
     assert "qwen3-235b-a22b-bf16-2node" not in single
+    docs = list(yaml.safe_load_all(open(os.path.join(DEPLOY, "k8s",
+                                                     "qwen3-235b-a22b-bf16-2node.yaml"))))
+    assert [d["kind"] for d in docs if d] == ["LeaderWorkerSet", "Service"]
 
 
 def test_manifest_check_flags_a_stale_file(tmp_path):
@@ -656,7 +705,7 @@ def test_manifest_check_flags_a_stale_file(tmp_path):
     (out / "k8s" / "qwen3-8b-bf16.yaml").write_text("# edited by hand\n")
     (out / "k8s" / "qwen3-old.yaml").write_text("")
     assert manifests.stale(str(out)) == ["k8s/qwen3-8b-bf16.yaml (differs)",
-                                         "k8s/qwen3-old.yaml (no single-node profile generates it)"]
+                                         "k8s/qwen3-old.yaml (no profile generates it)"]
     r = subprocess.run([sys.executable, "-m", "ascend_qwen3.deploy.manifests", "--check",
                         "--out", str(out)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "qwen3-8b-bf16.yaml" in r.stderr

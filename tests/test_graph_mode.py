@@ -138,7 +138,7 @@ def test_every_npu_profile_command_carries_its_graph_mode():
     with open(GOLDEN) as f:
         golden = json.load(f)
     for name, cmd in golden.items():
-        assert _mode_flags(cmd["argv"]) == load_profile(name).get("graph_mode",
+        assert _mode_flags(cmd["argv"]) == load_profile(name.split("@")[0]).get("graph_mode",
                                                                   "FULL_AND_PIECEWISE"), name
 
 

@@ -1,6 +1,7 @@
 """Schema validation of the Kubernetes manifests (tests/k8s_schema.py), offline:
 
-- every committed deploy/k8s/*.yaml (a Deployment and a Service) is valid, strictly, for the
+- every committed deploy/k8s/*.yaml (a Deployment or, for the two-node profile, a
+  LeaderWorkerSet, and a Service) is valid, strictly, for the
   pinned Kubernetes version (the schemas bundled by kubernetes-validate,
   https://pypi.org/project/kubernetes-validate/);
 - planted mistakes are reported: an unknown (misspelled) field, a wrong type, a restartPolicy a
@@ -93,7 +94,8 @@ def test_there_are_manifests():
 @pytest.mark.parametrize("path", MANIFESTS, ids=os.path.basename)
 def test_committed_manifest_is_valid(path):
     docs = k8s_schema.load_manifest(path)
-    assert sorted(d["kind"] for d in docs) == ["Deployment", "Service"]
+    assert sorted(d["kind"] for d in docs) in (["Deployment", "Service"],
+                                               ["LeaderWorkerSet", "Service"])
     assert problems_in_file(path) == []
 
 
@@ -261,4 +263,39 @@ def test_lws_planted_mistakes_are_reported(mutate, needles):
     lws = sample_lws()
     mutate(lws)
     found = problems([lws])
+    assert _reported(found, *needles), found
+
+
+# --- the generated LeaderWorkerSet (the two-node profile) ---------------------------------------
+
+TWO_NODE = os.path.join(ROOT, "deploy", "k8s", "qwen3-235b-a22b-bf16-2node.yaml")
+
+
+def _generated_lws() -> list[dict]:
+    from ascend_qwen3.deploy import manifests
+    from ascend_qwen3.deploy.profiles import load_profile
+
+    return manifests.k8s(load_profile("qwen3-235b-a22b-bf16-2node"))
+
+
+def test_generated_leader_worker_set_is_valid():
+    docs = _generated_lws()
+    assert [d["kind"] for d in docs] == ["LeaderWorkerSet", "Service"]
+    assert problems(docs) == []
+    assert [d for d in k8s_schema.load_manifest(TWO_NODE)] == docs
+
+
+@pytest.mark.parametrize("mutate, needles", [
+    (lambda d: d["spec"]["leaderWorkerTemplate"].update(sze=2), ["sze"]),
+    (lambda d: d["spec"]["leaderWorkerTemplate"].update(restartPolicy="RecreateOnFailure"),
+     ["RecreateOnFailure"]),
+    (lambda d: d["spec"]["leaderWorkerTemplate"]["workerTemplate"]["spec"]["containers"][0]
+     .update(volumeMount=[]), ["volumeMount"]),
+    (lambda d: d["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["spec"]
+     .update(restartPolicy="Never"), ["restartPolicy"]),
+])
+def test_generated_leader_worker_set_planted_mistakes(mutate, needles):
+    docs = copy.deepcopy(_generated_lws())
+    mutate(docs[0])
+    found = problems(docs)
     assert _reported(found, *needles), found

@@ -441,3 +441,76 @@ def test_commands_carry_a_drain_window(default_model):
     argv, _ = build_command(ServeSpec(model=default_model, extra_args=["--shutdown-timeout", "5"]),
                             base_env={})
     assert argv.count("--shutdown-timeout") == 1 and _flag(argv, "--shutdown-timeout") == "5"
+
+
+# --- the link between the nodes' launchers (deploy/peers.py) ----------------------------------
+
+def _supervised_node(tmp_path, rank, port, startup_s=30.0):
+    """A node's supervisor with its peer link (leader: rank 0) running the stand-in server."""
+    script = tmp_path / "server.py"
+    script.write_text(SERVER)
+    mark = tmp_path / f"mark{rank}"
+    code = ("import os, sys\nfrom ascend_qwen3.deploy.launcher import supervise\n"
+            "from ascend_qwen3.deploy.peers import PeerLink\n"
+            f"peer = PeerLink({rank}, 2, '127.0.0.1', {port}, startup_s={startup_s}, "
+            "heartbeat_s=0.5, timeout_s=3).start()\n"
+            f"sys.exit(supervise([sys.executable, {str(script)!r}, 'wait', {str(mark)!r}], "
+            "dict(os.environ), peer))\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return proc, mark
+
+
+def _port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("killed", [0, 1])
+def test_a_node_whose_peer_dies_stops_its_server_and_exits_non_zero(tmp_path, killed):
+    """SIGKILL one node's launcher: the other one's server gets SIGTERM and its launcher exits
+    PEER_LOST, in seconds (the closed link is seen at once)."""
+    import time
+
+    from ascend_qwen3.deploy.peers import PEER_LOST
+    port = _port()
+    nodes = [_supervised_node(tmp_path, r, port) for r in (0, 1)]
+    for _, mark in nodes:
+        _wait_for(str(mark) + ".up")
+    time.sleep(1.5)                              # linked (the follower retries every second)
+    nodes[killed][0].kill()
+    survivor, mark = nodes[1 - killed]
+    t0 = time.time()
+    _, err = survivor.communicate(timeout=60)
+    assert survivor.returncode == PEER_LOST, err
+    assert time.time() - t0 < 15 and "went away" in err
+    assert mark.read_text() == "signal 15"       # its server was stopped, not left running
+    nodes[killed][0].wait(30)
+
+
+def test_a_follower_that_never_reaches_its_leader_gives_up(tmp_path):
+    from ascend_qwen3.deploy.peers import PEER_LOST
+    proc, mark = _supervised_node(tmp_path, 1, _port(), startup_s=2.0)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == PEER_LOST and "could not reach the leader" in err
+    assert mark.read_text() == "signal 15"
+
+
+def test_a_silent_peer_is_lost_after_the_timeout():
+    """A peer that connects and then sends nothing (a machine gone silent, its socket open)."""
+    import socket
+    import time
+
+    from ascend_qwen3.deploy.peers import PeerLink
+    port = _port()
+    link = PeerLink(0, 2, "127.0.0.1", port, startup_s=10, heartbeat_s=0.2, timeout_s=1).start()
+    try:
+        quiet = socket.create_connection(("127.0.0.1", port))
+        t0 = time.time()
+        assert link.lost.wait(10), "the silent peer was never declared lost"
+        assert 0.8 < time.time() - t0 < 5 and "sent nothing for 1 s" in link.reason
+        quiet.close()
+    finally:
+        link.close()

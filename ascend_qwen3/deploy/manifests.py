@@ -1,6 +1,7 @@
 """Container manifests generated from the deploy profiles: ``deploy/compose.yaml`` (one docker
 compose service per single-node profile, plus ``cpu``) and ``deploy/k8s/<profile>.yaml``
-(a Deployment and a ClusterIP Service per single-node profile).
+(a Deployment and a ClusterIP Service per single-node profile; a LeaderWorkerSet and a Service
+on its leader per multi-node profile).
 
 The committed files are this module's output; a test checks they are equal, so a profile change
 that touches devices, tp, port or model path shows up as a stale manifest::
@@ -10,7 +11,12 @@ that touches devices, tp, port or model path shows up as a stale manifest::
 
 Everything here follows from a profile: the NPUs (``devices``; tp / nodes of them), the port,
 and the checkpoint mount (host ``/data/models/<basename of model_path>`` on ``model_path``).
-The two-node profile is not rendered: it needs a Ray cluster across two machines (README).
+A multi-node profile is a LeaderWorkerSet (kubernetes-sigs/lws, ``leaderworkerset.x-k8s.io/v1``):
+one group of ``nodes`` pods, the leader running ``serve --profile NAME --node-rank 0`` (the API
+server), the worker ``--node-rank 1`` (headless); both find the leader through the
+``LWS_LEADER_ADDRESS`` variable LWS sets in every pod, and the group is recreated as a whole
+when one pod fails (``restartPolicy: RecreateGroupOnPodRestart``; the launchers exit non-zero
+when the other node goes: peers.py). Compose has no two-node form: it runs on one host.
 
 What is checked where: the files parse and agree with the profiles on any machine (tests); the
 device mounts, driver paths and the Ascend device plugin's resource name follow the vllm-ascend
@@ -26,7 +32,7 @@ import sys
 import yaml
 
 from .. import __version__
-from .launcher import SHUTDOWN_TIMEOUT_S
+from .launcher import MULTI_NODE_ENV, PEER_PORT, SHUTDOWN_TIMEOUT_S
 from .profiles import load_profile, profile_names
 
 IMAGE = f"ascend-qwen3:{__version__}"           # `docker build -t ascend-qwen3:<version> .`
@@ -91,6 +97,28 @@ K8S_HEADER = """\
 """
 
 
+LWS_HEADER = """\
+# Generated from deploy/profiles/{name}.yaml by
+# `python -m ascend_qwen3.deploy.manifests --write`; do not edit by hand
+# (tests/test_deploy_assets.py checks it is up to date).
+#
+# {description}
+# A LeaderWorkerSet (https://github.com/kubernetes-sigs/lws; install its controller first) of
+# {nodes} pods, each on its own Atlas node with {n} x {resource} (the Ascend device plugin,
+# MindCluster): the leader serves the API (the Service selects it only), the worker runs
+# headless; each finds the leader through LWS_LEADER_ADDRESS. When one pod fails the whole
+# group is recreated ({restart}); each node's launcher exits non-zero when the other node
+# goes away. HCCL_IF_IP is the pod's IP; the *_IFNAME variables name {interface}, the pod
+# network's interface: change them if your pods reach each other on another network.
+# The checkpoint is read from the node's hostPath {models}/{model_dir}:
+# put it on every NPU node or replace the volume with a PersistentVolumeClaim. Push the image
+# to your registry and set `image` to it. Not exercised here (no cluster, no NPU): checked
+# against the LWS CRD's schema and Kubernetes' pod schema (tests/test_k8s_schema.py); the
+# two-node layout was simulated on one machine (docs/multi-node.md).
+# API key ({key_rule}): kubectl create secret generic {secret} --from-literal={secret_key}=<key>
+"""
+
+
 class _Dumper(yaml.SafeDumper):
     """Block-style YAML without anchors/aliases (every repeated list is written out)."""
 
@@ -104,8 +132,11 @@ def _dump(doc) -> str:
 
 def single_node_profiles(directory: str | None = None) -> list[dict]:
     """Every valid profile that runs on one machine, sorted by name."""
-    profiles = [load_profile(n, directory) for n in profile_names(directory)]
-    return [p for p in profiles if p.get("nodes", 1) == 1]
+    return [p for p in all_profiles(directory) if p.get("nodes", 1) == 1]
+
+
+def all_profiles(directory: str | None = None) -> list[dict]:
+    return [load_profile(n, directory) for n in profile_names(directory)]
 
 
 def _model_dir(p: dict) -> str:
@@ -169,15 +200,17 @@ def _labels(p: dict) -> dict:
     return {"app.kubernetes.io/name": "ascend-qwen3", "app.kubernetes.io/instance": k8s_name(p)}
 
 
-def k8s(p: dict) -> list[dict]:
-    """[Deployment, Service] serving one single-node profile on Ascend NPUs."""
-    if p.get("nodes", 1) != 1:
-        raise ValueError(f"profile {p['name']} spans {p['nodes']} nodes; a Deployment is one pod")
-    port = p.get("port", CONTAINER_PORT)
-    n = len(p["devices"])
-    labels = _labels(p)
+def _probes() -> dict:
+    """Start-up, readiness and liveness on the server's /health."""
     probe = {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": PROBE_PERIOD_S,
              "timeoutSeconds": 5}
+    return {"startupProbe": {**probe, "failureThreshold": STARTUP_BUDGET_S // PROBE_PERIOD_S},
+            "readinessProbe": {**probe, "failureThreshold": 3},
+            "livenessProbe": {**probe, "periodSeconds": 30, "failureThreshold": 5}}
+
+
+def _volumes(p: dict) -> tuple[list[dict], list[dict]]:
+    """(pod volumes, container mounts): the driver paths, the checkpoint, /dev/shm."""
     volumes, mounts = [], []
     for name, path in DRIVER_MOUNTS.items():
         volumes.append({"name": name, "hostPath": {"path": path}})
@@ -187,21 +220,47 @@ def k8s(p: dict) -> list[dict]:
     mounts.append({"name": "model", "mountPath": p["model_path"], "readOnly": True})
     volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": SHM_K8S}})
     mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
-    container = {
+    return volumes, mounts
+
+
+def _container(p: dict, args: list[str], ports: list[dict], env: list[dict], mounts: list[dict]
+               ) -> dict:
+    n = len(p["devices"])
+    return {
         "name": "server",
         "image": IMAGE,
         "imagePullPolicy": "IfNotPresent",
-        "args": ["--profile", p["name"]],
-        "ports": [{"name": "http", "containerPort": port}],
+        "args": ["--profile", p["name"], *args],
+        "ports": ports,
         "env": [{"name": API_KEY_ENV, "valueFrom": {"secretKeyRef": {
             "name": API_KEY_SECRET, "key": API_KEY_SECRET_KEY,
-            "optional": p.get("api_key", "optional") != "required"}}}],
+            "optional": p.get("api_key", "optional") != "required"}}}, *env],
         "resources": {"requests": {NPU_RESOURCE: n}, "limits": {NPU_RESOURCE: n}},
-        "startupProbe": {**probe, "failureThreshold": STARTUP_BUDGET_S // PROBE_PERIOD_S},
-        "readinessProbe": {**probe, "failureThreshold": 3},
-        "livenessProbe": {**probe, "periodSeconds": 30, "failureThreshold": 5},
         "volumeMounts": mounts,
     }
+
+
+def _service(p: dict, selector: dict, suffix: str = "") -> dict:
+    port = p.get("port", CONTAINER_PORT)
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": k8s_name(p) + suffix, "labels": _labels(p)},
+        "spec": {"type": "ClusterIP", "selector": selector,
+                 "ports": [{"name": "http", "port": port, "targetPort": "http"}]},
+    }
+
+
+def k8s(p: dict) -> list[dict]:
+    """[Deployment, Service] serving one single-node profile on Ascend NPUs; for a multi-node
+    profile [LeaderWorkerSet, Service] (``lws``)."""
+    if p.get("nodes", 1) != 1:
+        return lws(p)
+    port = p.get("port", CONTAINER_PORT)
+    labels = _labels(p)
+    volumes, mounts = _volumes(p)
+    container = {**_container(p, [], [{"name": "http", "containerPort": port}], [], mounts),
+                 **_probes()}
     deployment = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -216,28 +275,82 @@ def k8s(p: dict) -> list[dict]:
                                   "containers": [container], "volumes": volumes}},
         },
     }
-    service = {
-        "apiVersion": "v1",
-        "kind": "Service",
+    return [deployment, _service(p, labels)]
+
+
+# Kubernetes network settings of a node's pod (the launcher refuses to start a multi-node
+# server without them): HCCL_IF_IP is the pod's own IP (the downward API), the interfaces are
+# the pod network's (eth0 in a pod with the cluster's default network). A cluster that gives
+# the pods a second, faster network names that interface here instead.
+POD_INTERFACE = "eth0"
+LWS_RESTART = "RecreateGroupOnPodRestart"
+
+
+def lws(p: dict) -> list[dict]:
+    """[LeaderWorkerSet, Service] for a multi-node profile: one group of ``nodes`` pods (the
+    leader: node 0 with the API server, probes and the Service; the workers: headless), each
+    pod the NPUs, mounts, Secret and grace period of the single-node Deployments, the group
+    recreated as a whole when one pod fails."""
+    from .launcher import DP_RPC_PORT
+    nodes = p.get("nodes", 1)
+    if nodes < 2:
+        raise ValueError(f"profile {p['name']} runs on one node: it is a Deployment (k8s)")
+    port = p.get("port", CONTAINER_PORT)
+    labels = _labels(p)
+    leader_labels = {**labels, "app.kubernetes.io/component": "leader"}
+    worker_labels = {**labels, "app.kubernetes.io/component": "worker"}
+    volumes, mounts = _volumes(p)
+    network = [{"name": "HCCL_IF_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}]
+    network += [{"name": k, "value": POD_INTERFACE} for k in MULTI_NODE_ENV if k != "HCCL_IF_IP"]
+    leader_ports = [{"name": "http", "containerPort": port},
+                    {"name": "dp-rpc", "containerPort": p.get("dp_rpc_port", DP_RPC_PORT)},
+                    {"name": "peers", "containerPort": PEER_PORT}]
+
+    def pod(labels_: dict, container: dict) -> dict:
+        return {"metadata": {"labels": labels_},
+                "spec": {"terminationGracePeriodSeconds": STOP_GRACE_S,
+                         "containers": [container], "volumes": volumes}}
+
+    # the leader address comes from LWS_LEADER_ADDRESS in each pod (the launcher reads it)
+    leader = {**_container(p, ["--node-rank", "0"], leader_ports, network, mounts), **_probes()}
+    worker = _container(p, ["--node-rank", "1"], [], network, mounts)
+    del worker["ports"]
+    group = {
+        "apiVersion": "leaderworkerset.x-k8s.io/v1",
+        "kind": "LeaderWorkerSet",
         "metadata": {"name": k8s_name(p), "labels": labels},
-        "spec": {"type": "ClusterIP", "selector": labels,
-                 "ports": [{"name": "http", "port": port, "targetPort": "http"}]},
+        "spec": {
+            "replicas": 1,
+            "startupPolicy": "LeaderCreated",
+            "leaderWorkerTemplate": {
+                "size": nodes,
+                "restartPolicy": LWS_RESTART,
+                "leaderTemplate": pod(leader_labels, leader),
+                "workerTemplate": pod(worker_labels, worker),
+            },
+        },
     }
-    return [deployment, service]
+    # the LWS controller makes a headless Service named like the group (the pods' DNS names,
+    # LWS_LEADER_ADDRESS): the API's Service takes another name
+    return [group, _service(p, leader_labels, "-leader")]
 
 
 def render(directory: str | None = None) -> dict[str, str]:
     """{path relative to deploy/: file text} for every generated manifest."""
-    profiles = single_node_profiles(directory)
-    out = {"compose.yaml": COMPOSE_HEADER + _dump(compose(profiles))}
+    profiles = all_profiles(directory)
+    out = {"compose.yaml": COMPOSE_HEADER + _dump(compose(
+        [p for p in profiles if p.get("nodes", 1) == 1]))}
     for p in profiles:
-        header = K8S_HEADER.format(name=p["name"], description=p.get("description", p["name"]),
+        template = K8S_HEADER if p.get("nodes", 1) == 1 else LWS_HEADER
+        header = template.format(name=p["name"], description=p.get("description", p["name"]),
                                    n=len(p["devices"]), last=len(p["devices"]) - 1,
                                    resource=NPU_RESOURCE,
                                    models=MODELS_HOST_DIR, model_dir=_model_dir(p),
                                    key_rule=("required" if p.get("api_key") == "required" else
                                              "optional: no Secret, no key"),
-                                   secret=API_KEY_SECRET, secret_key=API_KEY_SECRET_KEY)
+                                   secret=API_KEY_SECRET, secret_key=API_KEY_SECRET_KEY,
+                                   nodes=p.get("nodes", 1), restart=LWS_RESTART,
+                                   interface=POD_INTERFACE)
         body = "".join("---\n" + _dump(doc) for doc in k8s(p))
         out[f"k8s/{p['name']}.yaml"] = header + body
     return out
@@ -266,7 +379,7 @@ def stale(out_dir: str | None = None, directory: str | None = None) -> list[str]
     if os.path.isdir(k8s_dir):
         for name in sorted(os.listdir(k8s_dir)):
             if f"k8s/{name}" not in files:
-                bad.append(f"k8s/{name} (no single-node profile generates it)")
+                bad.append(f"k8s/{name} (no profile generates it)")
     return bad
 
 

@@ -77,9 +77,9 @@ def check_parallel(cfg: Qwen3Config, tp: int, ep: bool = False, dp: int = 1) -> 
     if dp < 1:
         raise ShardingError(f"data-parallel size {dp} must be >= 1")
     if ep and tp * dp > cfg.num_experts:
-        raise ShardingError(f"expert parallel size {tp * dp} (dp {dp} x tp {tp}) exceeds the "
-                            f"{cfg.num_experts} experts of {label}; use dp x tp <= "
-                            f"{cfg.num_experts}, or tp without --ep")
+        size = f"{tp * dp} (dp {dp} x tp {tp})" if dp > 1 else f"{tp}"
+        raise ShardingError(f"expert parallel size {size} exceeds the {cfg.num_experts} experts "
+                            f"of {label}; use ep <= {cfg.num_experts}, or tp without --ep")
     why = _tp_ok(cfg, tp, ep, dp)
     if why:
         choices = ", ".join(map(str, [t for t in valid_tp_sizes(cfg, ep) if t <= 64

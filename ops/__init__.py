@@ -17,6 +17,17 @@ Two ways to call an op:
   argument; for tests, scripts and one-off calls outside the graph.
 
 See ``ops.cpu`` for the specification (shapes, dtypes, exact semantics) of each op.
+
+Engine kernels. A serving engine that ships tuned kernels for a platform may register them as
+the implementation of some ops on that platform's devices (``register_kernels``; the vLLM
+plugin registers vLLM's CPU kernels when the project's model runs inside vLLM on the CPU). A
+registration applies to the graphs built after it: ``bind`` hands out the registered function
+for those ops and the backend's for the others, and the ops log names the implementation that
+was bound ("vllm-cpu paged_attention", "cpu rms_norm"). Ops that share a private data layout
+are registered together or not at all (``KERNEL_GROUPS``: a cache written by one kernel is
+read by its partner only). ``ASCEND_QWEN3_ENGINE_KERNELS=0`` turns every registration off (the
+specification runs). ``ops`` knows nothing of any engine: the registrant brings the functions,
+and ``tests/`` holds each of them to the specification.
 """
 
 from __future__ import annotations
@@ -34,6 +45,7 @@ logger = logging.getLogger("ascend_qwen3.ops")
 
 ENV_VAR = "ASCEND_QWEN3_BACKEND"
 LOG_ENV_VAR = "ASCEND_QWEN3_OPS_LOG"
+KERNELS_ENV_VAR = "ASCEND_QWEN3_ENGINE_KERNELS"
 
 OPS = (
     "linear", "prepare_linear_weight",
@@ -42,13 +54,19 @@ OPS = (
     "write_kv_cache", "paged_attention",
     "dynamic_quant", "static_quant", "int8_matmul", "quant_matmul",
     "moe_gating_topk", "moe_route", "moe_route_quant", "grouped_matmul", "grouped_quant_matmul", "moe_combine",
+    "moe_experts", "prepare_moe_experts",
     "prepare_weight", "prepare_grouped_weight", "prepare_static_quant", "prepare_norm_quant",
     "prepare_quant_scale",
     "prepare_expert_scale",
 )
 
+# ops whose registered kernels share a data layout of their own: registered all or none
+KERNEL_GROUPS = (("write_kv_cache", "paged_attention"), ("prepare_moe_experts", "moe_experts"))
+
 _announced: set[tuple[str, str]] = set()     # (device type, backend) choices logged
-_logged: set[tuple[str, str]] = set()        # (backend, op) lines written to the ops log
+_logged: set[tuple[str, str]] = set()        # (implementation, op) lines written to the ops log
+_kernels: dict[str, "Kernels"] = {}           # device type -> what an engine registered for it
+_bound: dict[tuple[str, str], "Bound"] = {}   # (backend, device type) -> the object bind returns
 
 
 def _device_type(device) -> str:
@@ -91,24 +109,102 @@ def backend_for(device) -> ModuleType:
     return module
 
 
-def bind(device, *names: str) -> ModuleType:
-    """The backend for ``device``, to be kept by a module that will call the ops ``names``.
+class Kernels:
+    """Kernels an engine registered for one device type: ``name`` (what the ops log says, e.g.
+    "vllm-cpu") and ``ops`` (op name -> function with that op's signature and semantics)."""
+
+    def __init__(self, name: str, device_type: str, kernels: dict):
+        self.name, self.device_type, self.ops = name, device_type, dict(kernels)
+
+    def __repr__(self) -> str:
+        return f"Kernels({self.name!r} for {self.device_type}: {', '.join(sorted(self.ops))})"
+
+
+class Bound:
+    """What ``bind`` returns when an engine registered kernels: the backend module's attributes,
+    with the registered ops replaced. ``IMPL[op]`` names the implementation of each op."""
+
+    def __init__(self, module: ModuleType, kernels: Kernels):
+        self._module, self.kernels = module, kernels
+        self.IMPL = {op: kernels.name if op in kernels.ops else module.NAME for op in OPS}
+        for op, fn in kernels.ops.items():
+            setattr(self, op, fn)
+
+    def __getattr__(self, name: str):
+        return getattr(self._module, name)
+
+
+def engine_kernels_enabled() -> bool:
+    """False when ``ASCEND_QWEN3_ENGINE_KERNELS`` says off (0, false, off, no)."""
+    return os.environ.get(KERNELS_ENV_VAR, "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def register_kernels(name: str, device_type: str, kernels: dict) -> bool:
+    """Register an engine's ``kernels`` (op name -> function) as the implementation of those ops
+    on ``device_type`` devices, for the graphs built from now on in this process (a second
+    registration for the device type replaces the first). Returns False, registering nothing,
+    when ``ASCEND_QWEN3_ENGINE_KERNELS`` turns registrations off.
+
+    Every name must be an op, and the ops of a ``KERNEL_GROUPS`` entry come together."""
+    unknown = sorted(set(kernels) - set(OPS))
+    if unknown:
+        raise ValueError(f"ops.register_kernels({name!r}): {unknown} are not ops; ops: {', '.join(OPS)}")
+    for group in KERNEL_GROUPS:
+        given = [op for op in group if op in kernels]
+        if given and len(given) != len(group):
+            raise ValueError(f"ops.register_kernels({name!r}): {sorted(set(group) - set(given))} "
+                             f"missing: {', '.join(group)} share a data layout and are registered "
+                             f"together")
+    if not engine_kernels_enabled():
+        unregister_kernels(device_type)
+        logger.info("ops: %s kernels for %s not registered (%s=%s): the specification runs", name,
+                    device_type, KERNELS_ENV_VAR, os.environ.get(KERNELS_ENV_VAR))
+        return False
+    _kernels[device_type] = Kernels(name, device_type, kernels)
+    _bound.clear()
+    logger.info("ops: %s kernels registered for %s devices: %s", name, device_type,
+                ", ".join(sorted(kernels)))
+    return True
+
+
+def unregister_kernels(device_type: str) -> None:
+    """Graphs built from now on use the backend's own ops on ``device_type`` devices again."""
+    _kernels.pop(device_type, None)
+    _bound.clear()
+
+
+def registered_kernels(device_type: str) -> Kernels | None:
+    return _kernels.get(device_type)
+
+
+def bind(device, *names: str):
+    """The ops for ``device``, to be kept by a module that will call the ops ``names``: the
+    backend module, or (when an engine registered kernels for the device type and the backend
+    is that device's own) a ``Bound`` with those kernels in place.
 
     Called once at construction, never per step. Records the ops in the ops log (see the module
     docstring) and checks that the backend implements them."""
     module = backend_for(device)
+    kind = _device_type(device)
+    kernels = _kernels.get(kind) if module.NAME == kind else None   # never under a forced backend
+    bound = module
+    if kernels is not None:
+        bound = _bound.get((module.NAME, kind))
+        if bound is None:
+            bound = _bound[(module.NAME, kind)] = Bound(module, kernels)
     for name in names:
         if name not in OPS or not hasattr(module, name):
             raise ValueError(f"ops.bind: {name!r} is not an op of the {module.NAME} backend; ops: "
                              f"{', '.join(OPS)}")
-        if (module.NAME, name) not in _logged:
-            _logged.add((module.NAME, name))
+        impl = kernels.name if kernels is not None and name in kernels.ops else module.NAME
+        if (impl, name) not in _logged:
+            _logged.add((impl, name))
             where = os.environ.get(LOG_ENV_VAR)
             if where:
                 os.makedirs(where, exist_ok=True)
                 with open(os.path.join(where, f"ops-{os.getpid()}.log"), "a") as f:
-                    f.write(f"{module.NAME} {name}\n")
-    return module
+                    f.write(f"{impl} {name}\n")
+    return bound
 
 
 def npu_visible() -> bool:
@@ -151,6 +247,9 @@ for _op in OPS:
 del _op
 
 __all__ = list(OPS) + ["backend_for", "backend_name_for", "bind", "compile_kernels",
+                       "register_kernels", "unregister_kernels", "registered_kernels",
+                       "engine_kernels_enabled", "Bound", "Kernels", "KERNEL_GROUPS",
+                       "KERNELS_ENV_VAR",
                        "npu_visible", "rope_cos_sin", "rope_cos_sin_cache", "rope_inv_freq",
                        "rope_table", "ENV_VAR",
                        "LOG_ENV_VAR"]

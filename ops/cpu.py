@@ -10,6 +10,8 @@ k experts per token, NB cache blocks, BS block size.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 
@@ -220,7 +222,7 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
                     block_tables: torch.Tensor, query_start_loc: torch.Tensor,
                     seq_lens: torch.Tensor, scale: float, *,
                     query_start_loc_host: list[int] | None = None,
-                    seq_lens_host: list[int] | None = None) -> torch.Tensor:
+                    seq_lens_host: list[int] | None = None, plan=None) -> torch.Tensor:
     """Causal attention of packed queries over a paged KV cache (prefill, chunked prefill, decode).
 
     query: [T, Hq, D], tokens of R requests packed in order; request r owns query rows
@@ -239,6 +241,8 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     query_start_loc_host, seq_lens_host: the same values as Python lists, when the caller has
     them on the host (a backend whose kernel takes host lengths needs them, to avoid copying
     the tensors back in every layer; here they only spare a conversion).
+    plan: what the engine's metadata builder made once per step for a registered kernel of
+    this op (vLLM's CPU scheduler metadata, for example); the backends' own kernels ignore it.
     Returns [T, Hq, D] in query.dtype; rows past ``query_start_loc[R]`` (padding) are zeros.
 
     The arithmetic is PyTorch's ``scaled_dot_product_attention`` on the CPU (its fused flash
@@ -584,6 +588,62 @@ def grouped_matmul(x: torch.Tensor, weight, group_sizes: torch.Tensor) -> torch.
         else:
             torch.mm(x[rows], w, out=out[rows])
     return out
+
+
+class GroupedExperts:
+    """One rank's float experts in the form ``moe_experts`` takes (``prepare_moe_experts``):
+    ``w13`` and ``w2`` as ``prepare_grouped_weight`` made them, ``count`` experts."""
+
+    def __init__(self, w13, w2, count: int):
+        self.w13, self.w2, self.count = w13, w2, count
+        self._rows: torch.Tensor | None = None
+
+    def row_index(self, n: int, device) -> torch.Tensor:
+        """0 .. n-1 on ``device``, made once (again only for a longer step): a view, no kernel."""
+        if self._rows is None or self._rows.numel() < n:
+            self._rows = torch.arange(max(n, 256), device=device)
+        return self._rows[:n]
+
+
+def prepare_moe_experts(w13: torch.Tensor, w2: torch.Tensor) -> GroupedExperts:
+    """A rank's float experts, made once when the weights are finalised, for ``moe_experts``.
+
+    w13: [E_l, H, 2I] (each expert's gate columns, then its up columns); w2: [E_l, I, H]; both
+    in the model dtype. Here each is ``prepare_grouped_weight``'s form; an engine's kernel may
+    keep its own (the pair is registered together)."""
+    if w13.dim() != 3 or w2.dim() != 3 or w13.shape[0] != w2.shape[0] \
+            or w13.shape[2] != 2 * w2.shape[1] or w13.shape[1] != w2.shape[2]:
+        raise ValueError(f"prepare_moe_experts: w13 [E, H, 2I] and w2 [E, I, H] expected, got "
+                         f"{list(w13.shape)} and {list(w2.shape)}")
+    return GroupedExperts(prepare_grouped_weight(w13), prepare_grouped_weight(w2), w13.shape[0])
+
+
+def moe_experts(x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor,
+                experts: GroupedExperts, num_experts: int) -> torch.Tensor:
+    """The routed float experts of one rank, weighted and summed per token.
+
+    x: [T, H]; weights: [T, k] (the router's, any float dtype); expert_ids: [T, k] int32 in
+    [0, num_experts); experts: ``prepare_moe_experts`` of this rank's E_l experts. Pair (t, j)
+    goes to expert ``expert_ids[t, j]`` when that is below E_l and adds nothing otherwise (expert
+    parallel: the model numbers this rank's experts first). Returns [T, H] in x.dtype:
+    out[t] = sum_j weights[t, j] * (swiglu(x[t] @ w13[e]) @ w2[e]), e = expert_ids[t, j], with
+    the roundings of the ops it is made of: ``moe_route``, ``grouped_matmul`` (fp32 accumulation,
+    rounded to x.dtype), ``swiglu``, ``grouped_matmul``, ``moe_combine`` (fp32 weighted sum)."""
+    return _route_experts_combine(sys.modules[__name__], x, weights, expert_ids, experts,
+                                  num_experts)
+
+
+def _route_experts_combine(be, x, weights, expert_ids, experts, num_experts):
+    """``moe_experts`` from a backend's own ops (``be``: this module or ``ops.npu``)."""
+    count = experts.count
+    sorted_x, row_of_pair, counts = be.moe_route(x, expert_ids, num_experts)
+    counts = counts[:count]
+    out = be.grouped_matmul(be.swiglu(be.grouped_matmul(sorted_x, experts.w13, counts)),
+                            experts.w2, counts)
+    if count != num_experts:   # rows past this rank's pairs (other ranks' pairs): zero
+        past = experts.row_index(out.shape[0], x.device) >= counts.sum()
+        out = out.masked_fill(past.unsqueeze(-1), 0)
+    return be.moe_combine(out, row_of_pair, weights)
 
 
 def _groups(group_sizes: torch.Tensor, m: int):

@@ -19,6 +19,7 @@ token, NB cache blocks, BS block size.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -323,8 +324,9 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
                     block_tables: torch.Tensor, query_start_loc: torch.Tensor,
                     seq_lens: torch.Tensor, scale: float, *,
                     query_start_loc_host: list[int] | None = None,
-                    seq_lens_host: list[int] | None = None) -> torch.Tensor:
+                    seq_lens_host: list[int] | None = None, plan=None) -> torch.Tensor:
     """Causal paged attention with ``torch_npu.npu_fused_infer_attention_score`` (TND, paged KV).
+    (``plan``: for an engine's registered kernel; not used here.)
 
     Kernel doc: npu_fused_infer_attention_score(query, key, value, *, atten_mask, block_table,
     actual_seq_lengths, actual_seq_lengths_kv, num_heads, scale, input_layout, num_key_value_heads,
@@ -906,6 +908,26 @@ def prepare_weight(weight: torch.Tensor) -> torch.Tensor:
         # so fp32 weights stay in ND for every consumer.
         return weight.contiguous()
     return torch_npu.npu_format_cast(weight.contiguous(), 29)
+
+
+def prepare_moe_experts(w13: torch.Tensor, w2: torch.Tensor):
+    """The float experts for ``moe_experts``: each weight as ``prepare_grouped_weight`` gives it
+    (``ops.cpu.prepare_moe_experts``)."""
+    from . import cpu
+    if w13.dim() != 3 or w2.dim() != 3:
+        raise ValueError(f"prepare_moe_experts: w13 [E, H, 2I] and w2 [E, I, H] expected, got "
+                         f"{list(w13.shape)} and {list(w2.shape)}")
+    return cpu.GroupedExperts(prepare_grouped_weight(w13), prepare_grouped_weight(w2), w13.shape[0])
+
+
+def moe_experts(x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor, experts,
+                num_experts: int) -> torch.Tensor:
+    """The routed float experts (``ops.cpu.moe_experts``) from this backend's kernels:
+    npu_moe_init_routing_v2, two npu_grouped_matmul around npu_swiglu, npu_moe_token_unpermute
+    (and, under expert parallel, one masked_fill of the rows of other ranks' pairs)."""
+    from . import cpu
+    return cpu._route_experts_combine(sys.modules[__name__], x, weights, expert_ids, experts,
+                                      num_experts)
 
 
 def prepare_grouped_weight(weight: torch.Tensor) -> torch.Tensor:

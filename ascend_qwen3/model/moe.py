@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 import ops
+from ops.cpu import GroupedExperts
 from ..config import Qwen3Config
 from ..parallel import ParallelContext
 from ..parallel.layers import empty_param, finalize_float_weight
@@ -87,7 +88,7 @@ torch.library.register_fake("ascend_qwen3::sparse_moe_across_dp", _sparse_moe_ac
 
 class Qwen3MoeExperts(nn.Module):
     """Weights of this rank's experts in grouped-GEMM layout: w13 [E_l, H, 2I_l], w2 [E_l, I_l, H]
-    (after ``finalize``, float weights are in the form ``ops.prepare_grouped_weight`` gives)."""
+    (after ``finalize``, float weights are ``prepared``: ``ops.prepare_moe_experts``' form)."""
 
     def __init__(self, cfg: Qwen3Config, ctx: ParallelContext, *, device=None, scheme: str | None = None):
         super().__init__()
@@ -97,7 +98,8 @@ class Qwen3MoeExperts(nn.Module):
         if scheme is None:
             self.w13 = empty_param(self.count, H, 2 * self.inter, dtype=cfg.dtype, device=device)
             self.w2 = empty_param(self.count, self.inter, H, dtype=cfg.dtype, device=device)
-            self.ops = ops.bind(device, "grouped_matmul", "prepare_grouped_weight", "swiglu")
+            self.ops = ops.bind(device, "prepare_moe_experts")
+            self.prepared = None          # ops.prepare_moe_experts(w13, w2), made by finalize
         elif scheme == W8A8_DYNAMIC:
             create_experts(self, self.count, H, self.inter, device=device)
         else:
@@ -107,20 +109,25 @@ class Qwen3MoeExperts(nn.Module):
         if self.scheme is not None:
             finalize_experts(self)
             return
-        for name in ("w13", "w2"):   # the backend's prepared form replaces the parameter
-            loaded = getattr(self, name).data
-            delattr(self, name)
-            setattr(self, name, self.ops.prepare_grouped_weight(loaded))
+        # the ops' prepared form (``ops.prepare_moe_experts``) replaces the two parameters
+        w13, w2 = self.w13.data, self.w2.data
+        del self.w13, self.w2
+        self.prepared = self.ops.prepare_moe_experts(w13, w2)
+
+    def grouped(self):
+        """The float experts for ``ops.moe_experts``: the prepared form after ``finalize``; before
+        it (the quantizer calibrates a loaded model as it is) the weights as loaded, which the
+        backends' own ops take too."""
+        if self.prepared is not None:
+            return self.prepared
+        return GroupedExperts(self.w13, self.w2, self.count)
 
     def forward(self, sorted_x: torch.Tensor, counts: torch.Tensor,
-                token_scale: torch.Tensor | None = None) -> torch.Tensor:
-        """sorted_x: rows grouped by this rank's experts first; counts [E_l] (they may cover fewer
-        rows than sorted_x has: the output rows past them are unspecified). For quantised
-        experts sorted_x is int8 with its per-row ``token_scale``."""
-        if self.scheme is not None:
-            return apply_experts(self, sorted_x, token_scale, counts, self.dtype)
-        h = self.ops.grouped_matmul(sorted_x, self.w13, counts)
-        return self.ops.grouped_matmul(self.ops.swiglu(h), self.w2, counts)
+                token_scale: torch.Tensor) -> torch.Tensor:
+        """Quantised experts: sorted_x int8 rows grouped by this rank's experts first, with their
+        per-row ``token_scale``; counts [E_l] (they may cover fewer rows than sorted_x has: the
+        output rows past them are unspecified). (Float experts run as ``ops.moe_experts``.)"""
+        return apply_experts(self, sorted_x, token_scale, counts, self.dtype)
 
 
 class Qwen3SparseMoeBlock(nn.Module):
@@ -134,7 +141,8 @@ class Qwen3SparseMoeBlock(nn.Module):
         scheme = quant.scheme(prefix + "experts") if quant is not None else None
         self.experts = Qwen3MoeExperts(cfg, ctx, device=device, scheme=scheme)
         self.ops = ops.bind(device, "linear", "prepare_linear_weight", "moe_gating_topk",
-                            "moe_combine", "moe_route_quant" if scheme is not None else "moe_route")
+                            *(("moe_route_quant", "moe_combine") if scheme is not None else
+                              ("moe_experts",)))
         self.op_name = f"{prefix or 'moe'}#{next(_NAMES)}"
         _LAYERS[self.op_name] = self
         first, count, E = self.experts.first, self.experts.count, cfg.num_experts
@@ -177,10 +185,10 @@ class Qwen3SparseMoeBlock(nn.Module):
         E, count = self.num_experts, self.experts.count
         if count != E:   # expert parallel: this rank's experts become 0 .. count-1, sorted first
             ids = self.rotate_ids[ids]
-        if self.experts.scheme is not None:  # int8 experts: the dynamic quant fused into routing
-            sorted_x, row_of_pair, counts, token_scale = self.ops.moe_route_quant(x, ids, E)
-        else:
-            (sorted_x, row_of_pair, counts), token_scale = self.ops.moe_route(x, ids, E), None
+        if self.experts.scheme is None:      # float experts: one op (routing to combine)
+            return self.ops.moe_experts(x, weights, ids, self.experts.grouped(), E)
+        # int8 experts: the dynamic quant fused into routing
+        sorted_x, row_of_pair, counts, token_scale = self.ops.moe_route_quant(x, ids, E)
         expert_out = self.experts(sorted_x, counts[:count], token_scale)
         if count != E:   # the rows past this rank's pairs (other ranks' pairs, not computed): 0
             past = self._rows(expert_out.shape[0], x.device) >= counts[:count].sum()

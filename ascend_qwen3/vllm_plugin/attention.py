@@ -4,8 +4,11 @@ vLLM keeps scheduling, KV-block allocation and the attention metadata; the backe
 extends the platform's own backend (same name, metadata and cache layout: see ``compat``) and
 replaces the implementation. ``OpsAttentionImpl.forward`` writes this step's keys and values
 into vLLM's paged cache with ``ops.write_kv_cache`` and runs ``ops.paged_attention`` on it:
-torch_npu's fused attention on the NPU, the batched PyTorch reference on the CPU, with the
-step's lengths as host lists (``compat.host_lengths``), so no layer reads a device value back.
+torch_npu's fused attention on the NPU; on the CPU vLLM's own C++ kernels, which the plugin
+registers as those two ops (``cpu_kernels.py``; the batched PyTorch specification with
+``ASCEND_QWEN3_ENGINE_KERNELS=0``), with the step's lengths as host lists
+(``compat.host_lengths``), so no layer reads a device value back, and the step's work split
+from vLLM's metadata builder (``plan``).
 It is attached to each layer through ``Attention(..., attn_backend=)``, the out-of-tree route
 vLLM offers (selecting a custom backend by name is not honoured on the CPU).
 
@@ -70,7 +73,7 @@ def _forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.T
     out = be.paged_attention(query[:n], a.key_cache, a.value_cache, a.block_tables,
                              a.query_start_loc, a.seq_lens, self.scale,
                              query_start_loc_host=a.query_start_loc_host,
-                             seq_lens_host=a.seq_lens_host)
+                             seq_lens_host=a.seq_lens_host, plan=compat.attention_plan(attn_metadata))
     output[:n].copy_(out.view(output[:n].shape))
     return output
 

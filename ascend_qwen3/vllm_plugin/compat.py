@@ -98,6 +98,23 @@ VLLM_USES: list[Use] = [
         _IMPL_FORWARD),
     Use("vllm.v1.attention.backends.cpu_attn", "CPUAttentionMetadata", "attrs",
         ("num_actual_tokens", "query_start_loc", "seq_lens", "block_table", "slot_mapping")),
+    # vLLM's CPU kernels (cpu_kernels.py)
+    Use("vllm._custom_ops", "cpu_attn_reshape_and_cache", "call",
+        ("key", "value", "key_cache", "value_cache", "slot_mapping", "isa")),
+    Use("vllm._custom_ops", "cpu_attention_with_kv_cache", "call",
+        ("query", "key_cache", "value_cache", "output", "query_start_loc", "seq_lens", "scale",
+         "causal", "alibi_slopes", "sliding_window", "block_table", "softcap",
+         "scheduler_metadata", "s_aux")),
+    Use("vllm._custom_ops", "cpu_attn_get_scheduler_metadata", "call",
+        ("num_reqs", "num_heads", "num_kv_heads", "head_dim", "seq_lens", "dtype",
+         "query_start_loc", "causal", "sliding_window_size", "isa", "enable_kv_split")),
+    Use("vllm._custom_ops", "cpu_prepack_moe_weight", "call", ("weight", "isa")),
+    Use("vllm._custom_ops", "cpu_fused_moe", "exists"),
+    Use("vllm.envs", "VLLM_CPU_ATTN_SPLIT_KV"),
+    Use("vllm.v1.attention.backends.cpu_attn", "_get_attn_isa", "call",
+        ("dtype", "block_size", "head_size")),
+    Use("vllm.v1.attention.backends.cpu_attn", "CPUAttentionMetadata", "attrs",
+        ("scheduler_metadata",)),
     Use("vllm.config", "VllmConfig", "attrs",
         ("model_config", "parallel_config", "load_config", "cache_config", "device_config",
          "compilation_config")),
@@ -255,6 +272,105 @@ def tp_all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     from vllm.distributed import tensor_model_parallel_all_gather
 
     return tensor_model_parallel_all_gather(x, dim=dim)
+
+
+# --- vLLM's CPU kernels (cpu_kernels.py): vllm/_custom_ops.py, v1/attention/backends/cpu_attn.py,
+# model_executor/layers/fused_moe (0.23: fused_moe/cpu_fused_moe.py; 0.32: experts/cpu_moe.py) ---
+
+_CPU_KERNELS = ("cpu_attn_reshape_and_cache", "cpu_attention_with_kv_cache",
+                "get_scheduler_metadata", "prepack_moe_weight", "cpu_fused_moe")
+
+
+def missing_cpu_kernels() -> list[str]:
+    """The ``_C`` kernels ``cpu_kernels`` calls that this vLLM build lacks (none on vLLM's x86
+    CPU wheels 0.23 and 0.32)."""
+    import vllm._custom_ops  # noqa: F401  (loads vLLM's _C extension)
+
+    return [k for k in _CPU_KERNELS if not hasattr(torch.ops._C, k)]
+
+
+def attention_plan(meta):
+    """The per-step work split vLLM's CPU metadata builder made (``scheduler_metadata``), or
+    None (vllm-ascend's metadata has none)."""
+    return getattr(meta, "scheduler_metadata", None)
+
+
+_ISA: dict[tuple, str] = {}
+
+
+def cpu_attention_isa(dtype: torch.dtype, block_size: int, head_size: int) -> str:
+    """The page packing vLLM's CPU attention uses for these sizes (its ``_get_attn_isa``; the
+    metadata builder chooses the same one for the step's work split)."""
+    key = (dtype, block_size, head_size)
+    isa = _ISA.get(key)
+    if isa is None:
+        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+        isa = _ISA[key] = _get_attn_isa(dtype, block_size, head_size)
+    return isa
+
+
+def cpu_attention_schedule(num_reqs: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                           seq_lens: torch.Tensor, dtype: torch.dtype,
+                           query_start_loc: torch.Tensor, isa: str) -> torch.Tensor:
+    """The kernel's work split for one batch (what vLLM's builder makes once per step)."""
+    from vllm import _custom_ops, envs
+
+    return _custom_ops.cpu_attn_get_scheduler_metadata(
+        num_reqs=num_reqs, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+        seq_lens=seq_lens, dtype=dtype, query_start_loc=query_start_loc, causal=True,
+        sliding_window_size=-1, isa=isa, enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV)
+
+
+def cpu_reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, isa: str) -> None:
+    from vllm import _custom_ops
+
+    _custom_ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, isa)
+
+
+_NO_WINDOW = None
+
+
+def cpu_attention(query, key_cache, value_cache, output, query_start_loc, seq_lens, scale: float,
+                  block_table, scheduler_metadata) -> None:
+    """Causal attention, no window, ALiBi, soft cap or sinks: 0.23 takes the window as a
+    (left, right) pair, 0.32 as one int."""
+    global _NO_WINDOW
+    from vllm import _custom_ops
+
+    if _NO_WINDOW is None:
+        import inspect
+        annotation = str(inspect.signature(_custom_ops.cpu_attention_with_kv_cache)
+                         .parameters["sliding_window"].annotation)
+        _NO_WINDOW = (-1, -1) if "tuple" in annotation else -1
+    _custom_ops.cpu_attention_with_kv_cache(
+        query=query, key_cache=key_cache, value_cache=value_cache, output=output,
+        query_start_loc=query_start_loc, seq_lens=seq_lens, scale=scale, causal=True,
+        alibi_slopes=None, sliding_window=_NO_WINDOW, block_table=block_table, softcap=0.0,
+        scheduler_metadata=scheduler_metadata, s_aux=None)
+
+
+def cpu_moe_isa(dtype: torch.dtype) -> str:
+    """The fused MoE's instruction set, as vLLM chooses it: AMX tiles for bf16 where the CPU has
+    them, the portable vector code otherwise."""
+    return "amx" if dtype == torch.bfloat16 and torch.cpu._is_amx_tile_supported() else "vec"
+
+
+def cpu_prepack_moe_weight(weight: torch.Tensor, isa: str) -> torch.Tensor:
+    from vllm import _custom_ops
+
+    return _custom_ops.cpu_prepack_moe_weight(weight, isa)
+
+
+def cpu_fused_moe(out, x, w13, w2, topk_weights, topk_ids, isa: str) -> None:
+    """SiLU-and-mul experts, weighted sum included, written to ``out``: 0.32's wrapper takes
+    ``out``, 0.23's returns a new tensor."""
+    from vllm import _custom_ops
+
+    if "out" in _custom_ops.cpu_fused_moe.__code__.co_varnames[:1]:
+        _custom_ops.cpu_fused_moe(out, x, w13, w2, None, None, topk_weights, topk_ids, "silu", isa)
+    else:
+        out.copy_(_custom_ops.cpu_fused_moe(x, w13, w2, None, None, topk_weights, topk_ids,
+                                            "silu", isa))
 
 
 # --- data parallel (vllm/distributed/parallel_state.py, vllm/forward_context.py; 0.23 and 0.32) ---

@@ -34,6 +34,7 @@ from ..model import Qwen3Graph
 from ..parallel import ParallelContext
 from ..quant.description import QuantConfig
 from . import compat
+from . import cpu_kernels
 from .attention import ops_attention_backend
 from .options import refusals_from_config
 
@@ -116,6 +117,9 @@ class AscendQwen3Backbone(nn.Module):
         self.model_dir = _model_dir(mc, vllm_config.load_config)
         self.files = checkpoint_files(self.model_dir)
         self.quant = QuantConfig.from_model_dir(self.model_dir, cfg, set(self.files))
+        # on the CPU, vLLM's own kernels implement the ops it has kernels for (cpu_kernels.py);
+        # registered before the graph binds its ops
+        self.engine_kernels = None if compat.on_npu() else cpu_kernels.register()
         backend = ops_attention_backend()
         cache_config = vllm_config.cache_config
 
@@ -162,11 +166,14 @@ class AscendQwen3ForCausalLM(nn.Module):
         # attention runs in vLLM's opaque attention op, outside the compiled backbone)
         ops.compile_kernels(not self.model.do_not_compile)
         cfg = self.config
-        logger.info("ascend-qwen3 %s: %s, tp %d/%d%s, %s, attention %s, compilation %s",
-                    type(self).__name__, cfg.architecture, self.ctx.tp_rank, self.ctx.tp_size,
-                    " (expert parallel)" if self.ctx.expert_parallel else "",
+        kernels = ops.registered_kernels("cpu") if self.model.engine_kernels else None
+        logger.info("ascend-qwen3 %s: %s, tp %d/%d%s, %s, attention %s, compilation %s, "
+                    "kernels %s", type(self).__name__, cfg.architecture, self.ctx.tp_rank,
+                    self.ctx.tp_size, " (expert parallel)" if self.ctx.expert_parallel else "",
                     "W8A8 (" + self.quant.model_quant_type + ")" if self.quant else str(cfg.dtype),
-                    self.model.attention_backend.__name__, self._compilation)
+                    self.model.attention_backend.__name__, self._compilation,
+                    f"{kernels.name} for {', '.join(sorted(kernels.ops))}" if kernels else
+                    "ops' own (" + ("torch_npu" if compat.on_npu() else "the specification") + ")")
 
     # --- the vLLM model interface --------------------------------------------------------------
 

@@ -1,0 +1,163 @@
+"""vLLM's CPU kernels as the implementation of the project's ops, inside vLLM on the CPU.
+
+vLLM's CPU build ships hand-written C++ kernels for the work its own Qwen3 classes do; the
+plugin registers them with ``ops.register_kernels`` ("vllm-cpu") when the project's model is
+built inside vLLM on the CPU (``register``), so the project's graph runs them behind the same
+op interface the NPU backend implements with torch_npu. ``ASCEND_QWEN3_ENGINE_KERNELS=0`` turns
+the registration off: the specification (``ops.cpu``) runs instead. ``tests/test_cpu_kernels.py``
+holds each kernel to the specification.
+
+Registered:
+
+- ``write_kv_cache`` + ``paged_attention`` (together: they share vLLM's page layout):
+  ``_C::cpu_attn_reshape_and_cache`` and ``_C::cpu_attention_with_kv_cache``, called as vLLM's
+  ``CPUAttentionBackendImpl`` calls them (``vllm/v1/attention/backends/cpu_attn.py``): one call
+  for a step's decode, prefill and chunked-prefill requests alike, over vLLM's cache
+  ``[blocks, kv_heads, block_size, 2 x head_size]``, whose pages hold keys and values in an
+  instruction-set-specific packing ("vec", "vec16", "amx"; only these two kernels read it). The
+  per-step work split (``scheduler_metadata``) is what vLLM's metadata builder made for the step
+  (the ``plan`` argument); without one (a direct call) it is made here.
+- ``prepare_moe_experts`` + ``moe_experts`` (together: the packed weight layout):
+  ``_C::prepack_moe_weight`` once at load, ``_C::cpu_fused_moe`` per layer and step (vLLM's
+  ``CPUUnquantizedExperts``, ``vllm/model_executor/layers/fused_moe/experts/cpu_moe.py``): routing,
+  both expert GEMMs, SiLU-and-mul and the weighted sum in one call. The kernel has no expert map,
+  so under expert parallel the pairs of other ranks' experts are sent to local expert 0 with
+  weight 0 (computed, adding nothing). The intermediate size is zero-padded to a multiple of 32,
+  as vLLM pads it. Quantised (W8A8_DYNAMIC) experts keep the project's int8 path: vLLM's
+  ``cpu_fused_moe_int8`` is not compiled for x86.
+
+Not registered: vLLM's ``rms_norm`` / ``fused_add_rms_norm`` / ``rotary_embedding`` /
+``silu_and_mul``. Inside vLLM's compiled graph (its default on the CPU) Inductor already fuses
+the project's norms, rotary embedding and SwiGLU with their neighbours; an opaque C++ call there
+would split that fusion (``bench/engine_profile.py`` shows these ops are not where the time
+goes). vLLM 0.23 and 0.32 differ in a few of these calls; ``compat`` hides that.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+import ops
+from ops.cpu import GroupedExperts
+from . import compat
+
+logger = logging.getLogger("vllm.ascend_qwen3")
+
+NAME = "vllm-cpu"
+
+
+def write_kv_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
+                   value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """``ops.write_kv_cache`` with ``_C::cpu_attn_reshape_and_cache``. key_cache/value_cache:
+    the [NB, BS, Hkv, D] views ``compat.kv_views`` makes of vLLM's cache (the kernel takes them
+    as [NB, Hkv, BS, D], the same memory); the pages are written in the kernel's packing."""
+    if not slot_mapping.numel():
+        return
+    kc, vc = key_cache.transpose(1, 2), value_cache.transpose(1, 2)
+    isa = compat.cpu_attention_isa(kc.dtype, kc.shape[2], kc.shape[3])
+    compat.cpu_reshape_and_cache(key, value, kc, vc, slot_mapping.to(torch.int64), isa)
+
+
+def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                    block_tables: torch.Tensor, query_start_loc: torch.Tensor,
+                    seq_lens: torch.Tensor, scale: float, *,
+                    query_start_loc_host: list[int] | None = None,
+                    seq_lens_host: list[int] | None = None, plan=None) -> torch.Tensor:
+    """``ops.paged_attention`` with ``_C::cpu_attention_with_kv_cache`` over a cache written by
+    this module's ``write_kv_cache``. ``plan``: vLLM's scheduler metadata of the step (made here
+    when absent). Every request must see at least one key (vLLM's CPU runner never pads with
+    key-less requests, unlike vllm-ascend's graph padding)."""
+    T, Hq, D = query.shape
+    kc, vc = key_cache.transpose(1, 2), value_cache.transpose(1, 2)
+    Hkv, bs = kc.shape[1], kc.shape[2]
+    if Hq % Hkv:
+        raise ValueError(f"query heads {Hq} are not a multiple of kv heads {Hkv}")
+    qsl = query_start_loc if query_start_loc.dtype == torch.int32 else query_start_loc.int()
+    lens = seq_lens if seq_lens.dtype == torch.int32 else seq_lens.int()
+    tables = block_tables if block_tables.dtype == torch.int32 else block_tables.int()
+    isa = compat.cpu_attention_isa(query.dtype, bs, D)
+    if plan is None:
+        plan = compat.cpu_attention_schedule(lens.shape[0], Hq, Hkv, D, lens, query.dtype, qsl, isa)
+    out = torch.empty_like(query)
+    used = query_start_loc_host[-1] if query_start_loc_host is not None else int(qsl[-1])
+    compat.cpu_attention(query[:used], kc, vc, out[:used], qsl, lens, scale, tables, plan)
+    if used < T:                       # padding rows: zeros, as the specification gives
+        out[used:].zero_()
+    return out
+
+
+class PackedExperts:
+    """A rank's float experts prepacked for ``_C::cpu_fused_moe``: w13 [E, 2I', H] (gate rows,
+    then up rows, I' = I rounded up to 32) and w2 [E, H, I'], in the kernel's packing."""
+
+    def __init__(self, w13: torch.Tensor, w2: torch.Tensor, count: int, isa: str):
+        self.w13, self.w2, self.count, self.isa = w13, w2, count, isa
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def prepare_moe_experts(w13: torch.Tensor, w2: torch.Tensor):
+    """``ops.prepare_moe_experts`` for ``_C::cpu_fused_moe``: transposed to [E, out, in], the
+    intermediate size zero-padded to a multiple of 32, prepacked once. A hidden size the kernel
+    cannot take (not a multiple of 32) keeps the specification's form, said once in the log."""
+    E, H, I2 = w13.shape
+    inter = I2 // 2
+    if H % 32 or w13.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        logger.info("ascend-qwen3: experts of hidden size %d in %s: vLLM's fused MoE needs a "
+                    "multiple of 32 in a float dtype; the specification runs these", H, w13.dtype)
+        return ops.cpu.prepare_moe_experts(w13, w2)
+    padded = _round_up(inter, 32)
+    gate_up = w13.transpose(1, 2)                                   # [E, 2I, H]
+    packed13 = w13.new_zeros(E, 2 * padded, H)
+    packed13[:, :inter] = gate_up[:, :inter]
+    packed13[:, padded:padded + inter] = gate_up[:, inter:]
+    packed2 = w2.new_zeros(E, H, padded)
+    packed2[:, :, :inter] = w2.transpose(1, 2)
+    isa = compat.cpu_moe_isa(w13.dtype)
+    return PackedExperts(compat.cpu_prepack_moe_weight(packed13, isa),
+                         compat.cpu_prepack_moe_weight(packed2, isa), E, isa)
+
+
+def moe_experts(x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor, experts,
+                num_experts: int) -> torch.Tensor:
+    """``ops.moe_experts`` with ``_C::cpu_fused_moe`` (experts from this module's
+    ``prepare_moe_experts``)."""
+    if isinstance(experts, GroupedExperts):     # not packed (see prepare_moe_experts)
+        return ops.cpu.moe_experts(x, weights, expert_ids, experts, num_experts)
+    if not isinstance(experts, PackedExperts):
+        raise TypeError(f"moe_experts: experts must come from prepare_moe_experts, got "
+                        f"{type(experts).__name__}")
+    w = weights.float()
+    ids = expert_ids.to(torch.int32)
+    if experts.count != num_experts:   # expert parallel: other ranks' pairs add nothing
+        mine = ids < experts.count
+        ids = torch.where(mine, ids, 0).to(torch.int32)
+        w = torch.where(mine, w, 0.0)
+    out = torch.empty_like(x)
+    compat.cpu_fused_moe(out, x.contiguous(), experts.w13, experts.w2, w.contiguous(),
+                         ids.contiguous(), experts.isa)
+    return out
+
+
+KERNELS = {
+    "write_kv_cache": write_kv_cache,
+    "paged_attention": paged_attention,
+    "prepare_moe_experts": prepare_moe_experts,
+    "moe_experts": moe_experts,
+}
+
+
+def register() -> bool:
+    """Register the kernels for CPU tensors (``ops.register_kernels``), unless
+    ``ASCEND_QWEN3_ENGINE_KERNELS`` turns it off or vLLM's CPU extension is missing (said in the
+    log). Returns whether they are registered."""
+    missing = compat.missing_cpu_kernels()
+    if missing:
+        logger.warning("ascend-qwen3: vLLM's CPU kernels %s are not in this vLLM build; the "
+                       "specification (ops.cpu) runs", ", ".join(missing))
+        return False
+    return ops.register_kernels(NAME, "cpu", KERNELS)

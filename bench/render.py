@@ -219,6 +219,8 @@ def _w8a8_section(results, lines, figures) -> None:
               "bf16. Same measurement as above.", "", _provenance(sec), "",
               "| engine | batch | bf16 | W8A8 static | W8A8 dynamic | static / bf16 | dynamic / bf16 |",
               "|---|---|---|---|---|---|---|"]
+    builtin = {b: idx.get(("dense", "vllm-builtin", b), {}).get("decode_tokens_per_s")
+               for b in sorted({r["batch"] for r in rows})}
     for e in ("standalone", "vllm-ours"):
         for b in sorted({r["batch"] for r in rows}):
             v = [idx.get((ck, e, b), {}).get("decode_tokens_per_s")
@@ -227,6 +229,16 @@ def _w8a8_section(results, lines, figures) -> None:
             r2 = v[2] / v[0] if v[0] and v[2] else None
             lines.append(f"| {e} | {b} | " + " | ".join(_f(x) for x in v)
                          + f" | **{_f(r1, 2)}** | **{_f(r2, 2)}** |")
+    if any(builtin.values()):
+        lines += ["", "Against vLLM's built-in class on the bf16 checkpoint (same rounds):", "",
+                  "| batch | vLLM built-in bf16 | ours W8A8 static | ours W8A8 dynamic | "
+                  "static / built-in | dynamic / built-in |", "|---|---|---|---|---|---|"]
+        for b, base in builtin.items():
+            v = [idx.get((ck, "vllm-ours", b), {}).get("decode_tokens_per_s")
+                 for ck in ("dense-w8a8", "dense-w8a8_dynamic")]
+            rs = [x / base if x and base else None for x in v]
+            lines.append(f"| {b} | {_f(base)} | {_f(v[0])} | {_f(v[1])} | **{_f(rs[0], 2)}** | "
+                         f"**{_f(rs[1], 2)}** |")
     if roof.get("dense w8a8"):
         lines += ["", f"Batch-1 roofline of the W8A8 dense checkpoint: "
                   f"{roof['dense w8a8']['tokens_per_s']:.1f} tokens/s "

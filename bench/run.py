@@ -116,7 +116,10 @@ def run_section(name: str, a) -> dict:
         rows = []
         variants = [(checkpoints.checkpoint(v), v) for v in ("dense", "dense-w8a8", "dense-w8a8_dynamic")]
         for batch in a.batch[:1 if a.quick else 2]:
-            rows += _side_by_side(decode, ("standalone", "vllm-ours"), variants, batch, a)
+            # vLLM's built-in class on the bf16 file, in the same rounds: the project's
+            # quantised checkpoints against the platform's own Qwen3
+            rows += _side_by_side(decode, ("standalone", "vllm-ours"), variants, batch, a,
+                                  extra=[(variants[0][0], "dense", "vllm-builtin")])
         return {"results": rows, "rounds": a.rounds}
     if name == "thinking":
         import thinking_budget
@@ -135,19 +138,20 @@ def run_section(name: str, a) -> dict:
     raise ValueError(name)
 
 
-def _side_by_side(decode, engines, checkpoints, batch, a) -> list[dict]:
-    """Every (checkpoint, engine) pair at ``batch``, the vLLM engines in ``a.rounds`` interleaved
-    rounds (A B C, A B C, ...: a slow spell of this shared machine then touches every engine
-    alike), the others once; each pair's figures are the medians over all its runs."""
+def _side_by_side(decode, engines, checkpoints, batch, a, extra=()) -> list[dict]:
+    """Every (checkpoint, engine) pair at ``batch`` (and the (path, label, engine) triples of
+    ``extra``), the vLLM engines in ``a.rounds`` interleaved rounds (A B C, A B C, ...: a slow
+    spell of this shared machine then touches every engine alike), the others once; each pair's
+    figures are the medians over all its runs."""
     import statistics
 
     runs: dict[tuple, list[dict]] = {}
+    pairs = [(path, label, engine) for path, label in checkpoints for engine in engines]
     for round_ in range(a.rounds):
-        for path, label in checkpoints:
-            for engine in engines:
-                if round_ and not engine.startswith("vllm"):
-                    continue      # the rounds are for the two engines whose ratio is the target
-                runs.setdefault((label, engine), []).append(_decode(decode, engine, path, label, batch, a))
+        for path, label, engine in pairs + list(extra):
+            if round_ and not engine.startswith("vllm"):
+                continue      # the rounds are for the two engines whose ratio is the target
+            runs.setdefault((label, engine), []).append(_decode(decode, engine, path, label, batch, a))
     merged = []
     for (label, engine), rs in runs.items():
         r = dict(rs[0])

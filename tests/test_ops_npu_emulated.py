@@ -580,6 +580,22 @@ def test_grouped_matmul_zero_rows(be):
     assert got.shape == (0, 8)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("count", [8, 3])          # 3 of 8: expert parallel
+def test_moe_experts(be, dtype, count):
+    """The routed float experts from the NPU's kernels (routing, two grouped GEMMs around
+    SwiGLU, unpermute) against the specification, with and without other ranks' pairs."""
+    T, E, k, H, inter = 9, 8, 2, 64, 48
+    x = torch.randn(T, H).to(dtype)
+    w13 = (torch.randn(count, H, 2 * inter) * 0.1).to(dtype)
+    w2 = (torch.randn(count, inter, H) * 0.1).to(dtype)
+    weights, ids = cpu.moe_gating_topk(torch.randn(T, E), k, True)
+    ex = be.npu.prepare_moe_experts(be.dev(w13), be.dev(w2))
+    with be.expect("npu_moe_init_routing_v2", "npu_grouped_matmul", "npu_moe_token_unpermute"):
+        got = be.host(be.npu.moe_experts(be.dev(x), be.dev(weights), be.dev(ids), ex, E))
+    close(got, cpu.moe_experts(x, weights, ids, cpu.prepare_moe_experts(w13, w2), E), dtype)
+
+
 @pytest.mark.parametrize("out_dtype", HALFS)
 @pytest.mark.parametrize("sizes", [[0, 40, 3, 0, 257], [12], [1, 0]])
 @pytest.mark.parametrize("prepared", [False, True])

@@ -33,7 +33,8 @@ import pytest
 import torch
 
 from tests.vllm_support import (ISA_LEVELS, assert_as_accurate, compare_greedy, forced_errors,
-                                ops_seen, require_vllm, run_jobs, standalone_forced)
+                                ops_impls, ops_seen, require_vllm, run_jobs,
+                                standalone_forced)
 
 pytestmark = pytest.mark.vllm
 
@@ -48,7 +49,10 @@ FORCED_LENS = (32, 64, 128, 200, 250, 300, 350, 400)    # 1716 scored positions 
 BF16_FACTOR, BF16_FLOOR, BF16_EVENTS = 1.5, 1e-3, 0.01
 
 ATTN_OPS = {"write_kv_cache", "paged_attention", "rotary_embedding", "rms_norm"}
-MOE_OPS = {"moe_gating_topk", "moe_combine"}
+MOE_OPS = {"moe_gating_topk"}
+# the CPU ops vLLM's kernels implement inside vLLM (ascend_qwen3/vllm_plugin/cpu_kernels.py)
+VLLM_KERNELS = {"write_kv_cache", "paged_attention", "prepare_moe_experts", "moe_experts"}
+SPEC_ONLY = {"ASCEND_QWEN3_ENGINE_KERNELS": "0"}   # the switch: the specification runs
 
 # MoE checkpoint with a head size vLLM's CPU attention accepts (32)
 MOE = dict(name="moe_norm", head_dim=32)
@@ -113,8 +117,11 @@ def engines(checkpoint, quantized, tmp_path_factory):
     capped = [*bf16_trio("dense", "avx2"), *bf16_trio("moe", "avx2")]
     compiled = [job("dense", ck["dense"], "ours", compile=True, isa="compiled"),
                 job("moe", ck["moe"], "ours", compile=True, isa="compiled")]
+    # the compiled jobs run with vLLM's kernels switched off: the specification's compiled
+    # decode attention and its MoE inside vLLM's compiled engine (tp2 below: with the kernels)
     for isa, jobs in (("native", native), ("avx2", capped), ("compiled", compiled)):
-        for r in run_jobs(jobs, str(work / isa), env=ISA_LEVELS.get(isa)):
+        env = SPEC_ONLY if isa == "compiled" else ISA_LEVELS.get(isa)
+        for r in run_jobs(jobs, str(work / isa), env=env):
             results[f"{isa}:{r['job']['key']}"] = r
     (r,) = run_jobs([job("tp2", ck["tp"], "ours", tp=2, compile=True, isa="compiled")],
                     str(work / "compiled-tp2"), tp=2)
@@ -256,9 +263,10 @@ def test_moe_parallel_matches_builtin(engines, key):
 
 
 @pytest.mark.parametrize("key,quant_ops", [
-    ("dense", set()), ("moe", MOE_OPS | {"moe_route", "grouped_matmul"}),
+    ("dense", set()), ("moe", MOE_OPS | {"moe_experts"}),
     ("w8a8", {"static_quant", "quant_matmul"}),
-    ("w8a8_dyn_moe", MOE_OPS | {"moe_route_quant", "grouped_quant_matmul", "dynamic_quant"})])
+    ("w8a8_dyn_moe", MOE_OPS | {"moe_route_quant", "moe_combine", "grouped_quant_matmul",
+                                "dynamic_quant"})])
 def test_project_ops_bound_in_the_engine(engines, key, quant_ops):
     """The graph built in the engine process bound the project's ops (``ops.bind`` writes the
     ops log at construction; the fp32 comparisons above show that graph is what produced the
@@ -271,6 +279,25 @@ def test_project_ops_bound_in_the_engine(engines, key, quant_ops):
     # and the built-in class never calls them
     if f"native:{key}/builtin" in res:
         assert not _ops(res[f"native:{key}/builtin"])
+
+
+@pytest.mark.parametrize("key,registered", [
+    ("native:dense", {"write_kv_cache", "paged_attention"}),
+    ("native:moe", VLLM_KERNELS), ("native:moe_tp2_ep", VLLM_KERNELS),
+    ("native:w8a8_dyn_moe", {"write_kv_cache", "paged_attention"}),
+    ("compiled:dense", set()), ("compiled:moe", set())])
+def test_the_ops_log_names_the_implementation(engines, key, registered):
+    """Inside vLLM on the CPU the ops vLLM has kernels for are bound to them ("vllm-cpu" in the
+    ops log), every other op to the specification ("cpu"); with ASCEND_QWEN3_ENGINE_KERNELS=0
+    (the compiled jobs) every op is the specification's, and those engines still pass the
+    comparisons with the built-in class above (test_compiled_matches_eager_and_builtin)."""
+    res, _ = engines
+    impls = ops_impls(res[key]["job"]["ops_log"])
+    assert impls, f"{key}: no ops log"
+    for pid, bound in impls.items():
+        by_vllm = {op for op, impl in bound.items() if impl == "vllm-cpu"}
+        assert by_vllm == registered, f"{key} (pid {pid}): vLLM's kernels bound for {sorted(by_vllm)}"
+        assert set(bound.values()) <= {"vllm-cpu", "cpu"}, bound
 
 
 def _standalone_greedy(model, prompts) -> list[dict]:

@@ -96,6 +96,17 @@ def ops_seen(log_dir: str) -> dict[int, set[str]]:
     return out
 
 
+def ops_impls(log_dir: str) -> dict[int, dict[str, str]]:
+    """pid -> {op: implementation} from the same files ("cpu", "npu", or the name of an engine's
+    registered kernels, e.g. "vllm-cpu")."""
+    out = {}
+    for path in glob.glob(os.path.join(log_dir, "ops-*.log")):
+        pid = int(os.path.basename(path)[4:-4])
+        with open(path) as f:
+            out[pid] = {op: impl for impl, op in (line.split() for line in f if line.strip())}
+    return out
+
+
 def _check_coverage(runs: dict[str, list[dict]], *, prompts: int, tokens, what: str) -> None:
     """Each run has ``prompts`` prompts with ``tokens`` (an int, or one per prompt) tokens, and a
     top-2 entry per token."""

@@ -125,10 +125,10 @@ class Bound:
     with the registered ops replaced. ``IMPL[op]`` names the implementation of each op."""
 
     def __init__(self, module: ModuleType, kernels: Kernels):
-        self._module, self.kernels = module, kernels
+        self._module, self.kernels, self.NAME = module, kernels, module.NAME
         self.IMPL = {op: kernels.name if op in kernels.ops else module.NAME for op in OPS}
-        for op, fn in kernels.ops.items():
-            setattr(self, op, fn)
+        for op in OPS:    # plain attributes: a call in the hot path costs no __getattr__
+            setattr(self, op, kernels.ops.get(op) or getattr(module, op))
 
     def __getattr__(self, name: str):
         return getattr(self._module, name)

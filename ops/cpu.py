@@ -222,7 +222,8 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
                     block_tables: torch.Tensor, query_start_loc: torch.Tensor,
                     seq_lens: torch.Tensor, scale: float, *,
                     query_start_loc_host: list[int] | None = None,
-                    seq_lens_host: list[int] | None = None, plan=None) -> torch.Tensor:
+                    seq_lens_host: list[int] | None = None, plan=None,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of packed queries over a paged KV cache (prefill, chunked prefill, decode).
 
     query: [T, Hq, D], tokens of R requests packed in order; request r owns query rows
@@ -252,7 +253,23 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     Batched: the requests with one query (decode) together, in groups whose keys take a few MB,
     each request with more (prefill, chunked prefill) in a call of its own; keys padded to the
     longest request of a call and masked.
+    ``out``: a [T, Hq, D] tensor of query's dtype to write the result to (and return).
     """
+    result = _paged_attention(query, key_cache, value_cache, block_tables, query_start_loc,
+                              seq_lens, scale, query_start_loc_host=query_start_loc_host,
+                              seq_lens_host=seq_lens_host)
+    if out is None:
+        return result
+    out.copy_(result)
+    return out
+
+
+def _paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                     block_tables: torch.Tensor, query_start_loc: torch.Tensor,
+                     seq_lens: torch.Tensor, scale: float, *,
+                     query_start_loc_host: list[int] | None = None,
+                     seq_lens_host: list[int] | None = None, plan=None) -> torch.Tensor:
+    """The work of ``paged_attention`` (which writes it to ``out`` when given)."""
     T, Hq, D = query.shape
     Hkv = key_cache.shape[2]
     if Hq % Hkv:

@@ -324,7 +324,8 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
                     block_tables: torch.Tensor, query_start_loc: torch.Tensor,
                     seq_lens: torch.Tensor, scale: float, *,
                     query_start_loc_host: list[int] | None = None,
-                    seq_lens_host: list[int] | None = None, plan=None) -> torch.Tensor:
+                    seq_lens_host: list[int] | None = None, plan=None,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
     """Causal paged attention with ``torch_npu.npu_fused_infer_attention_score`` (TND, paged KV).
     (``plan``: for an engine's registered kernel; not used here.)
 
@@ -355,7 +356,23 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     are zeros, as in ops.cpu. T == 0 returns an empty result.
     Tolerance vs ops.cpu (fp32 softmax over the same keys): flash-style blocked softmax in
     fp32 with bf16 matmuls: rtol=atol=1e-2.
+    ``out``: a [T, Hq, D] tensor of query's dtype to write the result to (and return).
     """
+    result = _paged_attention(query, key_cache, value_cache, block_tables, query_start_loc,
+                              seq_lens, scale, query_start_loc_host=query_start_loc_host,
+                              seq_lens_host=seq_lens_host)
+    if out is None:
+        return result
+    out.copy_(result)
+    return out
+
+
+def _paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                     block_tables: torch.Tensor, query_start_loc: torch.Tensor,
+                     seq_lens: torch.Tensor, scale: float, *,
+                     query_start_loc_host: list[int] | None = None,
+                     seq_lens_host: list[int] | None = None, plan=None) -> torch.Tensor:
+    """The work of ``paged_attention`` (which writes it to ``out`` when given)."""
     T = query.shape[0]
     lengths = _attention_lengths(query, key_cache, value_cache, block_tables, query_start_loc,
                                  seq_lens, query_start_loc_host, seq_lens_host)

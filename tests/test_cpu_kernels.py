@@ -252,3 +252,37 @@ def test_registration_refuses_half_a_pair_and_unknown_ops(registered):
     with pytest.raises(ValueError, match="not ops"):
         ops.register_kernels("x", "cpu", {"flash_attention": cpu_kernels.paged_attention})
     assert ops.registered_kernels("cpu") is None
+
+
+# --- the linear ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M", [1, 8, 129])
+@pytest.mark.parametrize("N,K", [(384, 128), (96, 1024)])
+def test_linear_vs_specification(dtype, M, N, K):
+    """vLLM's oneDNN matmul on its handle: fp32 within accumulation-order noise of the
+    specification; bf16 within one bf16 rounding of the fp32 product of the same inputs (the
+    specification's own bound: fp32 accumulation, rounded once)."""
+    w = (torch.randn(N, K) / math.sqrt(K)).to(dtype)
+    x = torch.randn(M, K).to(dtype)
+    handle = cpu_kernels.prepare_linear_weight(w)
+    assert handle.dtype == torch.int64 and handle.shape == (N, K)
+    out = cpu_kernels.linear(x, handle)
+    truth = x.double() @ w.double().t()
+    assert out.shape == (M, N) and out.dtype == dtype
+    spec = cpu.linear(x, cpu.prepare_linear_weight(w))
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, spec, rtol=1e-5, atol=1e-5)
+    else:
+        torch.testing.assert_close(out.double(), truth, rtol=BF16_EPS, atol=1e-3)
+        torch.testing.assert_close(spec.double(), truth, rtol=BF16_EPS, atol=1e-3)
+
+
+def test_linear_takes_unprepared_weights_and_the_handle_owns_the_packing():
+    w = torch.randn(64, 32)
+    x = torch.randn(3, 32)
+    torch.testing.assert_close(cpu_kernels.linear(x, w), x @ w.t(), rtol=1e-5, atol=1e-5)
+    handle = cpu_kernels.prepare_linear_weight(w.clone())
+    import gc
+    gc.collect()                        # the source weight is gone; the handle still multiplies
+    torch.testing.assert_close(cpu_kernels.linear(x, handle), x @ w.t(), rtol=1e-5, atol=1e-5)

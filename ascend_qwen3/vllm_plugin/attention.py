@@ -58,7 +58,10 @@ def _forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.T
     if attn_metadata is None:          # vLLM's profiling / warm-up pass: no cache bound yet
         return output.zero_()          # (as the platform impls do: no garbage into later layers)
     be = _impl_ops(self, query.device)
-    a = compat.attention_inputs(kv_cache, attn_metadata)
+    kept = self.__dict__.get("_ascend_qwen3_kv")         # (this layer's cache, its views)
+    if kept is None or kept[0] is not kv_cache:
+        kept = self._ascend_qwen3_kv = (kv_cache, compat.kv_views(kv_cache))
+    a = compat.attention_inputs(kv_cache, attn_metadata, kept[1])
     n = a.num_tokens
     be.write_kv_cache(key[:n], value[:n], a.key_cache, a.value_cache, a.slot_mapping)
     graph_params = compat.full_graph_capture() if be.NAME == "npu" else None
@@ -70,11 +73,11 @@ def _forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.T
             seq_lens_host=a.seq_lens_host, workspace=graph_params.workspaces.get(S))
         compat.record_attention_task(graph_params, S, task)
         return output
-    out = be.paged_attention(query[:n], a.key_cache, a.value_cache, a.block_tables,
-                             a.query_start_loc, a.seq_lens, self.scale,
-                             query_start_loc_host=a.query_start_loc_host,
-                             seq_lens_host=a.seq_lens_host, plan=compat.attention_plan(attn_metadata))
-    output[:n].copy_(out.view(output[:n].shape))
+    be.paged_attention(query[:n], a.key_cache, a.value_cache, a.block_tables,
+                       a.query_start_loc, a.seq_lens, self.scale,
+                       query_start_loc_host=a.query_start_loc_host,
+                       seq_lens_host=a.seq_lens_host, plan=compat.attention_plan(attn_metadata),
+                       out=output[:n].view(query[:n].shape))
     return output
 
 

@@ -114,6 +114,8 @@ VLLM_USES: list[Use] = [
          "query_start_loc", "causal", "sliding_window_size", "isa", "enable_kv_split")),
     Use("vllm._custom_ops", "cpu_prepack_moe_weight", "call", ("weight", "isa")),
     Use("vllm._custom_ops", "cpu_fused_moe", "exists"),
+    Use("vllm._custom_ops", "create_onednn_mm", "call", ("weight", "primitive_cache_size")),
+    Use("vllm._custom_ops", "CPUDNNLGEMMHandler", "attrs", ("handler_tensor",)),
     Use("vllm.envs", "VLLM_CPU_ATTN_SPLIT_KV"),
     Use("vllm.v1.attention.backends.cpu_attn", "_get_attn_isa", "call",
         ("dtype", "block_size", "head_size")),
@@ -248,8 +250,10 @@ def host_lengths(meta) -> tuple[list[int], list[int]]:
     return cached
 
 
-def attention_inputs(kv_cache, meta) -> AttentionInputs:
-    key_cache, value_cache = kv_views(kv_cache)
+def attention_inputs(kv_cache, meta, views=None) -> AttentionInputs:
+    """``views``: ``kv_views(kv_cache)`` when the caller kept them (a layer's cache tensor is
+    allocated once; its views need not be made again every step)."""
+    key_cache, value_cache = kv_views(kv_cache) if views is None else views
     if hasattr(meta, "block_tables"):                # vllm-ascend AscendMetadata
         block_tables, seq_lens = meta.block_tables, meta.seq_lens
     else:                                            # vLLM CPUAttentionMetadata (0.23 and 0.32)
@@ -282,7 +286,8 @@ def tp_all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
 # model_executor/layers/fused_moe (0.23: fused_moe/cpu_fused_moe.py; 0.32: experts/cpu_moe.py) ---
 
 _CPU_KERNELS = ("cpu_attn_reshape_and_cache", "cpu_attention_with_kv_cache",
-                "get_scheduler_metadata", "prepack_moe_weight", "cpu_fused_moe")
+                "get_scheduler_metadata", "prepack_moe_weight", "cpu_fused_moe",
+                "create_onednn_mm_handler", "onednn_mm")
 
 
 def missing_cpu_kernels() -> list[str]:
@@ -351,6 +356,14 @@ def cpu_attention(query, key_cache, value_cache, output, query_start_loc, seq_le
         query_start_loc=query_start_loc, seq_lens=seq_lens, scale=scale, causal=True,
         alibi_slopes=None, sliding_window=_NO_WINDOW, block_table=block_table, softcap=0.0,
         scheduler_metadata=scheduler_metadata, s_aux=None)
+
+
+def onednn_mm_handler(weight: torch.Tensor):
+    """vLLM's oneDNN matmul handler for a [N, K] weight (``create_onednn_mm`` takes [K, N]),
+    with a primitive cache of 32 shapes, as vLLM's linear layers make it."""
+    from vllm import _custom_ops
+
+    return _custom_ops.create_onednn_mm(weight.t(), 32)
 
 
 def cpu_moe_isa(dtype: torch.dtype) -> str:

@@ -182,25 +182,25 @@ def _decode_section(results, lines, figures) -> None:
     lines += _engine_table(idx, batches, "peak_rss_gib", digits=2)
     _plot_decode(rows, os.path.join(FIG_DIR, "decode.png"), "decode")
     _figure(lines, figures, "decode.png", "decode tokens/s of the table above", sec)
-    lines += ["**Where the difference between the two vLLM engines comes from.** "
-              "`bench/engine_profile.py --engine ours` and `--engine builtin` print where each "
-              "engine's time goes (PyTorch's profiler around one `generate`). The linear layers "
-              "take about the same time in both: oneDNN with prepacked weights on either side "
-              "(`mkldnn::_linear_pointwise` through `ops.linear` here, vLLM's `_C::onednn_mm` "
-              "there); the compiled remainder (norms, rotary embedding, SwiGLU, residuals) "
-              "nearly so. Attention: vLLM's built-in class runs vLLM's hand-written C++ "
-              "paged-attention kernel. The project's class runs `ops.cpu.paged_attention`, the "
-              "readable specification of the op the NPU backend implements with torch_npu's "
-              "fused attention; when vLLM compiles the model (its default), the decode requests "
-              "of each step go through `torch.compile` of the same attention written as gathers, "
-              "products and sums (`ops.compile_kernels`), which Inductor turns into loops that "
-              "read keys and values in place in the cache pages; prefill requests run PyTorch's "
-              "fused CPU attention, one call per request. What remains of the gap is per-layer "
-              "Python and guard overhead around that compiled call (batch 1), the compiled loops "
-              "against vLLM's AVX-512 kernel (batch 8), and, for the MoE, vLLM's fused C++ MoE "
-              "kernel (`_C::cpu_fused_moe`) against the project's per-expert loop of oneDNN "
-              "linears plus its routing and combine. On an Atlas server neither CPU kernel runs.",
-              ""]
+    lines += ["**What runs where.** Inside vLLM on the CPU the heavy work of both classes is "
+              "vLLM's own C++ kernels: `_C::onednn_mm` for every float linear, "
+              "`_C::cpu_attn_reshape_and_cache` and `_C::cpu_attention_with_kv_cache` for the "
+              "attention of decode and prefill requests, `_C::cpu_fused_moe` for the float "
+              "experts. The project's class reaches them through its ops: the plugin registers "
+              "them as the implementation of `ops.linear`, `ops.write_kv_cache` / "
+              "`ops.paged_attention` and `ops.moe_experts` (`ascend_qwen3/vllm_plugin/"
+              "cpu_kernels.py`, each held to the `ops.cpu` specification by "
+              "`tests/test_cpu_kernels.py`). What differs is the rest: the project's graph "
+              "(QK-norm, rotary embedding, residual adds and norms, SwiGLU, the router), compiled "
+              "by Inductor in both; the Python around each layer's attention call (the project "
+              "writes the cache inside its attention op, vLLM in an op of its own); and the MoE "
+              "routing around the fused kernel. `bench/engine_profile.py --engine ours|builtin` "
+              "prints where each engine's time goes (PyTorch's profiler around one `generate`). "
+              "With `ASCEND_QWEN3_ENGINE_KERNELS=0` the project's class runs the specification "
+              "instead (oneDNN-prepacked linears through a custom op, the attention compiled by "
+              "`torch.compile`, a per-expert loop for the MoE): that was the state before, at "
+              "0.73-0.98 of the built-in class. On an Atlas server none of these CPU kernels "
+              "runs.", ""]
 
 
 def _w8a8_section(results, lines, figures) -> None:

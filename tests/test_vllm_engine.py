@@ -126,9 +126,10 @@ def engines(checkpoint, quantized, tmp_path_factory):
     (r,) = run_jobs([job("tp2", ck["tp"], "ours", tp=2, compile=True, isa="compiled")],
                     str(work / "compiled-tp2"), tp=2)
     results["compiled:tp2"] = r
-    for key, model, tp, ep in [("tp2", ck["tp"], 2, False), ("tp4", ck["tp"], 4, False),
-                               ("tp8", ck["tp"], 8, False), ("moe_tp2_ep", ck["moe"], 2, True),
-                               ("moe_tp4", ck["moe"], 4, False)]:
+    # TP 4 runs in tests/test_parallel.py (the same graph over gloo); here the smallest and the
+    # largest size the profiles use, and the MoE with and without expert parallel
+    for key, model, tp, ep in [("tp2", ck["tp"], 2, False), ("tp8", ck["tp"], 8, False),
+                               ("moe_tp2_ep", ck["moe"], 2, True), ("moe_tp2", ck["moe"], 2, False)]:
         (r,) = run_jobs([job(key, model, "ours", tp=tp, ep=ep)], str(work / key), tp=tp)
         results[f"native:{key}"] = r
     return results, ck
@@ -245,7 +246,7 @@ def test_comparisons_fail_without_output(engines):
     assert_as_accurate(same, same, **kw)
 
 
-@pytest.mark.parametrize("key", ["tp2", "tp4", "tp8"])
+@pytest.mark.parametrize("key", ["tp2", "tp8"])
 def test_tensor_parallel_matches_builtin_tp1(engines, key):
     res, _ = engines
     _greedy(res, f"native:{key}", "native:tp1/builtin")
@@ -254,7 +255,7 @@ def test_tensor_parallel_matches_builtin_tp1(engines, key):
     assert len(workers) == tp, f"expected {tp} worker processes running ops, saw {len(workers)}"
 
 
-@pytest.mark.parametrize("key", ["moe_tp2_ep", "moe_tp4"])
+@pytest.mark.parametrize("key", ["moe_tp2_ep", "moe_tp2"])
 def test_moe_parallel_matches_builtin(engines, key):
     res, _ = engines
     _greedy(res, f"native:{key}", "native:moe/builtin")

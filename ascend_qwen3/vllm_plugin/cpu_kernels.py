@@ -99,13 +99,24 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     return out
 
 
+_NO_ONEDNN: set[torch.dtype] = set()     # dtypes vLLM's oneDNN matmul refused here (said once)
+
+
 def prepare_linear_weight(weight: torch.Tensor) -> torch.Tensor:
     """``ops.prepare_linear_weight`` for vLLM's oneDNN matmul: weight [N, K] (bf16, fp16 or
-    fp32) -> its handle (module docstring). Other weights keep the specification's form."""
+    fp32) -> its handle (module docstring). Other weights, and weights oneDNN refuses on this
+    CPU (bf16 under ``ONEDNN_MAX_CPU_ISA=AVX2``, for example), keep the specification's form."""
     if weight.dim() != 2 or weight.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return ops.cpu.prepare_linear_weight(weight)
     N, K = weight.shape
-    handler = compat.onednn_mm_handler(weight.contiguous())
+    try:
+        handler = compat.onednn_mm_handler(weight.contiguous())
+    except RuntimeError as exc:      # e.g. bf16 where oneDNN may not use AVX-512 (vLLM falls
+        if weight.dtype not in _NO_ONEDNN:     # back to torch's linear there, too)
+            _NO_ONEDNN.add(weight.dtype)
+            logger.info("ascend-qwen3: vLLM's oneDNN matmul cannot take %s weights on this CPU "
+                        "(%s); the specification's linear runs them", weight.dtype, exc)
+        return ops.cpu.prepare_linear_weight(weight)
     handle = handler.handler_tensor.reshape(1, 1).expand(N, K)
     handle.onednn_handler = handler          # the packed weight lives as long as the handle
     return handle

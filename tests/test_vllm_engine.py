@@ -51,7 +51,8 @@ BF16_FACTOR, BF16_FLOOR, BF16_EVENTS = 1.5, 1e-3, 0.01
 ATTN_OPS = {"write_kv_cache", "paged_attention", "rotary_embedding", "rms_norm"}
 MOE_OPS = {"moe_gating_topk"}
 # the CPU ops vLLM's kernels implement inside vLLM (ascend_qwen3/vllm_plugin/cpu_kernels.py)
-VLLM_KERNELS = {"write_kv_cache", "paged_attention", "prepare_moe_experts", "moe_experts"}
+DENSE_KERNELS = {"write_kv_cache", "paged_attention", "linear", "prepare_linear_weight"}
+VLLM_KERNELS = DENSE_KERNELS | {"prepare_moe_experts", "moe_experts"}
 SPEC_ONLY = {"ASCEND_QWEN3_ENGINE_KERNELS": "0"}   # the switch: the specification runs
 
 # MoE checkpoint with a head size vLLM's CPU attention accepts (32)
@@ -283,9 +284,9 @@ def test_project_ops_bound_in_the_engine(engines, key, quant_ops):
 
 
 @pytest.mark.parametrize("key,registered", [
-    ("native:dense", {"write_kv_cache", "paged_attention"}),
+    ("native:dense", DENSE_KERNELS),
     ("native:moe", VLLM_KERNELS), ("native:moe_tp2_ep", VLLM_KERNELS),
-    ("native:w8a8_dyn_moe", {"write_kv_cache", "paged_attention"}),
+    ("native:w8a8_dyn_moe", DENSE_KERNELS),    # int8 experts and linears: the project's own
     ("compiled:dense", set()), ("compiled:moe", set())])
 def test_the_ops_log_names_the_implementation(engines, key, registered):
     """Inside vLLM on the CPU the ops vLLM has kernels for are bound to them ("vllm-cpu" in the

@@ -218,6 +218,14 @@ def write_kv_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tens
     value_cache[block, offset] = value.to(value_cache.dtype)
 
 
+def write_to(out: torch.Tensor | None, result: torch.Tensor) -> torch.Tensor:
+    """``result``, or ``out`` holding it (an op's optional ``out=``)."""
+    if out is None:
+        return result
+    out.copy_(result)
+    return out
+
+
 def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                     block_tables: torch.Tensor, query_start_loc: torch.Tensor,
                     seq_lens: torch.Tensor, scale: float, *,
@@ -255,13 +263,10 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     longest request of a call and masked.
     ``out``: a [T, Hq, D] tensor of query's dtype to write the result to (and return).
     """
-    result = _paged_attention(query, key_cache, value_cache, block_tables, query_start_loc,
-                              seq_lens, scale, query_start_loc_host=query_start_loc_host,
-                              seq_lens_host=seq_lens_host)
-    if out is None:
-        return result
-    out.copy_(result)
-    return out
+    return write_to(out, _paged_attention(query, key_cache, value_cache, block_tables,
+                                          query_start_loc, seq_lens, scale,
+                                          query_start_loc_host=query_start_loc_host,
+                                          seq_lens_host=seq_lens_host))
 
 
 def _paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch_npu
 
+from .cpu import write_to
+
 
 NAME = "npu"
 
@@ -358,13 +360,10 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     fp32 with bf16 matmuls: rtol=atol=1e-2.
     ``out``: a [T, Hq, D] tensor of query's dtype to write the result to (and return).
     """
-    result = _paged_attention(query, key_cache, value_cache, block_tables, query_start_loc,
-                              seq_lens, scale, query_start_loc_host=query_start_loc_host,
-                              seq_lens_host=seq_lens_host)
-    if out is None:
-        return result
-    out.copy_(result)
-    return out
+    return write_to(out, _paged_attention(query, key_cache, value_cache, block_tables,
+                                          query_start_loc, seq_lens, scale,
+                                          query_start_loc_host=query_start_loc_host,
+                                          seq_lens_host=seq_lens_host))
 
 
 def _paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,

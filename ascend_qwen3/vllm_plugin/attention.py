@@ -63,7 +63,13 @@ def _forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.T
         kept = self._ascend_qwen3_kv = (kv_cache, compat.kv_views(kv_cache))
     a = compat.attention_inputs(kv_cache, attn_metadata, kept[1])
     n = a.num_tokens
-    be.write_kv_cache(key[:n], value[:n], a.key_cache, a.value_cache, a.slot_mapping)
+    if n == query.shape[0]:          # no padding (always so on the CPU): no per-layer slicing
+        q, k, v, o = query, key, value, output
+    else:
+        q, k, v, o = query[:n], key[:n], value[:n], output[:n]
+    if o.dim() != 3:                 # vLLM passes the output as [T, H, D]; a runner may not
+        o = o.view(q.shape)
+    be.write_kv_cache(k, v, a.key_cache, a.value_cache, a.slot_mapping)
     graph_params = compat.full_graph_capture() if be.NAME == "npu" else None
     if graph_params is not None:     # a FULL graph is being captured: an updatable task
         S = a.query_start_loc_host[-1]       # the padded size: every query row is used
@@ -73,11 +79,11 @@ def _forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.T
             seq_lens_host=a.seq_lens_host, workspace=graph_params.workspaces.get(S))
         compat.record_attention_task(graph_params, S, task)
         return output
-    be.paged_attention(query[:n], a.key_cache, a.value_cache, a.block_tables,
+    be.paged_attention(q, a.key_cache, a.value_cache, a.block_tables,
                        a.query_start_loc, a.seq_lens, self.scale,
                        query_start_loc_host=a.query_start_loc_host,
                        seq_lens_host=a.seq_lens_host, plan=compat.attention_plan(attn_metadata),
-                       out=output[:n].view(query[:n].shape))
+                       out=o)
     return output
 
 

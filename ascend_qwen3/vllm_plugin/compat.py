@@ -260,8 +260,11 @@ def attention_inputs(kv_cache, meta, views=None) -> AttentionInputs:
         block_tables, seq_lens = meta.block_table, meta.seq_lens
     n = int(meta.num_actual_tokens)
     starts, lens = host_lengths(meta)
+    slots = meta.slot_mapping
+    if slots.shape[0] != n:
+        slots = slots[:n]
     return AttentionInputs(key_cache, value_cache, block_tables, meta.query_start_loc, seq_lens,
-                           meta.slot_mapping[:n], n, starts, lens)
+                           slots, n, starts, lens)
 
 
 def tp_rank_and_size() -> tuple[int, int]:

@@ -57,6 +57,20 @@ logger = logging.getLogger("vllm.ascend_qwen3")
 NAME = "vllm-cpu"
 
 
+_KERNEL_VIEW = "_ascend_qwen3_kernel_view"
+
+
+def _kernel_view(cache: torch.Tensor) -> torch.Tensor:
+    """The [NB, Hkv, BS, D] view the kernels take of a [NB, BS, Hkv, D] cache view, made once
+    and kept on the view (the attention keeps its layer's views across steps: a per-layer, per-step
+    tensor view less, which is a measurable share of a decode step's Python at batch 1)."""
+    view = cache.__dict__.get(_KERNEL_VIEW)
+    if view is None:
+        view = cache.transpose(1, 2)
+        setattr(cache, _KERNEL_VIEW, view)
+    return view
+
+
 def write_kv_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
                    value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """``ops.write_kv_cache`` with ``_C::cpu_attn_reshape_and_cache``. key_cache/value_cache:
@@ -64,9 +78,10 @@ def write_kv_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tens
     as [NB, Hkv, BS, D], the same memory); the pages are written in the kernel's packing."""
     if not slot_mapping.numel():
         return
-    kc, vc = key_cache.transpose(1, 2), value_cache.transpose(1, 2)
+    kc, vc = _kernel_view(key_cache), _kernel_view(value_cache)
     isa = compat.cpu_attention_isa(kc.dtype, kc.shape[2], kc.shape[3])
-    compat.cpu_reshape_and_cache(key, value, kc, vc, slot_mapping.to(torch.int64), isa)
+    slots = slot_mapping if slot_mapping.dtype == torch.int64 else slot_mapping.long()
+    compat.cpu_reshape_and_cache(key, value, kc, vc, slots, isa)
 
 
 def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
@@ -80,7 +95,7 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     when absent); ``out``: where the kernel writes. Every request must see at least one key
     (vLLM's CPU runner never pads with key-less requests, unlike vllm-ascend's graph padding)."""
     T, Hq, D = query.shape
-    kc, vc = key_cache.transpose(1, 2), value_cache.transpose(1, 2)
+    kc, vc = _kernel_view(key_cache), _kernel_view(value_cache)
     Hkv, bs = kc.shape[1], kc.shape[2]
     if Hq % Hkv:
         raise ValueError(f"query heads {Hq} are not a multiple of kv heads {Hkv}")
@@ -93,8 +108,10 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     if out is None:
         out = torch.empty_like(query)
     used = query_start_loc_host[-1] if query_start_loc_host is not None else int(qsl[-1])
-    compat.cpu_attention(query[:used], kc, vc, out[:used], qsl, lens, scale, tables, plan)
-    if used < T:                       # padding rows: zeros, as the specification gives
+    if used == T:
+        compat.cpu_attention(query, kc, vc, out, qsl, lens, scale, tables, plan)
+    else:                              # padding rows: zeros, as the specification gives
+        compat.cpu_attention(query[:used], kc, vc, out[:used], qsl, lens, scale, tables, plan)
         out[used:].zero_()
     return out
 

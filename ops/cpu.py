@@ -532,6 +532,9 @@ def quant_matmul(xq: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor,
 # Mixture of experts
 # --------------------------------------------------------------------------------------------
 
+_MAX_KEYED_EXPERTS = 1 << 16      # expert ids in the low 16 bits of moe_gating_topk's keys
+
+
 def moe_gating_topk(router_logits: torch.Tensor, k: int, renormalize: bool
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax router with top-k selection.
@@ -543,10 +546,18 @@ def moe_gating_topk(router_logits: torch.Tensor, k: int, renormalize: bool
     vLLM's and vllm-ascend's routers keep them for bf16 models; fp32 logits give fp32 weights.)
     """
     probs = torch.softmax(router_logits.float(), dim=-1)
-    # a stable descending sort, not torch.topk: topk's order among equal values is unspecified
-    # (on CPU it does not put the lower expert id first)
-    weights, ids = torch.sort(probs, dim=-1, descending=True, stable=True)
-    weights, ids = weights[:, :k], ids[:, :k]
+    # torch.topk's order among equal values is unspecified (on the CPU it does not put the lower
+    # expert id first), so it runs on keys that are all distinct: a non-negative fp32's bits,
+    # read as an integer, order as the float does; below them, 65535 - id puts the lower id
+    # first among equal probabilities. (The same result as a stable descending sort, which
+    # took 3-6x as long for 128 experts.)
+    E = probs.shape[-1]
+    if E > _MAX_KEYED_EXPERTS:
+        raise ValueError(f"moe_gating_topk: {E} experts, at most {_MAX_KEYED_EXPERTS} supported")
+    low = _MAX_KEYED_EXPERTS - 1 - torch.arange(E, device=probs.device)
+    keys = (probs.view(torch.int32).long() << 16) | low
+    ids = _MAX_KEYED_EXPERTS - 1 - (keys.topk(k, dim=-1).values & (_MAX_KEYED_EXPERTS - 1))
+    weights = probs.gather(-1, ids)
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights.to(router_logits.dtype), ids.to(torch.int32)

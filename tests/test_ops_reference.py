@@ -547,6 +547,26 @@ def test_moe_gating_ties_lower_expert_first():
     assert (w[:, :-1] >= w[:, 1:]).all()  # rows sorted by descending weight
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("t,e,k", [(0, 8, 2), (1, 128, 8), (57, 128, 8), (9, 16, 16)])
+def test_moe_gating_equals_a_stable_descending_sort(dtype, t, e, k):
+    """The selection (top-k on distinct integer keys) is exactly a stable descending sort of the
+    fp32 probabilities, cut at k: logits on a coarse grid make many ties; -inf gives zeros."""
+    logits = (torch.randn(t, e) * 2).round().to(dtype)
+    if t:
+        logits[0, : e // 2] = float("-inf")
+    w, ids = cpu.moe_gating_topk(logits, k, renormalize=False)
+    probs = torch.softmax(logits.float(), dim=-1)
+    sw, sids = torch.sort(probs, dim=-1, descending=True, stable=True)
+    assert torch.equal(ids.long(), sids[:, :k])
+    assert torch.equal(w, sw[:, :k].to(dtype))
+
+
+def test_moe_gating_refuses_more_experts_than_its_keys_hold():
+    with pytest.raises(ValueError, match="experts"):
+        cpu.moe_gating_topk(torch.zeros(1, (1 << 16) + 1), 2, renormalize=False)
+
+
 # ============================================================================================
 # moe_route / moe_combine invariants
 # ============================================================================================

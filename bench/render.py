@@ -140,9 +140,9 @@ def _decode_section(results, lines, figures) -> None:
               "sequence ignored); decode tokens/s is batch x (new - 1) / (time(new) - time(1)), "
               "so prefill drops out; prefill tokens/s is batch x prompt / time(1). Each engine "
               f"runs in a process of its own; vLLM's two engines in {sec.get('rounds', 1)} processes "
-              "each, interleaved with the other engines' (a slow spell of this shared machine "
-              "then touches both alike); medians of all timed runs after a warm-up per "
-              "process. vLLM's engines run with their default compilation (vLLM's CPU build: "
+              "each, interleaved, every other round in reverse order (A B, B A: a slow spell "
+              "of this shared machine then touches both alike, and a steady drift favours "
+              "neither); medians of all timed runs after a warm-up per process. vLLM's engines run with their default compilation (vLLM's CPU build: "
               "Dynamo traced once, Inductor), all engines with the allocator settings "
               "`ascend-qwen3 serve` gives a CPU server.", "",
               _provenance(sec), ""]

@@ -140,18 +140,14 @@ def run_section(name: str, a) -> dict:
 
 def _side_by_side(decode, engines, checkpoints, batch, a, extra=()) -> list[dict]:
     """Every (checkpoint, engine) pair at ``batch`` (and the (path, label, engine) triples of
-    ``extra``), the vLLM engines in ``a.rounds`` interleaved rounds (A B C, A B C, ...: a slow
-    spell of this shared machine then touches every engine alike), the others once; each pair's
-    figures are the medians over all its runs."""
+    ``extra``), the vLLM engines in ``a.rounds`` interleaved rounds (``_rounds``), the others
+    once; each pair's figures are the medians over all its runs."""
     import statistics
 
     runs: dict[tuple, list[dict]] = {}
     pairs = [(path, label, engine) for path, label in checkpoints for engine in engines]
-    for round_ in range(a.rounds):
-        for path, label, engine in pairs + list(extra):
-            if round_ and not engine.startswith("vllm"):
-                continue      # the rounds are for the two engines whose ratio is the target
-            runs.setdefault((label, engine), []).append(_decode(decode, engine, path, label, batch, a))
+    for path, label, engine in _rounds(pairs + list(extra), a.rounds):
+        runs.setdefault((label, engine), []).append(_decode(decode, engine, path, label, batch, a))
     merged = []
     for (label, engine), rs in runs.items():
         r = dict(rs[0])
@@ -163,6 +159,19 @@ def _side_by_side(decode, engines, checkpoints, batch, a, extra=()) -> list[dict
         r["read_GBps"] = statistics.median(one["read_GBps"] for one in rs)
         merged.append(r)
     return merged
+
+
+def _rounds(items: list[tuple], rounds: int) -> list[tuple]:
+    """The order of the runs: every (path, label, engine) in the first round; the vLLM engines
+    (whose ratio is the target) again in each later round, every other round in reverse
+    (A B C, C B A, A B C, ...). This shared machine drifts, by up to 1.4x over half an hour
+    between processes of one engine: interleaving puts a slow spell on every engine alike, and
+    the reversal keeps a steady drift from always favouring whichever engine runs first."""
+    order = []
+    for round_ in range(rounds):
+        now = items if round_ == 0 else [i for i in items if i[2].startswith("vllm")]
+        order += now[::-1] if round_ % 2 else now
+    return order
 
 
 def _decode(decode, engine, path, label, batch, a) -> dict:

@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 import decode  # noqa: E402
 import render  # noqa: E402
 import roofline  # noqa: E402
+import run  # noqa: E402
 
 
 @pytest.mark.parametrize("name", ["Qwen3-0.6B", "Qwen3-8B", "Qwen3-32B"])
@@ -122,3 +123,11 @@ def test_cache_prepare_gives_each_token_its_position_and_slot():
     assert positions.tolist() == want_pos and meta.slot_mapping.tolist() == want_slots
     assert meta.query_start_loc_host == [0, 2, 7, 8] and meta.seq_lens_host == [3, 5, 7]
     assert meta.block_tables[1, :2].tolist() == cache.tables[9]
+
+
+def test_rounds_interleave_the_vllm_engines_and_alternate_their_order():
+    items = [("d", "dense", "transformers"), ("d", "dense", "vllm-builtin"), ("d", "dense", "vllm-ours"),
+             ("w", "w8a8", "vllm-ours")]
+    order = run._rounds(items, 3)
+    assert order == items + [items[3], items[2], items[1]] + items[1:]
+    assert run._rounds(items, 1) == items

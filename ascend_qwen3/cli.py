@@ -235,7 +235,9 @@ def _serve(args: argparse.Namespace) -> int:
             ("--device cpu", args.device == "cpu"), ("--dtype", args.dtype), ("--tp", args.tp),
             ("--ep", args.ep), ("--max-model-len", args.max_model_len),
             ("--max-num-seqs", args.max_num_seqs), ("--no-thinking", args.no_thinking),
-            ("--graph-mode", args.graph_mode), ("--dp", args.dp)) if given]
+            ("--graph-mode", args.graph_mode), ("--dp", args.dp),
+            ("--speculative", args.speculative), ("--draft", args.draft),
+            ("--speculative-tokens", args.speculative_tokens)) if given]
         if clash:
             raise LaunchError(f"{', '.join(clash)} cannot be combined with --profile (the profile "
                               f"sets them, on the NPU); edit deploy/profiles/{args.profile}.yaml, "
@@ -258,17 +260,61 @@ def _serve(args: argparse.Namespace) -> int:
     extra = list(args.vllm_args)
     if extra[:1] == ["--"]:
         extra = extra[1:]
+    speculative = _speculative(args, default_model=args.model is None, model=model)
     spec = ServeSpec(model=model, served_model_name=name, host=args.host or "127.0.0.1",
                      port=args.port or 8000, device=args.device or "cpu", dtype=args.dtype or "auto",
                      tp=args.tp or 1, expert_parallel=args.ep,
                      max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                      thinking=not args.no_thinking, api_key_file=args.api_key_file,
-                     graph_mode=args.graph_mode, dp=args.dp or 1,
+                     graph_mode=args.graph_mode, dp=args.dp or 1, speculative=speculative,
                      extra_args=extra)
     if args.node_rank is not None or ((args.dp or 1) > 1 and args.leader_address):
         spec.nodes = spec.dp            # one data-parallel rank per node
     _place_node(spec, args)
     return launch(spec, dry_run=args.dry_run)
+
+
+def _speculative(args: argparse.Namespace, default_model: bool, model: str):
+    """The serve command's speculative setting (None without --speculative). EAGLE-3 on the
+    embedded default model drafts with its shipped draft unless --draft names another."""
+    from .deploy.launcher import LaunchError
+    from .speculative import Speculative, SpeculativeError
+
+    if args.speculative is None:
+        if args.draft or args.speculative_tokens:
+            raise LaunchError("--draft and --speculative-tokens need --speculative METHOD")
+        return None
+    draft = args.draft
+    if draft is None and args.speculative == "eagle3" and default_model:
+        draft = _default_draft(model)
+    d = {"method": args.speculative, "num_speculative_tokens": args.speculative_tokens or 3}
+    if draft:
+        d["model"] = draft
+    try:
+        return Speculative.from_dict(d, "--speculative")
+    except SpeculativeError as exc:
+        raise LaunchError(str(exc).replace("--speculative.model", "--draft")) from None
+
+
+def _default_draft(model_dir: str) -> str:
+    """The embedded default model's EAGLE-3 draft, built beside it on first use."""
+    import os
+
+    from .deploy.launcher import LaunchError
+    from .serve.default_model import build_default_draft
+    from .serve.train_draft import default_draft_source
+    from .serve.train_tiny import default_source
+
+    home, target = _home(), default_source(_home())
+    source = default_draft_source(home)
+    if source is None or target is None:
+        raise LaunchError("the embedded default model has no EAGLE-3 draft here (neither packaged "
+                          "nor trained): run `make train-tiny`, or pass --draft DIR")
+    try:
+        return build_default_draft(os.path.join(home, "default-model-eagle3"), source=source,
+                                   target_source=target, log=lambda m: print(m, file=sys.stderr))
+    except ValueError as exc:
+        raise LaunchError(str(exc)) from None
 
 
 def _place_node(spec, args: argparse.Namespace) -> None:
@@ -388,6 +434,14 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-num-seqs", type=int, default=None)
     sv.add_argument("--no-thinking", action="store_true",
                     help="server default enable_thinking=false (and non-thinking sampling defaults)")
+    sv.add_argument("--speculative", default=None, choices=["eagle3", "eagle", "draft_model", "ngram"],
+                    help="speculative decoding: eagle3 (on the default model: its trained draft), "
+                         "eagle, draft_model (--draft: a smaller Qwen3 of the same vocabulary) or "
+                         "ngram (prompt lookup); the thinking budget still applies (docs/serving.md)")
+    sv.add_argument("--draft", default=None, help="the draft checkpoint directory (eagle3, eagle, "
+                    "draft_model)")
+    sv.add_argument("--speculative-tokens", type=int, default=None,
+                    help="tokens drafted per step (default 3; at most 14 on the NPU)")
     sv.add_argument("--api-key-file", default=None,
                     help="a file holding the API key clients must send (e.g. a mounted Kubernetes "
                          "Secret); default: $VLLM_API_KEY if set, else no key")

@@ -193,6 +193,13 @@ class BudgetState:
             self.feed(token)
         return False
 
+    def copy(self) -> "BudgetState":
+        """An independent state at the same point (to try tokens on, e.g. a draft's)."""
+        c = BudgetState.__new__(BudgetState)
+        for name in self.__slots__:
+            setattr(c, name, getattr(self, name))
+        return c
+
     def _due(self) -> None:
         if self.forcing < 0 and self.open and self.count >= self.budget:
             self.forcing = 0

@@ -11,8 +11,15 @@ Everything the server needs from vLLM's own features is set here:
   ``--reasoning-config`` is not passed: the processor takes every budget over before vLLM's own
   budget could see it, so that config would only carry an end string nobody forces. A user's
   own ``--logits-processors`` (after ``--``) are kept, before the budget's, which has the last
-  word on a step it forces. With ``--speculative-config`` vLLM accepts no custom logits
-  processors, so the budget processor is left out and vLLM's own budget applies;
+  word on a step it forces;
+- speculative decoding (``speculative``: EAGLE-3, EAGLE, a draft model or n-gram, checked against
+  the target first: ``ascend_qwen3/speculative.py``) as ``--speculative-config``. vLLM accepts no
+  custom logits processors then, so the budget processor is left out: on vLLM the budget is
+  applied through the draft by the project's thinking-budget holder (``vllm_plugin/budget.py``,
+  driven by the reasoning parser above); on vllm-ascend nothing can apply it, so budgeted
+  requests are refused (``--middleware``, ``vllm_plugin/budget_guard.py``). A draft model is a
+  Qwen3 checkpoint that names vLLM's architecture, so the project's classes are registered under
+  the stock names too (``ASCEND_QWEN3_TAKE_OVER=1``) for it to be served by them;
 - tool calls: ``--enable-auto-tool-choice --tool-call-parser hermes``;
 - sampling defaults for the server's default thinking mode (``--override-generation-config``);
   vLLM has one set of defaults per server, so a request that switches mode with
@@ -45,7 +52,9 @@ from dataclasses import dataclass, field
 from ..config import (PROJECT_DENSE_ARCH, PROJECT_MOE_ARCH, YARN_128K, YARN_MAX_POSITIONS,
                       Qwen3Config)
 from ..parallel.plan import check_parallel
-from ..vllm_plugin import LOGITS_PROCESSOR, REASONING_PARSER_NAME
+from ..speculative import Speculative, SpeculativeError, check_draft, check_tokens
+from ..vllm_plugin import LOGITS_PROCESSOR, REASONING_PARSER_NAME, TAKE_OVER_ENV
+from ..vllm_plugin.budget_guard import MIDDLEWARE as BUDGET_GUARD
 from ..vllm_plugin.options import refusals_from_argv
 
 
@@ -129,6 +138,7 @@ class ServeSpec:
     graph_mode: str | None = None       # NPU: FULL_AND_PIECEWISE (default), PIECEWISE or NONE
     api_key_file: str | None = None     # a file holding the API key (else $VLLM_API_KEY, if set)
     require_api_key: bool = False       # refuse to start without an API key
+    speculative: Speculative | None = None   # speculative decoding (--speculative-config)
     env: dict = field(default_factory=dict)
     extra_args: list = field(default_factory=list)
 
@@ -199,8 +209,14 @@ def build_command(spec: ServeSpec, base_env: dict | None = None) -> tuple[list[s
         argv += ["--enable-expert-parallel"]
     argv += layout
     argv += graph_mode_args(spec)
-    processors, extra_args = logits_processor_args(spec.extra_args)
+    argv += speculative_args(spec, cfg)
+    speculating = spec.speculative is not None or "--speculative-config" in \
+        {a.split("=")[0] for a in spec.extra_args}
+    processors, extra_args = logits_processor_args(spec.extra_args, speculating)
     argv += processors
+    if speculating and spec.device == "npu" and not any(
+            a.split("=")[0] == "--middleware" and BUDGET_GUARD in a for a in extra_args):
+        argv += ["--middleware", BUDGET_GUARD]
     given = {a.split("=")[0] for a in extra_args}
     for flag, value in (("--max-model-len", spec.max_model_len), ("--max-num-seqs", spec.max_num_seqs),
                         ("--block-size", spec.block_size),
@@ -246,6 +262,8 @@ def build_command(spec: ServeSpec, base_env: dict | None = None) -> tuple[list[s
                 raise LaunchError(f"a {spec.nodes}-node deployment needs {', '.join(missing)} set on "
                                   f"every node: HCCL_IF_IP to this node's IP, the *_IFNAME ones to "
                                   f"the network interface that IP is on (docs/multi-node.md)")
+    if spec.speculative is not None and spec.speculative.method == "draft_model":
+        env[TAKE_OVER_ENV] = "1"     # the draft's Qwen3ForCausalLM served by the project's class
     env.update({k: str(v) for k, v in spec.env.items()})
     if spec.api_key_file:
         env[API_KEY_ENV] = read_api_key(spec.api_key_file)
@@ -324,11 +342,31 @@ def graph_mode_args(spec: ServeSpec) -> list[str]:
     return ["--compilation-config", json.dumps({"cudagraph_mode": mode})]
 
 
-def logits_processor_args(extra_args: list) -> tuple[list[str], list[str]]:
+def speculative_args(spec: ServeSpec, cfg: Qwen3Config) -> list[str]:
+    """``--speculative-config`` for ``spec.speculative`` (none without), after checking it
+    against the target: the NPU's token limit, and the draft's config.json where the draft is
+    on this machine (a profile's container path may not be; ``launch`` requires it before it
+    starts a server)."""
+    s = spec.speculative
+    if s is None:
+        return []
+    if any(a.split("=")[0] == "--speculative-config" for a in spec.extra_args):
+        raise LaunchError("speculative decoding is given twice (the speculative setting and "
+                          "--speculative-config after --); keep one")
+    try:
+        check_tokens(s, spec.device)
+        if s.model and (spec.config is None or os.path.isdir(s.model)):
+            check_draft(cfg, s, spec.device)
+    except SpeculativeError as exc:
+        raise LaunchError(str(exc)) from None
+    return ["--speculative-config", json.dumps(s.to_vllm())]
+
+
+def logits_processor_args(extra_args: list, speculating: bool = False) -> tuple[list[str], list[str]]:
     """(the ``--logits-processors`` flag, the other user flags): the user's own processors (given
     after ``--``; vLLM keeps only the last such flag, so they are merged into one) and then the
-    thinking budget's, unless speculative decoding is asked for (vLLM refuses custom logits
-    processors with it)."""
+    thinking budget's, unless speculative decoding is on (vLLM refuses custom logits processors
+    with it; the budget then goes through the draft: module docstring)."""
     user, rest, i = [], [], 0
     while i < len(extra_args):
         arg = extra_args[i]
@@ -343,12 +381,13 @@ def logits_processor_args(extra_args: list) -> tuple[list[str], list[str]]:
         else:
             rest.append(arg)
         i += 1
-    if not any(a.split("=")[0] == "--speculative-config" for a in rest):
+    if not speculating:
         user = [p for p in user if p != LOGITS_PROCESSOR] + [LOGITS_PROCESSOR]
-    elif LOGITS_PROCESSOR in user:
-        raise LaunchError("the thinking-budget logits processor cannot run with speculative "
-                          "decoding (vLLM refuses custom logits processors then); drop "
-                          f"{LOGITS_PROCESSOR} from --logits-processors")
+    elif user:
+        raise LaunchError(f"logits processors ({', '.join(user)}) cannot run with speculative "
+                          f"decoding (vLLM refuses custom logits processors then; the thinking "
+                          f"budget is applied through the draft instead); drop "
+                          f"--logits-processors, or speculative decoding")
     return (["--logits-processors", *user] if user else []), rest
 
 
@@ -381,6 +420,12 @@ def launch(spec: ServeSpec, dry_run: bool = False, out=None) -> int:
     """Print the command; unless ``dry_run``, run it under ``supervise`` and return its exit code."""
     argv, env = build_command(spec)
     print(describe(argv, env), file=out or sys.stdout, flush=True)
+    draft = spec.speculative.model if spec.speculative is not None else None
+    if draft and not dry_run and not os.path.isdir(draft):
+        raise LaunchError(f"the speculative draft directory {draft!r} does not exist on this "
+                          f"machine; put the draft checkpoint there (for a profile: under the "
+                          f"host directory mounted at {os.path.dirname(draft) or '/'}), or remove "
+                          f"the profile's speculative key")
     if spec.host not in LOOPBACK_HOSTS and not env.get(API_KEY_ENV):
         print(f"warning: serving on {spec.host}:{spec.port} without an API key: anyone who can "
               f"reach this port can use the model; set {API_KEY_ENV} or --api-key-file",

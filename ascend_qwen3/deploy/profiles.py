@@ -14,6 +14,7 @@ import os
 import yaml
 
 from ..config import FAMILY, NO_YARN, family_config
+from ..speculative import NPU_MAX_SPECULATIVE_TOKENS, Speculative, SpeculativeError, check_tokens
 from .launcher import DP_RPC_PORT, ServeSpec
 from .planner import HARDWARE, PRECISIONS, Plan, plan
 
@@ -57,6 +58,10 @@ SCHEMA: dict[str, tuple] = {
                    "FULL_AND_PIECEWISE (default, vllm-ascend's: full ACL graphs for decode, "
                    "graph pieces for the rest), PIECEWISE (graph pieces, attention eager between "
                    "them) or NONE (eager, --enforce-eager)"),
+    "speculative": (dict, False, None,
+                    "speculative decoding: {method: eagle3 | eagle | draft_model | ngram, model: "
+                    "the draft's absolute path in the container (not for ngram), "
+                    f"num_speculative_tokens: 1..{NPU_MAX_SPECULATIVE_TOKENS}}}"),
     "api_key": (_str, False, lambda v: v in ("optional", "required"),
                 "optional (default: clients authenticate when VLLM_API_KEY / --api-key-file gives "
                 "a key) or required (refuse to start without one)"),
@@ -130,6 +135,15 @@ def validate(p: dict, where: str = "profile") -> None:
         raise ProfileError(f"{where}: {p['model']} has a 32K context without YaRN; set yarn: false")
     if p.get("expert_parallel") and not cfg.is_moe:
         raise ProfileError(f"{where}: expert_parallel is for MoE models; {p['model']} is dense")
+    if "speculative" in p:
+        try:
+            s = Speculative.from_dict(p["speculative"], f"{where}: speculative")
+            check_tokens(s, "npu", f"{where}: speculative")
+        except SpeculativeError as exc:
+            raise ProfileError(str(exc)) from None
+        if s.model and not s.model.startswith("/"):
+            raise ProfileError(f"{where}: speculative.model {s.model!r} must be an absolute path in "
+                               f"the container (e.g. /models/qwen3-8b-eagle3)")
 
 
 def plan_of(p: dict) -> Plan:
@@ -182,4 +196,6 @@ def to_spec(p: dict, host: str = "0.0.0.0", port: int | None = None) -> ServeSpe
                      config=family_config(p["model"], yarn=bool(p.get("yarn"))),
                      nodes=p.get("nodes", 1), dp=p.get("dp", 1), devices=list(p["devices"]),
                      dp_rpc_port=p.get("dp_rpc_port", DP_RPC_PORT), env=env,
+                     speculative=Speculative.from_dict(p["speculative"]) if "speculative" in p
+                     else None,
                      extra_args=extra)

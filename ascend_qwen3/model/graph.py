@@ -49,6 +49,23 @@ class Qwen3Graph(nn.Module):
                                                        cfg.rope_theta, cfg.rope_scaling),
                                 cfg.dtype).to(device))
         self.register_buffer("rope_table", table, persistent=False)
+        # EAGLE-3 (a drafter that reads the target's inner states): the residual stream after
+        # these many decoder layers (0: the embeddings) is returned beside the final hidden
+        # states, in ascending order; empty: forward returns the hidden states alone
+        self.aux_layers: tuple[int, ...] = ()
+
+    def set_aux_layers(self, layers) -> None:
+        """Return the residual stream after each of ``layers`` decoder layers (0..num_layers;
+        repeated ids count once) from every ``forward``, as EAGLE-3 drafters read it."""
+        wanted = sorted({int(i) for i in layers})
+        bad = [i for i in wanted if not 0 <= i <= len(self.layers)]
+        if bad:
+            raise ValueError(f"auxiliary hidden-state layer id(s) {bad} out of range: this model has "
+                             f"{len(self.layers)} decoder layers, so ids run from 0 (the "
+                             f"embeddings) to {len(self.layers)} (after the last layer); use a draft "
+                             f"trained for this model, or set eagle_aux_hidden_state_layer_ids in its "
+                             f"config to ids in that range")
+        self.aux_layers = tuple(wanted)
 
     def finalize_weights(self) -> None:
         """Once, after loading: put weights into the layout their kernels consume (quantised
@@ -60,11 +77,12 @@ class Qwen3Graph(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 meta: AttentionMetadata | None = None,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
-                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+                inputs_embeds: torch.Tensor | None = None):
         """input_ids, positions: [T]; kv_caches: one (key_cache, value_cache) per layer, or None
         when the attention cores own their caches (a serving engine's; then meta is None too).
 
-        Returns the final hidden states [T, hidden] (normed).
+        Returns the final hidden states [T, hidden] (normed); with ``aux_layers`` set, the pair
+        (hidden states, [the residual stream [T, hidden] after each of those layers]).
         """
         if kv_caches is None:
             kv_caches = [None] * len(self.layers)
@@ -80,10 +98,13 @@ class Qwen3Graph(nn.Module):
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         rope = ops.rope_cos_sin(self.rope_table, positions)     # once per step, for every layer
         residual = None
-        for layer, kv in zip(self.layers, kv_caches):
+        aux = [h] if 0 in self.aux_layers else []
+        for i, (layer, kv) in enumerate(zip(self.layers, kv_caches)):
             h, residual = layer(h, residual, rope, meta, kv)
+            if i + 1 in self.aux_layers:      # the stream the next layer's norm would read
+                aux.append(h + residual)
         h, _ = self.norm(h, residual)
-        return h
+        return (h, aux) if self.aux_layers else h
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[T, hidden] -> [T, vocab] logits (model dtype)."""

@@ -67,6 +67,32 @@ def served_name(path: str) -> str:
     return _stamp(path).get("name", NAME)
 
 
+def build_default_draft(path: str, *, source: str, target_source: str, log=print) -> str:
+    """The default model's EAGLE-3 draft in ``path`` (a no-op if it is already there), exported
+    from the compact draft file ``source`` (``train_draft.py``), which must have been trained for
+    the target exported from ``target_source``."""
+    from .train_draft import draft_info, export_draft
+
+    info = draft_info(source)
+    if info.get("target_digest") != _digest(target_source):
+        raise ValueError(f"the EAGLE-3 draft {source} was trained for another tiny Qwen3 than the "
+                         f"one served ({target_source}); run `make train-tiny`, which trains the "
+                         f"draft for the model it trains")
+    want = {"build": BUILD_VERSION, "source_digest": _digest(source)}
+    if all(_stamp(path).get(k) == v for k, v in want.items()):
+        return path
+    tmp = path.rstrip("/") + ".partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    log(f"building the default model's EAGLE-3 draft (from {source}) in {path}")
+    export_draft(source, tmp, log=lambda m: None)
+    with open(os.path.join(tmp, STAMP), "w") as f:
+        json.dump(dict(want, name=info["name"], source=source), f)
+    if os.path.exists(path):
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+    return path
+
+
 def build_default_model(path: str, *, source: str | None = None, seed: int = 0,
                         force: bool = False, log=print) -> str:
     """Build the default model in ``path`` (a no-op if it is already there): exported from the

@@ -65,5 +65,9 @@ def register() -> None:
         ModelRegistry.register_model(arch, target)
     ReasoningParserManager.register_lazy_module(REASONING_PARSER_NAME, THINKING_MODULE,
                                                 "AscendQwen3ReasoningParser")
+    # the budget under speculative decoding, where vLLM refuses logits processors: the input
+    # batch's thinking-budget holder, the project's when its parser runs with speculation
+    from .budget import install_speculative_budget
+    install_speculative_budget()
     logger.debug("ascend-qwen3 registered %s and the reasoning parser %s", ", ".join(archs),
                  REASONING_PARSER_NAME)

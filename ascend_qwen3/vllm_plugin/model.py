@@ -33,6 +33,8 @@ from ..loader import checkpoint_files, load_weights
 from ..model import Qwen3Graph
 from ..parallel import ParallelContext
 from ..quant.description import QuantConfig
+from ..speculative import (DRAFT_METHODS, METHODS, Speculative, SpeculativeError, check_draft,
+                           default_eagle3_layers)
 from . import compat
 from . import cpu_kernels
 from .attention import ops_attention_backend
@@ -114,6 +116,7 @@ class AscendQwen3Backbone(nn.Module):
                                        else None)
         if compat.on_npu() and compat.full_graphs_requested(vllm_config):
             compat.check_full_graph_protocol()    # before any weight is read
+        check_speculative(vllm_config, cfg)
         self.model_dir = _model_dir(mc, vllm_config.load_config)
         self.files = checkpoint_files(self.model_dir)
         self.quant = QuantConfig.from_model_dir(self.model_dir, cfg, set(self.files))
@@ -127,16 +130,92 @@ class AscendQwen3Backbone(nn.Module):
             return VllmAttention(compat.make_attention_layer(
                 num_heads=num_heads, head_dim=head_dim, scale=scale, num_kv_heads=num_kv_heads,
                 cache_config=cache_config, backend=backend,
-                prefix=f"{prefix}layers.{layer}.self_attn.attn.layer"))
+                prefix=_join(prefix, f"layers.{layer}.self_attn.attn.layer")))
 
         device = vllm_config.device_config.device
         self.graph = Qwen3Graph(cfg, self.ctx, device=device, quant=self.quant,
                                 max_positions=max(mc.max_model_len, 1), attention=attention)
         self.attention_backend = backend
 
+    @property
+    def embed_tokens(self) -> nn.Module:
+        """The token embedding, where vLLM's and vllm-ascend's EAGLE drafters take it
+        (``target.model.embed_tokens``) to share it; called as ``embed_tokens(input_ids)``."""
+        return self.graph.embed_tokens
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.graph.layers
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                intermediate_tensors=None, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+                intermediate_tensors=None, inputs_embeds: torch.Tensor | None = None):
         return self.graph(input_ids, positions, inputs_embeds=inputs_embeds)
+
+
+def _join(*parts: str) -> str:
+    """A module prefix, as vLLM's ``maybe_prefix`` joins them ("" parts dropped)."""
+    return ".".join(p.rstrip(".") for p in parts if p)
+
+
+def check_speculative(vllm_config, cfg: Qwen3Config) -> None:
+    """The engine's speculative config against this target, before any weight is read: a draft
+    whose hidden size, vocabulary or layer ids do not fit, or too many tokens for the NPU, stops
+    the start with what was expected and found (``ascend_qwen3.speculative``)."""
+    sc = getattr(vllm_config, "speculative_config", None)
+    if sc is None or getattr(vllm_config.model_config, "runner", None) == "draft":
+        return
+    method = getattr(sc, "method", None)
+    device = "npu" if compat.on_npu() else "cpu"
+    if method not in METHODS:
+        raise ValueError(f"ascend-qwen3: speculative method {method!r} is not served by the "
+                         f"project's classes (served: {', '.join(METHODS)}); use one of those, "
+                         f"or vLLM's built-in Qwen3 class")
+    dmc = getattr(sc, "draft_model_config", None)
+    spec = Speculative(method, int(sc.num_speculative_tokens), getattr(dmc, "model", None))
+    try:
+        check_draft(cfg, spec, device,
+                    draft=dmc.hf_config.to_dict() if method in DRAFT_METHODS else None)
+    except SpeculativeError as exc:
+        raise ValueError(f"ascend-qwen3: speculative decoding: {exc}") from None
+
+
+class SharedLMHead(nn.Module):
+    """The project's output head in the form vLLM's ``LogitsProcessor`` calls a head: what an
+    EAGLE draft without a head of its own takes as ``target.lm_head`` (vLLM's
+    ``SpecDecodeBaseProposer._maybe_share_lm_head``) and then calls through
+    ``lm_head.quant_method.apply(lm_head, hidden, bias)``, gathering the rank's vocabulary slice
+    itself when ``tp_size`` > 1. The head is referenced, not owned (its weight stays the graph's)."""
+
+    class _Apply:
+        @staticmethod
+        def apply(layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+            head = layer._head[0]
+            w = getattr(head, "weight", None)
+            if w is None:          # tied and not finalised: the embedding itself
+                w = head._embedding[0].weight
+            y = head.ops.linear(x, w)
+            return y if bias is None else y + bias
+
+    quant_method = _Apply()
+
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self._head = [head]                      # not a submodule: owned by the graph
+        self.tp_size = head.ctx.tp_size
+        rank = head.ctx.tp_rank
+        self.org_vocab_size = head.vocab_size
+        pad = max(0, (rank + 1) * head.per_rank - head.vocab_size)
+        self.shard_indices = type("ShardIndices", (), {
+            "org_vocab_start_index": rank * head.per_rank, "num_org_vocab_padding": pad})()
+
+    @property
+    def weight(self) -> torch.Tensor:
+        head = self._head[0]
+        w = getattr(head, "weight", None)
+        return head._embedding[0].weight if w is None else w
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self._head[0](hidden)
 
 
 @functools.cache
@@ -152,9 +231,20 @@ def compiled_backbone() -> type:
 
 
 class AscendQwen3ForCausalLM(nn.Module):
+    """The project's Qwen3 for vLLM; also a speculative-decoding target (vLLM's ``SupportsEagle``
+    and ``SupportsEagle3`` protocols, met by these members: the runner checks them with
+    ``isinstance`` on its runtime-checkable protocols): ``model.embed_tokens`` and ``lm_head``
+    as EAGLE drafters share them, and the residual stream of the layers an EAGLE-3 draft names
+    returned beside the hidden states from every forward (``set_aux_hidden_state_layers``)."""
+
+    supports_eagle = True
+    supports_eagle3 = True
+    has_own_lm_head = False
+    has_own_embed_tokens = False
+
     def __init__(self, *, vllm_config, prefix: str = ""):
         super().__init__()
-        self.model = compiled_backbone()(vllm_config=vllm_config, prefix=f"{prefix}model.")
+        self.model = compiled_backbone()(vllm_config=vllm_config, prefix=_join(prefix, "model"))
         self.config, self.ctx, self.quant = self.model.config, self.model.ctx, self.model.quant
         cc = vllm_config.compilation_config
         self._compilation = ("off (eager)" if self.model.do_not_compile else
@@ -177,11 +267,31 @@ class AscendQwen3ForCausalLM(nn.Module):
 
     # --- the vLLM model interface --------------------------------------------------------------
 
+    @property
+    def lm_head(self) -> SharedLMHead:
+        head = self.__dict__.get("_shared_head")
+        if head is None:
+            head = self.__dict__["_shared_head"] = SharedLMHead(self.model.graph.lm_head)
+        return head
+
+    def set_aux_hidden_state_layers(self, layers: tuple[int, ...]) -> None:
+        """EAGLE-3: from now on every forward returns (hidden states, [the residual stream after
+        each of ``layers`` layers]), in ascending layer order, each id once (as vLLM's
+        ``EagleModelMixin``). vLLM's runner calls it at load, before warm-up and compilation."""
+        self.model.graph.set_aux_layers(layers)
+        logger.info("ascend-qwen3 %s: auxiliary hidden states after layers %s for EAGLE-3",
+                    type(self).__name__, self.model.graph.aux_layers)
+
+    def get_eagle3_default_aux_hidden_state_layers(self) -> tuple[int, ...]:
+        return default_eagle3_layers(self.config.num_layers)
+
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.graph.embed_tokens(input_ids)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, intermediate_tensors=None,
-                inputs_embeds: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+                inputs_embeds: torch.Tensor | None = None, **kwargs):
+        """The final hidden states [T, hidden]; for an EAGLE-3 drafter (aux layers set) the pair
+        (hidden states, [aux states])."""
         hidden = self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
         if not self._compiled_said and (getattr(self.model, "compiled", False)   # compiled now,
                                         or getattr(self.model, "aot_compiled_fn", None)):  # or loaded

@@ -43,19 +43,19 @@ import logging
 
 import torch
 from vllm.reasoning import ReasoningParserManager
-from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
+from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 
 from ..thinking import THINK_END, BudgetState, ThinkingTokens, thinking_requested
 from . import LOGITS_PROCESSOR
+from .budget import BUDGET_KEY, PLACEHOLDER_WARNING, follow_batch, force_rows
 
-BUDGET_KEY = "ascend_qwen3_thinking_token_budget"
 logger = logging.getLogger(__name__)
 
 
 class PerRequestProcessor(LogitsProcessor):
     """A logits processor that keeps a state for some requests of the persistent batch, by batch
-    row, following vLLM's batch updates (applied in vLLM's order: removed, added, moved).
-    ``track`` says what to keep for a request joining the batch (None: nothing)."""
+    row, following vLLM's batch updates (``follow_batch``). ``track`` says what to keep for a
+    request joining the batch (None: nothing)."""
 
     rows: dict
 
@@ -66,22 +66,7 @@ class PerRequestProcessor(LogitsProcessor):
         return False
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
-        if not batch_update:
-            return
-        for index in batch_update.removed:
-            self.rows.pop(index, None)
-        for index, params, prompt_ids, output_ids in batch_update.added:
-            state = self.track(params, prompt_ids, output_ids)
-            if state is None:
-                self.rows.pop(index, None)
-            else:
-                self.rows[index] = state
-        for a, b, direction in batch_update.moved:
-            row_a, row_b = self.rows.pop(a, None), self.rows.pop(b, None)
-            if row_a is not None:
-                self.rows[b] = row_a
-            if row_b is not None and direction == MoveDirectionality.SWAP:
-                self.rows[a] = row_b
+        follow_batch(self.rows, batch_update, self.track)
 
 
 class ThinkingBudget(PerRequestProcessor):
@@ -138,23 +123,12 @@ class ThinkingBudget(PerRequestProcessor):
         for index, (state, output_ids) in self.rows.items():
             if state.feed_all(output_ids) and not self._warned:
                 self._warned = True
-                logger.warning(
-                    "ascend-qwen3 thinking budget: a request's output ids still hold async-scheduling "
-                    "placeholders when the logits processors run, so its budget cannot count them and "
-                    "comes late or not at all. The engine did not ask for real output ids (vllm-ascend "
-                    "0.23 forgets --logits-processors' need for them when it rebuilds its input batch for "
-                    "a KV block size other than --block-size); serve with --block-size 128 or "
-                    "--no-async-scheduling")
+                logger.warning(PLACEHOLDER_WARNING)
             token = state.forced_token()
             if token is not None:
                 rows.append(index)
                 forced.append(token)
-        if rows:
-            r = torch.tensor(rows, dtype=torch.long, device=logits.device)
-            t = torch.tensor(forced, dtype=torch.long, device=logits.device)
-            logits.index_fill_(0, r, float("-inf"))     # a forced row keeps one finite logit
-            logits[r, t] = 0.0
-        return logits
+        return force_rows(logits, rows, forced)
 
 
 def _qwen3_parser() -> type:

@@ -84,8 +84,9 @@ ifeq ($(ON_NPU),1)
 endif
 	$(PY) -m ascend_qwen3.cli npu-acceptance $(if $(MODEL),--model $(MODEL)) $(ACCEPT_ARGS)
 
-# make train-tiny: train the tiny Qwen3 models (dense and MoE) on the offline corpus into
-# $(ASCEND_QWEN3_HOME)/trained; make serve then serves the dense one. TRAIN_ARGS e.g. "--kind dense".
+# make train-tiny: train the tiny Qwen3 models (dense and MoE) on the offline corpus, and the dense
+# one's EAGLE-3 draft, into $(ASCEND_QWEN3_HOME)/trained; make serve then serves the dense one
+# (SERVE_ARGS="--speculative eagle3" with its draft). TRAIN_ARGS e.g. "--kind dense" or "--no-draft".
 TRAIN_ARGS ?=
 train-tiny: setup
 	$(PY) -m ascend_qwen3.cli train-tiny $(TRAIN_ARGS)

@@ -96,3 +96,81 @@ def make_readable(path: str) -> None:
     for f in files:
         if os.path.isfile(f):
             os.chmod(f, 0o666 & ~umask)
+
+
+def _copy_side_files(src: str, dst: str) -> None:
+    """Tokenizer and generation files of ``src`` (everything but config and weights)."""
+    import shutil
+
+    for f in os.listdir(src):
+        if f.endswith((".json", ".jinja", ".txt", ".model")) and f != "config.json" \
+                and not f.startswith("model.safetensors"):
+            shutil.copy(os.path.join(src, f), os.path.join(dst, f))
+
+
+def _read_dense(src: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    with open(os.path.join(src, "config.json")) as f:
+        config = json.load(f)
+    if Qwen3Config.from_dict(config).is_moe:
+        raise ValueError(f"{src} is a Qwen3-MoE checkpoint; a dense Qwen3 is needed here")
+    files = sorted(f for f in os.listdir(src) if f.endswith(".safetensors"))
+    state = {}
+    for f in files:
+        state.update(load_file(os.path.join(src, f)))
+    return config, state
+
+
+def write_truncated_checkpoint(src: str, path: str, num_layers: int) -> str:
+    """A smaller Qwen3 from a dense one: its first ``num_layers`` decoder layers, its
+    embedding, final norm and head (a draft model of the same vocabulary for speculative
+    decoding, e.g. a 2-layer cut of a 4-layer model)."""
+    config, state = _read_dense(src)
+    if not 1 <= num_layers <= config["num_hidden_layers"]:
+        raise ValueError(f"num_layers must be 1..{config['num_hidden_layers']}, not {num_layers}")
+    keep = {k: v for k, v in state.items()
+            if not k.startswith("model.layers.") or int(k.split(".")[2]) < num_layers}
+    os.makedirs(path, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in keep.items()}, os.path.join(path, "model.safetensors"),
+              metadata={"format": "pt"})
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(dict(config, num_hidden_layers=num_layers,
+                       max_window_layers=min(config.get("max_window_layers", num_layers),
+                                             num_layers)), f, indent=2)
+    _copy_side_files(src, path)
+    make_readable(path)
+    return path
+
+
+def write_upcycled_moe_checkpoint(src: str, path: str, num_experts: int = 4, top_k: int = 2,
+                                  seed: int = 0) -> str:
+    """A Qwen3-MoE that computes what the dense Qwen3 ``src`` computes: every expert a copy of
+    the dense MLP, a random router, renormalised top-k weights (so any routing gives the dense
+    MLP's output, up to rounding). Exercises the MoE classes on a trained model's behaviour."""
+    config, state = _read_dense(src)
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, v in state.items():
+        if ".mlp." not in k:
+            out[k] = v
+            continue
+        prefix, proj = k.split(".mlp.")
+        for e in range(num_experts):
+            out[f"{prefix}.mlp.experts.{e}.{proj}"] = v.clone()
+        gate = f"{prefix}.mlp.gate.weight"
+        if gate not in out:
+            out[gate] = (torch.randn(num_experts, config["hidden_size"], generator=g)
+                         / math.sqrt(config["hidden_size"])).to(v.dtype)
+    os.makedirs(path, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(path, "model.safetensors"),
+              metadata={"format": "pt"})
+    moe = dict(config, architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe",
+               moe_intermediate_size=config["intermediate_size"], num_experts=num_experts,
+               num_experts_per_tok=top_k, norm_topk_prob=True, decoder_sparse_step=1,
+               mlp_only_layers=[], router_aux_loss_coef=0.001, output_router_logits=False)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(moe, f, indent=2)
+    _copy_side_files(src, path)
+    make_readable(path)
+    return path

@@ -6,7 +6,8 @@ Commands:
   quantize  write an msModelSlim-format W8A8 / W8A8_DYNAMIC checkpoint from a float one
   serve     start vLLM's OpenAI-compatible server on a checkpoint with the project's plugin
             (default: the embedded trained tiny Qwen3; random weights where there is none)
-  train-tiny  train the tiny Qwen3 models (dense, MoE) on an offline corpus, real tokenizer
+  train-tiny  train the tiny Qwen3 models (dense, MoE) on an offline corpus, real tokenizer,
+              and the dense one's EAGLE-3 draft
   tiny      build the embedded default model into a directory
   loadtest  concurrent streaming chat load on a live server (latency, TTFT, tokens/s, errors)
 """
@@ -160,11 +161,16 @@ def _train_tiny(args: argparse.Namespace) -> int:
     kinds = ("dense", "moe") if args.kind == "both" else (args.kind,)
     recipe = Recipe(seed=args.seed) if args.steps is None else Recipe(seed=args.seed, steps=args.steps)
     t = time.perf_counter()
-    out = train_tiny(args.home or _home(), kinds, recipe,
-                     force=args.force, package=args.package,
-                     log=lambda m: print(m, file=sys.stderr, flush=True))
+    say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    out = train_tiny(args.home or _home(), kinds, recipe, force=args.force, package=args.package,
+                     log=say)
     for kind in kinds:
         print(out[kind])
+    if "dense" in kinds and not args.no_draft:
+        # the default model's EAGLE-3 draft, trained on what the dense model just became
+        from .serve.train_draft import DraftRecipe, train_tiny_draft
+        print(train_tiny_draft(args.home or _home(), DraftRecipe(seed=args.seed), force=args.force,
+                               package=args.package, log=say))
     print(f"train-tiny: {time.perf_counter() - t:.0f} s", file=sys.stderr)
     return 0
 
@@ -491,6 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--steps", type=int, default=None, help="optimiser steps (default: the recipe's)")
     tt.add_argument("--home", default=None, help="default: $ASCEND_QWEN3_HOME or ~/.cache/ascend-qwen3")
     tt.add_argument("--force", action="store_true", help="train again even if it is there")
+    tt.add_argument("--no-draft", action="store_true", help="do not train the dense model's "
+                    "EAGLE-3 draft (speculative decoding: serve --speculative eagle3)")
     tt.add_argument("--package", action="store_true",
                     help="maintainers: copy the dense result into the package (what make serve "
                          "serves on a fresh clone)")

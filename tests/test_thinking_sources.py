@@ -227,3 +227,83 @@ def test_declared_overrides_are_the_code():
         assert tuple(names) == u.names, (u, names)
         checked += 1
     assert checked == 8
+
+
+# --- the budget under speculative decoding (vllm_plugin/budget.py) ---------------------------------
+
+def check_holder_path(tree) -> list[str]:
+    """What the budget through the draft relies on in vLLM (0.23 and 0.32): the input batch
+    creates its holder through the module-level name ThinkingBudgetStateHolder (which the plugin
+    replaces by a subclass), hands it batch updates, and the sampler (bonus token) and the
+    rejection sampler (draft tokens) apply it to their logits."""
+    problems = []
+    tbs = "vllm.v1.sample.thinking_budget_state"
+    make = _function(tree, tbs, "maybe_create_thinking_budget_state_holder")
+    if not any(isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
+               and n.func.id == "ThinkingBudgetStateHolder" for n in ast.walk(make)):
+        problems.append(f"{tbs}.maybe_create_thinking_budget_state_holder no longer creates the "
+                        f"holder by its module-level name ({tree.label})")
+    batch = tree.module("vllm.v1.worker.gpu_input_batch")
+    if not any(name == "maybe_create_thinking_budget_state_holder" for _, name in _calls(batch)):
+        problems.append(f"vLLM's InputBatch no longer calls maybe_create_thinking_budget_state_holder "
+                        f"({tree.label})")
+    if not any(name == "sync_batch" for _, name in _calls(batch)):
+        problems.append(f"vLLM's InputBatch no longer hands batch updates to the holder ({tree.label})")
+    for module, path, bonus in (("vllm.v1.sample.sampler", "Sampler.apply_logits_processors", None),
+                                ("vllm.v1.sample.rejection_sampler",
+                                 "RejectionSampler.apply_logits_processors", False)):
+        fn = _function(tree, module, path)
+        calls = [n for n in ast.walk(fn) if isinstance(n, ast.Call)
+                 and _attr_chain(n.func).endswith("holder.apply_to_logits")]
+        if not calls:
+            problems.append(f"{module}.{path} no longer applies the thinking-budget holder ({tree.label})")
+        elif bonus is False and not any(
+                k.arg == "predict_bonus_token" and isinstance(k.value, ast.Constant)
+                and k.value.value is False for c in calls for k in c.keywords):
+            problems.append(f"{module}.{path} no longer applies the holder to the draft rows "
+                            f"(predict_bonus_token=False) ({tree.label})")
+    return problems
+
+
+def test_vllm_applies_the_holder_to_drafted_and_bonus_tokens(vllm_tree):
+    assert not check_holder_path(vllm_tree)
+
+
+def test_the_holder_check_fails_on_a_change(vllm_023):
+    path = "vllm/v1/sample/rejection_sampler.py"
+    text = vllm_023.text(path)
+    assert "holder.apply_to_logits(" in text
+    changed = vllm_023.with_changes({path: text.replace("holder.apply_to_logits(", "holder.apply(")})
+    assert any("RejectionSampler.apply_logits_processors no longer applies" in p
+               for p in check_holder_path(changed))
+    tbs = "vllm/v1/sample/thinking_budget_state.py"
+    text = vllm_023.text(tbs)
+    changed = vllm_023.with_changes({tbs: text.replace("return ThinkingBudgetStateHolder(",
+                                                       "return _Holder(")})
+    assert any("module-level name" in p for p in check_holder_path(changed))
+
+
+def test_vllm_ascend_cannot_apply_a_budget_to_drafted_tokens(vllm_ascend_023):
+    """Why the launcher refuses budgeted requests on vllm-ascend with speculation
+    (vllm_plugin/budget_guard.py): its input batch has no holder (above) and its rejection
+    sampler applies no budget to the draft rows; if either changes, revisit the guard."""
+    fn = _function(vllm_ascend_023, "vllm_ascend.sample.rejection_sampler",
+                   "AscendRejectionSampler.apply_logits_processors")
+    assert not [n for n in ast.walk(fn) if isinstance(n, ast.Attribute)
+                and n.attr in ("thinking_budget_state_holder", "apply_to_logits")]
+
+
+def test_the_holder_overrides_are_the_declared_ones():
+    pytest.importorskip("vllm")
+    from vllm.v1.sample.thinking_budget_state import ThinkingBudgetStateHolder
+
+    from ascend_qwen3.vllm_plugin.budget import _speculative_holder
+
+    cls = _speculative_holder(ThinkingBudgetStateHolder)
+    uses = [u for u in VLLM_USES if u.module == "vllm.v1.sample.thinking_budget_state"
+            and u.how == "override"]
+    assert len(uses) == 5
+    for u in uses:
+        names = [p.name for p in inspect.signature(getattr(cls, u.path.split(".")[1])).parameters.values()
+                 if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)][1:]
+        assert tuple(names) == u.names, (u, names)

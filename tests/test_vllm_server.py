@@ -46,20 +46,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """Start ``make serve`` (PORT free, the default model built under a temporary home)."""
+def _start(tmp_path_factory, name: str, serve_args: str):
+    """Start ``make serve`` (PORT free, the default model built under a temporary home, an API
+    key through a file, as a mounted Kubernetes Secret would give it) with ``serve_args``."""
     require_vllm()
-    work = tmp_path_factory.mktemp("serve")
+    work = tmp_path_factory.mktemp(name)
     port = _free_port()
     venv = os.path.dirname(os.path.dirname(sys.executable))
-    # an API key through a file, as a mounted Kubernetes Secret would give it
     (work / "api-key").write_text(API_KEY + "\n")
     env = dict(os.environ, ASCEND_QWEN3_HOME=str(work / "home"), PYTHONPATH=ROOT,
                ASCEND_QWEN3_OPS_LOG=str(work / "ops"), VLLM_CPU_KVCACHE_SPACE="1")
     env.pop("VLLM_API_KEY", None)
-    args = (f"--api-key-file {work / 'api-key'} -- --max-model-len {MAX_MODEL_LEN} --enforce-eager "
-            f"--logits-processors tests.forced_tokens:ForcedTokens")
+    args = f"--api-key-file {work / 'api-key'} {serve_args}"
     log = open(work / "server.log", "w")
     proc = subprocess.Popen(["make", "-s", "serve", f"VENV={venv}", f"PORT={port}",
                              f"SERVE_ARGS={args}"], cwd=ROOT, env=env, stdout=log,
@@ -83,13 +81,43 @@ def server(tmp_path_factory):
 
     client = OpenAI(base_url=url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
     tok = AutoTokenizer.from_pretrained(str(work / "home" / "default-model"))
-    yield {"client": client, "url": url, "tok": tok, "work": work, "proc": proc}
-    os.killpg(proc.pid, 15)
+    return {"client": client, "url": url, "tok": tok, "work": work, "proc": proc, "log": log}
+
+
+def _stop(server):
+    os.killpg(server["proc"].pid, 15)
     try:
-        proc.wait(30)
+        server["proc"].wait(30)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-    log.close()
+        os.killpg(server["proc"].pid, 9)
+    server["log"].close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """``make serve`` as a user starts it, plus the test-only ForcedTokens processor."""
+    s = _start(tmp_path_factory, "serve", f"-- --max-model-len {MAX_MODEL_LEN} --enforce-eager "
+                                          f"--logits-processors tests.forced_tokens:ForcedTokens")
+    yield s
+    _stop(s)
+
+
+@pytest.fixture(scope="module")
+def spec_server(tmp_path_factory):
+    """``make serve SERVE_ARGS="--speculative eagle3"``: the default model with its trained
+    EAGLE-3 draft (no logits processors: vLLM refuses them with speculation; the budget goes
+    through the draft)."""
+    s = _start(tmp_path_factory, "serve-eagle3", f"--speculative eagle3 -- --max-model-len "
+                                                 f"{MAX_MODEL_LEN} --enforce-eager")
+    yield s
+    _stop(s)
+
+
+@pytest.fixture(params=["plain", "eagle3"])
+def any_server(request):
+    """The thinking tests run on both: what a user gets with speculation is what they get
+    without."""
+    return request.getfixturevalue("server" if request.param == "plain" else "spec_server")
 
 
 def forced(tok, text: str, end: bool = True) -> dict:
@@ -185,8 +213,8 @@ def test_completions(server):
 
 # --- thinking ------------------------------------------------------------------------------------
 
-def test_thinking_off_gives_no_reasoning(server):
-    m = chat(server, max_tokens=16, extra_body={"chat_template_kwargs": {"enable_thinking": False}}
+def test_thinking_off_gives_no_reasoning(any_server):
+    m = chat(any_server, max_tokens=16, extra_body={"chat_template_kwargs": {"enable_thinking": False}}
              ).choices[0].message
     assert not reasoning_of(m) and m.content
 
@@ -200,25 +228,25 @@ def test_thinking_on_splits_reasoning_and_content(server):
     assert m.content.strip() == "It is 4."
 
 
-def test_thinking_answer_has_reasoning_that_ends(server):
+def test_thinking_answer_has_reasoning_that_ends(any_server):
     """Thinking is on by default: the model reasons, closes </think> by itself, answers, stops."""
     for question in ["What is 2 + 2?", "Tell me about the \"while\" statement in Python."]:
-        r = chat(server, max_tokens=400, messages=[{"role": "user", "content": question}])
+        r = chat(any_server, max_tokens=400, messages=[{"role": "user", "content": question}])
         c = r.choices[0]
         assert c.finish_reason == "stop", c
         assert reasoning_of(c.message).strip() and c.message.content.strip()
         assert "</think>" not in c.message.content and "<think>" not in reasoning_of(c.message)
 
 
-def test_no_think_soft_switch_closes_thinking_in_the_prompt(server):
+def test_no_think_soft_switch_closes_thinking_in_the_prompt(any_server):
     """The template honours the last /no_think: the prompt ends with the empty think block
     (checked on the server's own rendering, /tokenize) and the answer streams as content."""
-    tok = server["tok"]
+    tok = any_server["tok"]
 
     def rendered(content):
         body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": content}],
                            "add_generation_prompt": True}).encode()
-        req = urllib.request.Request(server["url"] + "/tokenize", body,
+        req = urllib.request.Request(any_server["url"] + "/tokenize", body,
                                      {"Content-Type": "application/json"})
         with urllib.request.urlopen(req) as r:
             return tok.decode(json.load(r)["tokens"])
@@ -226,7 +254,7 @@ def test_no_think_soft_switch_closes_thinking_in_the_prompt(server):
     assert rendered("hi /no_think").endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
     assert rendered("hi /no_think then /think").endswith("<|im_start|>assistant\n<think>\n")
     assert rendered("hi").endswith("<|im_start|>assistant\n<think>\n")
-    stream = chat(server, max_tokens=20, stream=True,
+    stream = chat(any_server, max_tokens=20, stream=True,
                   messages=[{"role": "user", "content": "What is 23 + 45? /no_think"}])
     reasoning, content = "", ""
     for chunk in stream:
@@ -236,18 +264,18 @@ def test_no_think_soft_switch_closes_thinking_in_the_prompt(server):
     assert content and not reasoning
 
 
-def test_no_think_non_streaming_answer_is_content(server):
+def test_no_think_non_streaming_answer_is_content(any_server):
     """Non-streaming follows the template's soft-switch rule too (the project's reasoning
     parser; vLLM's own returns this answer as reasoning, vLLM #53284)."""
     # a question the model answers in plain text (a <tool_call> would end the reasoning section
     # for vLLM's parser by itself, whatever the prompt said)
     for content in ["What is 23 + 45? /no_think", "What is 23 + 45? /think then /no_think"]:
-        r = chat(server, max_tokens=20, messages=[{"role": "user", "content": content}])
+        r = chat(any_server, max_tokens=20, messages=[{"role": "user", "content": content}])
         m = r.choices[0].message
         assert m.content and not reasoning_of(m), content
         assert r.usage.completion_tokens_details is None or \
             not r.usage.completion_tokens_details.reasoning_tokens
-    m = chat(server, max_tokens=20, messages=[{"role": "user", "content": "What is 2 + 2? /no_think /think"}]
+    m = chat(any_server, max_tokens=20, messages=[{"role": "user", "content": "What is 2 + 2? /no_think /think"}]
              ).choices[0].message
     assert reasoning_of(m)                    # the last switch turns thinking back on
 
@@ -264,15 +292,15 @@ def _thinking_split(tok, ids: list[int]) -> tuple[list[int], list[int] | None]:
 
 
 @pytest.mark.parametrize("budget", [1, 5, 12])
-def test_thinking_budget_forces_the_transition(server, budget):
+def test_thinking_budget_forces_the_transition(any_server, budget):
     """At most N thinking tokens, then the report's transition text and </think>, then the
     answer. The count starts at <think>, as vLLM's: the template's newline after it is the
     first thinking token, so exactly N - 1 are generated (this question's free thinking is
     longer than 12 tokens)."""
-    r = chat(server, max_tokens=budget + 60, extra_body={"thinking_token_budget": budget,
+    r = chat(any_server, max_tokens=budget + 60, extra_body={"thinking_token_budget": budget,
                                                         "return_token_ids": True})
     m, ids = r.choices[0].message, r.choices[0].token_ids
-    thought, answer = _thinking_split(server["tok"], ids)
+    thought, answer = _thinking_split(any_server["tok"], ids)
     assert answer is not None, "the transition text must come right before </think>"
     assert len(thought) == budget - 1 <= budget
     assert reasoning_of(m).rstrip().endswith(THINKING_TRANSITION)
@@ -280,11 +308,11 @@ def test_thinking_budget_forces_the_transition(server, budget):
     assert THINKING_TRANSITION not in m.content
 
 
-def test_thinking_budget_streaming_and_non_streaming_agree(server):
+def test_thinking_budget_streaming_and_non_streaming_agree(any_server):
     for budget in (3, 9):
         extra = {"thinking_token_budget": budget}
-        full = chat(server, max_tokens=60, extra_body=extra).choices[0].message
-        stream = chat(server, max_tokens=60, stream=True, extra_body=extra)
+        full = chat(any_server, max_tokens=60, extra_body=extra).choices[0].message
+        stream = chat(any_server, max_tokens=60, stream=True, extra_body=extra)
         reasoning, content = "", ""
         for chunk in stream:
             if chunk.choices:
@@ -294,50 +322,74 @@ def test_thinking_budget_streaming_and_non_streaming_agree(server):
         assert (reasoning, content) == (reasoning_of(full), full.content)
 
 
-def test_thinking_budget_with_several_choices(server):
+def test_thinking_budget_with_several_choices(any_server):
     """n > 1: every choice is its own request to the engine, each with its own count."""
-    r = chat(server, max_tokens=50, n=3, temperature=1.0, seed=1,
+    r = chat(any_server, max_tokens=50, n=3, temperature=1.0, seed=1,
              extra_body={"thinking_token_budget": 6, "return_token_ids": True})
     assert len(r.choices) == 3
     for c in r.choices:
-        thought, answer = _thinking_split(server["tok"], c.token_ids)
+        thought, answer = _thinking_split(any_server["tok"], c.token_ids)
         assert answer is not None and len(thought) == 5, c
         assert reasoning_of(c.message).rstrip().endswith(THINKING_TRANSITION)
 
 
-def test_thinking_budget_with_thinking_off_changes_nothing(server):
+def test_thinking_budget_with_thinking_off_changes_nothing(any_server):
     """The prompt's think block is closed: there is no thinking to cut (vLLM's own budget
     forced the transition text into this answer)."""
     for extra in ({"chat_template_kwargs": {"enable_thinking": False}}, {}):
         messages = [{"role": "user", "content": "What is 23 + 45?" + ("" if extra else " /no_think")}]
-        plain = chat(server, max_tokens=30, messages=messages, extra_body=extra).choices[0].message
-        budgeted = chat(server, max_tokens=30, messages=messages,
+        plain = chat(any_server, max_tokens=30, messages=messages, extra_body=extra).choices[0].message
+        budgeted = chat(any_server, max_tokens=30, messages=messages,
                         extra_body=dict(extra, thinking_token_budget=2)).choices[0].message
         assert THINKING_TRANSITION not in (budgeted.content or "")
         assert budgeted.content == plain.content and not reasoning_of(budgeted)
 
 
-def test_thinking_budget_after_a_natural_end(server):
+def test_thinking_budget_after_a_natural_end(any_server):
     """The model's own reasoning ends inside the budget; its answer runs past the budget and is
     not cut (vLLM's own budget counted the answer as thinking, vLLM #39697)."""
-    end = server["tok"].convert_tokens_to_ids("</think>")
-    free = chat(server, max_tokens=200, extra_body={"return_token_ids": True}).choices[0]
+    end = any_server["tok"].convert_tokens_to_ids("</think>")
+    free = chat(any_server, max_tokens=200, extra_body={"return_token_ids": True}).choices[0]
     assert free.finish_reason == "stop" and end in free.token_ids
     budget = free.token_ids.index(end) + 3     # </think> within it, the answer's end beyond it
     assert budget < len(free.token_ids)
-    m = chat(server, max_tokens=200, extra_body={"thinking_token_budget": budget}).choices[0].message
+    m = chat(any_server, max_tokens=200, extra_body={"thinking_token_budget": budget}).choices[0].message
     assert reasoning_of(m).strip() == reasoning_of(free.message).strip()
     assert m.content == free.message.content and THINKING_TRANSITION not in m.content
 
 
-def test_thinking_budget_larger_than_the_thinking_changes_nothing(server):
+def test_thinking_budget_larger_than_the_thinking_changes_nothing(any_server):
     question = [{"role": "user", "content": "Tell me about the \"while\" statement in Python."}]
-    free = chat(server, max_tokens=300, messages=question, extra_body={"return_token_ids": True})
-    big = chat(server, max_tokens=300, messages=question,
+    free = chat(any_server, max_tokens=300, messages=question, extra_body={"return_token_ids": True})
+    big = chat(any_server, max_tokens=300, messages=question,
                extra_body={"return_token_ids": True, "thinking_token_budget": 1000})
     assert free.choices[0].finish_reason == "stop"
     assert big.choices[0].token_ids == free.choices[0].token_ids
     assert big.choices[0].message.content == free.choices[0].message.content
+
+
+def test_speculation_changes_no_token_of_a_budgeted_answer(server, spec_server):
+    """Greedy, the EAGLE-3 server answers token for token as the plain server does, budgets
+    included (the budget forced through the draft: vllm_plugin/budget.py), and it did speculate
+    (vLLM's counters on /metrics)."""
+    questions = ["What is 17 + 25?", "Tell me about the \"for\" statement in Python.",
+                 "What is the weather in Paris?"]
+    for q in questions:
+        for budget in (None, 1, 4, 11):
+            extra = {"return_token_ids": True}
+            if budget is not None:
+                extra["thinking_token_budget"] = budget
+            kw = dict(max_tokens=80, messages=[{"role": "user", "content": q}], extra_body=extra)
+            plain, spec = chat(server, **kw).choices[0], chat(spec_server, **kw).choices[0]
+            assert spec.token_ids == plain.token_ids, (q, budget)
+            assert spec.message.content == plain.message.content
+    with urllib.request.urlopen(spec_server["url"] + "/metrics", timeout=30) as r:
+        metrics = r.read().decode()
+    counts = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+              if line.startswith("vllm:spec_decode_num_")}
+    assert counts.get("vllm:spec_decode_num_accepted_tokens_total", 0) > 0, counts
+    log = (spec_server["work"] / "server.log").read_text()
+    assert "the project's, applied through the draft (3 speculative tokens)" in log
 
 
 def test_thinking_budget_never_cuts_a_tool_call(server):

@@ -52,10 +52,10 @@ DRAFT_RECIPE_VERSION = 1
 @dataclass
 class DraftRecipe:
     seed: int = 0
-    steps: int = 500
+    steps: int = 300
     seq_len: int = 256
     batch: int = 8
-    lr: float = 2e-3
+    lr: float = 3e-3
     warmup: int = 30
     weight_decay: float = 0.01
     layer_ids: tuple = (1, 2, 3)      # the target's layers the draft reads (of its 4)
@@ -94,10 +94,15 @@ def target_from_compact(path: str):
     return model.float().eval(), short, info
 
 
+TOP_LABELS = 8     # the target's most likely tokens kept per position as the draft's soft label
+
+
 @torch.no_grad()
-def target_features(target, ids: torch.Tensor, layer_ids) -> tuple[torch.Tensor, torch.Tensor]:
+def target_features(target, ids: torch.Tensor, layer_ids) -> tuple[torch.Tensor, torch.Tensor,
+                                                                     torch.Tensor]:
     """(features [B, T, 3H]: the residual streams after ``layer_ids`` layers, in order; the
-    target's log-probabilities over its compact vocabulary [B, T, V+1])."""
+    target's TOP_LABELS most likely draft-vocabulary ids [B, T, K] (the first its choice) and
+    their probabilities, renormalised over those K)."""
     out = target.model(input_ids=ids, output_hidden_states=True)
     hs = out.hidden_states          # [0] embeddings, [i] after i layers (the last one normed)
     n = len(hs) - 1
@@ -105,7 +110,9 @@ def target_features(target, ids: torch.Tensor, layer_ids) -> tuple[torch.Tensor,
         raise ValueError(f"layer ids {layer_ids} must be below the target's {n} layers here "
                          f"(transformers returns the last one normed)")
     feats = torch.cat([hs[i] for i in layer_ids], -1)
-    return feats, torch.log_softmax(target.lm_head(out.last_hidden_state).float(), -1)
+    logits = target.lm_head(out.last_hidden_state)[..., :-1]    # the shared row is no draft id
+    top = logits.topk(TOP_LABELS, dim=-1)
+    return feats, top.indices, torch.softmax(top.values.float(), -1)
 
 
 def _attend_ttt(draft, q, keys, values, step: int) -> torch.Tensor:
@@ -129,10 +136,11 @@ def _attend_ttt(draft, q, keys, values, step: int) -> torch.Tensor:
     return out
 
 
-def ttt_loss(draft, embed, feats, ids, logp_target, mask, recipe: DraftRecipe):
+def ttt_loss(draft, embed, feats, ids, labels, probs, mask, recipe: DraftRecipe):
     """The unrolled loss of one batch (module docstring). ids [B, T] compact ids; feats, the
-    target's features [B, T, 3H]; logp_target [B, T, V+1]; mask [B, T]: 1 on answer tokens.
-    Returns (loss, per-step top-1 agreement with the target)."""
+    target's features [B, T, 3H]; labels / probs [B, T, K]: the target's top ids and their
+    probabilities at each position; mask [B, T]: 1 on answer tokens. Returns (loss, per-step
+    top-1 agreement with the target)."""
     B, T = ids.shape
     k = recipe.ttt_steps
     N = T - 1 - k                              # anchors with every step's label in range
@@ -157,15 +165,15 @@ def ttt_loss(draft, embed, feats, ids, logp_target, mask, recipe: DraftRecipe):
             values.append(vj)
             out = _attend_ttt(draft, q, keys, values, j)
         p = draft.finish(out.reshape(B * N, *out.shape[2:]), hidden.reshape(B * N, -1)).view(B, N, -1)
-        logq = torch.log_softmax(draft.logits(p).float(), -1)             # over the shortlist
-        lp = logp_target[:, j:j + N, :-1]                                 # the target at t+j
-        target_p = torch.softmax(lp, -1)                                  # (renormalised)
-        m = mask[:, j + 1:j + 1 + N].float()       # the token predicted at t+j is an answer token
-        ce = -(target_p * logq).sum(-1)
+        # scored where the token predicted (at t+j+1) is one the server generates
+        sel = mask[:, j + 1:j + 1 + N].bool()
+        logq = torch.log_softmax(draft.logits(p[sel]).float(), -1)       # over the shortlist
+        lab, pr = labels[:, j:j + N][sel], probs[:, j:j + N][sel]        # the target at t+j
+        ce = -(pr * logq.gather(-1, lab)).sum(-1)
         w = recipe.step_decay ** (j - 1)
-        total = total + w * (ce * m).sum() / m.sum().clamp(min=1)
+        total = total + w * ce.mean()
         weight_sum += w
-        agree.append(float(((logq.argmax(-1) == lp.argmax(-1)).float() * m).sum() / m.sum().clamp(min=1)))
+        agree.append(float((logq.argmax(-1) == lab[:, 0]).float().mean()))
         hidden = p
     return total / weight_sum, agree
 
@@ -214,11 +222,11 @@ def train_draft(target_path: str, tok, recipe: DraftRecipe | None = None, log=pr
     for step in range(recipe.steps):
         ids, mask = next(batches)
         cids = remap[ids]
-        feats, logp = target_features(target, cids, recipe.layer_ids)
+        feats, labels, probs = target_features(target, cids, recipe.layer_ids)
         for g in opt.param_groups:
             g["lr"] = _lr(step, recipe)
         # fp32: bf16 matmuls are ten times slower on CPUs without AVX512-BF16 / AMX
-        loss, agree = ttt_loss(draft, embed, feats, cids, logp, mask, recipe)
+        loss, agree = ttt_loss(draft, embed, feats, cids, labels, probs, mask, recipe)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -156,6 +156,31 @@ VLLM_USES: list[Use] = [
         "override", ("token_ids",)),
     Use("vllm.entrypoints.openai.chat_completion.protocol", "ChatCompletionRequest", "attrs",
         ("messages", "chat_template_kwargs", "thinking_token_budget")),
+    # speculative decoding: the target's interface (model.py), read by the runner ...
+    Use("vllm.model_executor.models.interfaces", "SupportsEagle3", "attrs",
+        ("supports_eagle3", "has_own_lm_head", "has_own_embed_tokens",
+         "set_aux_hidden_state_layers", "get_eagle3_default_aux_hidden_state_layers")),
+    Use("vllm.model_executor.models.interfaces", "SupportsEagle3.set_aux_hidden_state_layers",
+        "override", ("layers",)),
+    Use("vllm.model_executor.models.interfaces", "SupportsEagle", "attrs", ("supports_eagle",)),
+    Use("vllm.config", "VllmConfig", "attrs", ("speculative_config",)),
+    Use("vllm.config", "SpeculativeConfig", "attrs",
+        ("method", "num_speculative_tokens", "draft_model_config")),
+    Use("vllm.config", "ModelConfig", "attrs", ("runner",)),
+    # ... and the budget through the draft (budget.py): the input batch's holder, by its name
+    Use("vllm.v1.sample.thinking_budget_state", "maybe_create_thinking_budget_state_holder"),
+    Use("vllm.v1.sample.thinking_budget_state", "ThinkingBudgetStateHolder.__init__", "override",
+        ("reasoning_config", "max_num_seqs", "num_spec_tokens", "device", "is_pin_memory")),
+    Use("vllm.v1.sample.thinking_budget_state", "ThinkingBudgetStateHolder.has_tracked_requests",
+        "override", ()),
+    Use("vllm.v1.sample.thinking_budget_state", "ThinkingBudgetStateHolder.sync_batch",
+        "override", ("batch_update",)),
+    Use("vllm.v1.sample.thinking_budget_state", "ThinkingBudgetStateHolder.update_state",
+        "override", ("output_token_ids", "spec_token_ids", "repeat_indices")),
+    Use("vllm.v1.sample.thinking_budget_state", "ThinkingBudgetStateHolder.apply_to_logits",
+        "override", ("logits", "predict_bonus_token", "spec_token_ids")),
+    Use("vllm.config", "ReasoningConfig", "attrs", ("reasoning_parser",)),
+    Use("vllm.config", "get_current_vllm_config_or_none", "call", ()),
 ]
 
 # vllm-ascend, on the NPU (``platform_attention_backend``, ``attention_inputs``, ``kv_views``)

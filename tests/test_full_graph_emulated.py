@@ -29,6 +29,23 @@ query-1 requests and a mixed batch with a dummy request give the eager engine's 
 dense and MoE, bf16 and W8A8; the same steps without the update replay the capture's lengths and
 are caught. And the kernels each decoder layer launches in the captured decode graph stay within
 vllm-ascend's own count (``BUDGETS``; the table in docs/serving.md).
+
+Speculative decoding (eagle3, draft_model, ngram: k draft tokens verified per request in one
+target step, each such request scheduled 1 + k tokens), dense and MoE, bf16, W8A8 and
+W8A8_DYNAMIC:
+
+- eager verification steps (k = 1 and 3) beside a plain decode row and a prefill chunk, drafts
+  rejected in between: the fused attention gets the call vllm-ascend makes for them (its
+  ChunkedPrefill call), and the hidden states are the CPU specification's (ops.cpu) and those
+  of the same tokens computed one by one (``check_verification_steps``); a backend leaving the
+  drafts' keys out is caught by each check;
+- FULL graphs captured for uniform batches of 1 + k tokens per request (S = 8: 2 requests of 4
+  for k = 3, 4 of 2 for k = 1; ``Runner.capture(q=1 + k)``), replayed with vllm-ascend's padding
+  (dummy requests of 1 + k tokens and no keys) and update over growing lengths, rejected drafts
+  and fewer requests than captured: every replay gives the eager engine's hidden states and,
+  with EAGLE-3's aux layers set, its aux states (graph outputs too); without the update, caught;
+- kernels: the 1 + k graph launches the plain decode graph's kernels layer by layer, and each
+  EAGLE-3 aux layer adds exactly one kernel (the residual add), nothing else.
 """
 
 from __future__ import annotations
@@ -40,11 +57,13 @@ import pytest
 import torch
 from torch import nn
 
+import ops
+from ascend_qwen3.config import Qwen3Config
 from ascend_qwen3.loader import load_model
 from ascend_qwen3.parallel import ParallelContext
 from ascend_qwen3.vllm_plugin import attention as plugin_attention
 from ascend_qwen3.vllm_plugin import compat
-from tests.npu_emulator.kernels import attach
+from tests.npu_emulator.kernels import OUTSIDE, attach
 from tests.test_graph_npu_emulated import npu_backend
 
 BS = 128            # the KV block size of the NPU profiles
@@ -91,18 +110,36 @@ class PluginAttention(nn.Module):
                                          self.runner.meta, output)
 
 
+def _rows(out, n):
+    """The first ``n`` rows of a forward's result, copied: the hidden states, or with EAGLE-3's
+    aux layers set (hidden states, [aux states]) as the graph returns them."""
+    if isinstance(out, tuple):
+        hidden, aux = out
+        return hidden[:n].clone(), [a[:n].clone() for a in aux]
+    return out[:n].clone()
+
+
 class Runner:
     """One model, its paged KV caches, the persistent input buffers and a captured graph."""
 
-    def __init__(self, emu, path, ctx=None, blocks=24, max_reqs=S):
-        self.emu, self.npu = emu, emu.torch_npu.npu
+    def __init__(self, emu, path, ctx=None, blocks=24, max_reqs=S, aux_layers=(),
+                 dtype=torch.bfloat16):
+        """``emu`` None: the model on the CPU backend (ops.cpu), eager only (``dtype`` float32
+        there: the exact reference of a bf16 computation). ``aux_layers``:
+        EAGLE-3's auxiliary hidden states (``Qwen3Graph.set_aux_layers``), as vLLM's runner sets
+        them at load when its drafter is EAGLE-3; every forward then returns (hidden, [aux])."""
+        self.emu, self.npu = emu, (emu.torch_npu.npu if emu is not None else None)
         self.meta, self.capturing, self.params = None, False, GraphParams()
+        self.q = 1          # the captured graph's query tokens per request (1 + k drafts)
         self.model, self.cfg = load_model(
-            path, dtype="bfloat16", ctx=ctx or ParallelContext(), max_positions=4096,
+            path, dtype=str(dtype).removeprefix("torch."), ctx=ctx or ParallelContext(),
+            max_positions=4096,
             attention=lambda layer, h, hkv, d, scale: PluginAttention(self, layer, scale))
+        if aux_layers:
+            self.model.set_aux_layers(aux_layers)
         layer0 = self.model.layers[0].self_attn
         shape = (blocks, BS, layer0.num_kv_heads, self.cfg.head_dim)
-        self.caches = [(torch.zeros(shape, dtype=torch.bfloat16), torch.zeros(shape, dtype=torch.bfloat16))
+        self.caches = [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
                        for _ in self.model.layers]
         self.input_ids = torch.zeros(MAX_TOKENS, dtype=torch.long)
         self.positions = torch.zeros(MAX_TOKENS, dtype=torch.long)
@@ -119,22 +156,30 @@ class Runner:
 
     # --- eager ---------------------------------------------------------------------------------
 
-    def eager(self, tokens, positions, q_lens, kv_lens, tables, slots) -> torch.Tensor:
-        """One unpadded step run eagerly on these caches (the reference, or a warm-up)."""
+    def eager(self, tokens, positions, q_lens, kv_lens, tables, slots):
+        """One unpadded step run eagerly on these caches (the reference, or a warm-up): the
+        hidden states, or with aux layers (hidden states, [aux states])."""
         n = len(tokens)
         self.slot_mapping[:n] = torch.tensor(slots, dtype=torch.int32)
         table = torch.tensor(tables, dtype=torch.int32)
         self.meta = self._meta(q_lens, kv_lens, table, n)
         with torch.inference_mode():
-            return self.model(torch.tensor(tokens), torch.tensor(positions)).clone()
+            return _rows(self.model(torch.tensor(tokens), torch.tensor(positions)), n)
 
     # --- capture, replay, update ---------------------------------------------------------------
 
-    def capture(self, record=True):
-        """Warm-up and capture of a uniform decode batch of S requests (MR _dummy_run): query 1,
-        seq_len 1, the slot mapping -1 (the warm-up leaves it so, MR 3548-3551)."""
+    def capture(self, record=True, q=1):
+        """Warm-up and capture of a uniform decode batch of S tokens (MR _dummy_run): S // q
+        requests of ``q`` query tokens (``uniform_decode_query_len``: 1, or 1 + k with k draft
+        tokens per request, MR 3399 and 3407-3411), every seq_len ``q`` (MR 3497-3508: with a
+        speculative config ``using_paged_attention`` is False, vllm_ascend/attention/utils.py
+        104-106, so the capture's seq_len is max_query_len), the slot mapping -1 (the warm-up
+        leaves it so, MR 3548-3551). With k drafts vLLM only captures sizes that are multiples
+        of 1 + k (vllm/config/compilation.py 1432-1443, 1471-1510)."""
+        assert S % q == 0, f"capture size {S} is not a multiple of the query length {q}"
+        self.q, reqs = q, S // q
         self.slot_mapping.fill_(-1)
-        dummy = self._meta([1] * S, [1] * S, self.block_table[:S], S)
+        dummy = self._meta([q] * reqs, [q] * reqs, self.block_table[:reqs], S)
         ids, pos = self.input_ids[:S], self.positions[:S]
         with torch.inference_mode():
             self.meta = dummy
@@ -143,24 +188,32 @@ class Runner:
             self.capturing = record
             with self.npu.graph(self.graph), attach(self.npu.state.recorder, self.model.layers):
                 self.meta = dummy
-                self.hidden = self.model(ids, pos)
+                # the graph's outputs: hidden states, or (hidden, [aux]) with EAGLE-3 (MR
+                # 2324-2326 and 3635-3638 unpack the pair from every forward, capture included)
+                self.out = self.model(ids, pos)
             self.capturing = False
 
-    def replay(self, tokens, positions, q_lens, kv_lens, tables, slots, update=True) -> torch.Tensor:
-        """One step through the captured graph, padded to S as vllm-ascend pads it."""
-        n, r = len(tokens), len(q_lens)
+    def replay(self, tokens, positions, q_lens, kv_lens, tables, slots, update=True):
+        """One step through the captured graph, padded to S as vllm-ascend pads it. Returns the
+        real rows of the graph's outputs, as ``eager``."""
+        n, r, q = len(tokens), len(q_lens), self.q
         self.input_ids[:n] = torch.tensor(tokens)
         self.positions[:n] = torch.tensor(positions)
         self.positions[n:S] = 0                                          # GMR 3502-3503
         self.slot_mapping[:n] = torch.tensor(slots, dtype=torch.int32)
-        self.slot_mapping[n:S] = -1                                      # MR 3122-3123
+        self.slot_mapping[n:S] = -1                                      # MR 3125
         self.block_table[:r] = torch.tensor(tables, dtype=torch.int32)
         self.block_table[r:] = 0                                         # MR 3126
-        if all(q == 1 for q in q_lens):       # uniform decode: dummies of query 1, seq_len 0
-            q_pad, kv_pad = q_lens + [1] * (S - r), kv_lens + [0] * (S - r)
-            tables_now = self.block_table[:S]
+        if all(ql == q for ql in q_lens):
+            # uniform decode (MR 2953-2958: every request has uniform_decode_query_len tokens),
+            # padded to the graph's S // q requests (vLLM's cudagraph_dispatcher.py 147-149) in
+            # FULL_AND_PIECEWISE / FULL_DECODE_ONLY: dummy requests of q tokens each (MR
+            # 837-847) and seq_len 0 (MR 1090), block row 0 and slot -1 (MR 3125-3126)
+            pad = (S - n) // q
+            q_pad, kv_pad = q_lens + [q] * pad, kv_lens + [0] * pad
+            tables_now = self.block_table[:r + pad]
         else:                                  # mixed: one dummy for the padding, seq_len 1
-            q_pad, kv_pad = q_lens + [S - n], kv_lens + [1]
+            q_pad, kv_pad = q_lens + [S - n], kv_lens + [1]                # MR 848-856, AV1 339-351
             tables_now = torch.cat([self.block_table[:r], torch.zeros(1, 4, dtype=torch.int32)])
         self.meta = self._meta(q_pad, kv_pad, tables_now, n)
         with torch.inference_mode():
@@ -172,7 +225,7 @@ class Runner:
                 for event in self.params.events[S]:
                     event.record(self.update_stream)
             self.npu.synchronize()
-        return self.hidden[:n].clone()
+        return _rows(self.out, n)
 
     @property
     def update_stream(self):
@@ -232,6 +285,13 @@ class Requests:
             table.append(self.next_block)
             self.next_block += 1
         return [table[p // BS] * BS + p % BS for p in range(start, start + n)]
+
+    def reject(self, rid, rejected):
+        """A verification step rejected the last ``rejected`` draft tokens of request ``rid``:
+        its length goes back by as many (vLLM's scheduler, vllm/v1/core/sched/scheduler.py
+        1420-1427: ``num_computed_tokens -= num_rejected``), so its next step starts at the
+        bonus token and overwrites their cache slots."""
+        self.lens[rid] -= rejected
 
     def step(self, plan):
         """plan: [(request id, new tokens: how many (random ids) or which)] -> the step's tokens,
@@ -317,6 +377,254 @@ def test_replays_equal_eager(monkeypatch, checkpoint, quantized, name):
         assert min(stale) > 0.1, stale
 
 
+# --- speculative decoding: verification steps of 1 + k tokens per request -------------------
+#
+# vllm-ascend 0.23 verifies a request's k draft tokens (eagle3, draft_model, ngram) in one target
+# step: the request is scheduled 1 + k tokens (its last sampled token and the drafts), with the
+# drafts' keys written and counted in its seq_len (the optimistic seq_lens, MR 1080-1090). Such a
+# step is not DecodeOnly: ``_build_attn_state`` (MR 1477-1506) makes it SpecDecoding and then,
+# for any method but MTP, ChunkedPrefill, whose attention (AV1 ``_get_fia_params`` 1174-1232 and
+# ``forward_fused_infer_attention`` 1234-1362) is one ``npu_fused_infer_attention_score`` over
+# the paged cache: TND, sparse_mode 3 (bottom-right causal), ``actual_seq_lengths`` the
+# cumulative query ends, ``actual_seq_lengths_kv`` the seq_lens_list. The project's impl makes
+# that call for every step, whatever the state (vllm_plugin/attention.py).
+
+SPEC_KS = (1, 3)
+
+
+def verification_schedule(vocab, k, seed=0):
+    """A prefill, then two eager verification steps with k drafts per speculating request, each
+    with a plain decode row and a prefill chunk beside them, and drafts rejected in between:
+
+    0. prefill: requests 0 (126 tokens), 1 (9), 2 (33) and the first chunk of 3 (40 of 64);
+    1. verification: 0 and 2 with 1 + k tokens (0 crosses its first 128-token block), 1 a plain
+       decode (no draft this step: an ngram drafter without a match proposes none), 3 its second
+       chunk (24 tokens after 40 cached);
+    2. 0 rejected all its drafts and 2 accepted one (their next tokens overwrite the rejected
+       drafts' cache slots: ``Requests.reject``), then 0, 1 and 2 with 1 + k tokens and 3 a plain
+       decode.
+
+    Returns the steps (``Requests.step`` tuples)."""
+    reqs = Requests(vocab, seed)
+    steps = [reqs.step([(0, 126), (1, 9), (2, 33), (3, 40)]),
+             reqs.step([(0, 1 + k), (1, 1), (2, 1 + k), (3, 24)])]
+    reqs.reject(0, k)
+    reqs.reject(2, k - 1)
+    steps.append(reqs.step([(0, 1 + k), (2, 1 + k), (1, 1 + k), (3, 1)]))
+    return steps
+
+
+def one_by_one(runner, step):
+    """``step`` as a non-speculative engine would compute it: every request alone, and each
+    request of at most 1 + max(SPEC_KS) tokens (a decode or a verification) one token per step;
+    the rows in the step's order."""
+    tokens, positions, q_lens, kv_lens, tables, slots = step
+    rows, a = [], 0
+    for ql, kl, table in zip(q_lens, kv_lens, tables):
+        b = a + ql
+        if ql <= 1 + max(SPEC_KS):
+            rows += [runner.eager([tokens[j]], [positions[j]], [1], [kl - (b - 1 - j)], [table],
+                                  [slots[j]]) for j in range(a, b)]
+        else:
+            rows.append(runner.eager(tokens[a:b], positions[a:b], [ql], [kl], [table], slots[a:b]))
+        a = b
+    return torch.cat(rows)
+
+
+@contextlib.contextmanager
+def _fia_calls(emu):
+    """The keyword arguments of the ``npu_fused_infer_attention_score`` calls made in the block."""
+    calls = []
+
+    def listen(name, args, kwargs, result):
+        if name == "npu_fused_infer_attention_score":
+            calls.append(kwargs)
+    emu.calls.listeners.append(listen)
+    try:
+        yield calls
+    finally:
+        emu.calls.listeners.remove(listen)
+
+
+def _no_further_than_cpu(npu, cpu, truth, what):
+    """The NPU backend's bf16 result no further from the fp32 truth than the CPU backend's bf16
+    result is (x1.5), and every row's direction kept (cosine to the truth above 0.995, or within
+    0.005 of the CPU's worst row): the criterion of tests/test_graph_npu_emulated.py's W8A8 test.
+    bf16 rounding before an int8 quantiser or a router's top-k can flip a near-tie in a row on
+    either backend (measured: single rows at cosine 0.993-0.996, CPU and NPU alike); a wrong mask
+    or KV length moves whole steps by 10-60% of their scale."""
+    scale = truth.float().abs().max()
+    err_npu = float((npu.float() - truth.float()).abs().max() / scale)
+    err_cpu = float((cpu.float() - truth.float()).abs().max() / scale)
+    assert err_npu <= 1.5 * err_cpu + 1e-3, \
+        f"{what}: NPU {err_npu:.3g} vs CPU {err_cpu:.3g} from fp32"
+    cos_npu = float(torch.nn.functional.cosine_similarity(npu.float(), truth.float(), dim=-1).min())
+    cos_cpu = float(torch.nn.functional.cosine_similarity(cpu.float(), truth.float(), dim=-1).min())
+    assert cos_npu > min(0.995, cos_cpu) - 0.005, \
+        f"{what}: cosine {cos_npu:.4f} (CPU {cos_cpu:.4f})"
+
+
+def _cpu_reference(monkeypatch, path, steps):
+    """The steps on the CPU backend (ops.cpu, the specification; no engine kernels registered
+    for the CPU), in bf16 and in fp32."""
+    monkeypatch.delitem(ops._kernels, "cpu", raising=False)
+    out = []
+    for dtype in (torch.bfloat16, torch.float32):
+        r = Runner(None, path, dtype=dtype)
+        out.append([r.eager(*s) for s in steps])
+    return out
+
+
+def check_verification_steps(monkeypatch, path, what, k, checks=("call", "cpu", "one by one"),
+                             patch=None):
+    """``verification_schedule`` run eagerly through the NPU backend (``patch(npu_ops)``: change
+    it first), its verification steps held to ``checks``:
+
+    - "call": every layer's fused attention is the call vllm-ascend makes for a ChunkedPrefill
+      step (AV1 1336-1357, through vllm_ascend/device/device_op.py 92; lengths from
+      ``_get_fia_params`` 1221-1231): TND, sparse_mode 3, ``actual_seq_lengths`` the cumulative
+      query ends, ``actual_seq_lengths_kv`` the seq_lens with the drafts;
+    - "cpu": the hidden states are the CPU specification's (``_no_further_than_cpu``);
+    - "one by one": they are those of the same tokens computed one by one on the NPU backend
+      (``one_by_one``), which is what makes verifying drafts exact."""
+    steps = verification_schedule(Qwen3Config.from_model_dir(path).vocab_size, k)
+    if "cpu" in checks:
+        cpu_bf16, cpu_fp32 = _cpu_reference(monkeypatch, path, steps)
+    with emulated_vllm_ascend(monkeypatch) as (emu, _):
+        if patch is not None:
+            patch(emu.npu_ops)
+        npu, alone = Runner(emu, path), Runner(emu, path)
+        npu.eager(*steps[0])
+        if "one by one" in checks:
+            alone.eager(*steps[0])
+        for i, step in enumerate(steps[1:], 1):
+            with _fia_calls(emu) as calls:
+                got = npu.eager(*step)
+            if "call" in checks:
+                ends, kv_lens = torch.tensor(step[2]).cumsum(0).tolist(), step[3]
+                where = f"{what}, k={k}, step {i}"
+                assert len(calls) == len(npu.model.layers), (where, len(calls))
+                for c in calls:
+                    assert (c["input_layout"], c["sparse_mode"]) == ("TND", 3), (where, c)
+                    assert list(c["actual_seq_lengths"]) == ends, \
+                        f"{where}: actual_seq_lengths {c['actual_seq_lengths']}, query ends {ends}"
+                    assert list(c["actual_seq_lengths_kv"]) == kv_lens, (
+                        f"{where}: actual_seq_lengths_kv {c['actual_seq_lengths_kv']}, "
+                        f"seq_lens {kv_lens}")
+            if "cpu" in checks:
+                _no_further_than_cpu(got, cpu_bf16[i], cpu_fp32[i], f"{what}, k={k}, step {i}")
+            if "one by one" in checks:
+                _close(got, one_by_one(alone, step), f"{what}, k={k}, step {i} one by one")
+
+
+@pytest.mark.parametrize("k", SPEC_KS)
+@pytest.mark.parametrize("name", sorted(PATHS))
+def test_verification_steps_equal_cpu_and_one_by_one(monkeypatch, checkpoint, quantized, name, k):
+    """Eager verification steps of k drafts per request beside a plain decode and a prefill
+    chunk, through the NPU backend: vllm-ascend's call, the CPU specification's hidden states,
+    and those of the same tokens one by one (``check_verification_steps``)."""
+    check_verification_steps(monkeypatch, _path(checkpoint, quantized, name), name, k)
+
+
+def test_a_verification_without_the_drafts_keys_is_caught(monkeypatch, checkpoint):
+    """The same checks against a backend that leaves the drafts' keys out of a verifying
+    request's KV length (as if its seq_len were the one before the step): each of them fails."""
+    def drop_draft_keys(npu_ops):
+        real = npu_ops._fused_attention
+
+        def wrong(query, key_cache, value_cache, block_tables, scale, q_ends, kv_lens, **kw):
+            q_lens = [b - a for a, b in zip([0] + q_ends[:-1], q_ends)]
+            kv = [lk - lq + 1 if 1 < lq <= 1 + max(SPEC_KS) else lk
+                  for lq, lk in zip(q_lens, kv_lens)]
+            return real(query, key_cache, value_cache, block_tables, scale, q_ends, kv, **kw)
+        monkeypatch.setattr(npu_ops, "_fused_attention", wrong)
+
+    path = _path(checkpoint, None, "dense bf16")
+    for check, message in (("call", "actual_seq_lengths_kv"), ("cpu", "from fp32"),
+                           ("one by one", "one by one")):
+        with pytest.raises(AssertionError, match=message):
+            check_verification_steps(monkeypatch, path, "dense bf16", 3, (check,), drop_draft_keys)
+
+
+# --- speculative decoding: FULL graphs of uniform 1 + k decode batches -----------------------
+
+AUX_LAYERS = (0, 1, 2)    # EAGLE-3's aux layers that fit the 2-layer test checkpoints: the
+                          # embeddings, after layer 1, after the last layer (before the norm)
+
+
+def spec_decode_plans(k):
+    """The steps after a prefill, for a graph captured with S // (1 + k) requests of 1 + k
+    tokens: full uniform batches with growing lengths and drafts rejected in between
+    (``Requests.reject``), one with fewer requests than captured (padded with dummies of 1 + k
+    tokens and no keys), and a request leaving; as (plan, rejected drafts after it) pairs."""
+    q, reqs = 1 + k, S // (1 + k)
+    ids = list(range(reqs))
+    return [([(r, q) for r in ids], {0: k, ids[-1]: min(1, k)}),
+            ([(r, q) for r in ids], {0: k - 1}),
+            ([(0, q)], {0: k}),                                  # fewer requests than captured
+            ([(r, q) for r in ids[1:]] + [(0, q)], {}),          # all back, another order
+            ([(r, q) for r in ids[1:]], {})]                     # request 0 left
+
+
+def _spec_prefill(reqs, k):
+    """The requests' prompts (eager: a prefill does not replay the decode graph); request 0's
+    ends 2 tokens before its first block does, so its verifications cross into a second block."""
+    lens = [126, 40, 9, 33][:S // (1 + k)]
+    return reqs.step(list(enumerate(lens)))
+
+
+def _close_outputs(got, want, what):
+    """Hidden states, and with aux layers the aux states too (each its own scale)."""
+    if isinstance(want, tuple):
+        assert isinstance(got, tuple) and len(got[1]) == len(want[1]), what
+        _close(got[0], want[0], what)
+        for i, (g, w) in enumerate(zip(got[1], want[1])):
+            _close(g, w, f"{what}, aux {AUX_LAYERS[i]}")
+    else:
+        _close(got, want, what)
+
+
+@pytest.mark.parametrize("name", sorted(PATHS))
+def test_spec_decode_replays_equal_eager(monkeypatch, checkpoint, quantized, name):
+    """FULL decode graphs captured for speculative decoding (S = 8 tokens: k = 3, 2 requests of
+    4, with EAGLE-3's aux layers; k = 1, 4 requests of 2, without) and replayed over
+    ``spec_decode_plans``, with vllm-ascend's padding and update: every replay gives the eager
+    engine's hidden states, and with EAGLE-3 its aux states, which are outputs of the captured
+    graph too (MR 2324-2326). Without the update the replays keep the capture's lengths and are
+    caught."""
+    path = _path(checkpoint, quantized, name)
+    with emulated_vllm_ascend(monkeypatch) as (emu, runners):
+        for k, aux in ((3, AUX_LAYERS), (1, ())):
+            graph, eager = Runner(emu, path, aux_layers=aux), Runner(emu, path, aux_layers=aux)
+            runners[:] = [graph]
+            graph.capture(q=1 + k)
+            assert len(graph.params.attn_params[S]) == len(graph.model.layers)
+            assert isinstance(graph.out, tuple) == bool(aux)
+            reqs = Requests(graph.cfg.vocab_size)
+            prefill = _spec_prefill(reqs, k)
+            for r in (graph, eager):
+                r.eager(*prefill)
+            for plan, rejected in spec_decode_plans(k):
+                step = reqs.step(plan)
+                _close_outputs(graph.replay(*step), eager.eager(*step), f"{name}, k={k}, {plan}")
+                for rid, n in rejected.items():
+                    reqs.reject(rid, n)
+        # k = 3 again, replayed without the update: the capture's lengths (1 + k keys each)
+        graph, eager = Runner(emu, path), Runner(emu, path)
+        runners[:] = [graph]
+        graph.capture(q=4)
+        reqs = Requests(graph.cfg.vocab_size)
+        prefill = _spec_prefill(reqs, 3)
+        for r in (graph, eager):
+            r.eager(*prefill)
+        stale = []
+        for plan, _ in spec_decode_plans(3)[:2]:
+            step = reqs.step(plan)
+            got, want = graph.replay(*step, update=False), eager.eager(*step)
+            stale.append(float((got.float() - want.float()).abs().max() / want.float().abs().max()))
+        assert min(stale) > 0.1, stale
+
+
 # --- kernels per decoder layer ---------------------------------------------------------------
 
 # vllm-ascend 0.23's own Qwen3 / Qwen3-MoE, decode in its default FULL graph, kernels per decoder
@@ -365,20 +673,29 @@ class CountingRank(ParallelContext):
         return torch.cat([x] * self.tp_size, dim=-1)
 
 
-def layer_kernels(monkeypatch, path, tp=1, patch=None) -> dict[int, list[str]]:
-    """The kernels each decoder layer launches in the captured decode graph (``tp`` > 1: rank 0
-    of an expert-parallel TP group; ``patch(npu_ops)``: change the NPU backend first)."""
+def captured_kernels(monkeypatch, path, tp=1, patch=None, q=1,
+                     aux_layers=()) -> list[tuple[str, str]]:
+    """The kernels of the captured decode graph in launch order, as (where, name): where is
+    "layer i" for decoder layer i's, else OUTSIDE (``tp`` > 1: rank 0 of an expert-parallel TP
+    group; ``patch(npu_ops)``: change the NPU backend first; ``q``: query tokens per request,
+    1 + k with k drafts; ``aux_layers``: EAGLE-3's, ``Runner``)."""
     with emulated_vllm_ascend(monkeypatch) as (emu, runners):
         if patch is not None:
             patch(emu.npu_ops)
         ctx = CountingRank(tp_size=tp, expert_parallel=True, npu=emu.torch_npu.npu) if tp > 1 else None
-        r = Runner(emu, path, ctx=ctx)
+        r = Runner(emu, path, ctx=ctx, aux_layers=aux_layers)
         runners.append(r)
-        r.capture()
+        r.capture(q=q)
+    return [(t.layer, t.name) for t in r.graph.kernels()]
+
+
+def layer_kernels(monkeypatch, path, tp=1, patch=None, q=1) -> dict[int, list[str]]:
+    """The kernels each decoder layer launches in the captured decode graph
+    (``captured_kernels``)."""
     out: dict[int, list[str]] = {}
-    for t in r.graph.kernels():
-        if t.layer.startswith("layer "):
-            out.setdefault(int(t.layer.split()[1]), []).append(t.name)
+    for where, name in captured_kernels(monkeypatch, path, tp, patch, q):
+        if where.startswith("layer "):
+            out.setdefault(int(where.split()[1]), []).append(name)
     return out
 
 
@@ -395,10 +712,10 @@ def over_budget(path: str, per_layer: dict[int, list[str]]) -> list[str]:
     return problems
 
 
-def _kernels_for(monkeypatch, checkpoint, quantized, path, patch=None):
+def _kernels_for(monkeypatch, checkpoint, quantized, path, patch=None, q=1):
     base = path.split(",")[0].replace("EP ", "")
     tp = int(path.rsplit("=", 1)[1]) if "TP=" in path else 1
-    return layer_kernels(monkeypatch, _path(checkpoint, quantized, base), tp, patch)
+    return layer_kernels(monkeypatch, _path(checkpoint, quantized, base), tp, patch, q)
 
 
 @pytest.mark.parametrize("path", list(BUDGETS))
@@ -420,3 +737,55 @@ def test_an_extra_kernel_breaks_the_budget(monkeypatch, checkpoint, quantized):
     per_layer = _kernels_for(monkeypatch, checkpoint, quantized, "dense bf16", one_more)
     problems = over_budget("dense bf16", per_layer)
     assert problems and "aten.mul" in problems[0], problems
+
+
+# --- kernels with speculative decoding -------------------------------------------------------
+
+@pytest.mark.parametrize("path", list(BUDGETS))
+def test_verification_graph_launches_the_decode_graphs_kernels(monkeypatch, checkpoint, quantized,
+                                                               path):
+    """The FULL graph captured for k = 3 drafts (2 requests of 4 tokens, ``Runner.capture``)
+    launches, layer by layer, the same kernels as the plain decode graph (8 requests of 1):
+    verifying drafts costs no kernel per layer, and the budgets above hold for it as well."""
+    plain = _kernels_for(monkeypatch, checkpoint, quantized, path)
+    spec = _kernels_for(monkeypatch, checkpoint, quantized, path, q=4)
+    assert spec == plain
+    assert not over_budget(path, spec), over_budget(path, spec)
+
+
+def kernels_between_layers(kernels) -> dict[int, list[str]]:
+    """The kernels outside any layer (``captured_kernels``), by how many decoder layers ran
+    before them: 0, the step's own before the first layer (embedding, RoPE table); the number
+    of layers, after the last (the final norm)."""
+    out: dict[int, list[str]] = {}
+    ran = 0
+    for where, name in kernels:
+        if where.startswith("layer "):
+            ran = int(where.split()[1]) + 1
+        else:
+            out.setdefault(ran, []).append(name)
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(PATHS))
+def test_aux_layers_cost_one_add_each(monkeypatch, checkpoint, quantized, name):
+    """EAGLE-3's aux states in the captured graph: an aux layer j >= 1 costs exactly one kernel,
+    the ``aten.add`` forming the residual stream (hidden + residual) right after layer j - 1,
+    as vLLM's own ``_maybe_add_hidden_state`` does (vllm/model_executor/models/interfaces.py
+    1291-1301, called by qwen2.py 407-414, the forward of vLLM's Qwen3 that vllm-ascend runs);
+    aux layer 0 (the embeddings) costs none; every other place of the graph, the decoder
+    layers' own kernels included, launches what it launches without aux layers."""
+    path = _path(checkpoint, quantized, name)
+    base = captured_kernels(monkeypatch, path, q=4)
+    base_between = kernels_between_layers(base)
+    for aux in ((1,), (0, 2)):
+        got = captured_kernels(monkeypatch, path, q=4, aux_layers=aux)
+        assert [k for k in got if k[0] != OUTSIDE] == [k for k in base if k[0] != OUTSIDE], aux
+        between = kernels_between_layers(got)
+        for j in sorted(set(between) | set(base_between)):
+            extra = list(between.get(j, []))
+            for kernel in base_between.get(j, []):
+                extra.remove(kernel)
+            want = ["aten.add"] if j in aux and j > 0 else []
+            assert extra == want, (aux, j, between.get(j), base_between.get(j))
+

@@ -60,14 +60,29 @@ from .formats import FRACTAL_NZ, format_of
 
 _NAME = "npu_fused_infer_attention_score"
 _MASK_SIDE = 2048
-_CAUSAL_2048: torch.Tensor | None = None
+_CAUSAL_2048: dict[torch.dtype, torch.Tensor] = {}
 
 
-def _causal_2048() -> torch.Tensor:
-    global _CAUSAL_2048
-    if _CAUSAL_2048 is None:
-        _CAUSAL_2048 = torch.triu(torch.ones(_MASK_SIDE, _MASK_SIDE, dtype=torch.bool), diagonal=1)
-    return _CAUSAL_2048
+def _causal_2048(dtype: torch.dtype = torch.bool) -> torch.Tensor:
+    """triu(ones(2048, 2048), diagonal=1) in ``dtype`` (bool, int8 or uint8: 0 and 1)."""
+    ref = _CAUSAL_2048.get(dtype)
+    if ref is None:
+        ref = torch.triu(torch.ones(_MASK_SIDE, _MASK_SIDE, dtype=torch.bool), diagonal=1).to(dtype)
+        _CAUSAL_2048[dtype] = ref
+    return ref
+
+
+def _is_causal_2048(m2: torch.Tensor) -> bool:
+    """``m2`` (2048 x 2048, bool/int8/uint8) holds exactly the optimised causal mask: compared
+    with the reference of its own dtype, eight bytes at a time when contiguous (every call of
+    the kernel checks its mask; one pass over 4 MB instead of four)."""
+    ref = _causal_2048(m2.dtype)
+    if m2.is_contiguous():
+        try:
+            return torch.equal(m2.view(torch.int64), ref.view(torch.int64))
+        except RuntimeError:        # a storage offset the wider view cannot take
+            pass
+    return torch.equal(m2, ref)
 
 
 def _check_compressed_mask(mask, sparse_mode: int) -> None:
@@ -80,11 +95,9 @@ def _check_compressed_mask(mask, sparse_mode: int) -> None:
         fail(_NAME, f"sparse_mode {sparse_mode} needs atten_mask of shape (2048, 2048), "
                     f"(1, 2048, 2048) or (1, 1, 2048, 2048), got {list(m.shape)}")
     m2 = m.reshape(_MASK_SIDE, _MASK_SIDE)
-    if m2.dtype != torch.bool:
-        if bool(((m2 != 0) & (m2 != 1)).any()):
+    if not _is_causal_2048(m2):
+        if m2.dtype != torch.bool and bool(((m2 != 0) & (m2 != 1)).any()):
             fail(_NAME, "an int8/uint8 atten_mask must hold only 0 and 1")
-        m2 = m2 != 0
-    if not torch.equal(m2, _causal_2048()):
         fail(_NAME, "the sparse_mode 2/3 atten_mask must be the lower-triangular optimised "
                     "mask: 1 (masked) strictly above the diagonal, 0 on and below it, i.e. "
                     "torch.triu(torch.ones(2048, 2048), diagonal=1)")

@@ -211,18 +211,37 @@ def _npu_acceptance(args: argparse.Namespace) -> int:
     for m in args.model or []:      # a bad checkpoint fails here, before anything runs
         check_checkpoint(m, tp=args.tp).raise_for_problems(
             "found by the header-only check; fix it, or name another checkpoint with --model")
-    models = [("default (embedded tiny Qwen3)", _default_model(), 1)]
+    default = _default_model()
+    models = [("default (embedded tiny Qwen3)", default, 1)]
     models += [(m, m, args.tp) for m in args.model or []]
     say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     report = run_acceptance(models, args.out, log=say,
                             skip_tests="--skip-tests was given" if args.skip_tests else "",
                             cpu_graph_mode="NONE" if args.cpu_eager else None,
                             decode={"batch": args.decode_batch, "prompt": args.decode_prompt,
-                                    "new": args.decode_new, "repeats": args.repeats})
+                                    "new": args.decode_new, "repeats": args.repeats},
+                            speculative=_speculative_check(default))
     failed = [s["title"] for s in report["sections"] if s["status"] == "failed"]
     if failed:
         say(f"npu-acceptance: failed: {'; '.join(failed)} (see the report)")
     return 1 if failed else 0
+
+
+def _speculative_check(default: str):
+    """(the default model, its EAGLE-3 draft or None, held-out chat prompts of its domain as
+    token ids) for npu-acceptance's speculative section."""
+    from transformers import AutoTokenizer
+
+    from .deploy.launcher import LaunchError
+    from .serve.train_draft import chat_prompt_ids, heldout_prompts
+
+    try:
+        draft = _default_draft(default)
+    except LaunchError as exc:
+        print(f"npu-acceptance: no EAGLE-3 draft: {exc}", file=sys.stderr)
+        draft = None
+    tok = AutoTokenizer.from_pretrained(default)
+    return default, draft, chat_prompt_ids(tok, heldout_prompts())
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -157,7 +157,7 @@ def test_cpu_mode_writes_the_report(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads((out / "acceptance.json").read_text())
     assert report["npu"] is False and "vllm-ascend is not installed" in report["npu_why"]
-    tests, model = report["sections"]
+    tests, model, spec = report["sections"]
     assert tests["status"] == "skipped" and tests["why"].startswith("no NPU here")
     assert model["status"] == "ok" and "FULL_AND_PIECEWISE and PIECEWISE skipped: no NPU here" in model["why"]
     runs = model["data"]["runs"]
@@ -168,8 +168,17 @@ def test_cpu_mode_writes_the_report(tmp_path):
     # bf16 judgement, tests/test_vllm_engine.py, allows far more)
     assert d["forced"]["positions"] == 380 and d["forced"]["p90_abs_err"] < 0.05, d
     assert d["greedy"]["clear_divergences"] == 0, d
+    # the default model with and without its trained EAGLE-3 draft, answering chat prompts
+    assert spec["status"] == "ok" and "FULL_AND_PIECEWISE) skipped: no NPU here" in spec["why"], spec
+    runs = spec["data"]["runs"]
+    assert sorted(runs) == ["project EAGLE-3 / cpu", "project without / cpu"]
+    assert all(r["status"] == "ok" and r["tokens_per_s"] > 0 for r in runs.values()), runs
+    assert runs["project EAGLE-3 / cpu"]["acceptance_length"] > 1.0
+    assert runs["project without / cpu"]["acceptance_length"] is None
+    assert spec["data"]["speedup"] > 0
     md = (out / "acceptance.md").read_text()
     assert "## tier-3 tests (pytest -m npu): skipped" in md and "| project / cpu | ok |" in md
+    assert "## speculative decoding: EAGLE-3, 3 tokens: ok" in md and "Speed-up of EAGLE-3" in md
 
 
 def test_bad_checkpoint_is_refused_first(tmp_path):

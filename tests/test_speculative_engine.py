@@ -66,10 +66,9 @@ def models(tmp_path_factory):
 @pytest.fixture(scope="module")
 def prompts(qwen3_tokenizer):
     """Held-out chat prompts of the default model's domain, as token ids."""
-    from ascend_qwen3.serve.train_draft import heldout_prompts
+    from ascend_qwen3.serve.train_draft import chat_prompt_ids, heldout_prompts
 
-    return [qwen3_tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=True, **kw)
-            for m, kw in heldout_prompts(n_additions=4, n_tools=2)[:8]]
+    return chat_prompt_ids(qwen3_tokenizer, heldout_prompts(n_additions=4, n_tools=2))
 
 
 def _method(name: str, models: dict, target: str) -> dict | None:

@@ -9,7 +9,10 @@ On an Atlas server (vllm-ascend and an NPU present) it runs, in order:
    with the project's class and one with vllm-ascend's built-in Qwen3 class, each scoring the
    same token sequences (teacher forcing: the logprob of every next token) and decoding a batch
    (tokens/s, median of repeated runs);
-3. the comparisons the CPU suite makes of engines (``vllm_plugin.engine_run``): the
+3. for the embedded default model with its trained EAGLE-3 draft: the project's class with and
+   without speculative decoding (FULL_AND_PIECEWISE on the NPU), greedy chat answers of the
+   model's domain: vLLM's mean acceptance length and decode tokens/s, and the speed-up;
+4. the comparisons the CPU suite makes of engines (``vllm_plugin.engine_run``): the
    teacher-forced logprobs (prefill: distribution of the per-position difference, large errors,
    clear top-1 disagreements) and greedy continuations (decode, which the full graphs run:
    tokens identical up to where, near-ties or clear divergences there), project vs built-in in
@@ -204,6 +207,52 @@ def model_section(name: str, model: str, *, npu: bool, why: str, engine, tp: int
     return s
 
 
+SPEC_TOKENS = 3
+
+
+def speculative_section(model: str, draft: str | None, prompts: list[list[int]], *, npu: bool,
+                        why: str, engine, decode: dict | None = None,
+                        cpu_graph_mode: str | None = None) -> Section:
+    """The project's class on ``model`` without and with EAGLE-3 (``draft``), answering
+    ``prompts`` (as many at once as ``decode['batch']`` says): tokens/s of each, vLLM's mean
+    acceptance length, and the speed-up; FULL_AND_PIECEWISE on the NPU (the drafter runs
+    vllm-ascend's own layers in its own full graphs beside the project's)."""
+    s = Section(f"speculative decoding: EAGLE-3, {SPEC_TOKENS} tokens", data={"runs": {}})
+    if draft is None:
+        s.status, s.why = "skipped", "no EAGLE-3 draft for this model here (make train-tiny trains one)"
+        return s
+    d = decode or {"batch": 8, "new": 64, "repeats": 3}
+    batch = max(1, min(d["batch"], len(prompts)))
+    mode = "FULL_AND_PIECEWISE" if npu else "cpu"
+    runs = s.data["runs"]
+    for label, spec in (("without", None), ("EAGLE-3", {"method": "eagle3", "model": draft,
+                                                         "num_speculative_tokens": SPEC_TOKENS})):
+        job = {"model": model, "arch": "project", "tp": 1, "device": "npu" if npu else "cpu",
+               "graph_mode": mode if npu else cpu_graph_mode, "dtype": "bfloat16",
+               "speculative": spec, "max_model_len": 1024,
+               "answers": {"prompts": prompts[:batch], "new": d["new"], "repeats": d.get("repeats", 3)}}
+        key = f"project {label} / {mode}"
+        try:
+            a = engine(job)["answers"]
+            runs[key] = {"status": "ok", "tokens_per_s": a["tokens_per_s"],
+                         "acceptance_length": a["acceptance_length"], "batch": batch}
+        except EngineUnavailable as exc:
+            runs[key] = {"status": "skipped", "why": str(exc)}
+        except Exception as exc:        # noqa: BLE001 - reported
+            runs[key] = {"status": "failed", "why": str(exc)[-2000:]}
+    a, b = runs[f"project without / {mode}"], runs[f"project EAGLE-3 / {mode}"]
+    if a["status"] == b["status"] == "ok":
+        s.data["speedup"] = b["tokens_per_s"] / a["tokens_per_s"]
+    bad = [k for k, r in runs.items() if r["status"] == "failed"]
+    if bad:
+        s.status, s.why = "failed", f"runs failed: {', '.join(bad)}"
+    elif all(r["status"] == "skipped" for r in runs.values()):
+        s.status, s.why = "skipped", next(iter(runs.values()))["why"]
+    if not npu:
+        s.why = "; ".join(filter(None, [s.why, f"NPU (FULL_AND_PIECEWISE) skipped: no NPU here ({why})"]))
+    return s
+
+
 def render(report: dict) -> str:
     env = report["environment"]
     lines = ["# ascend-qwen3 acceptance report", "",
@@ -217,6 +266,18 @@ def render(report: dict) -> str:
         if sec["why"]:
             lines += [sec["why"], ""]
         runs = sec["data"].get("runs")
+        if runs and any("acceptance_length" in r or "tokens_per_s" in r for r in runs.values()):
+            lines += ["| engine / mode | status | answers at batch | tokens/s | mean acceptance length | note |",
+                      "|---|---|---|---|---|---|"]
+            for k, r in runs.items():
+                tps, al = r.get("tokens_per_s"), r.get("acceptance_length")
+                lines.append(f"| {k} | {r['status']} | {r.get('batch', '-')} | "
+                             f"{'-' if tps is None else f'{tps:,.1f}'} | {'-' if al is None else f'{al:.2f}'} | "
+                             f"{(r.get('why') or '').strip()[-200:]} |")
+            if "speedup" in sec["data"]:
+                lines += ["", f"Speed-up of EAGLE-3 over none: {sec['data']['speedup']:.2f}x"]
+            lines.append("")
+            runs = None
         if runs:
             lines += ["| engine / mode | status | decode tokens/s | start s | note |", "|---|---|---|---|---|"]
             for k, r in runs.items():
@@ -256,13 +317,14 @@ def render(report: dict) -> str:
 def run_acceptance(models: list[tuple[str, str, int]], out_dir: str, *, npu: bool | None = None,
                    npu_why: str = "", engine=subprocess_engine, tier3=tier3_tests,
                    skip_tests: str = "", decode: dict | None = None, cpu_graph_mode: str | None = None,
-                   log=print) -> dict:
+                   speculative: tuple[str, str | None, list] | None = None, log=print) -> dict:
     """Every section, into ``out_dir``/acceptance.{md,json}; returns the report. ``models``:
     (name, directory, tensor-parallel size); ``npu`` None: decided by what is installed
     (``npu_here``); ``engine``: runs one job (``subprocess_engine``); ``tier3``: runs the
     tier-3 section (``tier3_tests``), skipped with the reason ``skip_tests`` if given;
     ``cpu_graph_mode``: off the NPU, the engines' mode (None: vLLM's default, compiled; "NONE":
-    eager, quicker to start)."""
+    eager, quicker to start); ``speculative``: (model, its EAGLE-3 draft or None, chat prompts
+    as token ids) for the speculative section."""
     import ascend_qwen3
     if npu is None:
         npu, npu_why = npu_here()
@@ -274,6 +336,10 @@ def run_acceptance(models: list[tuple[str, str, int]], out_dir: str, *, npu: boo
         log(f"npu-acceptance: {name} ({model}, TP {tp}) ...")
         sections.append(model_section(name, model, npu=npu, why=npu_why, engine=engine, tp=tp,
                                       decode=decode, cpu_graph_mode=cpu_graph_mode))
+    if speculative is not None:
+        log("npu-acceptance: speculative decoding (EAGLE-3) ...")
+        sections.append(speculative_section(*speculative, npu=npu, why=npu_why, engine=engine,
+                                            decode=decode, cpu_graph_mode=cpu_graph_mode))
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
                                 capture_output=True, text=True).stdout.strip()

@@ -360,3 +360,9 @@ def heldout_prompts(seed: int = 12345, n_additions: int = 16, n_tools: int = 8) 
         city = rng.choice(corpus.CITIES)
         out.append(([{"role": "user", "content": f"Do you know the weather in {city} right now?"}], {}))
     return out
+
+
+def chat_prompt_ids(tok, prompts) -> list[list[int]]:
+    """(messages, chat_template_kwargs) pairs as the token ids the server would prefill."""
+    return [tok.encode(tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False, **kw),
+                       add_special_tokens=False) for m, kw in prompts]

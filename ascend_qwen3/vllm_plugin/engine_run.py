@@ -5,7 +5,8 @@
 JOB: ``{"model": dir, "arch": "project" | "builtin", "graph_mode": "FULL_AND_PIECEWISE" |
 "PIECEWISE" | "NONE" | null, "tp": 1, "dtype": "bfloat16", "max_model_len": 2048,
 "forced_prompts": [[ids...], ...], "greedy": {"prefix": 32, "new": 32}, "decode": {"batch": 8,
-"prompt": 128, "new": 64, "repeats": 3}, "vocab": 1000}``. "project" serves the checkpoint with the project's class
+"prompt": 128, "new": 64, "repeats": 3}, "vocab": 1000, "speculative": {vLLM's speculative
+config} | null, "answers": {"prompts": [[ids...], ...], "new": 64, "repeats": 3}}``. "project" serves the checkpoint with the project's class
 (architecture overridden to AscendQwen3[Moe]ForCausalLM), "builtin" with the platform's own
 Qwen3 class (vLLM's, with vllm-ascend's layers on an Atlas host). ``graph_mode`` None leaves
 vLLM's default (the CPU build captures no graphs); "NONE" runs eagerly.
@@ -14,7 +15,10 @@ RESULT: ``{"forced": [{"token_ids", "token_logprobs", "top2"}, ...]`` (teacher f
 ``teacher_forced``), ``"greedy": [{"token_ids", "top2"}, ...]`` (each forced prompt's first
 ``prefix`` tokens continued greedily for ``new`` tokens: the decode path, which on the NPU runs
 in the full graphs that prefill never uses), ``"decode_tokens_per_s"``: the median of ``decode_runs`` (tokens/s of a
-greedy batch decode, prompts of random ids below ``vocab``), ``"start_seconds"``.
+greedy batch decode, prompts of random ids below ``vocab``), ``"start_seconds"``, and for
+``answers`` (chat prompts of the model's domain, where a draft has something to predict):
+``"answers": {"tokens_per_s", "runs", "acceptance_length", "drafts", "accepted", "token_ids"}``
+(``answer_rate``).
 
 The test suite's engine runner and its judge (tests/vllm_runner.py, tests/vllm_support.py) use
 ``project_architecture``, ``teacher_forced`` and ``forced_distance`` from here, so the
@@ -150,6 +154,39 @@ def decode_rate(llm, batch: int, prompt: int, new: int, repeats: int = 3,
     return runs
 
 
+SPEC_COUNTERS = ("vllm:spec_decode_num_drafts", "vllm:spec_decode_num_accepted_tokens")
+
+
+def _spec_counts(llm) -> dict:
+    return {m.name: getattr(m, "value", 0) for m in llm.get_metrics() if m.name in SPEC_COUNTERS}
+
+
+def answer_rate(llm, prompts: list[list[int]], new: int, repeats: int = 3) -> dict:
+    """Greedy answers to ``prompts`` (all at once: the batch is their number), at most ``new``
+    tokens each, stopping where the model stops: generated tokens per second of each of
+    ``repeats`` runs (after a warm-up), and, with speculative decoding, vLLM's mean acceptance
+    length over the timed runs (1 + accepted draft tokens / drafts; the engine must be started
+    with ``disable_log_stats=False``)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    reqs = [TokensPrompt(prompt_token_ids=p) for p in prompts]
+    sp = SamplingParams(temperature=0.0, max_tokens=new, detokenize=False)
+    llm.generate(reqs, sp, use_tqdm=False)                         # warm-up
+    before, runs, ids = _spec_counts(llm), [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        outs = llm.generate(reqs, sp, use_tqdm=False)
+        ids = [list(o.outputs[0].token_ids) for o in outs]
+        runs.append(sum(map(len, ids)) / (time.perf_counter() - t0))
+    after = _spec_counts(llm)
+    drafts = after.get(SPEC_COUNTERS[0], 0) - before.get(SPEC_COUNTERS[0], 0)
+    accepted = after.get(SPEC_COUNTERS[1], 0) - before.get(SPEC_COUNTERS[1], 0)
+    return {"tokens_per_s": statistics.median(runs), "runs": runs, "token_ids": ids,
+            "drafts": drafts, "accepted": accepted,
+            "acceptance_length": 1 + accepted / drafts if drafts else None}
+
+
 def run(job: dict) -> dict:
     from vllm import LLM
 
@@ -160,6 +197,8 @@ def run(job: dict) -> dict:
         kw["hf_overrides"] = {"architectures": [project_architecture(job["model"])]}
     elif job["arch"] != "builtin":
         raise ValueError(f"job arch {job['arch']!r}: use 'project' or 'builtin'")
+    if job.get("speculative"):
+        kw.update(speculative_config=job["speculative"], disable_log_stats=False)
     mode = job.get("graph_mode")
     if mode == "NONE":
         kw["enforce_eager"] = True
@@ -179,6 +218,9 @@ def run(job: dict) -> dict:
         out["decode_runs"] = decode_rate(llm, dec["batch"], dec["prompt"], dec["new"],
                                          dec.get("repeats", 3), job.get("vocab", 1000))
         out["decode_tokens_per_s"] = statistics.median(out["decode_runs"])
+    ans = job.get("answers")
+    if ans:
+        out["answers"] = answer_rate(llm, ans["prompts"], ans.get("new", 64), ans.get("repeats", 3))
     return out
 
 

@@ -52,6 +52,7 @@ class Speculative:
     model: str | None = None           # the draft's directory (None for ngram)
     prompt_lookup_max: int | None = None
     prompt_lookup_min: int | None = None
+    family: str | None = None          # a draft model's Qwen3 family name (for the memory plan)
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "speculative") -> "Speculative":
@@ -59,10 +60,11 @@ class Speculative:
             raise SpeculativeError(f"{where} must be a mapping with method, num_speculative_tokens "
                                    f"and (for a draft) model; found {d!r}")
         unknown = sorted(set(d) - {"method", "model", "num_speculative_tokens",
-                                   "prompt_lookup_max", "prompt_lookup_min"})
+                                   "prompt_lookup_max", "prompt_lookup_min", "family"})
         if unknown:
             raise SpeculativeError(f"{where}: unknown key(s) {unknown}; the keys are method, model, "
-                                   f"num_speculative_tokens, prompt_lookup_max, prompt_lookup_min")
+                                   f"num_speculative_tokens, prompt_lookup_max, prompt_lookup_min, "
+                                   f"family")
         method = d.get("method")
         if method not in METHODS:
             raise SpeculativeError(f"{where}.method {method!r} is not one the project serves; use "
@@ -88,12 +90,19 @@ class Speculative:
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise SpeculativeError(f"{where}.{key} must be a positive integer, found {v!r}")
             look[key] = v
+        family = d.get("family")
+        if family is not None:
+            from .config import FAMILY
+            if method != "draft_model" or family not in FAMILY:
+                raise SpeculativeError(f"{where}.family names a draft model's Qwen3 family (one of "
+                                       f"{', '.join(FAMILY)}) for method draft_model; found "
+                                       f"{family!r} with method {method}")
         if method == "ngram":
             look = dict(NGRAM_DEFAULTS, **look)
             if look["prompt_lookup_min"] > look["prompt_lookup_max"]:
                 raise SpeculativeError(f"{where}: prompt_lookup_min {look['prompt_lookup_min']} "
                                        f"exceeds prompt_lookup_max {look['prompt_lookup_max']}")
-        return cls(method, k, model, **look)
+        return cls(method, k, model, family=family, **look)
 
     def to_vllm(self) -> dict:
         """vLLM's ``--speculative-config`` value."""
@@ -107,7 +116,7 @@ class Speculative:
 
     def with_model(self, model: str | None) -> "Speculative":
         return Speculative(self.method, self.num_speculative_tokens, model,
-                           self.prompt_lookup_max, self.prompt_lookup_min)
+                           self.prompt_lookup_max, self.prompt_lookup_min, self.family)
 
 
 def check_tokens(spec: Speculative, device: str, where: str = "speculative") -> None:
@@ -138,6 +147,23 @@ def read_draft_config(path: str) -> dict:
     return d
 
 
+def draft_view(draft: dict) -> dict:
+    """A draft's config as vLLM reads it: a speculators-format checkpoint
+    (``speculators_model_type``, e.g. RedHatAI's ``*-speculator.eagle3``) is its
+    ``transformer_layer_config`` with the algorithm's fields on top and, for EAGLE-3, vLLM
+    0.23's class (``vllm/transformers_utils/configs/speculators/algos.py``); others as they are."""
+    kind = draft.get("speculators_model_type")
+    if kind is None:
+        return draft
+    out = dict(draft.get("transformer_layer_config") or {})
+    for key in ("draft_vocab_size", "target_hidden_size", "eagle_aux_hidden_state_layer_ids"):
+        if draft.get(key) is not None:
+            out[key] = draft[key]
+    if kind == "eagle3":
+        out["architectures"] = ["Eagle3LlamaForCausalLM"]
+    return out
+
+
 def eagle3_layer_ids(draft: dict) -> list[int] | None:
     """The target layers an EAGLE-3 draft reads, as vLLM's runner looks for them: top-level
     ``eagle_aux_hidden_state_layer_ids``, else inside ``eagle_config`` (None: the target's
@@ -156,6 +182,7 @@ def default_eagle3_layers(num_layers: int) -> tuple[int, ...]:
 def draft_problems(target: Qwen3Config, method: str, draft: dict, device: str = "cpu") -> list[str]:
     """What makes ``draft`` (a config.json dict) unfit to draft for ``target`` (empty: it fits)."""
     out = []
+    draft = draft_view(draft)
     vocab = draft.get("vocab_size")
     if method in ("eagle3", "eagle"):
         hidden = draft.get("target_hidden_size") or draft.get("hidden_size")

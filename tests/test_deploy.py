@@ -24,6 +24,7 @@ from ascend_qwen3.deploy.launcher import build_command
 from ascend_qwen3.deploy.planner import GiB, kv_bytes_per_token, plan, weight_bytes_per_rank
 from ascend_qwen3.deploy.profiles import ProfileError, plan_of, profile_names, profiles_dir, to_spec, validate
 from ascend_qwen3.deploy.profiles import load_profile as _load_profile
+from ascend_qwen3.speculative import Speculative
 
 
 @functools.lru_cache(maxsize=None)
@@ -221,7 +222,16 @@ def test_golden_commands_carry_the_profile():
         mode = "thinking" if p["thinking"] else "non_thinking"
         assert json.loads(flag("--override-generation-config")) == p["sampling"][mode]
         assert flag("--reasoning-parser") == "ascend_qwen3" and flag("--tool-call-parser") == "hermes"
-        assert flag("--logits-processors") == "ascend_qwen3.vllm_plugin.thinking:ThinkingBudget"
+        if p.get("speculative"):
+            # vLLM refuses logits processors with speculation; on vllm-ascend nothing applies a
+            # budget to drafted tokens, so budgeted requests are refused (budget_guard.py)
+            assert json.loads(flag("--speculative-config")) == Speculative.from_dict(
+                p["speculative"]).to_vllm()
+            assert flag("--logits-processors") is None
+            assert flag("--middleware") == "ascend_qwen3.vllm_plugin.budget_guard.RefuseThinkingBudget"
+        else:
+            assert flag("--logits-processors") == "ascend_qwen3.vllm_plugin.thinking:ThinkingBudget"
+            assert "--speculative-config" not in argv and "--middleware" not in argv
         assert flag("--distributed-executor-backend") == "mp"
         if p.get("nodes", 1) > 1:
             assert flag("--data-parallel-size") == str(p["dp"])

@@ -91,6 +91,21 @@ def test_the_npu_needs_a_llama_architecture_eagle3_draft():
     assert "vLLM 0.23" in problem and "LlamaForCausalLM" in problem
 
 
+def test_a_speculators_format_draft_is_read_as_vllm_reads_it():
+    """RedHatAI's *-speculator.eagle3 drafts: the layer config nested, the EAGLE-3 fields on top;
+    vLLM 0.23 loads them as its Llama EAGLE-3 class, so the NPU takes them."""
+    spec = {"architectures": ["Eagle3Speculator"], "speculators_model_type": "eagle3",
+            "draft_vocab_size": 300, "target_hidden_size": 256,
+            "eagle_aux_hidden_state_layer_ids": [1, 2, 3],
+            "transformer_layer_config": {"hidden_size": 256, "vocab_size": 1000,
+                                         "model_type": "llama"}}
+    assert draft_problems(TARGET, "eagle3", spec, "npu") == []
+    wide = dict(spec, transformer_layer_config={"hidden_size": 512, "vocab_size": 1000},
+                target_hidden_size=512)
+    (problem,) = draft_problems(TARGET, "eagle3", wide)
+    assert "hidden states of size 512" in problem
+
+
 def test_a_draft_model_needs_the_targets_vocabulary():
     small = {"architectures": ["Qwen3ForCausalLM"], "vocab_size": 999, "hidden_size": 128,
              "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 2,

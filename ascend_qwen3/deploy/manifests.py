@@ -143,6 +143,17 @@ def _model_dir(p: dict) -> str:
     return os.path.basename(p["model_path"].rstrip("/"))
 
 
+def _checkpoints(p: dict) -> list[tuple[str, str]]:
+    """(volume name, container path) of the checkpoints a profile reads: the model, and a
+    speculative draft's directory when it has one; each from the host's MODELS_HOST_DIR under
+    the same last path component."""
+    out = [("model", p["model_path"])]
+    draft = (p.get("speculative") or {}).get("model")
+    if draft:
+        out.append(("draft", draft))
+    return out
+
+
 def _compose_api_key(p: dict | None) -> dict:
     required = p is not None and p.get("api_key") == "required"
     value = (f"${{{API_KEY_ENV}:?profile {p['name']} requires an API key: set {API_KEY_ENV}}}"
@@ -154,7 +165,8 @@ def _npu_service(p: dict) -> dict:
     port = p.get("port", CONTAINER_PORT)
     devices = [f"/dev/davinci{d}" for d in p["devices"]] + list(NPU_CONTROL_DEVICES)
     volumes = [f"{path}:{path}:ro" for path in DRIVER_MOUNTS.values()]
-    volumes.append(f"{MODELS_HOST_DIR}/{_model_dir(p)}:{p['model_path']}:ro")
+    volumes += [f"{MODELS_HOST_DIR}/{os.path.basename(path.rstrip('/'))}:{path}:ro"
+                for _, path in _checkpoints(p)]
     return {
         "image": IMAGE,
         "build": {"context": "..", "dockerfile": "Dockerfile"},
@@ -215,9 +227,10 @@ def _volumes(p: dict) -> tuple[list[dict], list[dict]]:
     for name, path in DRIVER_MOUNTS.items():
         volumes.append({"name": name, "hostPath": {"path": path}})
         mounts.append({"name": name, "mountPath": path, "readOnly": True})
-    volumes.append({"name": "model", "hostPath": {"path": f"{MODELS_HOST_DIR}/{_model_dir(p)}",
-                                                  "type": "Directory"}})
-    mounts.append({"name": "model", "mountPath": p["model_path"], "readOnly": True})
+    for name, path in _checkpoints(p):
+        volumes.append({"name": name, "hostPath": {
+            "path": f"{MODELS_HOST_DIR}/{os.path.basename(path.rstrip('/'))}", "type": "Directory"}})
+        mounts.append({"name": name, "mountPath": path, "readOnly": True})
     volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": SHM_K8S}})
     mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
     return volumes, mounts
@@ -345,7 +358,9 @@ def render(directory: str | None = None) -> dict[str, str]:
         header = template.format(name=p["name"], description=p.get("description", p["name"]),
                                    n=len(p["devices"]), last=len(p["devices"]) - 1,
                                    resource=NPU_RESOURCE,
-                                   models=MODELS_HOST_DIR, model_dir=_model_dir(p),
+                                   models=MODELS_HOST_DIR, model_dir=" and ".join(
+                                       os.path.basename(path.rstrip("/"))
+                                       for _, path in _checkpoints(p)),
                                    key_rule=("required" if p.get("api_key") == "required" else
                                              "optional: no Secret, no key"),
                                    secret=API_KEY_SECRET, secret_key=API_KEY_SECRET_KEY,

@@ -5,10 +5,12 @@ Per NPU (the busiest rank):
 
     usable    = HBM x memory_utilization              (vLLM's --gpu-memory-utilization)
     weights   = bytes of this rank's shards            (the sharding plan; W8A8 as stored)
+                + a speculative draft's share           (``draft_bytes_per_rank``)
     workspace = runtime + activations + HCCL buffers   (a fixed margin, see WORKSPACE_GIB)
     kv        = usable - weights - workspace
     kv tokens = kv / kv_bytes_per_token                (2 (K,V) x layers x local KV heads x
-                                                        head_dim x cache element bytes)
+                                                        head_dim x cache element bytes; the
+                                                        draft's layers too)
     sequences at full length = kv tokens // max_model_len
 
 The weights come from the same sharding plan the loader follows (``loader.load_plan``), so a
@@ -73,6 +75,33 @@ def kv_bytes_per_token(cfg: Qwen3Config, tp: int, cache_bytes: int = 2) -> int:
     return 2 * cfg.num_layers * kv_local * cfg.head_dim * cache_bytes
 
 
+def draft_bytes_per_rank(cfg: Qwen3Config, tp: int, method: str | None,
+                         draft: Qwen3Config | None = None) -> tuple[int, int]:
+    """(weight bytes, KV-cache layers) a speculative draft adds to each rank, in bf16, its layers
+    split over the tp ranks as the target's. An EAGLE head is counted at the target's shape: one
+    decoder layer whose attention reads 2 x hidden, EAGLE-3's fc from 3 x hidden, and an output
+    layer over the whole vocabulary (the upper bound: EAGLE-3 heads often have a smaller one);
+    a draft model (``draft``: its config) at its own size; n-gram adds nothing."""
+    if method in (None, "ngram"):
+        return 0, 0
+    H, V = cfg.hidden_size, cfg.vocab_size
+    if method == "draft_model":
+        if draft is None or draft.is_moe:
+            raise PlanError("a draft_model plan needs the draft's config, a dense Qwen3 (a family "
+                            "name in the profile's speculative.family, e.g. Qwen3-0.6B)")
+        return _dense_bytes(draft) // tp, draft.num_layers
+    layer = 2 * H * (cfg.q_size + 2 * cfg.kv_size) + cfg.q_size * H + 3 * H * cfg.intermediate_size
+    params = layer + V * H + (3 * H * H if method == "eagle3" else 2 * H * H)
+    return 2 * params // tp, 1
+
+
+def _dense_bytes(cfg: Qwen3Config) -> int:
+    """bf16 bytes of a dense Qwen3 (embedding, layers, head if untied)."""
+    H = cfg.hidden_size
+    layer = H * (cfg.q_size + 2 * cfg.kv_size) + cfg.q_size * H + 3 * H * cfg.intermediate_size
+    return 2 * (cfg.vocab_size * H * (1 if cfg.tie_word_embeddings else 2) + cfg.num_layers * layer)
+
+
 @dataclass
 class Plan:
     model: str
@@ -92,6 +121,8 @@ class Plan:
     kv_tokens: int
     max_model_len: int
     max_num_seqs: int | None
+    draft: str | None = None
+    draft_gib: float = 0.0
 
     @property
     def fits(self) -> bool:
@@ -109,7 +140,9 @@ class Plan:
                  + (f" over {self.nodes} nodes" if self.nodes > 1 else ""),
                  f"  per NPU: {self.hbm_gib:.0f} GiB HBM x {self.memory_utilization:g} = "
                  f"{self.usable_gib:.2f} GiB usable",
-                 f"    weights    {self.weights_gib:8.2f} GiB  (largest rank)",
+                 f"    weights    {self.weights_gib:8.2f} GiB  (largest rank"
+                 + (f"; {self.draft_gib:.2f} GiB of it the {self.draft} draft)" if self.draft_gib
+                    else ")"),
                  f"    workspace  {self.workspace_gib:8.2f} GiB  (runtime, activations, HCCL)",
                  f"    KV cache   {self.kv_gib:8.2f} GiB  = {self.kv_tokens:,} tokens at "
                  f"{self.kv_bytes_per_token:,} B/token"
@@ -130,7 +163,8 @@ class Plan:
 
 def plan(cfg: Qwen3Config, *, hw: str, precision: str, tp: int, ep: bool = False, nodes: int = 1,
          dp: int = 1, max_model_len: int = 32768, max_num_seqs: int | None = None,
-         workspace_gib: float = WORKSPACE_GIB, memory_utilization: float = MEMORY_UTILIZATION) -> Plan:
+         workspace_gib: float = WORKSPACE_GIB, memory_utilization: float = MEMORY_UTILIZATION,
+         draft: str | None = None, draft_cfg: Qwen3Config | None = None) -> Plan:
     """The busiest NPU of a deployment: dp data-parallel ranks of tp NPUs each (on ``nodes``
     machines; with ep the experts are spread over all dp x tp NPUs). KV tokens are per
     data-parallel rank: each has its own cache, shared by its own max_num_seqs."""
@@ -142,17 +176,21 @@ def plan(cfg: Qwen3Config, *, hw: str, precision: str, tp: int, ep: bool = False
     if tp * dp > h["npus"] * nodes:
         raise PlanError(f"dp={dp} x tp={tp} needs {tp * dp} NPUs but {nodes} x {h['title']} has "
                         f"{h['npus'] * nodes}")
-    weights = max(weight_bytes_per_rank(cfg, tp, ep and cfg.is_moe, precision, dp))
+    draft_bytes, draft_layers = draft_bytes_per_rank(cfg, tp, draft, draft_cfg)
+    weights = max(weight_bytes_per_rank(cfg, tp, ep and cfg.is_moe, precision, dp)) + draft_bytes
     usable = h["hbm_gib"] * memory_utilization * GiB
     kv = usable - weights - workspace_gib * GiB
     per_tok = kv_bytes_per_token(cfg, tp)
+    if draft_layers:
+        d = draft_cfg or cfg
+        per_tok += 2 * draft_layers * max(1, d.num_kv_heads // tp) * d.head_dim * 2
     tokens = int(kv // per_tok) if kv > 0 else 0
     return Plan(model=cfg.name or cfg.architecture, precision=precision, hardware=h["name"], tp=tp,
                 ep=ep and cfg.is_moe, nodes=nodes, dp=dp, hbm_gib=h["hbm_gib"],
                 memory_utilization=memory_utilization, usable_gib=usable / GiB,
                 weights_gib=weights / GiB, workspace_gib=workspace_gib, kv_gib=kv / GiB,
                 kv_bytes_per_token=per_tok, kv_tokens=tokens, max_model_len=max_model_len,
-                max_num_seqs=max_num_seqs)
+                max_num_seqs=max_num_seqs, draft=draft, draft_gib=draft_bytes / GiB)
 
 
 def recommend(cfg: Qwen3Config, *, hw: str, precision: str, max_model_len: int = 32768,

@@ -61,7 +61,8 @@ SCHEMA: dict[str, tuple] = {
     "speculative": (dict, False, None,
                     "speculative decoding: {method: eagle3 | eagle | draft_model | ngram, model: "
                     "the draft's absolute path in the container (not for ngram), "
-                    f"num_speculative_tokens: 1..{NPU_MAX_SPECULATIVE_TOKENS}}}"),
+                    f"num_speculative_tokens: 1..{NPU_MAX_SPECULATIVE_TOKENS}, family: the draft "
+                    "model's Qwen3 family (draft_model: for the memory plan)}"),
     "api_key": (_str, False, lambda v: v in ("optional", "required"),
                 "optional (default: clients authenticate when VLLM_API_KEY / --api-key-file gives "
                 "a key) or required (refuse to start without one)"),
@@ -144,14 +145,20 @@ def validate(p: dict, where: str = "profile") -> None:
         if s.model and not s.model.startswith("/"):
             raise ProfileError(f"{where}: speculative.model {s.model!r} must be an absolute path in "
                                f"the container (e.g. /models/qwen3-8b-eagle3)")
+        if s.method == "draft_model" and s.family is None:
+            raise ProfileError(f"{where}: speculative.family must name the draft model's Qwen3 "
+                               f"family (e.g. Qwen3-0.6B): the memory plan counts its weights and "
+                               f"KV cache")
 
 
 def plan_of(p: dict) -> Plan:
     cfg = family_config(p["model"], yarn=bool(p.get("yarn")))
+    spec = p.get("speculative") or {}
     return plan(cfg, hw=p["hardware"], precision=p["precision"], tp=p["tp"],
                 ep=bool(p.get("expert_parallel")), nodes=p.get("nodes", 1), dp=p.get("dp", 1),
                 max_model_len=p["max_model_len"], max_num_seqs=p["max_num_seqs"],
-                memory_utilization=p.get("memory_utilization", 0.9))
+                memory_utilization=p.get("memory_utilization", 0.9), draft=spec.get("method"),
+                draft_cfg=family_config(spec["family"]) if spec.get("family") else None)
 
 
 def load_profile(name_or_path: str, directory: str | None = None, check_fit: bool = True) -> dict:

@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("configuration", ["ascend_qwen3", "ascend_qwen3.config", "ascend_qwen3.thinking"]),
     ("parallel and quantised layers", ["ascend_qwen3.parallel", "ascend_qwen3.quant"]),
     ("the graph", ["ascend_qwen3.model"]),
-    ("checkpoints", ["ascend_qwen3.loader", "ascend_qwen3.checkpoint"]),
+    ("checkpoints", ["ascend_qwen3.loader", "ascend_qwen3.checkpoint", "ascend_qwen3.speculative"]),
     ("the standalone runner", ["ascend_qwen3.runner"]),
     ("applications of the graph", ["ascend_qwen3.quantizer", "ascend_qwen3.vllm_plugin",
                                    "ascend_qwen3.check"]),

@@ -255,7 +255,7 @@ def _holder():
     from vllm.v1.sample.thinking_budget_state import ThinkingBudgetStateHolder
 
     from ascend_qwen3.vllm_plugin.budget import _speculative_holder
-    cls = _speculative_holder(ThinkingBudgetStateHolder)
+    cls = _speculative_holder(ThinkingBudgetStateHolder, "ascend_qwen3")
     h = cls.__new__(cls)
     h.ours, h.rows, h._warned, h.tokens = True, {}, False, TOK
     return h
@@ -346,8 +346,8 @@ def test_holder_is_vllms_own_without_the_projects_parser():
     from vllm.v1.sample.thinking_budget_state import ThinkingBudgetStateHolder
 
     from ascend_qwen3.vllm_plugin.budget import install_speculative_budget
-    install_speculative_budget()
-    install_speculative_budget()                          # idempotent
+    install_speculative_budget("ascend_qwen3")
+    install_speculative_budget("ascend_qwen3")          # idempotent
     import vllm.v1.sample.thinking_budget_state as tbs
     cls = tbs.ThinkingBudgetStateHolder
     assert getattr(cls, "_ascend_qwen3", False) and issubclass(cls, ThinkingBudgetStateHolder)

@@ -299,7 +299,7 @@ def test_the_holder_overrides_are_the_declared_ones():
 
     from ascend_qwen3.vllm_plugin.budget import _speculative_holder
 
-    cls = _speculative_holder(ThinkingBudgetStateHolder)
+    cls = _speculative_holder(ThinkingBudgetStateHolder, "ascend_qwen3")
     uses = [u for u in VLLM_USES if u.module == "vllm.v1.sample.thinking_budget_state"
             and u.how == "override"]
     assert len(uses) == 5

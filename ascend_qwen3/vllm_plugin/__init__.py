@@ -68,6 +68,6 @@ def register() -> None:
     # the budget under speculative decoding, where vLLM refuses logits processors: the input
     # batch's thinking-budget holder, the project's when its parser runs with speculation
     from .budget import install_speculative_budget
-    install_speculative_budget()
+    install_speculative_budget(REASONING_PARSER_NAME)
     logger.debug("ascend-qwen3 registered %s and the reasoning parser %s", ", ".join(archs),
                  REASONING_PARSER_NAME)

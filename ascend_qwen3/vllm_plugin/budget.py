@@ -25,7 +25,6 @@ import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 
 from ..thinking import BudgetState, ThinkingTokens
-from . import REASONING_PARSER_NAME
 
 # where ThinkingBudget.validate_params moves a request's budget (thinking.py)
 BUDGET_KEY = "ascend_qwen3_thinking_token_budget"
@@ -81,10 +80,10 @@ def budget_of(params) -> int | None:
     return None if budget is None or int(budget) < 0 else int(budget)
 
 
-def _speculative_holder(base: type) -> type:
+def _speculative_holder(base: type, parser: str) -> type:
     """vLLM's ``ThinkingBudgetStateHolder`` (``base``) with the project's budget under
     speculative decoding (module docstring). vLLM's behaviour except when the engine runs the
-    project's reasoning parser with speculative decoding; then it applies
+    project's reasoning parser (``parser``) with speculative decoding; then it applies
     ``ascend_qwen3.thinking.BudgetState``, position by position through the draft:
 
     - a verification step scores, for a request with drafts d1..dk, the rows "after the output
@@ -106,12 +105,12 @@ def _speculative_holder(base: type) -> type:
         def __init__(self, reasoning_config, max_num_seqs: int, num_spec_tokens: int, device,
                      is_pin_memory: bool):
             super().__init__(reasoning_config, max_num_seqs, num_spec_tokens, device, is_pin_memory)
-            self.ours = (num_spec_tokens > 0 and getattr(reasoning_config, "reasoning_parser", "")
-                         == REASONING_PARSER_NAME)
+            self.ours = (num_spec_tokens > 0
+                         and getattr(reasoning_config, "reasoning_parser", "") == parser)
             self.rows: dict = {}
             self._warned = False
             if self.ours:
-                self.tokens = ThinkingTokens.from_tokenizer(_engine_tokenizer())
+                self.tokens = ThinkingTokens.from_tokenizer(_engine_tokenizer(parser))
                 logger.info("ascend-qwen3 thinking budget: the project's, applied through the "
                             "draft (%d speculative tokens)", num_spec_tokens)
 
@@ -175,7 +174,7 @@ def _speculative_holder(base: type) -> type:
     return AscendQwen3ThinkingBudgetHolder
 
 
-def _engine_tokenizer():
+def _engine_tokenizer(parser: str):
     from vllm.config import get_current_vllm_config_or_none
     from vllm.tokenizers import cached_tokenizer_from_config
 
@@ -184,16 +183,15 @@ def _engine_tokenizer():
     if tokenizer is None:
         raise ValueError("ascend-qwen3's thinking budget needs the model's tokenizer (to find "
                          "<think> and </think>), but the engine has none (skip_tokenizer_init); "
-                         f"start it with a tokenizer, or without --reasoning-parser "
-                         f"{REASONING_PARSER_NAME}")
+                         f"start it with a tokenizer, or without --reasoning-parser {parser}")
     return tokenizer
 
 
-def install_speculative_budget() -> None:
+def install_speculative_budget(parser: str) -> None:
     """Make vLLM's input batches create ``_speculative_holder``'s class (idempotent). Its
-    behaviour is vLLM's own unless the project's reasoning parser runs with speculative
-    decoding."""
+    behaviour is vLLM's own unless the reasoning parser ``parser`` (the project's) runs with
+    speculative decoding."""
     import vllm.v1.sample.thinking_budget_state as tbs
 
     if not getattr(tbs.ThinkingBudgetStateHolder, "_ascend_qwen3", False):
-        tbs.ThinkingBudgetStateHolder = _speculative_holder(tbs.ThinkingBudgetStateHolder)
+        tbs.ThinkingBudgetStateHolder = _speculative_holder(tbs.ThinkingBudgetStateHolder, parser)

@@ -52,7 +52,7 @@ DRAFT_RECIPE_VERSION = 1
 @dataclass
 class DraftRecipe:
     seed: int = 0
-    steps: int = 300
+    steps: int = 500
     seq_len: int = 256
     batch: int = 8
     lr: float = 3e-3
@@ -61,6 +61,7 @@ class DraftRecipe:
     layer_ids: tuple = (1, 2, 3)      # the target's layers the draft reads (of its 4)
     ttt_steps: int = 3
     step_decay: float = 0.8
+    documents: bool = False           # also the raw topic documents (the target's LM text)
 
 
 def compact_draft_path(home: str) -> str:
@@ -197,6 +198,8 @@ def train_draft(target_path: str, tok, recipe: DraftRecipe | None = None, log=pr
     if tt.shortlist(samples) != short:
         raise ValueError(f"the samples of seed {tinfo['seed']} do not give the target's shortlist: "
                          f"the corpus or the recipe changed since {target_path} was trained")
+    if not recipe.documents:     # the chats only: what a server generates
+        samples = [s for s in samples if 0 in s[1]]
     remap = torch.full((tt.VOCAB,), len(short), dtype=torch.long)
     remap[torch.tensor(short)] = torch.arange(len(short))
     tcfg = dict(tt.CONFIGS[tinfo["kind"]])

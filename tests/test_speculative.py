@@ -411,3 +411,38 @@ def test_guard_passes_everything_else_through_untouched(path, body, method):
 def test_guard_leaves_non_json_to_the_endpoint():
     status, _, seen = _call(None, "/v1/completions", b"not json")
     assert status == 200 and seen == [b"not json"]
+
+
+# --- vLLM's CPU fallback of the rejection sampler's expand kernel, fixed --------------------------
+
+@pytest.mark.parametrize("dtype,values", [(torch.int32, [20, 0, 7]), (torch.float32, [0.6, -1.0, 1.0]),
+                                          (torch.int64, [3, 4, 0])])
+def test_expand_writes_each_requests_value_over_its_drafts(dtype, values):
+    """The semantics of vLLM's Triton expand_kernel (request i's value over
+    output[cu[i-1]:cu[i]], replace_from -> replace_to), in the output's own dtype: what the
+    rejection sampler needs for the temperature (float32), top-k (int32) and top-p; vLLM 0.32's
+    CPU fallback wrote into a temporary int64 copy and left the output uninitialised."""
+    pytest.importorskip("vllm")
+    from ascend_qwen3.vllm_plugin.cpu_kernels import expand_kernel_impl
+
+    x = torch.tensor(values, dtype=dtype)
+    cu = torch.tensor([2, 2, 5], dtype=torch.int32)          # the second request drafted nothing
+    out = torch.full((6,), 99, dtype=dtype)
+    expand_kernel_impl(out, x, cu, -1 if dtype.is_floating_point else 0, 1)
+    first, third = values[0], values[2]
+    if dtype.is_floating_point:
+        want = [first, first, third, third, third, 99]
+    else:
+        first = 1 if first == 0 else first
+        third = 1 if third == 0 else third
+        want = [first, first, third, third, third, 99]
+    assert out.tolist() == pytest.approx(want)
+
+
+def test_the_fix_is_where_vllms_cpu_platform_takes_its_fallback():
+    pytest.importorskip("vllm")
+    from vllm.utils import cpu_triton_utils
+
+    from ascend_qwen3.vllm_plugin.cpu_kernels import expand_kernel_impl, fix_cpu_expand_kernel
+    assert fix_cpu_expand_kernel()
+    assert cpu_triton_utils._expand_kernel_impl is expand_kernel_impl

@@ -60,7 +60,28 @@ def models(tmp_path_factory):
     }
     quantize_checkpoint(dense, str(d / "w8a8"), "w8a8_dynamic", progress=False)
     out["w8a8"] = str(d / "w8a8")
+    out["eagle3-shared-head"] = _without_head(out["eagle3"], str(d / "eagle3-shared-head"))
     return out
+
+
+def _without_head(src: str, dst: str) -> str:
+    """The draft without its output layer (and its d2t): vLLM then drafts through the target's
+    head (``has_own_lm_head`` false: ``target.lm_head`` shared), over the whole vocabulary."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    sd = load_file(os.path.join(dst, "model.safetensors"))
+    save_file({k: v for k, v in sd.items() if k not in ("lm_head.weight", "d2t")},
+              os.path.join(dst, "model.safetensors"))
+    with open(os.path.join(dst, "config.json")) as f:
+        cfg = json.load(f)
+    cfg.pop("draft_vocab_size")
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    return dst
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +98,9 @@ def _method(name: str, models: dict, target: str) -> dict | None:
     if name == "ngram":
         return {"method": "ngram", "num_speculative_tokens": K, "prompt_lookup_max": 4,
                 "prompt_lookup_min": 2}
-    if name == "eagle3":
-        return {"method": "eagle3", "model": models["eagle3"], "num_speculative_tokens": K}
+    if name.startswith("eagle3"):
+        draft = models["eagle3-shared-head" if name == "eagle3-shared-head" else "eagle3"]
+        return {"method": "eagle3", "model": draft, "num_speculative_tokens": K}
     draft = models["cut"] if target == "dense" else models["dense"]
     return {"method": "draft_model", "model": draft, "num_speculative_tokens": K}
 
@@ -90,13 +112,13 @@ def engines(models, prompts, tmp_path_factory):
     work = tmp_path_factory.mktemp("spec-engines")
     take_over = {"ASCEND_QWEN3_TAKE_OVER": "1"}      # draft models named Qwen3ForCausalLM
 
-    def job(target, method, tp=1, ep=False):
+    def job(target, method, tp=1, ep=False, compile=False):
         engine = {"disable_log_stats": False}
-        sc = _method(method, models, target)
+        sc = _method(method.removesuffix("-compiled"), models, target)
         if sc is not None:
             engine["speculative_config"] = sc
         return {"key": f"{tp}:{target}:{method}", "model": models[target], "arch": "ours",
-                "dtype": "float32", "tp": tp, "ep": ep, "prompts": prompts,
+                "dtype": "float32", "tp": tp, "ep": ep, "prompts": prompts, "compile": compile,
                 "max_tokens": MAX_TOKENS, "sampling": {"ignore_eos": False},
                 "max_model_len": 1024, "engine_args": engine, "metrics": True}
 
@@ -106,7 +128,8 @@ def engines(models, prompts, tmp_path_factory):
     # proposer has imported numba (llvmlite's _lib_fn_wrapper): one n-gram engine per process,
     # after the others
     tp1 = [job(t, m) for t in ("dense", "moe") for m in ("none", "eagle3", "draft_model")]
-    tp1 += [job("w8a8", "none"), job("w8a8", "eagle3"), job("dense", "ngram")]
+    tp1 += [job("w8a8", "none"), job("w8a8", "eagle3"), job("dense", "eagle3-shared-head"),
+            job("dense", "eagle3-compiled", compile=True), job("dense", "ngram")]
     for jobs, where in ((tp1, "tp1"), ([job("moe", "ngram")], "tp1-ngram")):
         for r in run_jobs(jobs, str(work / where), env=take_over):
             results[r["job"]["key"]] = r
@@ -153,6 +176,25 @@ def test_the_moe_class_computes_the_dense_models_function(engines, prompts):
 
 def test_speculation_on_a_w8a8_target(engines, prompts):
     _same(engines, "1:w8a8:eagle3", "1:w8a8:none", prompts)
+
+
+def test_a_draft_without_a_head_drafts_through_the_targets(engines, prompts):
+    """vLLM hands such a draft ``target.lm_head`` (the project's head in the form its
+    LogitsProcessor calls); the tokens stay the target's, and drafts are accepted."""
+    _same(engines, "1:dense:eagle3-shared-head", "1:dense:none", prompts)
+    with open(engines["1:dense:eagle3-shared-head"]["log"]) as f:
+        log = f.read()
+    assert "Detected EAGLE model without its own lm_head in the checkpoint" in log
+    assert engines["1:dense:eagle3-shared-head"]["metrics"]["vllm:spec_decode_num_accepted_tokens"] > 0
+
+
+def test_compiled_target_returns_its_aux_states(engines, prompts):
+    """With vLLM's compilation (on the CPU build: Dynamo traced once, Inductor) the compiled
+    backbone returns the hidden states and the aux states the draft reads."""
+    _same(engines, "1:dense:eagle3-compiled", "1:dense:none", prompts)
+    with open(engines["1:dense:eagle3-compiled"]["log"]) as f:
+        assert "the backbone is compiled (torch.compile" in f.read()
+    assert acceptance_length(engines["1:dense:eagle3-compiled"]["metrics"]) >= ACCEPTANCE_FLOOR
 
 
 def test_trained_draft_accepts_more_than_ngram(engines):

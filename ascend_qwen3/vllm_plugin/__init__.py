@@ -69,5 +69,9 @@ def register() -> None:
     # batch's thinking-budget holder, the project's when its parser runs with speculation
     from .budget import install_speculative_budget
     install_speculative_budget(REASONING_PARSER_NAME)
+    # vLLM 0.32's CPU fallback of a sampling kernel writes nowhere (cpu_kernels.py): with
+    # speculation every sampling (non-greedy) request failed, on any model class
+    from .cpu_kernels import fix_cpu_expand_kernel
+    fix_cpu_expand_kernel()
     logger.debug("ascend-qwen3 registered %s and the reasoning parser %s", ", ".join(archs),
                  REASONING_PARSER_NAME)

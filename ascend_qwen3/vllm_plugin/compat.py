@@ -181,6 +181,10 @@ VLLM_USES: list[Use] = [
         "override", ("logits", "predict_bonus_token", "spec_token_ids")),
     Use("vllm.config", "ReasoningConfig", "attrs", ("reasoning_parser",)),
     Use("vllm.config", "get_current_vllm_config_or_none", "call", ()),
+    # the CPU fallback of the rejection sampler's expand kernel, replaced (cpu_kernels.py)
+    Use("vllm.utils.cpu_triton_utils", "_expand_kernel_impl", "override",
+        ("output", "input_val", "cu_num_tokens", "replace_from", "replace_to", "MAX_NUM_TOKENS")),
+    Use("vllm.v1.sample.rejection_sampler", "expand_kernel"),
 ]
 
 # vllm-ascend, on the NPU (``platform_attention_backend``, ``attention_inputs``, ``kv_views``)

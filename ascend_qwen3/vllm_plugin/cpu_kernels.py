@@ -224,3 +224,43 @@ def register() -> bool:
                        "specification (ops.cpu) runs", ", ".join(missing))
         return False
     return ops.register_kernels(NAME, "cpu", KERNELS)
+
+
+# --- a fix to vLLM's own CPU fallback for a sampling kernel ------------------------------------
+
+def expand_kernel_impl(output: torch.Tensor, input_val: torch.Tensor, cu_num_tokens: torch.Tensor,
+                       replace_from, replace_to, MAX_NUM_TOKENS=None) -> None:  # noqa: N803
+    """vLLM's ``expand_kernel`` (``vllm/v1/sample/rejection_sampler.py``: request i's value,
+    ``replace_from`` turned into ``replace_to``, written over its draft positions
+    ``output[cu[i-1]:cu[i]]``), in ``output``'s own dtype.
+
+    vLLM 0.32's CPU fallback (``vllm/utils/cpu_triton_utils.py::_expand_kernel_impl``) passes
+    ``output`` through ``_ensure_int64``, which copies any tensor that is not int64, and never
+    copies the result back; the float and int32 inputs are truncated to int64 on the way in.
+    The rejection sampler expands the per-request temperature (float32), top-k (int32) and
+    top-p (float32) with it, so with speculative decoding every request that samples (not
+    greedy) read uninitialised memory: top-k failed with "index ... is out of bounds" and the
+    engine died, on vLLM's built-in Qwen3 as on the project's.
+    """
+    cu = cu_num_tokens.to(torch.int64)
+    counts = torch.diff(cu, prepend=cu.new_zeros(1))
+    values = torch.where(input_val == replace_from,
+                         torch.as_tensor(replace_to, dtype=input_val.dtype), input_val)
+    n = int(cu[-1]) if cu.numel() else 0
+    output[:n] = torch.repeat_interleave(values, counts).to(output.dtype)
+
+
+def fix_cpu_expand_kernel() -> bool:
+    """Put ``expand_kernel_impl`` where vLLM's CPU platform takes its fallback from when it
+    registers its kernel overrides (``CpuPlatform.register_triton_kernel_overrides``, which
+    the worker runs right after loading the general plugins: ``WorkerWrapperBase.init_worker``).
+    Called from the plugin's ``register``; a no-op where that module does not exist (vLLM
+    builds without the CPU fallbacks) or is already fixed. True when it is in place."""
+    try:
+        from vllm.utils import cpu_triton_utils
+    except ImportError:
+        return False
+    if getattr(cpu_triton_utils, "_expand_kernel_impl", None) is None:
+        return False
+    cpu_triton_utils._expand_kernel_impl = expand_kernel_impl
+    return True

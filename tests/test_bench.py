@@ -131,3 +131,109 @@ def test_rounds_interleave_the_vllm_engines_and_alternate_their_order():
     order = run._rounds(items, 3)
     assert order == items + [items[3], items[2], items[1]] + items[1:]
     assert run._rounds(items, 1) == items
+
+
+def _spec_row(batch, method, engine, tps, best, al=None, same=8):
+    return {"batch": batch, "method": method, "engine": engine, "tokens_per_s": tps,
+            "best_round": best, "runs": [tps] * 4, "round_medians": [tps, best],
+            "acceptance_length": al, "drafts": 10 if al else 0, "accepted": 15 if al else 0,
+            "tokens": 500, "prompts": 8, "same_as_none": same}
+
+
+def test_render_speculative_section_has_ratio_speed_ups_and_best_rounds(tmp_path, monkeypatch):
+    monkeypatch.setattr(render, "DOC", str(tmp_path / "BENCHMARKS.md"))
+    monkeypatch.setattr(render, "FIG_DIR", str(tmp_path / "bench"))
+    machine = {"cpu": "Test CPU", "cores": 2, "date": "2026-12-07 00:00 UTC", "commit": "abc"}
+    tps = {"none": (100.0, 50.0), "eagle3": (250.0, 100.0), "draft_model": (150.0, 60.0),
+           "ngram": (120.0, 40.0)}           # (ours, built-in) at batch 1; batch 8: 4x
+    rows = []
+    for b in (1, 8):
+        for m, (ours, builtin) in tps.items():
+            al = None if m == "none" else 2.5
+            rows.append(_spec_row(b, m, "vllm-ours", ours * (1 + 3 * (b == 8)), ours + 10, al,
+                                  same=7 if (b, m) == (8, "ngram") else 8))
+            rows.append(_spec_row(b, m, "vllm-builtin", builtin * (1 + 3 * (b == 8)), builtin + 5,
+                                  al))
+    results = {"speculative": {"results": rows, "rounds": 2, "repeats": 2, "new": 64, "k": 3,
+                               "draft": "random", "draft_layers": 2,
+                               "prompt_kinds": ["addition", "topic question", "weather question"] * 2
+                               + ["addition", "topic question"],
+                               "machine": machine,
+                               "command": "make bench BENCH_ARGS='--quick --only speculative'"}}
+    render.write(results)
+    doc = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "## Speculative decoding" in doc
+    assert "| batch | method | ours tokens/s | ours best round | built-in tokens/s |" in doc
+    # ratio ours / built-in, then each class's speed-up over its own `none`, acceptance lengths
+    assert "| 1 | `none` | 100.0 | 110.0 | 50.0 | 55.0 | **2.00** | 1.00 | 1.00 | – | – |" in doc
+    assert "| 1 | `eagle3` | 250.0 | 260.0 | 100.0 | 105.0 | **2.50** | 2.50 | 2.00 | 2.50 | 2.50 |" in doc
+    assert "| 8 | `ngram` | 480.0 | 130.0 | 160.0 | 45.0 | **3.00** | 1.20 | 0.80 | 2.50 | 2.50 |" in doc
+    assert "3 additions, 3 topic questions, 2 weather questions" in doc
+    assert "random draft" in doc and "`ngram` on ours at batch 8: 7 of 8" in doc
+    assert "make bench BENCH_ARGS='--quick --only speculative'" in doc and "Test CPU" in doc
+    assert "speculative" in run.SECTIONS
+
+
+def test_speculative_mixes_the_prompt_kinds_in_turn():
+    import speculative
+
+    groups = [["a1", "a2", "a3", "a4"], ["t1", "t2"], ["w1", "w2", "w3"]]
+    assert speculative.mixed(groups, 8) == ["a1", "t1", "w1", "a2", "t2", "w2", "a3", "w3"]
+    assert speculative.mixed(groups, 2) == ["a1", "t1"]
+    with pytest.raises(ValueError):
+        speculative.mixed(groups, 10)
+
+
+def test_speculative_batch_one_is_total_tokens_over_total_time():
+    """One request at a time: prompt A answers 10 tokens at 10 and 20 tokens/s (1 s, 0.5 s),
+    prompt B 30 tokens at 30 and 10 tokens/s (1 s, 3 s): runs of 40/2 and 40/3.5 tokens/s."""
+    import speculative
+
+    parts = [{"runs": [10.0, 20.0], "token_ids": [[1] * 10], "drafts": 4, "accepted": 6},
+             {"runs": [30.0, 10.0], "token_ids": [[2] * 30], "drafts": 6, "accepted": 3}]
+    out = speculative.sequential(parts)
+    assert out["runs"] == pytest.approx([20.0, 40 / 3.5])
+    assert out["tokens_per_s"] == pytest.approx((20.0 + 40 / 3.5) / 2)
+    assert out["acceptance_length"] == pytest.approx(1 + 9 / 10)
+    assert out["token_ids"] == [[1] * 10, [2] * 30]
+    assert speculative.sequential([dict(parts[0], drafts=0, accepted=0)])["acceptance_length"] is None
+
+
+def test_speculative_merge_gives_medians_best_rounds_and_same_answers():
+    import speculative
+
+    def proc(method, engine, runs, ids, drafts=0, accepted=0):
+        return {"method": method, "engine": engine,
+                "batches": {"8": {"runs": runs, "token_ids": ids, "drafts": drafts,
+                                  "accepted": accepted}}}
+
+    a, b = [1, 2, 3], [4, 5]
+    rows = speculative.merge([
+        proc("none", "vllm-ours", [10.0, 12.0], [a, b]),
+        proc("eagle3", "vllm-ours", [30.0, 20.0], [a, [4, 6]], drafts=10, accepted=12),
+        proc("eagle3", "vllm-ours", [14.0, 16.0], [a, [4, 6]], drafts=10, accepted=8),
+        proc("eagle3", "vllm-builtin", [9.0, 11.0], [a, b], drafts=20, accepted=20),
+    ])
+    by = {(r["method"], r["engine"]): r for r in rows}
+    e = by[("eagle3", "vllm-ours")]
+    assert e["tokens_per_s"] == pytest.approx(18.0)          # median of all four runs
+    assert e["round_medians"] == [25.0, 15.0] and e["best_round"] == 25.0
+    assert e["acceptance_length"] == pytest.approx(2.0)      # 1 + 20 / 20
+    assert e["same_as_none"] == 1 and e["same_as_builtin"] == 1 and e["prompts"] == 2
+    assert by[("none", "vllm-ours")]["acceptance_length"] is None
+    assert "same_as_none" not in by[("eagle3", "vllm-builtin")]   # no built-in `none` here
+
+
+def test_speculative_configs():
+    import speculative
+
+    paths = {"eagle3": "/d/eagle3", "cut": "/d/cut"}
+    assert speculative.speculative_config("none", paths) is None
+    assert speculative.speculative_config("eagle3", paths) == {
+        "method": "eagle3", "model": "/d/eagle3", "num_speculative_tokens": 3}
+    assert speculative.speculative_config("draft_model", paths)["model"] == "/d/cut"
+    assert speculative.speculative_config("ngram", paths) == {
+        "method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4,
+        "prompt_lookup_min": 2}
+    with pytest.raises(ValueError):
+        speculative.speculative_config("medusa", paths)

@@ -375,7 +375,7 @@ def test_speculation_changes_no_token_of_a_budgeted_answer(server, spec_server):
     questions = ["What is 17 + 25?", "Tell me about the \"for\" statement in Python.",
                  "What is the weather in Paris?"]
     for q in questions:
-        for budget in (None, 1, 4, 11):
+        for budget in (None, 1, 11):
             extra = {"return_token_ids": True}
             if budget is not None:
                 extra["thinking_token_budget"] = budget

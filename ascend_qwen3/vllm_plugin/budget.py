@@ -28,7 +28,7 @@ from ..thinking import BudgetState, ThinkingTokens
 
 # where ThinkingBudget.validate_params moves a request's budget (thinking.py)
 BUDGET_KEY = "ascend_qwen3_thinking_token_budget"
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("vllm.ascend_qwen3.thinking_budget")   # in the engine's log
 
 
 def follow_batch(rows: dict, batch_update: BatchUpdate | None, track) -> None:

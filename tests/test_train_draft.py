@@ -89,13 +89,13 @@ def test_checkpoint_is_vllms_llama_eagle3_format(small_run, tmp_path):
 def test_the_packaged_draft_belongs_to_the_packaged_target(tmp_path):
     """The shipped draft was trained (with the shipped recipe) for the shipped target; a draft
     for another target is refused by name when the default draft is built."""
-    from ascend_qwen3.serve.default_model import _digest, build_default_draft
+    from ascend_qwen3.serve.default_model import build_default_draft
 
     if not os.path.exists(D.PACKAGED_DRAFT):
         pytest.fail(f"{D.PACKAGED_DRAFT} is missing: `ascend-qwen3 train-tiny --kind dense "
                     f"--package` writes it")
     info = D.draft_info(D.PACKAGED_DRAFT)
-    assert info["target_digest"] == _digest(T.PACKAGED)
+    assert info["target_digest"] == T.file_digest(T.PACKAGED)
     assert info["recipe"] == D.DRAFT_RECIPE_VERSION and info["steps"] == D.DraftRecipe().steps
     out = build_default_draft(str(tmp_path / "draft"), source=D.PACKAGED_DRAFT,
                               target_source=T.PACKAGED, log=lambda m: None)

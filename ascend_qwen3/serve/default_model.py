@@ -17,7 +17,6 @@ built in seconds, once, and rebuilt when its source changes.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -27,7 +26,7 @@ import torch
 from ..checkpoint import write_random_checkpoint
 from .generation_config import write_generation_config
 from .tokenizer import write_qwen3_tokenizer
-from .train_tiny import CONFIGS, NAMES, export
+from .train_tiny import CONFIGS, NAMES, export, file_digest
 
 NAME = "qwen3-tiny-random"
 TRAINED_NAME = NAMES["dense"]
@@ -37,14 +36,6 @@ CONFIG = CONFIGS["dense"]
 STAMP = "ascend_qwen3_default_model.json"
 # bumped whenever the files written below change, so an older build is rebuilt
 BUILD_VERSION = 4
-
-
-def _digest(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
 
 
 def _stamp(path: str) -> dict:
@@ -59,7 +50,7 @@ def is_built(path: str, source: str | None = None) -> bool:
     """Built by this version, from ``source`` (a trained compact file) or random if None."""
     s = _stamp(path)
     return (s.get("build") == BUILD_VERSION
-            and s.get("source_digest") == (_digest(source) if source else None))
+            and s.get("source_digest") == (file_digest(source) if source else None))
 
 
 def served_name(path: str) -> str:
@@ -74,11 +65,11 @@ def build_default_draft(path: str, *, source: str, target_source: str, log=print
     from .train_draft import draft_info, export_draft
 
     info = draft_info(source)
-    if info.get("target_digest") != _digest(target_source):
+    if info.get("target_digest") != file_digest(target_source):
         raise ValueError(f"the EAGLE-3 draft {source} was trained for another tiny Qwen3 than the "
                          f"one served ({target_source}); run `make train-tiny`, which trains the "
                          f"draft for the model it trains")
-    want = {"build": BUILD_VERSION, "source_digest": _digest(source)}
+    want = {"build": BUILD_VERSION, "source_digest": file_digest(source)}
     if all(_stamp(path).get(k) == v for k, v in want.items()):
         return path
     tmp = path.rstrip("/") + ".partial"
@@ -106,7 +97,7 @@ def build_default_model(path: str, *, source: str | None = None, seed: int = 0,
         log(f"building the embedded default model ({TRAINED_NAME}: trained, from {source}) in {path}")
         export(source, tmp, log=lambda m: None)
         stamp = {"name": TRAINED_NAME, "weights": "trained (ascend-qwen3 train-tiny)",
-                 "source": source, "source_digest": _digest(source)}
+                 "source": source, "source_digest": file_digest(source)}
     else:
         log(f"building the embedded default model ({NAME}: random weights, real Qwen3 tokenizer) in {path}")
         write_random_checkpoint(CONFIG, tmp, dtype=torch.bfloat16, seed=seed)

@@ -248,18 +248,8 @@ def train_draft(target_path: str, tok, recipe: DraftRecipe | None = None, log=pr
     stats = {"final_loss": sum(losses[-50:]) / len(losses[-50:]),
              "final_agreement": [sum(a[j] for a in recent) / len(recent) for j in range(recipe.ttt_steps)],
              "train_seconds": round(time.perf_counter() - start, 1),
-             "target": tinfo["name"], "target_digest": _digest(target_path)}
+             "target": tinfo["name"], "target_digest": tt.file_digest(target_path)}
     return draft, short, stats
-
-
-def _digest(path: str) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
 
 
 def save_compact_draft(draft, short: list[int], path: str, stats: dict, recipe: DraftRecipe) -> None:
@@ -341,7 +331,7 @@ def _trained_for(path: str, target: str, recipe: DraftRecipe) -> bool:
     except (OSError, KeyError, ValueError):
         return False
     return (info.get("recipe") == DRAFT_RECIPE_VERSION and info.get("seed") == recipe.seed
-            and info.get("target_digest") == _digest(target))
+            and info.get("target_digest") == tt.file_digest(target))
 
 
 def heldout_prompts(seed: int = 12345, n_additions: int = 16, n_tools: int = 8) -> list[tuple[list, dict]]:

@@ -72,6 +72,17 @@ def trained_dir(home: str, kind: str) -> str:
     return os.path.join(home, "trained", NAMES[kind])
 
 
+def file_digest(path: str) -> str:
+    """A short SHA-256 of a file's bytes (what a build or a draft records of its source)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
 def is_trained(path: str) -> bool:
     try:
         with open(os.path.join(path, STAMP)) as f:

@@ -247,6 +247,75 @@ def _w8a8_section(results, lines, figures) -> None:
     _figure(lines, figures, "w8a8.png", "decode tokens/s of bf16 and W8A8", sec)
 
 
+SPEC_METHODS = ("none", "eagle3", "draft_model", "ngram")
+
+
+def _speculative_section(results, lines) -> None:
+    sec = results.get("speculative")
+    if not sec:
+        return
+    rows = sec["results"]
+    idx = _by(rows, "batch", "method", "engine")
+    batches = sorted({r["batch"] for r in rows})
+    methods = [m for m in SPEC_METHODS if any(r["method"] == m for r in rows)]
+    kinds = sec.get("prompt_kinds", [])
+    counts = ", ".join(f"{kinds.count(k)} {k}{'s' if kinds.count(k) > 1 else ''}"
+                       for k in dict.fromkeys(kinds))
+    steps = f", {sec['draft_steps']} steps" if sec.get("draft_steps") else ""
+    draft = (f"the model's trained EAGLE-3 draft, `serve/train_draft.py`{steps}"
+             if sec.get("draft") == "trained" else
+             "**a random draft of the trained draft's shape** (the trained draft was not there "
+             "yet: its acceptance and speed-up say nothing of the trained one)")
+    lines += ["## Speculative decoding", "",
+              "The embedded default model (the trained tiny Qwen3 of `make serve`, bf16) with "
+              f"vLLM's speculative decoding, {sec.get('k', 3)} speculative tokens: `none` (no "
+              f"speculation), `eagle3` ({draft}), `draft_model` (the model cut to its first "
+              f"{sec.get('draft_layers', 2)} layers), `ngram` (prompt lookup, 2 to 4 tokens); each "
+              "on the project's class (its draft model on the project's class too) and on "
+              "vLLM's built-in Qwen3 class with the same draft. Timed: greedy answers to "
+              f"{len(kinds)} held-out chat prompts of the model's domain ({counts}), stopping "
+              f"where the model stops, at most {sec.get('new', '?')} tokens each; tokens/s is "
+              "the generated tokens over the wall time of the whole `generate` (prefill "
+              f"included), after a warm-up. Batch {batches[-1]}: the prompts all at once; "
+              "batch 1: the same prompts one at a time (one request in flight), total tokens "
+              "over total time. Each (method, class) runs in a process of its own that measures "
+              f"both batches, {sec.get('rounds', 1)} processes each, interleaved, every other "
+              f"round in reverse order (as the decode section); {sec.get('repeats', '?')} runs "
+              "per process; the median of all runs, and beside it the best process's median "
+              "(best round). Speed-up: a method's tokens/s over the same class's without "
+              "speculation. Acceptance length: vLLM's counters, 1 + accepted draft tokens / "
+              "drafts.", "", _provenance(sec), "",
+              "| batch | method | ours tokens/s | ours best round | built-in tokens/s | "
+              "built-in best round | ours / built-in | speed-up ours | speed-up built-in | "
+              "acceptance length ours | acceptance length built-in |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    differ = []
+    for b in batches:
+        base = {e: idx.get((b, "none", e), {}).get("tokens_per_s")
+                for e in ("vllm-ours", "vllm-builtin")}
+        for m in methods:
+            o, bi = idx.get((b, m, "vllm-ours"), {}), idx.get((b, m, "vllm-builtin"), {})
+            v = {"vllm-ours": o.get("tokens_per_s"), "vllm-builtin": bi.get("tokens_per_s")}
+            ratio = (v["vllm-ours"] / v["vllm-builtin"]
+                     if v["vllm-ours"] and v["vllm-builtin"] else None)
+            up = {e: v[e] / base[e] if v[e] and base[e] else None for e in v}
+            lines.append(f"| {b} | `{m}` | {_f(v['vllm-ours'])} | {_f(o.get('best_round'))} | "
+                         f"{_f(v['vllm-builtin'])} | {_f(bi.get('best_round'))} | "
+                         f"**{_f(ratio, 2)}** | {_f(up['vllm-ours'], 2)} | "
+                         f"{_f(up['vllm-builtin'], 2)} | {_f(o.get('acceptance_length'), 2)} | "
+                         f"{_f(bi.get('acceptance_length'), 2)} |")
+            for r, name in ((o, "ours"), (bi, "built-in")):
+                if m != "none" and r.get("same_as_none", r.get("prompts")) != r.get("prompts"):
+                    differ.append(f"`{m}` on {name} at batch {b}: {r['same_as_none']} of "
+                                  f"{r['prompts']}")
+    lines += ["", "Same answers: with speculation each class answered "
+              + ("every prompt with the very tokens it gives without" if not differ else
+                 "these prompts with the tokens it gives without (bf16: the verification step "
+                 "scores several positions at once, and a near-tie may fall the other way): "
+                 + "; ".join(differ)) + "."]
+    lines.append("")
+
+
 def _serving_section(results, lines, figures) -> None:
     sec = results.get("serving")
     if not sec:
@@ -392,6 +461,7 @@ def write(results: dict) -> None:
     _roofline_section(results, lines)
     _decode_section(results, lines, figures)
     _w8a8_section(results, lines, figures)
+    _speculative_section(results, lines)
     _serving_section(results, lines, figures)
     _ops_section(results, lines)
     _thinking_section(results, lines)

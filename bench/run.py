@@ -12,7 +12,10 @@ Sections (each runs its engines side by side, one after another, in this run):
 - ``serving``: TTFT / TPOT / ITL / end-to-end latency from ``vllm bench serve`` against the
   server ``make serve`` starts, the project's class vs vLLM's built-in;
 - ``thinking``: what the thinking-budget logits processor costs per decode step at batch 1 and
-  64, without and with budgets (``bench/thinking_budget.py``).
+  64, without and with budgets (``bench/thinking_budget.py``);
+- ``speculative``: decode speed of the embedded default model at batch 1 and 8 without
+  speculation and with EAGLE-3, a draft model and n-gram, the project's class and vLLM's
+  built-in in the same interleaved rounds (``bench/speculative.py``).
 
 Results are kept in docs/bench/results.json (a section run again replaces its own entry, with
 its date, machine and command) and rendered into docs/BENCHMARKS.md with PNG figures in
@@ -39,7 +42,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 RESULTS = os.path.join(ROOT, "docs", "bench", "results.json")
-SECTIONS = ("roofline", "ops", "decode", "w8a8", "serving", "thinking")
+SECTIONS = ("roofline", "ops", "decode", "w8a8", "serving", "thinking", "speculative")
 
 
 def machine() -> dict:
@@ -125,6 +128,12 @@ def run_section(name: str, a) -> dict:
         import thinking_budget
 
         return {"results": thinking_budget.measure((1, 64), repeats=3 if a.quick else 5)}
+    if name == "speculative":
+        import speculative
+
+        # answers of at most 2 x --new tokens (64 with --quick), a.repeats runs per process,
+        # a.rounds processes per (method, engine) in _rounds' order
+        return speculative.section(a, _rounds)
     if name == "serving":
         import serving
 
@@ -214,7 +223,7 @@ def main(argv=None) -> int:
     if a.quick:
         a.batch, a.new, a.repeats = [1, 8], 32, 2
     if a.profile:
-        skipped = [n for n in a.only if n in ("decode", "w8a8")]
+        skipped = [n for n in a.only if n in ("decode", "w8a8", "speculative")]
         if skipped:
             print(f"--profile: {', '.join(skipped)} skipped (they compare engines on vLLM's CPU "
                   f"build); the NPU sections are roofline, ops and serving", flush=True)

@@ -31,6 +31,9 @@ MAX_TOKENS = 48
 K = 3
 ACCEPTANCE_FLOOR = 2.5          # mean acceptance length of the trained draft at K = 3
 FP32_LP_TOL, FP32_TIE = 1e-4, 1e-3
+# a W8A8 target: its int8 quantisers may round one activation a step the other way where the
+# verification batch sums in another order (test_vllm_engine.W8A8_LP_TOL says more)
+W8A8_LP_TOL, W8A8_TIE = 5e-3, 1e-2
 
 
 def acceptance_length(metrics: dict) -> float:
@@ -143,9 +146,9 @@ def engines(models, prompts, tmp_path_factory):
     return results
 
 
-def _same(res, key, ref, prompts):
+def _same(res, key, ref, prompts, lp_tol=FP32_LP_TOL, tie=FP32_TIE):
     return compare_greedy(_padded(res[key]["outputs"]), _padded(res[ref]["outputs"]),
-                          lp_tol=FP32_LP_TOL, tie=FP32_TIE, what=f"{key} vs {ref}",
+                          lp_tol=lp_tol, tie=tie, what=f"{key} vs {ref}",
                           prompts=len(prompts), tokens=MAX_TOKENS)
 
 
@@ -176,7 +179,7 @@ def test_the_moe_class_computes_the_dense_models_function(engines, prompts):
 
 
 def test_speculation_on_a_w8a8_target(engines, prompts):
-    _same(engines, "1:w8a8:eagle3", "1:w8a8:none", prompts)
+    _same(engines, "1:w8a8:eagle3", "1:w8a8:none", prompts, lp_tol=W8A8_LP_TOL, tie=W8A8_TIE)
 
 
 def test_a_draft_without_a_head_drafts_through_the_targets(engines, prompts):

@@ -39,6 +39,12 @@ from tests.vllm_support import (ISA_LEVELS, assert_as_accurate, compare_greedy, 
 pytestmark = pytest.mark.vllm
 
 FP32_LP_TOL, FP32_TIE = 1e-4, 1e-3  # measured: worst 2e-6
+# W8A8 in fp32: an int8 quantiser rounds each activation to a step of its scale, so a 1e-7
+# difference in its input (vLLM's oneDNN linear vs torch.matmul for the float layers, another
+# summation order) can move one element by a whole step where it sits on a .5 boundary. Measured:
+# 2e-6 where nothing flips, 7.9e-4 on one CI machine (dynamic MoE, one prompt's first token). A
+# wrong scale, a misplaced shard or a lost offset moves logprobs by far more than this.
+W8A8_LP_TOL, W8A8_TIE = 5e-3, 1e-2
 MAX_TOKENS = 12
 GREEDY_LENS = (3, 17, 150)
 FORCED_LENS = (32, 64, 128, 200, 250, 300, 350, 400)    # 1716 scored positions per engine
@@ -324,7 +330,7 @@ def test_w8a8_matches_standalone_graph(engines, key):
     res, ck = engines
     model, _ = load_model(ck[key], dtype=torch.float32)
     ref = _standalone_greedy(model, res[f"native:{key}"]["job"]["prompts"])
-    compare_greedy(res[f"native:{key}"]["outputs"], ref, lp_tol=FP32_LP_TOL, tie=FP32_TIE,
+    compare_greedy(res[f"native:{key}"]["outputs"], ref, lp_tol=W8A8_LP_TOL, tie=W8A8_TIE,
                    what=key, prompts=len(GREEDY_LENS), tokens=MAX_TOKENS)
 
 

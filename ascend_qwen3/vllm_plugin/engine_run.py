@@ -158,6 +158,9 @@ SPEC_COUNTERS = ("vllm:spec_decode_num_drafts", "vllm:spec_decode_num_accepted_t
 
 
 def _spec_counts(llm) -> dict:
+    if not getattr(llm.llm_engine, "log_stats", True):
+        raise ValueError("answer_rate reads vLLM's spec-decode counters: start the engine with "
+                         "disable_log_stats=False")
     return {m.name: getattr(m, "value", 0) for m in llm.get_metrics() if m.name in SPEC_COUNTERS}
 
 
@@ -198,7 +201,9 @@ def run(job: dict) -> dict:
     elif job["arch"] != "builtin":
         raise ValueError(f"job arch {job['arch']!r}: use 'project' or 'builtin'")
     if job.get("speculative"):
-        kw.update(speculative_config=job["speculative"], disable_log_stats=False)
+        kw["speculative_config"] = job["speculative"]
+    if job.get("speculative") or job.get("answers"):
+        kw["disable_log_stats"] = False     # answer_rate reads the engine's spec-decode counters
     mode = job.get("graph_mode")
     if mode == "NONE":
         kw["enforce_eager"] = True

@@ -41,10 +41,12 @@ pytestmark = pytest.mark.vllm
 FP32_LP_TOL, FP32_TIE = 1e-4, 1e-3  # measured: worst 2e-6
 # W8A8 in fp32: an int8 quantiser rounds each activation to a step of its scale, so a 1e-7
 # difference in its input (vLLM's oneDNN linear vs torch.matmul for the float layers, another
-# summation order) can move one element by a whole step where it sits on a .5 boundary. Measured:
-# 2e-6 where nothing flips, 7.9e-4 on one CI machine (dynamic MoE, one prompt's first token). A
-# wrong scale, a misplaced shard or a lost offset moves logprobs by far more than this.
-W8A8_LP_TOL, W8A8_TIE = 5e-3, 1e-2
+# summation order) can move an element by a whole step where it sits on a .5 boundary, and the
+# moves add up over layers and decode steps. Measured: 2e-6 where nothing flips; 7.9e-4 on one CI
+# machine (dynamic MoE, a prompt's first token), 6.4e-3 on another (the same prompt, 7th token).
+# A wrong scale, a misplaced shard or a lost offset moves logprobs by far more (0.1 and up); the
+# quantised ops themselves are held to their references exactly in test_ops_reference.py.
+W8A8_LP_TOL, W8A8_TIE = 2e-2, 5e-2
 MAX_TOKENS = 12
 GREEDY_LENS = (3, 17, 150)
 FORCED_LENS = (32, 64, 128, 200, 250, 300, 350, 400)    # 1716 scored positions per engine

@@ -313,7 +313,11 @@ def _speculative_section(results, lines) -> None:
                  "these prompts with the tokens it gives without (bf16: the verification step "
                  "scores several positions at once, and a near-tie may fall the other way): "
                  + "; ".join(differ)) + "."]
-    lines.append("")
+    lines += ["", "Where speculation is slower than none here, the reason is measured, not guessed: "
+              "`bench/speculative.py --breakdown ENGINE --method M` times the parts of an engine "
+              "step; docs/serving.md (Speed: what speculation buys here) has the table and its "
+              "reading (the default model's output layer is most of a step, and on a CPU without "
+              "bf16 matrix units 1 + k rows of logits cost nearly 1 + k times one row).", ""]
 
 
 def _serving_section(results, lines, figures) -> None:

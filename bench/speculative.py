@@ -28,6 +28,11 @@ acceptance length, 1 + accepted draft tokens / drafts.
 
     .venv/bin/python bench/speculative.py [--new 64] [--repeats 2] [--rounds 2] [--json OUT]
     .venv/bin/python bench/speculative.py --one vllm-ours --method eagle3 --batches 1 --new 16
+    .venv/bin/python bench/speculative.py --breakdown vllm-ours --method eagle3
+
+``--breakdown``: where a decode step's time goes (batch 1), from wall-clock timers around vLLM's
+runner, drafter, rejection sampler and scheduler and the target's and draft's forward and logits,
+in one process (the engine core in it); ms per engine step, and per generated token.
 """
 
 from __future__ import annotations
@@ -284,6 +289,90 @@ def section(a, order, log=print) -> dict:
             "prompt_tokens": [len(p) for p in ids]}
 
 
+# (module, class, method, label) timed by --breakdown; a missing one is left out, said so. Not
+# the n-gram proposer: importing it before the engine starts loads numba, after which vLLM 0.32's
+# CPU engine cannot start (vllm/triton_utils/dispatcher.py, _rebind_kernels)
+TIMED = [
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "execute_model", "runner: execute_model"),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "_model_forward", "  target forward"),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "sample_tokens", "runner: sample_tokens"),
+    ("vllm.v1.sample.rejection_sampler", "RejectionSampler", "forward", "  rejection sampler"),
+    ("vllm.v1.spec_decode.llm_base_proposer", "SpecDecodeBaseProposer", "propose",
+     "  drafter propose (EAGLE / draft model)"),
+    ("vllm.model_executor.models.llama_eagle3", "Eagle3LlamaForCausalLM", "forward",
+     "    draft forward"),
+    ("vllm.model_executor.models.llama_eagle3", "Eagle3LlamaForCausalLM", "compute_logits",
+     "    draft logits"),
+    ("vllm.v1.core.sched.scheduler", "Scheduler", "schedule", "scheduler: schedule"),
+    ("vllm.v1.core.sched.scheduler", "Scheduler", "update_from_output", "scheduler: update"),
+]
+
+
+def breakdown(engine: str, method: str, paths: dict, prompt_ids, new: int) -> dict:
+    """In this process: ms per engine step in each timed part, batch 1, after a warm-up."""
+    import collections
+    import functools
+    import importlib
+
+    from vllm import LLM
+
+    from ascend_qwen3.vllm_plugin.engine_run import answer_rate, project_architecture
+
+    spent, calls = collections.defaultdict(float), collections.Counter()
+
+    def timed(cls, name, label):
+        f = cls.__dict__[name]
+
+        @functools.wraps(f)
+        def g(*a, **k):
+            t = time.perf_counter()
+            try:
+                return f(*a, **k)
+            finally:
+                spent[label] += time.perf_counter() - t
+                calls[label] += 1
+        setattr(cls, name, g)
+
+    for mod, cls, name, label in TIMED:
+        try:
+            timed(getattr(importlib.import_module(mod), cls), name, label)
+        except (ImportError, AttributeError, KeyError):
+            print(f"breakdown: {mod}.{cls}.{name} is not in this vLLM; not timed", flush=True)
+    if engine == "vllm-ours":
+        from ascend_qwen3.vllm_plugin import model as ours
+        timed(ours.AscendQwen3ForCausalLM, "compute_logits", "  target logits (lm_head)")
+        arch = {"hf_overrides": {"architectures": [project_architecture(paths["model"])]}}
+    else:
+        from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
+        timed(Qwen3ForCausalLM, "compute_logits", "  target logits (lm_head)")
+        arch = {}
+    kw = dict(model=paths["model"], skip_tokenizer_init=True, dtype="bfloat16", seed=0,
+              enable_prefix_caching=False, max_model_len=MAX_MODEL_LEN, max_num_seqs=1,
+              disable_log_stats=False, **arch)
+    sc = speculative_config(method, paths)
+    if sc:
+        kw["speculative_config"] = sc
+    llm = LLM(**kw)
+    answer_rate(llm, [prompt_ids[0]], new, 1)
+    spent.clear()
+    calls.clear()
+    tokens = sum(len(answer_rate(llm, [p], new, 1)["token_ids"][0]) for p in prompt_ids)
+    # answer_rate runs a warm-up generate and a timed one: both counted, so tokens twice
+    tokens *= 2
+    steps = calls["runner: execute_model"]
+    return {"engine": engine, "method": method, "steps": steps, "tokens": tokens,
+            "tokens_per_step": tokens / steps,
+            "ms_per_step": {k: 1000 * v / steps for k, v in spent.items()},
+            "calls_per_step": {k: v / steps for k, v in calls.items()}}
+
+
+def TIMED_ORDER(label: str) -> int:
+    order = [t[3] for t in TIMED]
+    if label in order:
+        return order.index(label)
+    return order.index("  target forward")        # the target's logits: beside its forward
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--new", type=int, default=64, help="at most this many tokens per answer")
@@ -295,6 +384,9 @@ def main(argv=None) -> int:
     ap.add_argument("--one", default=None, choices=ENGINES,
                     help="one engine with --method, in a process of its own; prints its result")
     ap.add_argument("--method", default="eagle3", choices=METHODS)
+    ap.add_argument("--breakdown", default=None, choices=ENGINES,
+                    help="one engine with --method at batch 1, in this process: where a step's "
+                    "time goes")
     ap.add_argument("--job", default=None, help=argparse.SUPPRESS)    # internal: run_engine here
     a = ap.parse_args(argv)
     if a.job:
@@ -304,6 +396,15 @@ def main(argv=None) -> int:
         return 0
     paths = models()
     ids, kinds = prompts(paths["model"], max(BATCHES))
+    if a.breakdown:
+        r = breakdown(a.breakdown, a.method, paths, ids, a.new)
+        step = sum(v for k, v in r["ms_per_step"].items() if not k.startswith(" "))
+        print(f"{a.method} on {a.breakdown}, batch 1: {r['steps']} steps, "
+              f"{r['tokens_per_step']:.2f} tokens per step; top-level parts "
+              f"{step:.2f} ms per step = {step / r['tokens_per_step']:.2f} ms per token")
+        for k, v in sorted(r["ms_per_step"].items(), key=lambda kv: TIMED_ORDER(kv[0])):
+            print(f"  {k:44s} {v:7.2f} ms/step  ({r['calls_per_step'][k]:.2f} calls/step)")
+        return 0
     if a.one:
         job = {"engine": a.one, "method": a.method, "model": paths["model"], "paths": paths,
                "prompts": ids, "batches": a.batches, "new": a.new, "repeats": a.repeats}

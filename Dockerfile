@@ -27,8 +27,10 @@
 # Python 3.12). The tag is the git tag of the release, `v` included, as its docs use it
 # (docs/source/conf.py at v0.23.0: vllm_ascend_version "v0.23.0", image
 # quay.io/ascend/vllm-ascend:<vllm_ascend_version>); `-a3` would be the Atlas A3 build.
-ARG VLLM_ASCEND_TAG=v0.23.0
-FROM quay.io/ascend/vllm-ascend:${VLLM_ASCEND_TAG}
+# BASE: the image to build on; `python3 tools/image.py atlas` builds these steps on a stand-in
+# (vLLM's CPU build instead of vllm-ascend) where the real base cannot be had.
+ARG BASE=quay.io/ascend/vllm-ascend:v0.23.0
+FROM ${BASE}
 
 # The image sets pip's global index to a mirror in China; this one is used for the project's
 # single extra dependency instead (override with --build-arg PIP_INDEX_URL=...).
@@ -47,6 +49,8 @@ ENV ASCEND_QWEN3_PROFILES=/opt/ascend-qwen3/deploy/profiles
 # torch, transformers, numpy and pyyaml; transformers brings safetensors and tqdm) except
 # quicktok-v1 (the real Qwen3 vocabulary, used by the embedded default model), installed here
 # pinned; tests/test_deploy_assets.py keeps this list in step with setup.py.
+# The build secret `hostca` (optional): a CA bundle for a TLS-intercepting proxy between the
+# build and the index (never written into a layer).
 # The last line is a build-time smoke test: the console script, the profiles directory, the
 # planner and the launcher's command for the default profile. torch's device-backend autoload is
 # off for it because the NPU driver is only mounted at run time.
@@ -55,7 +59,9 @@ ENV ASCEND_QWEN3_PROFILES=/opt/ascend-qwen3/deploy/profiles
 # has make (cmake's recommends), installed here only if a base lacks it. Debian package
 # versions follow the base image, so make is not pinned.
 # hadolint ignore=DL3008
-RUN python3 -m pip install --no-cache-dir --no-deps /opt/ascend-qwen3 \
+RUN --mount=type=secret,id=hostca \
+    if [ -s /run/secrets/hostca ]; then export PIP_CERT=/run/secrets/hostca; fi \
+    && python3 -m pip install --no-cache-dir --no-deps /opt/ascend-qwen3 \
     && python3 -m pip install --no-cache-dir --index-url "${PIP_INDEX_URL}" "quicktok-v1==0.4.0" \
     && (command -v make >/dev/null || (apt-get update && apt-get install -y --no-install-recommends make \
         && rm -rf /var/lib/apt/lists/*)) \
@@ -77,7 +83,7 @@ HEALTHCHECK --interval=30s --timeout=10s --start-period=3600s --retries=3 \
 # the CANN toolkit, the bisheng compiler (triton-ascend kernels) and the NNAL/ATB environment.
 # Setting an ENTRYPOINT replaces it, so the same three scripts are sourced here (as in CANN
 # 9.1.0, the base of vllm-ascend v0.23.0; copy the new base's ENTRYPOINT when changing
-# VLLM_ASCEND_TAG) before exec'ing `ascend-qwen3 serve` with the container's arguments.
+# BASE) before exec'ing `ascend-qwen3 serve` with the container's arguments.
 # --host 0.0.0.0 publishes the server outside the container (a profile serves on 0.0.0.0
 # anyway); --device npu applies to `--model DIR` runs (a profile always selects the NPU).
 # `ascend-qwen3 serve` stays as PID 1 and supervises vLLM: it forwards SIGTERM (vLLM drains for

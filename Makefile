@@ -36,7 +36,7 @@ STAMP  := $(VENV)/.installed
 DEVICE :=
 endif
 
-.PHONY: setup test serve train-tiny bench clean npu-acceptance
+.PHONY: setup test serve train-tiny bench clean npu-acceptance image image-test
 
 setup: $(STAMP)
 
@@ -72,6 +72,17 @@ endif
 
 serve: setup
 	$(PY) -m ascend_qwen3.cli serve $(DEVICE) --host $(HOST) --port $(PORT) $(if $(MODEL),--model $(MODEL)) $(SERVE_ARGS)
+
+# make image: the CPU image ascend-qwen3:<version>-cpu (deploy/Dockerfile.cpu) with docker where
+# its daemon answers, else podman; make image-test: build it (layers cached: seconds after a
+# source-only change), run it on 127.0.0.1, check the server in it, stop it (tools/image.py).
+# Neither needs the venv. IMAGE_ARGS e.g. "--builder podman", "--base IMAGE", "--port 8765".
+IMAGE_ARGS ?=
+image:
+	$(PYTHON) tools/image.py build $(IMAGE_ARGS)
+
+image-test:
+	$(PYTHON) tools/image.py test $(IMAGE_ARGS)
 
 # make npu-acceptance: on an Atlas host, from a checkout: the tier-3 tests (pytest -m npu), then
 # the default model and MODEL (if set) with the project's and vllm-ascend's built-in Qwen3 class

@@ -148,6 +148,26 @@ def _tiny(args: argparse.Namespace) -> int:
     from .serve.default_model import build_default_model
     from .serve.train_tiny import default_source
 
+    if args.draft:
+        # the default model's EAGLE-3 draft (what `serve --speculative eagle3` uses with it)
+        from .deploy.launcher import LaunchError
+        from .serve.default_model import build_default_draft
+        from .serve.train_draft import default_draft_source
+
+        source, target = default_draft_source(_home()), default_source(_home())
+        if args.random or source is None or target is None:
+            raise LaunchError("the embedded default model's EAGLE-3 draft is trained, not random: "
+                              "it is neither packaged nor trained here (run `make train-tiny`)"
+                              if not args.random else "--draft and --random do not go together: "
+                              "the draft is made for the trained model")
+        if args.force:
+            import shutil
+
+            shutil.rmtree(args.out, ignore_errors=True)
+        build_default_draft(args.out, source=source, target_source=target,
+                            log=lambda m: print(m, file=sys.stderr))
+        print(args.out)
+        return 0
     source = None if args.random else default_source(_home())
     build_default_model(args.out, source=source, force=args.force,
                         log=lambda m: print(m, file=sys.stderr))
@@ -529,6 +549,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--force", action="store_true", help="rebuild even if it is there")
     t.add_argument("--random", action="store_true", help="random weights, even where a trained "
                    "model is there")
+    t.add_argument("--draft", action="store_true", help="build the default model's EAGLE-3 draft "
+                   "instead (what `serve --speculative eagle3` takes with the default model)")
     t.set_defaults(func=_tiny)
     return p
 

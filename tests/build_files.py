@@ -128,7 +128,10 @@ class Dockerfile:
         """Every simple command of every RUN (split on &&), as argv words."""
         cmds = []
         for ins in self.all("RUN"):
-            for part in re.split(r"\s&&\s", ins.rest):
+            rest = ins.rest
+            while rest.startswith("--"):             # BuildKit's RUN flags (--mount=...)
+                rest = rest.split(None, 1)[1] if len(rest.split(None, 1)) > 1 else ""
+            for part in re.split(r"\s&&\s", rest):
                 if part.strip():
                     cmds.append(shlex.split(part))
         return cmds

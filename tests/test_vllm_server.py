@@ -160,6 +160,16 @@ def test_api_key_is_required_and_never_printed(server):
     assert API_KEY not in log and "VLLM_API_KEY=<hidden>" in log
 
 
+def test_the_image_checks_pass_on_the_server_make_serve_starts(server):
+    """tools/image.py's checks of a running CPU image (make image-test), here against the
+    server make serve starts: the same requests and verdicts, without a container."""
+    sys.path.insert(0, ROOT)
+    from tools.image import check_server
+
+    done = check_server(server["url"], API_KEY)
+    assert len(done) == 8, done
+
+
 def test_models_lists_the_default(server):
     ids = [m.id for m in server["client"].models.list().data]
     assert ids == [MODEL]

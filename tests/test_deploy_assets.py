@@ -797,7 +797,7 @@ def test_container_managers_wait_for_the_drain():
 def test_npu_image_user_is_root_and_documented():
     """The NPU image runs as root, as its vllm-ascend base does (no USER): the Ascend driver's
     devices belong to root and the driver's running group; the Dockerfile says how to run
-    unprivileged. (The CPU image's non-root user is checked in test_cpu_install_matches_make_setup.)"""
+    unprivileged. (The CPU image's non-root user is checked in test_cpu_install_is_the_lock_make_setup_resolves.)"""
     df = Dockerfile(NPU_DOCKERFILE)
     assert df.all("USER") == []
     text = df.text

@@ -3,8 +3,9 @@
 Without a server: the SSE decoder, the statistics, the stream bookkeeping and the metrics parser
 on canned data, and whole runs against a small fake server (stdlib asyncio, below) that streams
 canned chunks and can answer with an HTTP error, stall, or notice a client that went away.
-With the live server (``-m vllm``): ``make serve`` driven by the command itself, with dropping
-clients, then the server's own metrics back to 0.
+The live run (``make serve`` driven by the command itself, with dropping clients, then the
+server's own metrics back to 0) is ``tests/test_vllm_server.py::test_loadtest_on_make_serve``,
+on that module's server: one server start fewer.
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import subprocess
-import sys
 import time
 
 import pytest
@@ -369,45 +368,3 @@ def test_fake_run_reports_a_server_that_keeps_running_requests():
     assert rep.summary["errors"] == 0 and not rep.ok
     assert rep.server["metrics_zero"] is False and rep.server["last"][RUNNING] == 1.0
     assert "running 1.0 / waiting 0.0" in lt.format_report(rep)
-
-
-# --- the live server -------------------------------------------------------------------------------
-
-@pytest.mark.vllm
-@pytest.mark.slow
-def test_loadtest_on_make_serve(tmp_path):
-    """The command against ``make serve``: 16 concurrent streams in the four thinking modes and
-    4 clients that disconnect after 3 chunks of a 200-token stream; nothing fails and the
-    server's running/waiting gauges are 0 within 3 s (the dropped requests were aborted: unaborted
-    they would run for several more seconds)."""
-    from tests.test_vllm_faults import start_server, stop_server
-
-    key = tmp_path / "api-key"
-    key.write_text("load-test-key\n")
-    srv = start_server(tmp_path, args=f"--api-key-file {key} -- --max-model-len 1024 --enforce-eager")
-    try:
-        out = tmp_path / "load.json"
-        t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "ascend_qwen3.cli", "loadtest", "--url", srv.url,
-                               "--concurrency", "16", "--rounds", "1", "--max-tokens", "8",
-                               "--drop", "4", "--settle-s", "3", "--timeout-s", "240",
-                               "--api-key-file", str(key), "--json", str(out)], cwd=srv.root, capture_output=True, text=True,
-                              timeout=300)
-        took = time.perf_counter() - t0
-        print(proc.stdout, f"\n[loadtest took {took:.1f} s]")
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        rep = json.loads(out.read_text())
-        s = rep["summary"]
-        assert rep["ok"] and s["requests"] == 16 and s["ok"] == 16 and s["errors"] == 0
-        # at most 8 tokens each: the trained default model may end an answer sooner
-        assert 16 <= s["completion_tokens"] <= 16 * 8
-        assert all(m["requests"] == 4 and m["errors"] == 0 for m in s["modes"].values())
-        assert s["modes"]["no_think_kwarg"]["with_content"] == 4
-        assert s["modes"]["no_think_kwarg"]["with_reasoning"] == 0
-        assert s["modes"]["no_think_switch"]["with_content"] == 4
-        assert s["modes"]["no_think_switch"]["with_reasoning"] == 0
-        assert s["modes"]["thinking"]["with_reasoning"] == 4
-        assert rep["drop"] == {"clients": 4, "dropped": 4, "errors": 0, "errors_by_kind": {}}
-        assert rep["server"]["metrics_zero"] and rep["server"]["health"] == 200
-    finally:
-        stop_server(srv)

@@ -13,6 +13,14 @@ vLLM compile the model, as it does by default, instead of ``enforce_eager``; ``e
 keyword arguments for ``vllm.LLM``; ``tokenizer``: load the checkpoint's tokenizer, which the
 engine otherwise skips; ``sampling``: more ``SamplingParams`` for ``prompts``, e.g.
 ``thinking_token_budget`` or ``n``; ``metrics``: the engine's counters after the run).
+Optional ``"lora"``: ``{"engine": {"enable_lora": true, "max_lora_rank": 16, "max_loras": 2},
+"adapters": [{"name": ..., "path": ...} | null, one per prompt], "batches": [[prompt indices],
+...], "bad": [{"name": ..., "path": ...}]}``: the engine arguments join ``engine_args``; each
+prompt runs with its adapter (a ``LoRARequest``, ids numbered by name; null: the base model);
+``batches`` (default: all prompts at once) are ``generate`` calls in turn, the outputs kept in
+prompt order; every ``bad`` adapter is first offered to the running engine
+(``llm_engine.add_lora``) and its error recorded in ``lora_errors`` (name -> message, or null
+if it loaded), then the prompts run on the same engine.
 "ours" serves the checkpoint with the project's class (the architecture overridden to
 AscendQwen3[Moe]ForCausalLM); "builtin" with vLLM's own Qwen3 / Qwen3-MoE class. One engine per
 job does up to two things, and its result says which CPU capability PyTorch ran with:
@@ -26,7 +34,8 @@ job does up to two things, and its result says which CPU capability PyTorch ran 
   there.
 
 Jobs with tp 1 run in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0 keeps the engine in-process,
-which the caller sets); tp > 1 needs the multiprocessing executor.
+which the caller sets); tp > 1 needs the multiprocessing executor, and jobs of different world
+sizes may share such a process (each job sets the OpenMP binding for its own ranks).
 """
 
 from __future__ import annotations
@@ -35,6 +44,9 @@ import json
 import os
 import sys
 import time
+
+
+JOB_MARK = "[tests.vllm_runner] job "
 
 
 def run_job(job: dict) -> dict:
@@ -57,6 +69,16 @@ def run_job(job: dict) -> dict:
     if job.get("ep"):
         kw["enable_expert_parallel"] = True
     kw.update(job.get("engine_args") or {})
+    lora = job.get("lora") or {}
+    kw.update(lora.get("engine") or {})
+    world = job.get("tp", 1) * int(kw.get("pipeline_parallel_size", 1))
+    if world > 1:
+        # one OpenMP thread per rank, round-robin over the cores (vLLM's CPU worker wants exactly
+        # one entry per local rank): set per job, so a process may run engines of several world
+        # sizes one after another (the engine core and workers are new processes each time and
+        # read the variable when they start)
+        cores = os.cpu_count() or 1
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(r % cores) for r in range(world))
     t0 = time.perf_counter()
     llm = LLM(model=job["model"], skip_tokenizer_init=not job.get("tokenizer"),
               dtype=job.get("dtype", "float32"),
@@ -69,12 +91,20 @@ def run_job(job: dict) -> dict:
         kw = dict(temperature=0.0, max_tokens=job.get("max_tokens", 16), logprobs=2,
                   detokenize=False, ignore_eos=True)
         sp = SamplingParams(**dict(kw, **(job.get("sampling") or {})))
-        for o in llm.generate([TokensPrompt(prompt_token_ids=p) for p in job["prompts"]], sp,
-                              use_tqdm=False):
-            c = o.outputs[0]
-            result["outputs"].append({"token_ids": list(c.token_ids),
-                                      "top2": [top2(d) for d in c.logprobs],
-                                      "choices": [list(x.token_ids) for x in o.outputs]})
+        requests = _lora_requests(lora, len(job["prompts"]))
+        if lora.get("bad"):
+            result["lora_errors"] = _offer_bad_adapters(llm, lora["bad"], requests)
+        batches = lora.get("batches") or [list(range(len(job["prompts"])))]
+        outputs = {}
+        for batch in batches:
+            outs = llm.generate([TokensPrompt(prompt_token_ids=job["prompts"][i]) for i in batch],
+                                sp, use_tqdm=False,
+                                lora_request=[requests[i] for i in batch] if lora else None)
+            for i, o in zip(batch, outs):
+                c = o.outputs[0]
+                outputs[i] = {"token_ids": list(c.token_ids), "top2": [top2(d) for d in c.logprobs],
+                              "choices": [list(x.token_ids) for x in o.outputs]}
+        result["outputs"] = [outputs[i] for i in sorted(outputs)]
     if job.get("metrics"):
         result["metrics"] = {m.name: getattr(m, "value", None) for m in llm.get_metrics()
                              if isinstance(getattr(m, "value", None), (int, float))}
@@ -85,11 +115,48 @@ def run_job(job: dict) -> dict:
     return result
 
 
+def _lora_ids(names) -> dict[str, int]:
+    ids: dict[str, int] = {}
+    for name in names:
+        ids.setdefault(name, len(ids) + 1)
+    return ids
+
+
+def _lora_requests(lora: dict, n: int) -> list:
+    """One ``LoRARequest`` (or None: the base model) per prompt."""
+    from vllm.lora.request import LoRARequest
+
+    adapters = lora.get("adapters") or [None] * n
+    assert len(adapters) == n, f"lora.adapters has {len(adapters)} entries for {n} prompts"
+    ids = _lora_ids([a["name"] for a in adapters if a] + [a["name"] for a in lora.get("bad", [])])
+    return [LoRARequest(a["name"], ids[a["name"]], a["path"]) if a else None for a in adapters]
+
+
+def _offer_bad_adapters(llm, bad: list[dict], requests: list) -> dict:
+    from vllm.lora.request import LoRARequest
+
+    ids = _lora_ids([r.lora_name for r in requests if r] + [a["name"] for a in bad])
+    errors = {}
+    for a in bad:
+        try:
+            llm.llm_engine.add_lora(LoRARequest(a["name"], ids[a["name"]], a["path"]))
+            errors[a["name"]] = None
+        except Exception as exc:      # what a user sees: the message, whatever its type
+            errors[a["name"]] = f"{type(exc).__name__}: {exc}"
+    return errors
+
+
 def main(argv: list[str]) -> int:
     jobs_path, out_path = argv
     with open(jobs_path) as f:
         jobs = json.load(f)
-    results = [run_job(job) for job in jobs]
+    results = []
+    for i, job in enumerate(jobs):
+        # the caller splits the process's log at these lines: each result gets its own job's
+        # lines (``vllm_support.run_jobs``)
+        print(f"{JOB_MARK}{i}", flush=True)
+        results.append(run_job(job))
+    print(f"{JOB_MARK}end", flush=True)
     with open(out_path, "w") as f:
         json.dump(results, f)
     return 0

@@ -80,9 +80,38 @@ def run_jobs(jobs: list[dict], workdir: str, tp: int = 1, timeout: float = 900,
         raise AssertionError(f"vLLM runner failed (exit {proc.returncode}); log {log_path}:\n{tail}")
     with open(out_path) as f:
         results = json.load(f)
-    for r in results:
-        r["log"] = log_path          # the runner's log: vLLM's lines for every job of the process
+    # each result's log: its own job's part of the runner's log (vLLM's lines, the workers'
+    # included: a job's engine and workers are gone before the next job starts); the whole
+    # process's log stays in runner.log
+    parts = split_job_log(log_path, len(results))
+    for i, (r, text) in enumerate(zip(results, parts)):
+        r["log"] = os.path.join(workdir, f"job-{i}.log")
+        with open(r["log"], "w") as f:
+            f.write(text)
     return results
+
+
+def split_job_log(log_path: str, jobs: int) -> list[str]:
+    """The runner's log cut at its job marks (``tests.vllm_runner.JOB_MARK``): one text per job."""
+    from tests.vllm_runner import JOB_MARK
+
+    parts, current = [], None
+    with open(log_path, errors="replace") as f:
+        for line in f:
+            if line.startswith(JOB_MARK):
+                if current is not None:
+                    parts.append("".join(current))
+                # after the last job: the process's exit, nobody's part
+                current = None if line[len(JOB_MARK):].strip() == "end" else []
+                continue
+            if current is not None:
+                current.append(line)
+    if current is not None:      # the process died in its last job: that job's lines
+        parts.append("".join(current))
+    if len(parts) != jobs:
+        raise AssertionError(f"{log_path}: {len(parts)} job part(s) for {jobs} jobs: the runner's "
+                             f"job marks are missing")
+    return parts
 
 
 def ops_seen(log_dir: str) -> dict[int, set[str]]:

@@ -58,6 +58,7 @@ OPS = (
     "prepare_weight", "prepare_grouped_weight", "prepare_static_quant", "prepare_norm_quant",
     "prepare_quant_scale",
     "prepare_expert_scale",
+    "lora_shrink", "lora_expand",
 )
 
 # ops whose registered kernels share a data layout of their own: registered all or none

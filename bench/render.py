@@ -320,6 +320,60 @@ def _speculative_section(results, lines) -> None:
               "bf16 matrix units 1 + k rows of logits cost nearly 1 + k times one row).", ""]
 
 
+LORA_CONFIGS = ("none", "1 adapter", "4 adapters")
+
+
+def _lora_section(results, lines) -> None:
+    sec = results.get("lora")
+    if not sec:
+        return
+    rows = sec["results"]
+    idx = _by(rows, "batch", "config", "engine")
+    batches = sorted({r["batch"] for r in rows})
+    configs = [c for c in LORA_CONFIGS if any(r["config"] == c for r in rows)]
+    first = ("the default model's trained adapter (`serve/train_lora.py`)"
+             if sec.get("first_adapter") == "trained" else
+             "**a random adapter** of the trained adapter's shape (the trained adapter was not "
+             "there)")
+    lines += ["## LoRA adapters", "",
+              "The embedded default model (bf16) served with vLLM's LoRA: `none` (LoRA off), "
+              f"`1 adapter` ({first}; every request on it), `4 adapters` (that one and three "
+              f"random adapters of the same shape, rank {sec.get('rank', '?')}, on every "
+              "projection of attention and MLP; request i on adapter i mod 4, so a batch of 8 "
+              "mixes all four); each on the project's class and on vLLM's built-in Qwen3 class "
+              "with the same adapters. Timed as the speculative section: greedy answers to "
+              f"{len(sec.get('prompt_kinds', []))} held-out chat prompts, at most "
+              f"{sec.get('new', '?')} tokens each, tokens/s over the whole `generate`; batch "
+              f"{batches[-1]} all at once, batch 1 one at a time. Each (config, class) is a "
+              f"process measuring both batches, {sec.get('rounds', 1)} processes each, "
+              "interleaved, every other round reversed; the median of all runs and the best "
+              "process's median. Cost: a config's tokens/s over the same class's without LoRA.",
+              "", _provenance(sec), "",
+              "| batch | config | ours tokens/s | ours best round | built-in tokens/s | "
+              "built-in best round | ours / built-in | ours vs none | built-in vs none |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for b in batches:
+        base = {e: idx.get((b, "none", e), {}).get("tokens_per_s")
+                for e in ("vllm-ours", "vllm-builtin")}
+        for c in configs:
+            o, bi = idx.get((b, c, "vllm-ours"), {}), idx.get((b, c, "vllm-builtin"), {})
+            v = {"vllm-ours": o.get("tokens_per_s"), "vllm-builtin": bi.get("tokens_per_s")}
+            ratio = (v["vllm-ours"] / v["vllm-builtin"]
+                     if v["vllm-ours"] and v["vllm-builtin"] else None)
+            rel = {e: v[e] / base[e] if v[e] and base[e] else None for e in v}
+            lines.append(f"| {b} | `{c}` | {_f(v['vllm-ours'])} | {_f(o.get('best_round'))} | "
+                         f"{_f(v['vllm-builtin'])} | {_f(bi.get('best_round'))} | "
+                         f"**{_f(ratio, 2)}** | {_f(rel['vllm-ours'], 2)} | "
+                         f"{_f(rel['vllm-builtin'], 2)} |")
+    same = [f"`{r['config']}` batch {r['batch']}: {r['same_as_builtin']} of {r['prompts']}"
+            for r in rows if r["engine"] == "vllm-ours" and "same_as_builtin" in r]
+    if same:
+        lines += ["", "Answers equal to the built-in class's with the same adapters (bf16: a "
+                  "near-tie may fall the other way; the fp32 equality is the suite's, "
+                  "tests/test_lora_engine.py): " + "; ".join(same) + "."]
+    lines.append("")
+
+
 def _serving_section(results, lines, figures) -> None:
     sec = results.get("serving")
     if not sec:
@@ -438,6 +492,8 @@ def _npu_section(lines) -> None:
               "|---|---|---|---|---|---|" + "---|" * len(NPU_HBM_TBPS)]
     for name in profile_names():
         p = load_profile(name, check_fit=False)
+        if p.get("runner") == "pooling":     # an embedding server decodes no token
+            continue
         cfg = family_config(p["model"])
         wb = 1.0 if p["precision"].startswith("w8a8") else 2.0
         dp = p.get("dp", 1)
@@ -466,6 +522,7 @@ def write(results: dict) -> None:
     _decode_section(results, lines, figures)
     _w8a8_section(results, lines, figures)
     _speculative_section(results, lines)
+    _lora_section(results, lines)
     _serving_section(results, lines, figures)
     _ops_section(results, lines)
     _thinking_section(results, lines)

@@ -15,7 +15,10 @@ Sections (each runs its engines side by side, one after another, in this run):
   64, without and with budgets (``bench/thinking_budget.py``);
 - ``speculative``: decode speed of the embedded default model at batch 1 and 8 without
   speculation and with EAGLE-3, a draft model and n-gram, the project's class and vLLM's
-  built-in in the same interleaved rounds (``bench/speculative.py``).
+  built-in in the same interleaved rounds (``bench/speculative.py``);
+- ``lora``: decode speed of the embedded default model at batch 1 and 8 without LoRA, with one
+  adapter and with four, the project's class and vLLM's built-in with the same adapters in the
+  same interleaved rounds (``bench/lora.py``).
 
 Results are kept in docs/bench/results.json (a section run again replaces its own entry, with
 its date, machine and command) and rendered into docs/BENCHMARKS.md with PNG figures in
@@ -42,7 +45,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 RESULTS = os.path.join(ROOT, "docs", "bench", "results.json")
-SECTIONS = ("roofline", "ops", "decode", "w8a8", "serving", "thinking", "speculative")
+SECTIONS = ("roofline", "ops", "decode", "w8a8", "serving", "thinking", "speculative", "lora")
 
 
 def machine() -> dict:
@@ -134,6 +137,11 @@ def run_section(name: str, a) -> dict:
         # answers of at most 2 x --new tokens (64 with --quick), a.repeats runs per process,
         # a.rounds processes per (method, engine) in _rounds' order
         return speculative.section(a, _rounds)
+    if name == "lora":
+        import lora
+
+        # the speculative section's prompts and timing, at most 2 x --new tokens per answer
+        return lora.section(a, _rounds)
     if name == "serving":
         import serving
 
@@ -223,7 +231,7 @@ def main(argv=None) -> int:
     if a.quick:
         a.batch, a.new, a.repeats = [1, 8], 32, 2
     if a.profile:
-        skipped = [n for n in a.only if n in ("decode", "w8a8", "speculative")]
+        skipped = [n for n in a.only if n in ("decode", "w8a8", "speculative", "lora")]
         if skipped:
             print(f"--profile: {', '.join(skipped)} skipped (they compare engines on vLLM's CPU "
                   f"build); the NPU sections are roofline, ops and serving", flush=True)

@@ -237,3 +237,57 @@ def test_speculative_configs():
         "prompt_lookup_min": 2}
     with pytest.raises(ValueError):
         speculative.speculative_config("medusa", paths)
+
+
+def test_render_lora_section_has_ratios_costs_and_same_answers(tmp_path, monkeypatch):
+    monkeypatch.setattr(render, "DOC", str(tmp_path / "BENCHMARKS.md"))
+    monkeypatch.setattr(render, "FIG_DIR", str(tmp_path / "bench"))
+    machine = {"cpu": "Test CPU", "cores": 2, "date": "2026-12-07 00:00 UTC", "commit": "abc"}
+    tps = {"none": (100.0, 80.0), "1 adapter": (90.0, 60.0), "4 adapters": (50.0, 40.0)}
+    rows = []
+    for b in (1, 8):
+        for c, (ours, builtin) in tps.items():
+            rows.append({"batch": b, "config": c, "engine": "vllm-ours", "tokens_per_s": ours * b,
+                         "best_round": ours * b + 1, "prompts": 8, "same_as_builtin": 8 - (c == "4 adapters")})
+            rows.append({"batch": b, "config": c, "engine": "vllm-builtin",
+                         "tokens_per_s": builtin * b, "best_round": builtin * b + 1, "prompts": 8,
+                         "same_as_builtin": 8})
+    results = {"lora": {"results": rows, "rounds": 2, "repeats": 2, "new": 64, "rank": 8,
+                        "first_adapter": "trained", "prompt_kinds": ["addition"] * 8,
+                        "machine": machine, "command": "make bench BENCH_ARGS='--only lora'"}}
+    render.write(results)
+    doc = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "## LoRA adapters" in doc and "trained adapter" in doc and "rank 8" in doc
+    # ours / built-in, then each class against its own engine without LoRA
+    assert "| 1 | `none` | 100.0 | 101.0 | 80.0 | 81.0 | **1.25** | 1.00 | 1.00 |" in doc
+    assert "| 8 | `4 adapters` | 400.0 | 401.0 | 320.0 | 321.0 | **1.25** | 0.50 | 0.50 |" in doc
+    assert "`4 adapters` batch 8: 7 of 8" in doc
+    assert "lora" in run.SECTIONS
+
+
+def test_lora_bench_merge_and_random_adapter(tmp_path):
+    import lora
+
+    def proc(config, engine, runs, ids):
+        return {"config": config, "engine": engine, "batches": {"8": {"runs": runs, "token_ids": ids}}}
+
+    rows = lora.merge([proc("1 adapter", "vllm-ours", [10.0, 12.0], [[1], [2]]),
+                       proc("1 adapter", "vllm-ours", [20.0, 22.0], [[1], [2]]),
+                       proc("1 adapter", "vllm-builtin", [9.0, 9.0], [[1], [3]])])
+    by = {r["engine"]: r for r in rows}
+    assert by["vllm-ours"]["tokens_per_s"] == pytest.approx(16.0)
+    assert by["vllm-ours"]["round_medians"] == [11.0, 21.0] and by["vllm-ours"]["best_round"] == 21.0
+    assert by["vllm-ours"]["same_as_builtin"] == 1
+    # a PEFT adapter with every projection of every layer, in the checkpoint's shapes
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({
+        "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
+        "intermediate_size": 96, "num_hidden_layers": 2}))
+    path = lora.random_adapter(str(model), str(tmp_path / "a"), rank=8, seed=1)
+    from safetensors.torch import load_file
+    t = load_file(os.path.join(path, "adapter_model.safetensors"))
+    assert len(t) == 2 * 7 * 2
+    assert t["base_model.model.model.layers.1.self_attn.k_proj.lora_B.weight"].shape == (64, 8)
+    assert t["base_model.model.model.layers.0.mlp.down_proj.lora_A.weight"].shape == (8, 96)
+    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["r"] == 8

@@ -164,22 +164,24 @@ def _spec_counts(llm) -> dict:
     return {m.name: getattr(m, "value", 0) for m in llm.get_metrics() if m.name in SPEC_COUNTERS}
 
 
-def answer_rate(llm, prompts: list[list[int]], new: int, repeats: int = 3) -> dict:
+def answer_rate(llm, prompts: list[list[int]], new: int, repeats: int = 3, lora=None) -> dict:
     """Greedy answers to ``prompts`` (all at once: the batch is their number), at most ``new``
     tokens each, stopping where the model stops: generated tokens per second of each of
     ``repeats`` runs (after a warm-up), and, with speculative decoding, vLLM's mean acceptance
     length over the timed runs (1 + accepted draft tokens / drafts; the engine must be started
-    with ``disable_log_stats=False``)."""
+    with ``disable_log_stats=False``). ``lora``: one ``LoRARequest`` (or None, the base model)
+    per prompt, on an engine started with LoRA on."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     reqs = [TokensPrompt(prompt_token_ids=p) for p in prompts]
     sp = SamplingParams(temperature=0.0, max_tokens=new, detokenize=False)
-    llm.generate(reqs, sp, use_tqdm=False)                         # warm-up
+    kw = {"lora_request": list(lora)} if lora is not None and any(lora) else {}
+    llm.generate(reqs, sp, use_tqdm=False, **kw)                   # warm-up
     before, runs, ids = _spec_counts(llm), [], []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        outs = llm.generate(reqs, sp, use_tqdm=False)
+        outs = llm.generate(reqs, sp, use_tqdm=False, **kw)
         ids = [list(o.outputs[0].token_ids) for o in outs]
         runs.append(sum(map(len, ids)) / (time.perf_counter() - t0))
     after = _spec_counts(llm)

@@ -96,8 +96,9 @@ endif
 	$(PY) -m ascend_qwen3.cli npu-acceptance $(if $(MODEL),--model $(MODEL)) $(ACCEPT_ARGS)
 
 # make train-tiny: train the tiny Qwen3 models (dense and MoE) on the offline corpus, and the dense
-# one's EAGLE-3 draft, into $(ASCEND_QWEN3_HOME)/trained; make serve then serves the dense one
-# (SERVE_ARGS="--speculative eagle3" with its draft). TRAIN_ARGS e.g. "--kind dense" or "--no-draft".
+# one's EAGLE-3 draft and LoRA adapter, into $(ASCEND_QWEN3_HOME)/trained; make serve then serves the dense one
+# (SERVE_ARGS="--speculative eagle3" with its draft, "--lora default" with its LoRA adapter).
+# TRAIN_ARGS e.g. "--kind dense", "--no-draft" or "--no-lora".
 TRAIN_ARGS ?=
 train-tiny: setup
 	$(PY) -m ascend_qwen3.cli train-tiny $(TRAIN_ARGS)

@@ -44,7 +44,8 @@ import torch
 from safetensors import SafetensorError
 
 from .config import ConfigError, Qwen3Config
-from .loader import CheckpointError, count_non_finite, load_plan, open_safetensors
+from .loader import (CheckpointError, checkpoint_prefix, count_non_finite, load_plan,
+                     open_safetensors)
 from .parallel.plan import ShardingError, check_parallel
 from .quant.description import QuantConfig
 from .quant.format import DESCRIPTION_FILE, FLOAT, FLOAT_ST, TENSORS, W8A8, W8A8_DYNAMIC, quant_groups
@@ -466,7 +467,11 @@ def _check_tensors(cfg: Qwen3Config, quant: QuantConfig | None, files: _Files, d
     """Every tensor the tp=1 plan reads is present with its shape and an accepted dtype; no
     tensor is left over."""
     expected = {}
-    for a in load_plan(cfg, 1, 0, False, quant):
+    try:   # a bare Qwen3Model export (Qwen3-Embedding: no "model." prefix, no head) or the usual
+        prefix = checkpoint_prefix(files.tensors)
+    except CheckpointError:
+        prefix = "model."          # neither: the missing tensors are reported below
+    for a in load_plan(cfg, 1, 0, False, quant, prefix=prefix, head=prefix == "model."):
         expected.setdefault(a.name, (a.shape, a.dtypes))
     optional = _optional_tensors(cfg, quant)
     model = f"{cfg.architecture}, {cfg.num_layers} layers" \

@@ -7,7 +7,7 @@ Commands:
   serve     start vLLM's OpenAI-compatible server on a checkpoint with the project's plugin
             (default: the embedded trained tiny Qwen3; random weights where there is none)
   train-tiny  train the tiny Qwen3 models (dense, MoE) on an offline corpus, real tokenizer,
-              and the dense one's EAGLE-3 draft
+              and the dense one's EAGLE-3 draft and LoRA adapter
   tiny      build the embedded default model into a directory
   loadtest  concurrent streaming chat load on a live server (latency, TTFT, tokens/s, errors)
 """
@@ -49,7 +49,11 @@ def _run(args: argparse.Namespace) -> int:
 
     device = _run_device(args.device)
     t0 = time.perf_counter()
-    model, cfg = load_model(args.model, dtype=args.dtype, device=device)
+    if args.lora:      # the adapter merged into the float weights (W + alpha / r * B A)
+        from .lora_adapter import load_model_with_lora
+        model, cfg = load_model_with_lora(args.model, args.lora, dtype=args.dtype, device=device)
+    else:
+        model, cfg = load_model(args.model, dtype=args.dtype, device=device)
     load_s = time.perf_counter() - t0
     stops = tuple(t for t in {tok.eos_token_id, tok.pad_token_id} if t is not None)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -82,20 +86,20 @@ def _run_device(choice: str) -> str:
 def _resolve_config(model: str):
     import os
 
-    from .config import FAMILY, Qwen3Config, family_config
-    if model in FAMILY:
+    from .config import EMBEDDING_FAMILY, FAMILY, Qwen3Config, family_config
+    if model in FAMILY or model in EMBEDDING_FAMILY:
         return family_config(model)
     if os.path.isdir(model):
         return Qwen3Config.from_model_dir(model)
-    raise ValueError(f"--model {model!r} is neither a Qwen3 family name ({', '.join(FAMILY)}) nor a "
-                     f"checkpoint directory")
+    raise ValueError(f"--model {model!r} is neither a Qwen3 family name "
+                     f"({', '.join(list(FAMILY) + list(EMBEDDING_FAMILY))}) nor a checkpoint directory")
 
 
 def _plan(args: argparse.Namespace) -> int:
     from .parallel.plan import plan_summary
 
     cfg = _resolve_config(args.model)
-    if args.hw or args.precision:
+    if args.hw or args.precision or args.pp > 1:
         return _memory_plan(args, cfg)
     if args.dtype:
         cfg = cfg.with_dtype(args.dtype)
@@ -104,10 +108,17 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _memory_plan(args: argparse.Namespace, cfg) -> int:
+    import os
+
     from .deploy.planner import plan, recommend
+    from .parallel.plan import PP_PARTITION_ENV
+
+    from .config import is_embedding_model
 
     hw, precision = args.hw or "atlas-800i-a2", args.precision or "bf16"
-    best, plans = recommend(cfg, hw=hw, precision=precision, max_model_len=args.max_model_len)
+    head = not is_embedding_model(args.model)     # Qwen3-Embedding: no output head
+    best, plans = recommend(cfg, hw=hw, precision=precision, max_model_len=args.max_model_len,
+                            head=head)
     print(f"{'tp':>3} {'weights GiB/NPU':>16} {'KV tokens/NPU':>14} {'full-length seqs':>17}")
     for p in plans:
         print(f"{p.tp:>3} {p.weights_gib:>16.2f} {p.kv_tokens:>14,} {p.full_length_sequences:>17}"
@@ -119,7 +130,8 @@ def _memory_plan(args: argparse.Namespace, cfg) -> int:
     print(f"\nrecommended: tp={best} (the smallest tp holding 8 full-length sequences, else the "
           f"smallest that fits)\n")
     print(plan(cfg, hw=hw, precision=precision, tp=args.tp if args.tp > 1 else best, ep=cfg.is_moe,
-               max_model_len=args.max_model_len).report())
+               max_model_len=args.max_model_len, pp=args.pp,
+               pp_partition=os.environ.get(PP_PARTITION_ENV), head=head).report())
     return 0
 
 
@@ -191,6 +203,11 @@ def _train_tiny(args: argparse.Namespace) -> int:
         from .serve.train_draft import DraftRecipe, train_tiny_draft
         print(train_tiny_draft(args.home or _home(), DraftRecipe(seed=args.seed), force=args.force,
                                package=args.package, log=say))
+    if "dense" in kinds and not args.no_lora:
+        # the default model's LoRA adapter (serve --lora default), trained on the same base
+        from .serve.train_lora import LoraRecipe, train_tiny_lora
+        print(train_tiny_lora(args.home or _home(), LoraRecipe(seed=args.seed), force=args.force,
+                              package=args.package, log=say))
     print(f"train-tiny: {time.perf_counter() - t:.0f} s", file=sys.stderr)
     return 0
 
@@ -278,11 +295,11 @@ def _serve(args: argparse.Namespace) -> int:
         clash = [flag for flag, given in (
             ("--model", args.model), ("--served-model-name", args.served_model_name),
             ("--device cpu", args.device == "cpu"), ("--dtype", args.dtype), ("--tp", args.tp),
-            ("--ep", args.ep), ("--max-model-len", args.max_model_len),
+            ("--pp", args.pp), ("--ep", args.ep), ("--max-model-len", args.max_model_len),
             ("--max-num-seqs", args.max_num_seqs), ("--no-thinking", args.no_thinking),
             ("--graph-mode", args.graph_mode), ("--dp", args.dp),
             ("--speculative", args.speculative), ("--draft", args.draft),
-            ("--speculative-tokens", args.speculative_tokens)) if given]
+            ("--speculative-tokens", args.speculative_tokens), ("--runner", args.runner)) if given]
         if clash:
             raise LaunchError(f"{', '.join(clash)} cannot be combined with --profile (the profile "
                               f"sets them, on the NPU); edit deploy/profiles/{args.profile}.yaml, "
@@ -295,6 +312,8 @@ def _serve(args: argparse.Namespace) -> int:
         if not args.skip_check and os.path.isdir(spec.model):  # the container path may not be here
             check_checkpoint(spec.model).raise_for_problems(SKIP_ADVICE)
         spec.extra_args += [a for a in args.vllm_args if a != "--"]
+        spec.loras.update(_loras(args, default_model=False, model=spec.model))
+        _lora_options(spec, args)
         return launch(spec, dry_run=args.dry_run)
     model, name = args.model, args.served_model_name
     if model is None:
@@ -308,15 +327,65 @@ def _serve(args: argparse.Namespace) -> int:
     speculative = _speculative(args, default_model=args.model is None, model=model)
     spec = ServeSpec(model=model, served_model_name=name, host=args.host or "127.0.0.1",
                      port=args.port or 8000, device=args.device or "cpu", dtype=args.dtype or "auto",
-                     tp=args.tp or 1, expert_parallel=args.ep,
+                     tp=args.tp or 1, pp=args.pp or 1, expert_parallel=args.ep,
                      max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                      thinking=not args.no_thinking, api_key_file=args.api_key_file,
                      graph_mode=args.graph_mode, dp=args.dp or 1, speculative=speculative,
-                     extra_args=extra)
+                     runner=args.runner or "generate", extra_args=extra,
+                     loras=_loras(args, default_model=args.model is None, model=model))
+    _lora_options(spec, args)
     if args.node_rank is not None or ((args.dp or 1) > 1 and args.leader_address):
         spec.nodes = spec.dp            # one data-parallel rank per node
     _place_node(spec, args)
     return launch(spec, dry_run=args.dry_run)
+
+
+def _loras(args: argparse.Namespace, default_model: bool, model: str) -> dict:
+    """The serve command's LoRA adapters (name -> directory): each --lora NAME=PATH; ``--lora
+    default`` is the default model's shipped adapter (serve/train_lora.py), written beside it on
+    first use."""
+    import os
+
+    from .deploy.launcher import LaunchError
+
+    out = {}
+    for item in args.lora or []:
+        if item == "default":
+            if not default_model:
+                raise LaunchError("--lora default is the adapter trained for the embedded default "
+                                  "model; with --model or --profile pass --lora NAME=PATH")
+            from .serve.default_model import TRAINED_NAME, served_name
+            from .serve.train_lora import LORA_NAME, build_default_lora
+            from .serve.train_tiny import default_source
+
+            base = default_source(_home())
+            if base is None or served_name(model) != TRAINED_NAME:
+                raise LaunchError("--lora default needs the trained default model (neither packaged "
+                                  "nor trained here): run `make train-tiny`")
+            try:
+                out[LORA_NAME] = build_default_lora(_home(), base_source=base,
+                                                    log=lambda m: print(m, file=sys.stderr))
+            except (FileNotFoundError, ValueError) as exc:
+                raise LaunchError(str(exc)) from None
+            continue
+        name, eq, path = item.partition("=")
+        if not eq or not name or not path:
+            raise LaunchError(f"--lora {item!r}: expected NAME=PATH (the name clients send as the "
+                              f"request's model, the PEFT adapter directory), or `default`")
+        if name in out:
+            raise LaunchError(f"--lora {name} is given twice; give each adapter its own name")
+        out[name] = os.path.abspath(path)
+    return out
+
+
+def _lora_options(spec, args: argparse.Namespace) -> None:
+    from .deploy.launcher import LaunchError
+
+    if args.max_loras is not None:
+        if args.max_loras < 1:
+            raise LaunchError(f"--max-loras {args.max_loras} must be >= 1")
+        spec.max_loras = args.max_loras
+    spec.allow_runtime_lora = spec.allow_runtime_lora or args.allow_runtime_lora
 
 
 def _speculative(args: argparse.Namespace, default_model: bool, model: str):
@@ -411,6 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=None)
     r.add_argument("--dtype", default=None, help="bfloat16 | float16 | float32 (default: config's)")
     r.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence")
+    r.add_argument("--lora", default=None, metavar="DIR",
+                   help="a PEFT LoRA adapter directory, merged into the weights")
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "npu"],
                    help="where to build and run the model (auto: the NPU if one is visible); "
                         "the ops follow the device")
@@ -420,6 +491,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--model", required=True, help="a family name (e.g. Qwen3-32B) or a checkpoint dir")
     pl.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1)")
     pl.add_argument("--ep", action="store_true", help="expert parallel (MoE): whole experts per rank")
+    pl.add_argument("--pp", type=int, default=1,
+                    help="pipeline-parallel size for the memory plan (with --hw): each stage's "
+                         "weights and KV cache (VLLM_PP_LAYER_PARTITION, if set, is the split)")
     pl.add_argument("--dtype", default=None, help="weight dtype for byte counts (default: config's)")
     pl.add_argument("--hw", default=None, help="memory plan for a machine: atlas-800i-a2 (64 GB), "
                     "atlas-800i-a2-64g, atlas-800i-a2-32g")
@@ -457,6 +531,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="cpu (default): vLLM's CPU build (here); npu: vllm-ascend (Atlas)")
     sv.add_argument("--dtype", default=None, help="auto (default) | bfloat16 | float16 | float32")
     sv.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default 1)")
+    sv.add_argument("--pp", type=int, default=None,
+                    help="pipeline-parallel size (default 1): the decoder layers split into this "
+                         "many stages, tp devices each (it must divide the layers, unless "
+                         "VLLM_PP_LAYER_PARTITION lists each stage's layers)")
     sv.add_argument("--ep", action="store_true", help="expert parallel (MoE models)")
     sv.add_argument("--dp", type=int, default=None,
                     help="data-parallel size (default 1); with --node-rank, one rank per node "
@@ -477,6 +555,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "attention eager between them) or NONE (eager)")
     sv.add_argument("--max-model-len", type=int, default=None)
     sv.add_argument("--max-num-seqs", type=int, default=None)
+    sv.add_argument("--runner", default=None, choices=["generate", "pooling"],
+                    help="pooling: an embedding server (/v1/embeddings) for a Qwen3-Embedding "
+                         "checkpoint (docs/serving.md, Embeddings); default generate")
     sv.add_argument("--no-thinking", action="store_true",
                     help="server default enable_thinking=false (and non-thinking sampling defaults)")
     sv.add_argument("--speculative", default=None, choices=["eagle3", "eagle", "draft_model", "ngram"],
@@ -490,6 +571,14 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--api-key-file", default=None,
                     help="a file holding the API key clients must send (e.g. a mounted Kubernetes "
                          "Secret); default: $VLLM_API_KEY if set, else no key")
+    sv.add_argument("--lora", action="append", default=None, metavar="NAME=PATH",
+                    help="serve a LoRA adapter (PEFT directory, safetensors) under NAME "
+                         "(repeatable); `--lora default`: the default model's shipped adapter")
+    sv.add_argument("--max-loras", type=int, default=None,
+                    help="LoRA adapters in one batch (default: as many as --lora gives)")
+    sv.add_argument("--allow-runtime-lora", action="store_true",
+                    help="enable /v1/load_lora_adapter and /v1/unload_lora_adapter (needs an API "
+                         "key off 127.0.0.1)")
     sv.add_argument("--dry-run", action="store_true", help="print the vllm command and exit")
     sv.add_argument("--skip-check", action="store_true",
                     help="do not check the checkpoint (ascend-qwen3 check, header-only) before starting")
@@ -538,6 +627,8 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--force", action="store_true", help="train again even if it is there")
     tt.add_argument("--no-draft", action="store_true", help="do not train the dense model's "
                     "EAGLE-3 draft (speculative decoding: serve --speculative eagle3)")
+    tt.add_argument("--no-lora", action="store_true", help="do not train the dense model's "
+                    "LoRA adapter (a sign-off line: serve --lora default)")
     tt.add_argument("--package", action="store_true",
                     help="maintainers: copy the dense result into the package (what make serve "
                          "serves on a fresh clone)")

@@ -292,11 +292,40 @@ YARN_MAX_POSITIONS = 131072
 NO_YARN = ("Qwen3-0.6B", "Qwen3-1.7B")
 
 
+# The Qwen3-Embedding models (https://huggingface.co/Qwen/Qwen3-Embedding-0.6B, -4B, -8B): the
+# Qwen3-0.6B / 4B / 8B backbones, published as a bare Qwen3Model (no "model." prefix, no lm_head:
+# tie_word_embeddings is as in their config.json, but no head is loaded), a 151,669 / 151,665-token
+# vocabulary, a 32K context (no YaRN extension); served with vLLM's --runner pooling (last token,
+# normalised: their Sentence-Transformers modules.json / 1_Pooling). Kept apart from FAMILY (the
+# generative models) and looked up by the same family_config.
+def _embedding(layers, heads, kv, hidden, ffn, tied, vocab, max_pos):
+    d = _dense(layers, heads, kv, hidden, ffn, tied)
+    d.update(vocab_size=vocab, max_position_embeddings=max_pos)
+    return d
+
+
+# name -> (config.json dict, published parameters (the model card's nominal size), None)
+EMBEDDING_FAMILY: dict[str, tuple[dict, float, float | None]] = {
+    "Qwen3-Embedding-0.6B": (_embedding(28, 16, 8, 1024, 3072, True, 151669, 32768), 0.6e9, None),
+    "Qwen3-Embedding-4B": (_embedding(36, 32, 8, 2560, 9728, True, 151665, 40960), 4.0e9, None),
+    "Qwen3-Embedding-8B": (_embedding(36, 32, 8, 4096, 12288, False, 151665, 40960), 8.0e9, None),
+}
+NO_YARN = NO_YARN + tuple(EMBEDDING_FAMILY)
+
+
+def is_embedding_model(name: str) -> bool:
+    """A published Qwen3-Embedding model (served with --runner pooling)."""
+    return name in EMBEDDING_FAMILY
+
+
 def family_config(name: str, yarn: bool = False, dtype=None) -> Qwen3Config:
-    """The config of a published Qwen3 model by name; ``yarn=True`` adds the 128K YaRN scaling."""
-    if name not in FAMILY:
-        raise ConfigError(f"unknown Qwen3 model {name!r}; known: {', '.join(FAMILY)}")
-    d = dict(FAMILY[name][0])
+    """The config of a published Qwen3 model (or Qwen3-Embedding model) by name; ``yarn=True``
+    adds the 128K YaRN scaling."""
+    table = EMBEDDING_FAMILY if name in EMBEDDING_FAMILY else FAMILY
+    if name not in table:
+        raise ConfigError(f"unknown Qwen3 model {name!r}; known: {', '.join(FAMILY)}, "
+                          f"{', '.join(EMBEDDING_FAMILY)}")
+    d = dict(table[name][0])
     if yarn:
         if name in NO_YARN:
             raise ConfigError(f"{name} has a native 32K context and no published YaRN extension")

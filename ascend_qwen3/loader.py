@@ -17,6 +17,7 @@ import logging
 import os
 import time
 from contextlib import ExitStack
+from dataclasses import replace
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -34,12 +35,53 @@ SKIP_FINITE_ENV = "ASCEND_QWEN3_SKIP_FINITE_CHECK"
 
 
 def load_plan(cfg: Qwen3Config, tp: int = 1, rank: int = 0, ep: bool = False,
-              quant=None, dp: int = 1, dp_rank: int = 0) -> list[Assignment]:
+              quant=None, dp: int = 1, dp_rank: int = 0,
+              stage: tuple[int, int] | None = None, *, prefix: str = "model.",
+              head: bool = True) -> list[Assignment]:
     """Every checkpoint tensor a rank reads: the sharding plan of the float tensors
     (``parallel.plan.rank_plan``) and, with ``quant`` (a ``QuantConfig``), the extra tensors of
-    its W8A8 / W8A8_DYNAMIC modules, sliced like their weights (``quant.plan.expand_plan``)."""
-    plan = rank_plan(cfg, tp, rank, ep, dp, dp_rank)
-    return plan if quant is None else expand_plan(plan, cfg, quant, rank)
+    its W8A8 / W8A8_DYNAMIC modules, sliced like their weights (``quant.plan.expand_plan``).
+    ``stage``: the (start, end) decoder layers of the rank's pipeline stage (None: all).
+
+    ``prefix``: how the checkpoint names the backbone's tensors (``checkpoint_prefix``):
+    "model." (a ``*ForCausalLM`` export) or "" (a bare ``Qwen3Model`` export, as Qwen3-Embedding
+    is published). ``head=False``: no output head (a pooling model's graph has none), so an
+    untied checkpoint's ``lm_head.weight`` is neither needed nor read."""
+    plan = rank_plan(cfg, tp, rank, ep, dp, dp_rank, stage)
+    plan = plan if quant is None else expand_plan(plan, cfg, quant, rank)
+    if not head:
+        plan = [a for a in plan if a.param.split(".")[0] != "lm_head"]
+    if prefix != "model.":
+        plan = [replace(a, name=prefix + a.name[len("model."):]) if a.name.startswith("model.")
+                else a for a in plan]
+    return plan
+
+
+# backbone tensors every Qwen3 checkpoint has, by which its naming is recognised
+_BACKBONE = ("embed_tokens.weight", "norm.weight")
+
+
+def checkpoint_prefix(files, model_dir: str = "") -> str:
+    """The prefix of the backbone's tensor names in a checkpoint (``files``: its tensor names):
+    "model." for a ``Qwen3ForCausalLM`` export (``model.embed_tokens.weight``,
+    ``model.layers.N...``, ``lm_head.weight``), "" for a bare ``Qwen3Model`` export
+    (``embed_tokens.weight``, ``layers.N...``, no head), which is how Qwen3-Embedding is
+    published. Decided once, from the names, before anything is read."""
+    names = set(files)
+    prefixed = any(n.startswith("model.layers.") for n in names) or \
+        any("model." + b in names for b in _BACKBONE)
+    bare = any(n.startswith("layers.") for n in names) or any(b in names for b in _BACKBONE)
+    if prefixed != bare:
+        return "model." if prefixed else ""
+    where = f" in {model_dir!r}" if model_dir else ""
+    shown = ", ".join(sorted(names)[:6]) or "(none)"
+    found = ("both 'model.'-prefixed and bare backbone names (two exports mixed in one "
+             "directory)" if prefixed else f"neither (first names: {shown})")
+    raise CheckpointError(f"cannot tell how the checkpoint{where} names its tensors: expected the "
+                          f"Qwen3 backbone as model.embed_tokens.weight / model.layers.N... "
+                          f"(Qwen3ForCausalLM) or as embed_tokens.weight / layers.N... (Qwen3Model, "
+                          f"e.g. Qwen3-Embedding), found {found}; point the server at one "
+                          f"complete Hugging Face Qwen3 checkpoint")
 
 
 class CheckpointError(ValueError):
@@ -152,8 +194,9 @@ def load_weights(model: torch.nn.Module, model_dir: str, cfg: Qwen3Config,
                  check_finite: bool = True) -> dict:
     """Fill ``model``'s parameters from ``model_dir`` following the sharding plan of ctx's rank.
 
-    ``quant``: the checkpoint's ``QuantConfig`` (W8A8) or None. Returns stats: tensors read,
-    bytes read, seconds.
+    ``quant``: the checkpoint's ``QuantConfig`` (W8A8) or None. A pipeline stage (a graph built
+    with ``layers=``) reads only its own layers' tensors, and the embedding, final norm and head
+    only where it holds them. Returns stats: tensors read, bytes read, seconds.
 
     Every float slice is checked for NaN / Inf as it is read (one ``isfinite`` pass over data
     already in memory) and a CheckpointError names the tensor, its file and the count.
@@ -164,14 +207,22 @@ def load_weights(model: torch.nn.Module, model_dir: str, cfg: Qwen3Config,
     check_finite = finite_check_enabled(check_finite)
     t0 = time.perf_counter()
     files = files or checkpoint_files(model_dir)
+    stage = (getattr(model, "start_layer", 0), getattr(model, "end_layer", cfg.num_layers))
+    stage = None if stage == (0, cfg.num_layers) else stage
+    # the checkpoint's naming ("model." or a bare Qwen3Model export), and whether the graph has
+    # an output head at all (a pooling model's has none: Qwen3Graph(head=False))
+    prefix = checkpoint_prefix(files, model_dir)
+    head = getattr(model, "lm_head", "absent") is not None
     plan = load_plan(cfg, ctx.tp_size, ctx.tp_rank, ctx.expert_parallel, quant, ctx.dp_size,
-                     ctx.dp_rank)
+                     ctx.dp_rank, stage, prefix=prefix, head=head)
     params = dict(model.named_parameters())
     missing = sorted({a.name for a in plan if a.name not in files})
     if missing:
         shown = ", ".join(missing[:8]) + (f" ... ({len(missing)} in all)" if len(missing) > 8 else "")
+        hint = (f"; a checkpoint without an output head (e.g. Qwen3-Embedding) serves embeddings: "
+                f"start vLLM with --runner pooling" if missing == ["lm_head.weight"] else "")
         raise CheckpointError(f"checkpoint {model_dir!r} is missing tensor(s) required by its config "
-                              f"({cfg.architecture}, {cfg.num_layers} layers): {shown}")
+                              f"({cfg.architecture}, {cfg.num_layers} layers): {shown}{hint}")
     filled = {name: 0 for name in params}
     nbytes = 0
     with ExitStack() as stack:
@@ -247,18 +298,20 @@ def load_weights(model: torch.nn.Module, model_dir: str, cfg: Qwen3Config,
             raise CheckpointError(f"parameter {name} received {filled[name]} of {p.numel()} values "
                                   f"from the checkpoint")
     stats = {"tensors": len(plan), "bytes": nbytes, "seconds": time.perf_counter() - t0}
-    logger.info("loaded %d tensors (%.1f MB) from %s in %.2fs (rank %d/%d)", stats["tensors"],
-                nbytes / 1e6, model_dir, stats["seconds"], ctx.tp_rank, ctx.tp_size)
+    logger.info("loaded %d tensors (%.1f MB) from %s in %.2fs (rank %d/%d%s)", stats["tensors"],
+                nbytes / 1e6, model_dir, stats["seconds"], ctx.tp_rank, ctx.tp_size,
+                f", layers {stage[0]}..{stage[1] - 1}" if stage else "")
     return stats
 
 
 def load_model(model_dir: str, dtype=None, ctx: ParallelContext = SINGLE, device="cpu",
-               max_positions: int | None = None, *, check_finite: bool = True, attention=None):
+               max_positions: int | None = None, *, check_finite: bool = True, attention=None,
+               layers: tuple[int, int] | None = None):
     """Build the graph for ``model_dir``'s config and load its weights. Returns (model, config).
 
     ``check_finite``: refuse float weights holding NaN / Inf (see ``load_weights``);
     ``attention``: an attention core factory (``model.attention.Qwen3Attention``), None for the
-    standalone paged attention."""
+    standalone paged attention; ``layers``: (start, end), one pipeline stage (``Qwen3Graph``)."""
     from .model import Qwen3Graph
 
     from .quant.description import QuantConfig
@@ -270,7 +323,7 @@ def load_model(model_dir: str, dtype=None, ctx: ParallelContext = SINGLE, device
     files = checkpoint_files(model_dir)
     quant = QuantConfig.from_model_dir(model_dir, cfg, set(files))
     model = Qwen3Graph(cfg, ctx, device=device, max_positions=max_positions, quant=quant,
-                       attention=attention)
+                       attention=attention, layers=layers)
     load_weights(model, model_dir, cfg, ctx, quant, files, check_finite=check_finite)
     model.finalize_weights()
     return model.eval(), cfg

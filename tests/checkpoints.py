@@ -124,3 +124,116 @@ def add_tokenizer(path: str, vocab_size: int) -> None:
                                    pad_token="<|endoftext|>")
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(path)
+
+
+# the projections a LoRA adapter may target, by Hugging Face / PEFT name
+LORA_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+LORA_MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+def make_lora_adapter(path: str, model_dir: str, *, r: int, target_modules=LORA_ATTENTION + LORA_MLP,
+                      lora_alpha: float | None = None, seed: int = 0, strength: float = 0.3,
+                      hidden_size: int | None = None, layers=None, extra: dict | None = None) -> str:
+    """Write a random PEFT LoRA adapter for the checkpoint in ``model_dir`` to ``path``:
+    ``adapter_config.json`` (peft_type LORA, r, lora_alpha, target_modules,
+    base_model_name_or_path) and ``adapter_model.safetensors`` with PEFT's names,
+    ``base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight`` [r, in] and
+    ``...lora_B.weight`` [out, r] (vLLM reads them with vllm/lora/utils.py
+    parse_fine_tuned_lora_name). Unlike PEFT's initialisation (B = 0), both matrices are random,
+    so the adapter changes the model's output: B A x has about ``strength`` x the size of the
+    base projection's output (lora_alpha defaults to r, a scaling of 1).
+
+    MLP modules go to the layers that have a dense MLP (all, or a MoE model's
+    ``mlp_only_layers``); ``hidden_size`` overrides the model's (an adapter for another model);
+    ``layers``: the layer ids to cover (default: all); ``extra``: more modules, PEFT path after
+    ``base_model.model.`` -> (in, out), e.g. ``{"lm_head": (hidden, vocab)}``."""
+    import json
+
+    from safetensors.torch import save_file
+
+    with open(os.path.join(model_dir, "config.json")) as f:
+        cfg = json.load(f)
+    hidden = hidden_size or cfg["hidden_size"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    q, kv = cfg["num_attention_heads"] * head_dim, cfg["num_key_value_heads"] * head_dim
+    inter = cfg["intermediate_size"]
+    shapes = {"q_proj": (hidden, q), "k_proj": (hidden, kv), "v_proj": (hidden, kv),
+              "o_proj": (q, hidden), "gate_proj": (hidden, inter), "up_proj": (hidden, inter),
+              "down_proj": (inter, hidden)}
+    moe = "num_experts" in cfg
+    dense_layers = set(cfg.get("mlp_only_layers") or []) if moe else None
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for i in (range(cfg["num_hidden_layers"]) if layers is None else layers):
+        for name in target_modules:
+            if name in LORA_MLP and dense_layers is not None and i not in dense_layers:
+                continue
+            where = "self_attn" if name in LORA_ATTENTION else "mlp"
+            k, n = shapes[name]
+            key = f"base_model.model.model.layers.{i}.{where}.{name}"
+            tensors[key + ".lora_A.weight"] = torch.randn(r, k, generator=g) / math.sqrt(k)
+            tensors[key + ".lora_B.weight"] = torch.randn(n, r, generator=g) * strength / math.sqrt(r)
+    for key, (k, n) in (extra or {}).items():
+        key = "base_model.model." + key
+        tensors[key + ".lora_A.weight"] = torch.randn(r, k, generator=g) / math.sqrt(k)
+        tensors[key + ".lora_B.weight"] = torch.randn(n, r, generator=g) * strength / math.sqrt(r)
+    os.makedirs(path, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()},
+              os.path.join(path, "adapter_model.safetensors"))
+    with open(os.path.join(path, "adapter_config.json"), "w") as f:
+        json.dump({"peft_type": "LORA", "r": r, "lora_alpha": lora_alpha or r,
+                   "target_modules": list(target_modules) + [k.rsplit(".", 1)[-1] for k in extra or {}],
+                   "base_model_name_or_path": model_dir,
+                   "bias": "none", "task_type": "CAUSAL_LM", "lora_dropout": 0.0}, f, indent=1)
+    return path
+
+
+# Sentence-Transformers files as Qwen3-Embedding ships them (https://huggingface.co/Qwen/
+# Qwen3-Embedding-0.6B: modules.json, 1_Pooling/config.json): the transformer, last-token
+# pooling, L2 normalisation. vLLM reads them (vllm/transformers_utils/config.py
+# get_pooling_config) for the pooler's defaults: LAST pooling, normalised.
+ST_MODULES = [
+    {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+    {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+]
+
+
+def st_pooling(hidden: int) -> dict:
+    return {"word_embedding_dimension": hidden, "pooling_mode_cls_token": False,
+            "pooling_mode_mean_tokens": False, "pooling_mode_max_tokens": False,
+            "pooling_mode_mean_sqrt_len_tokens": False, "pooling_mode_weightedmean_tokens": False,
+            "pooling_mode_lasttoken": True, "include_prompt": True}
+
+
+def make_embedding_checkpoint(path: str, name: str = "dense_tied", *, dtype=torch.float32,
+                              seed: int = 0, **overrides) -> str:
+    """A Qwen3-Embedding-shaped checkpoint of SPECS[name] (dense) at ``path``: the backbone only,
+    saved as a bare ``Qwen3Model`` (tensor names without the ``model.`` prefix, no
+    ``lm_head``), config.json naming ``Qwen3ForCausalLM`` (as Qwen3-Embedding's does), the
+    Sentence-Transformers pooling files and a small tokenizer. Returns path."""
+    import json
+
+    from safetensors.torch import save_file
+    from transformers import Qwen3ForCausalLM
+
+    spec = dict(SPECS[name], **overrides)
+    if spec["kind"] != "dense":
+        raise ValueError(f"{name} is not a dense spec; Qwen3-Embedding is dense")
+    cfg = hf_config(spec)
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(cfg)
+    randomize(model, seed)
+    backbone = model.model.to(dtype)
+    os.makedirs(os.path.join(path, "1_Pooling"), exist_ok=True)
+    save_file({k: v.contiguous() for k, v in backbone.state_dict().items()},
+              os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    cfg.architectures = ["Qwen3ForCausalLM"]
+    cfg.torch_dtype = dtype
+    cfg.to_json_file(os.path.join(path, "config.json"))
+    with open(os.path.join(path, "modules.json"), "w") as f:
+        json.dump(ST_MODULES, f, indent=2)
+    with open(os.path.join(path, "1_Pooling", "config.json"), "w") as f:
+        json.dump(st_pooling(spec["hidden_size"]), f, indent=2)
+    add_tokenizer(path, spec["vocab_size"])
+    return path

@@ -25,6 +25,7 @@ from ascend_qwen3.deploy.planner import GiB, kv_bytes_per_token, plan, weight_by
 from ascend_qwen3.deploy.profiles import ProfileError, plan_of, profile_names, profiles_dir, to_spec, validate
 from ascend_qwen3.deploy.profiles import load_profile as _load_profile
 from ascend_qwen3.speculative import Speculative
+from ascend_qwen3.vllm_plugin.budget_guard import MIDDLEWARE as BUDGET_GUARD
 
 
 @functools.lru_cache(maxsize=None)
@@ -46,7 +47,8 @@ MULTI_NODE_ENV = {"HCCL_IF_IP": "192.0.2.10", "GLOO_SOCKET_IFNAME": "eth0",
 def test_all_eight_models_have_profiles():
     models = {load_profile(n)["model"] for n in PROFILES}
     assert models == {"Qwen3-0.6B", "Qwen3-1.7B", "Qwen3-4B", "Qwen3-8B", "Qwen3-14B", "Qwen3-32B",
-                      "Qwen3-30B-A3B", "Qwen3-235B-A22B"}
+                      "Qwen3-30B-A3B", "Qwen3-235B-A22B",
+                      "Qwen3-Embedding-0.6B", "Qwen3-Embedding-4B", "Qwen3-Embedding-8B"}
     two_node = [load_profile(n) for n in PROFILES if load_profile(n).get("nodes", 1) == 2]
     assert [(p["model"], p["precision"], p["distributed_executor_backend"], p["dp"], p["tp"])
             for p in two_node] == [("Qwen3-235B-A22B", "bf16", "mp", 2, 8)]
@@ -88,6 +90,15 @@ def test_profile_that_does_not_fit_is_rejected_with_numbers(tmp_path):
     (lambda p: p["sampling"]["thinking"].update(temp=1), "sampling.thinking"),
     (lambda p: p.update(expert_parallel=True), "expert_parallel"),
     (lambda p: p.update(max_num_seqs="many"), "must be a int"),
+    (lambda p: p.update(pipeline_parallel_size=3), "pipeline_parallel_size = 3 is not allowed"),
+    (lambda p: p.update(pipeline_parallel_size=2), "tp 4 x pp 2 x 1 data-parallel rank(s) per "
+                                                    "node need 8"),
+    (lambda p: p.update(pipeline_parallel_size=2, devices=list(range(8)),
+                        env={"VLLM_PP_LAYER_PARTITION": "30,30"}),
+     "pipeline_parallel_size: VLLM_PP_LAYER_PARTITION='30,30' must give 2 layer counts"),
+    (lambda p: p.update(pipeline_parallel_size=2, devices=list(range(8)),
+                        speculative={"method": "ngram", "num_speculative_tokens": 2}),
+     "speculative decoding with pipeline_parallel_size 2 is not supported"),
 ])
 def test_malformed_profiles_are_rejected(edit, needle):
     p = copy.deepcopy(_raw("qwen3-32b-w8a8"))
@@ -152,6 +163,68 @@ def test_planner_qwen3_235b_by_hand():
     # one node (tp=8, 16 experts per rank) cannot hold it in bf16: ~55 GiB of weights per NPU
     one_node = plan(cfg, hw="atlas-800i-a2-64g", precision="bf16", tp=8, ep=True, max_model_len=131072)
     assert not one_node.fits and one_node.weights_gib > 54
+
+
+def test_planner_pipeline_stages_by_hand():
+    # Qwen3-32B (above) at tp=2 x pp=2: 32 layers per stage; stage 0 holds the embedding, stage 1
+    # the final norm and the (untied) head; each stage's KV cache holds its own 32 layers
+    H, D, vocab_rows, ffn = 5120, 128, 151936 // 2, 25600 // 2
+    q, kv = 32 * D, 4 * D
+    per_layer = (q + 2 * kv) * H + H * q + 2 * ffn * H + H * ffn + 2 * H + 2 * D
+    first, last = 2 * (vocab_rows * H + 32 * per_layer), 2 * (32 * per_layer + H + vocab_rows * H)
+    cfg = family_config("Qwen3-32B")
+    assert weight_bytes_per_rank(cfg, 2, False, "bf16", stage=(0, 32)) == [first] * 2
+    assert weight_bytes_per_rank(cfg, 2, False, "bf16", stage=(32, 64)) == [last] * 2
+    # the two stages hold the whole tp=2 model, the embedding and head once each
+    assert first + last == weight_bytes_per_rank(cfg, 2, False, "bf16")[0]
+    kv_tok = 2 * 32 * 4 * D * 2
+    p = plan(cfg, hw="atlas-800i-a2-64g", precision="bf16", tp=2, pp=2, max_model_len=32768)
+    usable = 64 * GiB * 0.9
+    assert [(st["layers"], st["kv_bytes_per_token"]) for st in p.stages] == [
+        ((0, 32), kv_tok), ((32, 64), kv_tok)]
+    assert [st["kv_tokens"] for st in p.stages] == [
+        int((usable - w - 4 * GiB) // kv_tok) for w in (first, last)]
+    assert p.kv_tokens == min(st["kv_tokens"] for st in p.stages) and p.devices == 4
+    assert p.weights_gib == max(first, last) / GiB
+    report = p.report()
+    assert "pp=2 x tp=2 (4 NPUs)" in report and "stage 0: layers 0..31 + embedding" in report
+    assert "stage 1: layers 32..63 + norm + head" in report
+    # a tied model keeps the embedding on the last stage too (its head reads it)
+    tied = family_config("Qwen3-4B")
+    assert tied.tie_word_embeddings
+    st = plan(tied, hw="atlas-800i-a2-64g", precision="bf16", tp=1, pp=2).stages
+    assert st[0]["embed"] and st[1]["embed"] and st[1]["head"]
+
+
+@pytest.mark.parametrize("kw,needle", [
+    (dict(tp=4, pp=3), r"pipeline-parallel size 3 does not divide the 64 decoder layers of "
+                       r"Qwen3-32B; use pp in \{1, 2, 4, 8, 16, 32, 64\}"),
+    (dict(tp=8, pp=2), r"pp=2 x tp=8 needs 16 NPUs but 1 x Atlas 800I A2, 8 x 64 GB has 8"),
+    (dict(tp=4, pp=2, draft="ngram"), r"speculative decoding \(ngram\) with pipeline parallel"),
+])
+def test_planner_refuses_bad_pipelines(kw, needle):
+    from ascend_qwen3.deploy.planner import PlanError
+    with pytest.raises(PlanError, match=needle):
+        plan(family_config("Qwen3-32B"), hw="atlas-800i-a2-64g", precision="bf16", **kw)
+
+
+def test_pipeline_profile_serves_with_its_stages():
+    """A profile with pipeline_parallel_size: tp x pp devices, --pipeline-parallel-size on the
+    command, and the plan per stage."""
+    p = copy.deepcopy(_raw("qwen3-32b-w8a8"))
+    p.update(tp=2, pipeline_parallel_size=2)
+    validate(p, "pp.yaml")
+    pl = plan_of(p)
+    assert pl.pp == 2 and pl.devices == 4 and len(pl.stages) == 2 and pl.fits
+    argv, env = build_command(to_spec(p), base_env={})
+    assert argv[argv.index("--tensor-parallel-size") + 1] == "2"
+    assert argv[argv.index("--pipeline-parallel-size") + 1] == "2"
+    assert env["ASCEND_RT_VISIBLE_DEVICES"] == "0,1,2,3"
+    # an explicit uneven partition in the profile's env is the planner's too
+    p["env"] = {"VLLM_PP_LAYER_PARTITION": "30,34"}
+    assert [st["layers"] for st in plan_of(p).stages] == [(0, 30), (30, 64)]
+    argv, env = build_command(to_spec(p), base_env={})
+    assert env["VLLM_PP_LAYER_PARTITION"] == "30,34"
 
 
 def test_cli_plan_recommends_tp(capsys):
@@ -219,6 +292,16 @@ def test_golden_commands_carry_the_profile():
         overrides = json.loads(flag("--hf-overrides"))
         assert overrides["architectures"][0].startswith("AscendQwen3")
         assert ("rope_scaling" in overrides) == bool(p.get("yarn"))
+        if p.get("runner") == "pooling":
+            # an embedding server: --runner pooling and nothing that only generation uses
+            assert flag("--runner") == "pooling"
+            for generation_only in ("--override-generation-config", "--reasoning-parser",
+                                    "--tool-call-parser", "--logits-processors", "--middleware",
+                                    "--speculative-config", "--default-chat-template-kwargs"):
+                assert generation_only not in argv, (name, generation_only)
+            assert flag("--distributed-executor-backend") == "mp"
+            continue
+        assert "--runner" not in argv
         mode = "thinking" if p["thinking"] else "non_thinking"
         assert json.loads(flag("--override-generation-config")) == p["sampling"][mode]
         assert flag("--reasoning-parser") == "ascend_qwen3" and flag("--tool-call-parser") == "hermes"
@@ -231,7 +314,7 @@ def test_golden_commands_carry_the_profile():
             assert flag("--middleware") == "ascend_qwen3.vllm_plugin.budget_guard.RefuseThinkingBudget"
         else:
             assert flag("--logits-processors") == "ascend_qwen3.vllm_plugin.thinking:ThinkingBudget"
-            assert "--speculative-config" not in argv and "--middleware" not in argv
+            assert "--speculative-config" not in argv and BUDGET_GUARD not in argv
         assert flag("--distributed-executor-backend") == "mp"
         if p.get("nodes", 1) > 1:
             assert flag("--data-parallel-size") == str(p["dp"])

@@ -14,6 +14,7 @@ import torch
 from ascend_qwen3.cli import main
 from ascend_qwen3.deploy.launcher import (CPU_MALLOC_ENV, SAMPLING, LaunchError, ServeSpec,
                                           build_command)
+from ascend_qwen3.speculative import Speculative
 from ascend_qwen3.vllm_plugin import LOGITS_PROCESSOR, REASONING_PARSER_NAME
 
 
@@ -117,7 +118,6 @@ def test_serve_rejects_bad_input(default_model, tmp_path):
     (["-q", "gptq"], "--quantization gptq"),
     (["--load-format", "dummy"], "--load-format dummy"),
     (["--load_format=pt"], "--load-format pt"),
-    (["-pp", "2"], "--pipeline-parallel-size 2"),
     (["--trust-remote-code"], "--trust-remote-code (set)"),
 ])
 def test_serve_refuses_options_the_plugin_does_not_implement(default_model, args, found):
@@ -128,7 +128,8 @@ def test_serve_refuses_options_the_plugin_does_not_implement(default_model, args
 
 
 @pytest.mark.parametrize("args", [["--kv-cache-dtype", "auto"], ["--kv-cache-dtype", "bfloat16"],
-                                  ["--load-format", "safetensors"], ["-pp", "1"],
+                                  ["--load-format", "safetensors"], ["-pp", "1"], ["-pp", "2"],
+                                  ["--pipeline-parallel-size=4"],
                                   ["--max-model-len", "2048"]])
 def test_serve_accepts_options_it_implements(default_model, args):
     argv, _ = build_command(ServeSpec(model=default_model, extra_args=args), base_env={})
@@ -155,8 +156,42 @@ def test_engine_config_refusals():
     (msg,) = refusals_from_config(config(cache_config__cache_dtype="fp8"))
     assert msg.startswith("--kv-cache-dtype fp8 is not supported") and "scales" in msg
     assert len(refusals_from_config(config(load_config__load_format="dummy",
-                                           parallel_config__pipeline_parallel_size=2))) == 2
+                                           cache_config__cache_dtype="fp8"))) == 2
+    # pipeline parallel is served (its size is checked against the layers: test_pipeline_sizes)
+    assert refusals_from_config(config(parallel_config__pipeline_parallel_size=2)) == []
     assert refusals_from_config(NS()) == []    # a vLLM without these settings: nothing to refuse
+
+
+def test_serve_pipeline_parallel(default_model):
+    """pp becomes --pipeline-parallel-size, one OpenMP binding per rank (tp x pp) on the CPU."""
+    argv, env = build_command(ServeSpec(model=default_model, tp=2, pp=2), base_env={})
+    assert _flag(argv, "--pipeline-parallel-size") == "2" and _flag(argv, "--tensor-parallel-size") == "2"
+    assert len(env["VLLM_CPU_OMP_THREADS_BIND"].split("|")) == 4
+    argv, env = build_command(ServeSpec(model=default_model, extra_args=["-pp", "2"]), base_env={})
+    assert len(env["VLLM_CPU_OMP_THREADS_BIND"].split("|")) == 2
+
+
+@pytest.mark.parametrize("spec,env,message", [
+    (dict(pp=3), {}, r"pipeline-parallel size 3 does not divide the 4 decoder layers of .*; use pp "
+                     r"in \{1, 2, 4\}, or set VLLM_PP_LAYER_PARTITION to 3 layer counts summing "
+                     r"to 4 \(e.g. 1,2,1\)"),
+    (dict(extra_args=["--pipeline-parallel-size", "8"]), {},
+     r"pipeline-parallel size 8 exceeds the 4 decoder layers"),
+    (dict(pp=2, extra_args=["-pp", "2"]), {}, "given twice"),
+    (dict(pp=2), {"VLLM_PP_LAYER_PARTITION": "1,2"}, r"summing to the model's 4 layers; found 2 "
+                                                      r"count\(s\) summing to 3"),
+    (dict(pp=2, speculative=Speculative("ngram", 2, None)), {},
+     "speculative decoding with pipeline parallel"),
+])
+def test_serve_refuses_bad_pipeline_sizes(default_model, spec, env, message):
+    with pytest.raises(LaunchError, match=message):
+        build_command(ServeSpec(model=default_model, **spec), base_env=env)
+
+
+def test_serve_uneven_pipeline_with_an_explicit_partition(default_model):
+    argv, env = build_command(ServeSpec(model=default_model, pp=3,
+                                        env={"VLLM_PP_LAYER_PARTITION": "1,2,1"}), base_env={})
+    assert _flag(argv, "--pipeline-parallel-size") == "3" and env["VLLM_PP_LAYER_PARTITION"] == "1,2,1"
 
 
 def test_cli_serve_refusal_is_the_last_line(tmp_path, monkeypatch, capsys):
@@ -528,3 +563,160 @@ def test_a_taken_peer_port_is_a_clear_error(monkeypatch):
                          peer_port=taken.getsockname()[1])
         with pytest.raises(LaunchError, match="pass --peer-port"):
             launch(spec, out=open(os.devnull, "w"))
+
+
+# --- LoRA adapters (serve --lora NAME=PATH) -------------------------------------------------------
+
+# (out, in) of the tiny Qwen3's linears (hidden 256, 4 query / 2 KV heads of 64, MLP 768)
+TINY_LINEARS = {"self_attn.q_proj": (256, 256), "self_attn.k_proj": (128, 256),
+                "self_attn.v_proj": (128, 256), "self_attn.o_proj": (256, 256),
+                "mlp.gate_proj": (768, 256), "mlp.up_proj": (768, 256), "mlp.down_proj": (256, 768)}
+
+
+def _adapter(path, rank=8, linears=None, layers=4, config=None, fmt="safetensors"):
+    """A PEFT adapter directory (zero matrices of the right shapes)."""
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    linears = TINY_LINEARS if linears is None else linears
+    sd = {}
+    for i in range(layers):
+        for lin, (out, inp) in linears.items():
+            key = f"base_model.model.{lin}" if lin.startswith("model.") else \
+                f"base_model.model.model.layers.{i}.{lin}"
+            sd[f"{key}.lora_A.weight"] = torch.zeros(rank, inp)
+            sd[f"{key}.lora_B.weight"] = torch.zeros(out, rank)
+    if fmt == "safetensors":
+        save_file(sd, os.path.join(path, "adapter_model.safetensors"))
+    else:
+        torch.save(sd, os.path.join(path, "adapter_model.bin"))
+    conf = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "bias": "none",
+            "target_modules": sorted({k.rsplit(".", 1)[-1] for k in linears}),
+            "task_type": "CAUSAL_LM", **(config or {})}
+    with open(os.path.join(path, "adapter_config.json"), "w") as f:
+        json.dump(conf, f)
+    return str(path)
+
+
+def test_lora_adapters_are_served_with_a_rank_vllm_accepts(default_model, tmp_path):
+    a, b = _adapter(tmp_path / "a", rank=8), _adapter(tmp_path / "b", rank=12)
+    argv, env = build_command(ServeSpec(model=default_model, loras={"hello": a, "other": b}),
+                              base_env={})
+    assert "--enable-lora" in argv
+    i = argv.index("--lora-modules")
+    assert argv[i + 1:i + 3] == [f"hello={a}", f"other={b}"]
+    # 12 is not one of vLLM's --max-lora-rank values (vllm/config/lora.py): the next one up
+    assert _flag(argv, "--max-lora-rank") == "16" and _flag(argv, "--max-loras") == "2"
+    assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING" not in env
+    argv, _ = build_command(ServeSpec(model=default_model, loras={"big": _adapter(
+        tmp_path / "big", rank=40)}, max_loras=3), base_env={})
+    assert _flag(argv, "--max-lora-rank") == "64" and _flag(argv, "--max-loras") == "3"
+    # without adapters: no LoRA flags at all
+    argv, _ = build_command(ServeSpec(model=default_model), base_env={})
+    assert not [x for x in argv if "lora" in x]
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda p: str(p / "missing"), "is not a directory"),
+    (lambda p: _adapter(p / "bin", fmt="bin"), "adapter_model.bin.*safetensors only"),
+    (lambda p: (_adapter(p / "nocfg"), os.remove(p / "nocfg" / "adapter_config.json"))[0],
+     "no adapter_config.json"),
+    (lambda p: _adapter(p / "r", rank=600), "rank 600 is above vLLM's largest"),
+    (lambda p: _adapter(p / "bias", config={"bias": "all"}), "bias='none'"),
+    (lambda p: _adapter(p / "emb", linears={"model.embed_tokens": (256, 256)}, layers=1),
+     "not one of the linears"),
+    (lambda p: _adapter(p / "gate", linears={"mlp.gate": (8, 256)}), "not one of the linears"),
+    (lambda p: _adapter(p / "other", linears={"self_attn.q_proj": (512, 512)}),
+     "maps 512 -> 512 features but the model's q_proj maps 256 -> 256"),
+    (lambda p: _adapter(p / "deep", layers=6), r"adapts layer [45] but the model has 4 layers"),
+])
+def test_bad_lora_adapters_are_refused_before_vllm_starts(default_model, tmp_path, make, match):
+    path = make(tmp_path)
+    with pytest.raises(LaunchError, match=match) as exc:
+        build_command(ServeSpec(model=default_model, loras={"x": path}), base_env={})
+    assert f"--lora x={path}" in str(exc.value)
+
+
+def test_lora_on_moe_experts_is_refused(checkpoint, tmp_path):
+    from ascend_qwen3.config import Qwen3Config
+
+    moe = checkpoint("moe_norm")
+    cfg = Qwen3Config.from_model_dir(moe)
+    d = cfg.head_dim
+    attn = {"self_attn.q_proj": (cfg.num_heads * d, cfg.hidden_size)}
+    experts = {"mlp.experts.0.gate_proj": (cfg.moe_intermediate_size, cfg.hidden_size)}
+    with pytest.raises(LaunchError, match="adapts MoE experts"):
+        build_command(ServeSpec(model=moe, loras={"x": _adapter(tmp_path / "e", linears=experts,
+                                                                layers=cfg.num_layers)}))
+    argv, _ = build_command(ServeSpec(model=moe, loras={"x": _adapter(
+        tmp_path / "a", linears=attn, layers=cfg.num_layers)}), base_env={})
+    assert "--enable-lora" in argv
+
+
+def test_lora_given_twice_or_badly_named_is_refused(default_model, tmp_path):
+    a = _adapter(tmp_path / "a")
+    with pytest.raises(LaunchError, match="LoRA is given twice"):
+        build_command(ServeSpec(model=default_model, loras={"x": a},
+                                extra_args=["--enable-lora"]))
+    with pytest.raises(LaunchError, match="base model's served name"):
+        build_command(ServeSpec(model=default_model, served_model_name="m", loras={"m": a}))
+    with pytest.raises(LaunchError, match="no LoRA adapter is served"):
+        build_command(ServeSpec(model=default_model, max_loras=2))
+
+
+def test_runtime_lora_loading_is_off_unless_asked_and_needs_a_key_off_loopback(default_model):
+    spec = ServeSpec(model=default_model, allow_runtime_lora=True)
+    argv, env = build_command(spec, base_env={})
+    assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True" and "--enable-lora" in argv
+    assert _flag(argv, "--max-lora-rank") == "16" and "--lora-modules" not in argv
+    public = ServeSpec(model=default_model, host="0.0.0.0", allow_runtime_lora=True)
+    with pytest.raises(LaunchError, match="runtime LoRA loading on 0.0.0.0 without an API key"):
+        build_command(public, base_env={})
+    _, env = build_command(public, base_env={"VLLM_API_KEY": "k"})
+    assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+
+
+def test_cli_serve_lora(tmp_path, monkeypatch, capsys):
+    """``--lora NAME=PATH`` (repeatable) and ``--lora default``: the shipped adapter of the default
+    model, written as a PEFT directory under $ASCEND_QWEN3_HOME/trained on first use."""
+    from ascend_qwen3.serve.train_lora import LORA_NAME
+
+    monkeypatch.setenv("ASCEND_QWEN3_HOME", str(tmp_path))
+    mine = _adapter(tmp_path / "mine", rank=16)
+    assert main(["serve", "--dry-run", "--lora", "default", "--lora", f"mine={mine}",
+                 "--allow-runtime-lora"]) == 0
+    out = capsys.readouterr().out
+    home = tmp_path / "trained" / LORA_NAME
+    assert f"--lora-modules {LORA_NAME}={home} mine={mine}" in out
+    assert "--max-lora-rank 16 --max-loras 2" in out and "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True" in out
+    assert sorted(os.listdir(home)) == ["adapter_config.json", "adapter_model.safetensors",
+                                        "ascend_qwen3_lora.json"]
+    assert main(["serve", "--dry-run", "--model", str(tmp_path / "default-model"), "--lora",
+                 "default"]) == 2
+    assert "--lora default is the adapter trained for the embedded default" in capsys.readouterr().err
+    assert main(["serve", "--dry-run", "--lora", "nameless"]) == 2
+    assert "expected NAME=PATH" in capsys.readouterr().err
+
+
+def test_profile_lora_modules(tmp_path):
+    """A profile lists its adapters by container path (not on this machine: the rank comes from
+    max_lora_rank); launch refuses to start a server whose adapters are not there."""
+    import yaml
+
+    from ascend_qwen3.deploy.launcher import launch
+    from ascend_qwen3.deploy.profiles import ProfileError, load_profile, profiles_dir, to_spec
+
+    src = os.path.join(profiles_dir(), "qwen3-8b-bf16.yaml")
+    p = yaml.safe_load(open(src))
+    p.update(name="with-lora", lora_modules={"sql": "/adapters/sql"}, max_lora_rank=32)
+    (tmp_path / "with-lora.yaml").write_text(yaml.safe_dump(p))
+    spec = to_spec(load_profile("with-lora", str(tmp_path)))
+    argv, _ = build_command(spec, base_env={})
+    assert _flag(argv, "--lora-modules") == "sql=/adapters/sql"
+    assert _flag(argv, "--max-lora-rank") == "32"
+    with pytest.raises(LaunchError, match="/adapters/sql do not exist on this machine"):
+        launch(spec, dry_run=False)
+    p.update(max_lora_rank=12)
+    (tmp_path / "with-lora.yaml").write_text(yaml.safe_dump(p))
+    with pytest.raises(ProfileError, match="max_lora_rank = 12 is not allowed"):
+        load_profile("with-lora", str(tmp_path))

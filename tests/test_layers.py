@@ -24,7 +24,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("checkpoints", ["ascend_qwen3.loader", "ascend_qwen3.checkpoint", "ascend_qwen3.speculative"]),
     ("the standalone runner", ["ascend_qwen3.runner"]),
     ("applications of the graph", ["ascend_qwen3.quantizer", "ascend_qwen3.vllm_plugin",
-                                   "ascend_qwen3.check"]),
+                                   "ascend_qwen3.check", "ascend_qwen3.lora_adapter"]),
     ("deployment and serving", ["ascend_qwen3.deploy", "ascend_qwen3.serve",
                                 "ascend_qwen3.loadtest"]),
     ("command line", ["ascend_qwen3.cli"]),

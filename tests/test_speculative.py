@@ -163,7 +163,8 @@ def test_serve_command_with_speculation(default_model, draft_dir):
         "method": "eagle3", "num_speculative_tokens": 3, "model": draft_dir}
     # no logits processors (vLLM refuses them with speculation); the reasoning parser stays,
     # which turns the project's budget on through the draft; no guard on the CPU
-    assert "--logits-processors" not in argv and "--middleware" not in argv
+    from ascend_qwen3.vllm_plugin.budget_guard import MIDDLEWARE
+    assert "--logits-processors" not in argv and MIDDLEWARE not in argv
     assert _flag(argv, "--reasoning-parser") == "ascend_qwen3"
     assert "ASCEND_QWEN3_TAKE_OVER" not in env
 

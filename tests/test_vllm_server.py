@@ -499,3 +499,47 @@ def test_malformed_chat_template_kwargs(server, kwargs):
         chat(server, max_tokens=2, extra_body={"chat_template_kwargs": kwargs})
     assert "chat_template_kwargs" in str(e.value)
     _still_serving(server)
+
+
+@pytest.mark.slow
+def test_loadtest_on_make_serve(server, tmp_path):
+    """``ascend-qwen3 loadtest`` against ``make serve`` (this module's server, its API key from the
+    same file): 16 concurrent streams in the four thinking modes and 4 clients that disconnect
+    after 3 chunks of a 200-token stream; nothing fails and the server's running/waiting gauges
+    are 0 within 3 s (the dropped requests were aborted: unaborted they would run for several
+    more seconds)."""
+    out = tmp_path / "load.json"
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "ascend_qwen3.cli", "loadtest", "--url", server["url"],
+                           "--concurrency", "16", "--rounds", "1", "--max-tokens", "8",
+                           "--drop", "4", "--settle-s", "3", "--timeout-s", "240",
+                           "--api-key-file", str(server["work"] / "api-key"), "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    print(proc.stdout, f"\n[loadtest took {time.perf_counter() - t0:.1f} s]")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rep = json.loads(out.read_text())
+    s = rep["summary"]
+    assert rep["ok"] and s["requests"] == 16 and s["ok"] == 16 and s["errors"] == 0
+    # at most 8 tokens each: the trained default model may end an answer sooner
+    assert 16 <= s["completion_tokens"] <= 16 * 8
+    assert all(m["requests"] == 4 and m["errors"] == 0 for m in s["modes"].values())
+    assert s["modes"]["no_think_kwarg"]["with_content"] == 4
+    assert s["modes"]["no_think_kwarg"]["with_reasoning"] == 0
+    assert s["modes"]["no_think_switch"]["with_content"] == 4
+    assert s["modes"]["no_think_switch"]["with_reasoning"] == 0
+    assert s["modes"]["thinking"]["with_reasoning"] == 4
+    assert rep["drop"] == {"clients": 4, "dropped": 4, "errors": 0, "errors_by_kind": {}}
+    assert rep["server"]["metrics_zero"] and rep["server"]["health"] == 200
+
+
+def test_embeddings_request_to_a_chat_server(server):
+    """A chat server computes no embeddings. vLLM alone registers no /v1/embeddings route for a
+    generative model and answers a bare 404 {"detail": "Not Found"}; the launcher's guard
+    (vllm_plugin/task_guard.py) answers 400 naming the task and how to get it (an embedding model
+    on a --runner pooling server), and the server keeps serving."""
+    import openai
+    with pytest.raises(openai.BadRequestError) as e:
+        server["client"].embeddings.create(model=MODEL, input=["What is 2 + 2?"])
+    message = str(e.value)
+    assert "/v1/embeddings" in message and "--runner pooling" in message, message
+    _still_serving(server)

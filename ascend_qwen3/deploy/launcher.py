@@ -21,6 +21,11 @@ Everything the server needs from vLLM's own features is set here:
   Qwen3 checkpoint that names vLLM's architecture, so the project's classes are registered under
   the stock names too (``ASCEND_QWEN3_TAKE_OVER=1``) for it to be served by them;
 - tool calls: ``--enable-auto-tool-choice --tool-call-parser hermes``;
+- embeddings (``runner: pooling``, Qwen3-Embedding): ``--runner pooling`` instead of everything
+  that only text generation uses (parsers, generation defaults, the budget processor,
+  speculation); a generation server gets the ``--middleware`` of ``vllm_plugin/task_guard.py``,
+  which answers ``/v1/embeddings`` and vLLM's other pooling endpoints with a message instead of
+  vLLM's bare 404;
 - sampling defaults for the server's default thinking mode (``--override-generation-config``);
   vLLM has one set of defaults per server, so a request that switches mode with
   ``chat_template_kwargs`` should send that mode's sampling parameters itself (README);
@@ -51,10 +56,11 @@ from dataclasses import dataclass, field
 
 from ..config import (PROJECT_DENSE_ARCH, PROJECT_MOE_ARCH, YARN_128K, YARN_MAX_POSITIONS,
                       Qwen3Config)
-from ..parallel.plan import check_parallel
+from ..parallel.plan import PP_PARTITION_ENV, check_parallel, check_pipeline
 from ..speculative import Speculative, SpeculativeError, check_draft, check_tokens
 from ..vllm_plugin import LOGITS_PROCESSOR, REASONING_PARSER_NAME, TAKE_OVER_ENV
 from ..vllm_plugin.budget_guard import MIDDLEWARE as BUDGET_GUARD
+from ..vllm_plugin.task_guard import MIDDLEWARE as TASK_GUARD
 from ..vllm_plugin.options import refusals_from_argv
 
 
@@ -78,6 +84,9 @@ NPU_ENV = {"PYTORCH_NPU_ALLOC_CONF": "expandable_segments:True", "TASK_QUEUE_ENA
            "OMP_NUM_THREADS": "1", "HCCL_BUFFSIZE": "512"}
 MULTI_NODE_ENV = ("HCCL_IF_IP", "GLOO_SOCKET_IFNAME", "TP_SOCKET_IFNAME", "HCCL_SOCKET_IFNAME")
 API_KEY_ENV = "VLLM_API_KEY"
+# vLLM's switch for /v1/load_lora_adapter and /v1/unload_lora_adapter (vllm/envs.py,
+# vllm/entrypoints/serve/lora/api_router.py); the launcher sets it only when asked to
+RUNTIME_LORA_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 # The graph mode on the NPU (vllm-ascend's ACL graphs; vLLM's `cudagraph_mode`), stated on every
 # NPU command. The default is vllm-ascend's own: FULL_AND_PIECEWISE, one FULL graph per uniform
@@ -119,6 +128,7 @@ class ServeSpec:
     device: str = "cpu"                 # "cpu" (vLLM's CPU build) or "npu" (vllm-ascend)
     dtype: str = "auto"
     tp: int = 1
+    pp: int = 1                         # pipeline-parallel stages (--pipeline-parallel-size)
     expert_parallel: bool = False
     max_model_len: int | None = None
     max_num_seqs: int | None = None
@@ -139,6 +149,11 @@ class ServeSpec:
     api_key_file: str | None = None     # a file holding the API key (else $VLLM_API_KEY, if set)
     require_api_key: bool = False       # refuse to start without an API key
     speculative: Speculative | None = None   # speculative decoding (--speculative-config)
+    loras: dict = field(default_factory=dict)   # LoRA adapters served: name -> PEFT directory
+    max_loras: int | None = None        # adapters in one batch (default: as many as served, >= 1)
+    max_lora_rank: int | None = None    # default: the adapters' largest rank, rounded up for vLLM
+    allow_runtime_lora: bool = False    # /v1/load_lora_adapter, /v1/unload_lora_adapter
+    runner: str = "generate"            # "pooling": an embedding server (--runner pooling)
     env: dict = field(default_factory=dict)
     extra_args: list = field(default_factory=list)
 
@@ -188,35 +203,47 @@ def build_command(spec: ServeSpec, base_env: dict | None = None) -> tuple[list[s
         raise LaunchError(str(exc)) from None
     if spec.device not in ("cpu", "npu"):
         raise LaunchError(f"device {spec.device!r} is not supported; use 'cpu' or 'npu'")
+    pp = pipeline_size(spec, cfg, base_env)
     layout = layout_args(spec)
     arch = PROJECT_MOE_ARCH if cfg.is_moe else PROJECT_DENSE_ARCH
     mode = "thinking" if spec.thinking else "non_thinking"
     overrides = {"architectures": [arch]}
     if spec.yarn:
         overrides.update(rope_scaling=dict(YARN_128K), max_position_embeddings=YARN_MAX_POSITIONS)
+    pooling = check_runner(spec, cfg)
     argv = _serve_prefix(spec.model, data_parallel=spec.dp > 1) + [
             "--served-model-name", spec.served_model_name or os.path.basename(spec.model.rstrip("/")),
             "--host", spec.host, "--port", str(spec.port), "--dtype", spec.dtype,
-            "--hf-overrides", json.dumps(overrides),
-            "--reasoning-parser", REASONING_PARSER_NAME,
-            "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
-            "--override-generation-config", json.dumps(spec.sampling or SAMPLING[mode])]
-    if not spec.thinking:
+            "--hf-overrides", json.dumps(overrides)]
+    if pooling:     # embeddings (/v1/embeddings): no text is generated, so no parsers,
+        # generation defaults or thinking budget (vLLM refuses custom logits processors for
+        # pooling: vllm/v1/sample/logits_processor/__init__.py)
+        argv += ["--runner", "pooling"]
+    else:
+        argv += ["--reasoning-parser", REASONING_PARSER_NAME,
+                 "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
+                 "--override-generation-config", json.dumps(spec.sampling or SAMPLING[mode])]
+    if not spec.thinking and not pooling:
         argv += ["--default-chat-template-kwargs", json.dumps({"enable_thinking": False})]
     if spec.tp > 1:
         argv += ["--tensor-parallel-size", str(spec.tp)]
+    if spec.pp > 1:
+        argv += ["--pipeline-parallel-size", str(spec.pp)]
     if spec.expert_parallel and cfg.is_moe:
         argv += ["--enable-expert-parallel"]
     argv += layout
     argv += graph_mode_args(spec)
     argv += speculative_args(spec, cfg)
+    argv += lora_args(spec, cfg)
     speculating = spec.speculative is not None or "--speculative-config" in \
         {a.split("=")[0] for a in spec.extra_args}
-    processors, extra_args = logits_processor_args(spec.extra_args, speculating)
+    processors, extra_args = logits_processor_args(spec.extra_args, speculating, pooling)
     argv += processors
     if speculating and spec.device == "npu" and not any(
             a.split("=")[0] == "--middleware" and BUDGET_GUARD in a for a in extra_args):
         argv += ["--middleware", BUDGET_GUARD]
+    if not pooling and not is_follower(spec):   # (a headless follower serves no API)
+        argv += ["--middleware", TASK_GUARD]    # embeddings requests: a message, not a bare 404
     given = {a.split("=")[0] for a in extra_args}
     for flag, value in (("--max-model-len", spec.max_model_len), ("--max-num-seqs", spec.max_num_seqs),
                         ("--block-size", spec.block_size),
@@ -237,7 +264,7 @@ def build_command(spec: ServeSpec, base_env: dict | None = None) -> tuple[list[s
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(spec.kv_cache_gib))
         for k, v in CPU_MALLOC_ENV.items():
             env.setdefault(k, v)
-        local = spec.tp * (spec.dp // spec.nodes)     # worker processes on this machine
+        local = spec.tp * pp * (spec.dp // spec.nodes)     # worker processes on this machine
         if local > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in env:
             cores = os.cpu_count() or 1
             env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(r % cores) for r in range(local))
@@ -271,7 +298,51 @@ def build_command(spec: ServeSpec, base_env: dict | None = None) -> tuple[list[s
         raise LaunchError(f"this deployment requires an API key and none is set: export "
                           f"{API_KEY_ENV}, or pass --api-key-file with a file holding the key "
                           f"(e.g. a mounted Kubernetes Secret)")
+    if spec.allow_runtime_lora:
+        if spec.host not in LOOPBACK_HOSTS and not env.get(API_KEY_ENV):
+            raise LaunchError(f"runtime LoRA loading on {spec.host} without an API key would let "
+                              f"anyone who reaches port {spec.port} load files of this machine as "
+                              f"adapters; set {API_KEY_ENV} or --api-key-file, or serve on "
+                              f"127.0.0.1, or drop --allow-runtime-lora")
+        env[RUNTIME_LORA_ENV] = "True"
     return argv, env
+
+
+def pipeline_size(spec: ServeSpec, cfg: Qwen3Config, base_env: dict | None = None) -> int:
+    """The pipeline-parallel size of ``spec`` (``pp``, or ``--pipeline-parallel-size`` / ``-pp``
+    among the vLLM flags after ``--``, not both), checked against the model's layers
+    (``parallel.plan.check_pipeline``: an even split, or the explicit VLLM_PP_LAYER_PARTITION of
+    the server's environment) and against speculative decoding, which the project's classes do
+    not run with pipeline parallel."""
+    given, args = None, spec.extra_args
+    for i, arg in enumerate(args):
+        flag, eq, value = arg.partition("=")
+        if flag in ("--pipeline-parallel-size", "-pp", "--pipeline_parallel_size"):
+            given = value if eq else (args[i + 1] if i + 1 < len(args) else "")
+    if given is not None:
+        if spec.pp > 1:
+            raise LaunchError("the pipeline-parallel size is given twice (pp and "
+                              "--pipeline-parallel-size after --); keep one")
+        try:
+            pp = int(given)
+        except ValueError:
+            raise LaunchError(f"--pipeline-parallel-size {given!r} is not a whole number") from None
+    else:
+        pp = spec.pp
+    env = dict(os.environ if base_env is None else base_env, **spec.env)
+    try:
+        check_pipeline(cfg, pp, env.get(PP_PARTITION_ENV))
+    except ValueError as exc:
+        raise LaunchError(str(exc)) from None
+    speculating = spec.speculative is not None or any(
+        a.split("=")[0] == "--speculative-config" for a in args)
+    if pp > 1 and speculating:
+        raise LaunchError(f"speculative decoding with pipeline parallel (pp {pp}) is not supported "
+                          f"by the project's classes (vLLM runs the drafter on the last stage, "
+                          f"which would need the target's embedding and auxiliary states relayed); "
+                          f"use pp 1 with speculative decoding (tensor parallel spreads the model), "
+                          f"or drop speculative decoding")
+    return pp
 
 
 def is_follower(spec: ServeSpec) -> bool:
@@ -342,6 +413,59 @@ def graph_mode_args(spec: ServeSpec) -> list[str]:
     return ["--compilation-config", json.dumps({"cudagraph_mode": mode})]
 
 
+def lora_args(spec: ServeSpec, cfg: Qwen3Config) -> list[str]:
+    """vLLM's LoRA flags for ``spec.loras`` (none without adapters or runtime loading), after
+    checking each adapter where it is on this machine (a profile's container path may not be;
+    ``launch`` requires it before it starts a server): a PEFT directory read as safetensors, a
+    rank vLLM takes, linears a Qwen3 layer offers (no MoE experts), shapes of this model.
+    ``--max-lora-rank`` is the largest rank rounded up to vLLM's allowed values
+    (vllm/config/lora.py ``MaxLoRARanks``); ``--max-loras`` defaults to the number served."""
+    from ..lora_adapter import VLLM_LORA_RANKS, AdapterError, max_lora_rank, read_adapter
+
+    if not spec.loras and not spec.allow_runtime_lora:
+        if spec.max_loras is not None or spec.max_lora_rank is not None:
+            raise LaunchError("max_loras / max_lora_rank are given but no LoRA adapter is served; "
+                              "add --lora NAME=PATH (or --allow-runtime-lora), or drop them")
+        return []
+    given = {a.split("=")[0] for a in spec.extra_args}
+    twice = given & {"--enable-lora", "--lora-modules", "--max-lora-rank", "--max-loras"}
+    if twice:
+        raise LaunchError(f"LoRA is given twice ({', '.join(sorted(twice))} after -- and the "
+                          f"launcher's LoRA settings); keep one: --lora NAME=PATH")
+    ranks = []
+    for name, path in spec.loras.items():
+        if not name or "=" in name or any(c.isspace() for c in name):
+            raise LaunchError(f"LoRA name {name!r} must be a non-empty word without '=' or spaces "
+                              f"(clients send it as the request's model)")
+        if name == spec.served_model_name:
+            raise LaunchError(f"LoRA name {name!r} is the base model's served name; give the "
+                              f"adapter another name")
+        if spec.config is not None and not os.path.isdir(path):
+            continue            # a profile's container path: checked by launch
+        try:
+            ranks.append(read_adapter(path, cfg).rank)
+        except AdapterError as exc:
+            raise LaunchError(f"--lora {name}={path}: {exc}") from None
+    try:
+        rank = spec.max_lora_rank or max_lora_rank(max(ranks, default=16))
+        if rank not in VLLM_LORA_RANKS:
+            raise LaunchError(f"max_lora_rank {rank} is not one vLLM accepts; use one of "
+                              f"{', '.join(map(str, VLLM_LORA_RANKS))}")
+        if ranks and max(ranks) > rank:
+            raise LaunchError(f"an adapter has rank {max(ranks)} but max_lora_rank is {rank}; "
+                              f"raise max_lora_rank or drop it (the launcher then takes "
+                              f"{max_lora_rank(max(ranks))})")
+    except AdapterError as exc:
+        raise LaunchError(str(exc)) from None
+    max_loras = spec.max_loras if spec.max_loras is not None else max(1, len(spec.loras))
+    if max_loras < 1:
+        raise LaunchError(f"max_loras {max_loras} must be >= 1")
+    argv = ["--enable-lora", "--max-lora-rank", str(rank), "--max-loras", str(max_loras)]
+    if spec.loras:
+        argv += ["--lora-modules", *(f"{n}={p}" for n, p in spec.loras.items())]
+    return argv
+
+
 def speculative_args(spec: ServeSpec, cfg: Qwen3Config) -> list[str]:
     """``--speculative-config`` for ``spec.speculative`` (none without), after checking it
     against the target: the NPU's token limit, and the draft's config.json where the draft is
@@ -362,7 +486,30 @@ def speculative_args(spec: ServeSpec, cfg: Qwen3Config) -> list[str]:
     return ["--speculative-config", json.dumps(s.to_vllm())]
 
 
-def logits_processor_args(extra_args: list, speculating: bool = False) -> tuple[list[str], list[str]]:
+def check_runner(spec: ServeSpec, cfg: Qwen3Config) -> bool:
+    """True for an embedding server (``runner: pooling``); refuses what a pooling server cannot
+    have: a MoE model (Qwen3-Embedding is dense), speculative decoding, or ``--runner`` given
+    twice (after ``--`` as well)."""
+    if spec.runner not in ("generate", "pooling"):
+        raise LaunchError(f"runner {spec.runner!r} is not supported; use 'generate' (chat and "
+                          f"completions) or 'pooling' (embeddings, e.g. Qwen3-Embedding)")
+    if spec.runner != "pooling":
+        return False
+    if cfg.is_moe:
+        raise LaunchError(f"{cfg.name or cfg.architecture} is a MoE model; the project serves "
+                          f"embeddings (runner pooling) from dense Qwen3 checkpoints such as "
+                          f"Qwen3-Embedding-0.6B/4B/8B")
+    if spec.speculative is not None:
+        raise LaunchError("speculative decoding generates tokens; an embedding server (runner "
+                          "pooling) generates none: drop the speculative setting")
+    if any(a.split("=")[0] in ("--runner", "--convert") for a in spec.extra_args):
+        raise LaunchError("--runner / --convert are set by the launcher for an embedding server "
+                          "(--runner pooling); remove them from the extra vLLM arguments")
+    return True
+
+
+def logits_processor_args(extra_args: list, speculating: bool = False,
+                          pooling: bool = False) -> tuple[list[str], list[str]]:
     """(the ``--logits-processors`` flag, the other user flags): the user's own processors (given
     after ``--``; vLLM keeps only the last such flag, so they are merged into one) and then the
     thinking budget's, unless speculative decoding is on (vLLM refuses custom logits processors
@@ -381,7 +528,12 @@ def logits_processor_args(extra_args: list, speculating: bool = False) -> tuple[
         else:
             rest.append(arg)
         i += 1
-    if not speculating:
+    if pooling:
+        if user:
+            raise LaunchError(f"logits processors ({', '.join(user)}) do not apply to an "
+                              f"embedding server (runner pooling: vLLM refuses custom logits "
+                              f"processors for pooling models); drop --logits-processors")
+    elif not speculating:
         user = [p for p in user if p != LOGITS_PROCESSOR] + [LOGITS_PROCESSOR]
     elif user:
         raise LaunchError(f"logits processors ({', '.join(user)}) cannot run with speculative "
@@ -426,6 +578,11 @@ def launch(spec: ServeSpec, dry_run: bool = False, out=None) -> int:
                           f"machine; put the draft checkpoint there (for a profile: under the "
                           f"host directory mounted at {os.path.dirname(draft) or '/'}), or remove "
                           f"the profile's speculative key")
+    absent = [f"{n}={p}" for n, p in spec.loras.items() if not os.path.isdir(p)]
+    if absent and not dry_run:
+        raise LaunchError(f"LoRA adapter directory(ies) {', '.join(absent)} do not exist on this "
+                          f"machine; put each PEFT adapter there (for a profile: under a host "
+                          f"directory mounted into the container), or remove it from lora_modules")
     if spec.host not in LOOPBACK_HOSTS and not env.get(API_KEY_ENV):
         print(f"warning: serving on {spec.host}:{spec.port} without an API key: anyone who can "
               f"reach this port can use the model; set {API_KEY_ENV} or --api-key-file",

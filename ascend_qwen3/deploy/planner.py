@@ -13,6 +13,13 @@ Per NPU (the busiest rank):
                                                         draft's layers too)
     sequences at full length = kv tokens // max_model_len
 
+With pipeline parallel (pp stages of tp NPUs each, ``parallel.plan.stage_layers``), each
+stage is planned on its own: its layers' share of the weights, plus the embedding on the first
+stage (and on the last when the head is tied to it) and the final norm and head on the last, and
+a KV cache for its own layers only. The engine gives every stage the same number of KV blocks
+(vLLM takes the smallest any worker can hold), so the deployment's KV tokens are the smallest
+stage's.
+
 The weights come from the same sharding plan the loader follows (``loader.load_plan``), so a
 replicated KV head or an expert-parallel split is counted as loaded. The workspace margin is an estimate:
 it is the number to raise if a profile that fits here runs out of memory on the machine.
@@ -20,10 +27,10 @@ it is the number to raise if a profile that fits here runs out of memory on the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..config import Qwen3Config
-from ..parallel.plan import check_parallel, valid_tp_sizes
+from ..parallel.plan import check_parallel, check_pipeline, stage_layers, valid_tp_sizes
 
 GiB = 2**30
 
@@ -50,10 +57,12 @@ def hardware(name: str) -> dict:
     return dict(HARDWARE[key], name=key)
 
 
-def weight_bytes_per_rank(cfg: Qwen3Config, tp: int, ep: bool, precision: str, dp: int = 1
-                          ) -> list[int]:
+def weight_bytes_per_rank(cfg: Qwen3Config, tp: int, ep: bool, precision: str, dp: int = 1,
+                          stage: tuple[int, int] | None = None, *, head: bool = True) -> list[int]:
     """Bytes of weights each rank holds (as the checkpoint stores them); with dp data-parallel
-    ranks, every rank of every one of them (under ep they hold different experts)."""
+    ranks, every rank of every one of them (under ep they hold different experts); ``stage``:
+    the ranks of the pipeline stage holding these (start, end) decoder layers (None: all);
+    ``head=False``: an embedding model (runner pooling), which holds no output head."""
     import torch
 
     from ..quant.description import QuantConfig
@@ -64,15 +73,18 @@ def weight_bytes_per_rank(cfg: Qwen3Config, tp: int, ep: bool, precision: str, d
         raise PlanError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     cfg = cfg.with_dtype(torch.bfloat16)
     quant = None if precision == "bf16" else QuantConfig.for_scheme(cfg, precision)
-    return [sum(assignment_bytes(a, cfg.dtype) for a in load_plan(cfg, tp, r, ep, quant, dp, d))
+    return [sum(assignment_bytes(a, cfg.dtype)
+                for a in load_plan(cfg, tp, r, ep, quant, dp, d, stage, head=head))
             for d in range(dp if ep else 1) for r in range(tp)]
 
 
-def kv_bytes_per_token(cfg: Qwen3Config, tp: int, cache_bytes: int = 2) -> int:
+def kv_bytes_per_token(cfg: Qwen3Config, tp: int, cache_bytes: int = 2,
+                       layers: int | None = None) -> int:
     """KV-cache bytes one token occupies on one rank (bf16 cache; KV heads replicated when
-    tp > kv heads)."""
+    tp > kv heads), for ``layers`` decoder layers (default: all; a pipeline stage's own)."""
     kv_local = max(1, cfg.num_kv_heads // tp)
-    return 2 * cfg.num_layers * kv_local * cfg.head_dim * cache_bytes
+    n = cfg.num_layers if layers is None else layers
+    return 2 * n * kv_local * cfg.head_dim * cache_bytes
 
 
 def draft_bytes_per_rank(cfg: Qwen3Config, tp: int, method: str | None,
@@ -123,6 +135,16 @@ class Plan:
     max_num_seqs: int | None
     draft: str | None = None
     draft_gib: float = 0.0
+    pp: int = 1
+    # pipeline parallel: per stage, its layers [start, end), weights (GiB, its busiest NPU), KV
+    # cache (GiB) and KV tokens; the fields above are the busiest stage's (weights) and the
+    # smallest cache's (KV tokens)
+    stages: list = field(default_factory=list)
+
+    @property
+    def devices(self) -> int:
+        """NPUs the deployment uses: dp x pp x tp."""
+        return self.dp * self.pp * self.tp
 
     @property
     def fits(self) -> bool:
@@ -134,7 +156,8 @@ class Plan:
 
     def report(self) -> str:
         lines = [f"{self.model} {self.precision} on {self.hardware}: "
-                 + (f"dp={self.dp} x " if self.dp > 1 else "") + f"tp={self.tp}"
+                 + (f"dp={self.dp} x " if self.dp > 1 else "")
+                 + (f"pp={self.pp} x " if self.pp > 1 else "") + f"tp={self.tp}"
                  + (f" with expert parallel (ep={self.dp * self.tp})" if self.ep and self.dp > 1
                     else " with expert parallel" if self.ep else "")
                  + (f" over {self.nodes} nodes" if self.nodes > 1 else ""),
@@ -152,6 +175,17 @@ class Plan:
                  f"full length" + (f"; max_num_seqs {self.max_num_seqs} share "
                                    f"{self.kv_tokens // max(1, self.max_num_seqs):,} tokens each"
                                    if self.max_num_seqs else "")]
+        if self.pp > 1:
+            lines[0] += f" ({self.devices} NPUs)"
+            lines.insert(3, "    (weights: the busiest stage; KV cache: the smallest stage's, "
+                            "as the engine gives every stage the same number of blocks)")
+            lines.append(f"  per stage ({self.pp} stages, {self.tp} NPU(s) each):")
+            for st in self.stages:
+                lines.append(f"    stage {st['stage']}: layers {st['layers'][0]}..{st['layers'][1] - 1}"
+                             f"{' + embedding' if st['embed'] else ''}"
+                             f"{' + norm + head' if st['head'] else ''}: weights "
+                             f"{st['weights_gib']:.2f} GiB, KV {st['kv_gib']:.2f} GiB = "
+                             f"{st['kv_tokens']:,} tokens at {st['kv_bytes_per_token']:,} B/token")
         if self.fits:
             lines.append(f"  fits: margin {self.kv_tokens - self.max_model_len:,} KV tokens beyond one "
                          f"full-length sequence")
@@ -164,42 +198,67 @@ class Plan:
 def plan(cfg: Qwen3Config, *, hw: str, precision: str, tp: int, ep: bool = False, nodes: int = 1,
          dp: int = 1, max_model_len: int = 32768, max_num_seqs: int | None = None,
          workspace_gib: float = WORKSPACE_GIB, memory_utilization: float = MEMORY_UTILIZATION,
-         draft: str | None = None, draft_cfg: Qwen3Config | None = None) -> Plan:
-    """The busiest NPU of a deployment: dp data-parallel ranks of tp NPUs each (on ``nodes``
-    machines; with ep the experts are spread over all dp x tp NPUs). KV tokens are per
-    data-parallel rank: each has its own cache, shared by its own max_num_seqs."""
+         draft: str | None = None, draft_cfg: Qwen3Config | None = None, pp: int = 1,
+         pp_partition: str | None = None, head: bool = True) -> Plan:
+    """The busiest NPU of a deployment: dp data-parallel ranks of pp pipeline stages of tp NPUs
+    each (on ``nodes`` machines; with ep the experts are spread over the dp x tp NPUs of each
+    stage). KV tokens are per data-parallel rank: each has its own cache, shared by its own
+    max_num_seqs. ``pp_partition``: the layers per stage as VLLM_PP_LAYER_PARTITION gives them
+    (None: vLLM's even split). ``head=False``: an embedding model (runner pooling): no output
+    head is loaded (Qwen3-Embedding ships none), and its KV cache serves the prompts' prefill."""
     h = hardware(hw)
     try:
         check_parallel(cfg, tp, ep and cfg.is_moe, dp)
+        check_pipeline(cfg, pp, pp_partition)
     except ValueError as exc:
         raise PlanError(str(exc)) from None
-    if tp * dp > h["npus"] * nodes:
-        raise PlanError(f"dp={dp} x tp={tp} needs {tp * dp} NPUs but {nodes} x {h['title']} has "
+    if tp * pp * dp > h["npus"] * nodes:
+        need = " x ".join(f"{k}={v}" for k, v in (("dp", dp), ("pp", pp), ("tp", tp))
+                          if v > 1 or k == "tp")
+        raise PlanError(f"{need} needs {tp * pp * dp} NPUs but {nodes} x {h['title']} has "
                         f"{h['npus'] * nodes}")
+    if pp > 1 and draft is not None:
+        raise PlanError(f"speculative decoding ({draft}) with pipeline parallel (pp={pp}) is not "
+                        f"supported by the project's classes; use pp 1 with speculative decoding")
     draft_bytes, draft_layers = draft_bytes_per_rank(cfg, tp, draft, draft_cfg)
-    weights = max(weight_bytes_per_rank(cfg, tp, ep and cfg.is_moe, precision, dp)) + draft_bytes
     usable = h["hbm_gib"] * memory_utilization * GiB
-    kv = usable - weights - workspace_gib * GiB
-    per_tok = kv_bytes_per_token(cfg, tp)
-    if draft_layers:
-        d = draft_cfg or cfg
-        per_tok += 2 * draft_layers * max(1, d.num_kv_heads // tp) * d.head_dim * 2
-    tokens = int(kv // per_tok) if kv > 0 else 0
+    stages = []
+    for s in range(pp):
+        layers = stage_layers(cfg.num_layers, s, pp, pp_partition) if pp > 1 else None
+        weights = max(weight_bytes_per_rank(cfg, tp, ep and cfg.is_moe, precision, dp,
+                                            layers, head=head)) + draft_bytes
+        kv = usable - weights - workspace_gib * GiB
+        per_tok = kv_bytes_per_token(cfg, tp, layers=None if layers is None
+                                     else layers[1] - layers[0])
+        if draft_layers:
+            d = draft_cfg or cfg
+            per_tok += 2 * draft_layers * max(1, d.num_kv_heads // tp) * d.head_dim * 2
+        first, end = layers or (0, cfg.num_layers)
+        stages.append({"stage": s, "layers": (first, end), "weights_gib": weights / GiB,
+                       "kv_gib": kv / GiB, "kv_bytes_per_token": per_tok,
+                       "kv_tokens": int(kv // per_tok) if kv > 0 else 0,
+                       "embed": first == 0 or (end == cfg.num_layers and cfg.tie_word_embeddings),
+                       "head": end == cfg.num_layers and head})
+    busiest = max(stages, key=lambda st: st["weights_gib"])
+    smallest = min(stages, key=lambda st: st["kv_tokens"])
     return Plan(model=cfg.name or cfg.architecture, precision=precision, hardware=h["name"], tp=tp,
                 ep=ep and cfg.is_moe, nodes=nodes, dp=dp, hbm_gib=h["hbm_gib"],
                 memory_utilization=memory_utilization, usable_gib=usable / GiB,
-                weights_gib=weights / GiB, workspace_gib=workspace_gib, kv_gib=kv / GiB,
-                kv_bytes_per_token=per_tok, kv_tokens=tokens, max_model_len=max_model_len,
-                max_num_seqs=max_num_seqs, draft=draft, draft_gib=draft_bytes / GiB)
+                weights_gib=busiest["weights_gib"], workspace_gib=workspace_gib,
+                kv_gib=smallest["kv_gib"], kv_bytes_per_token=smallest["kv_bytes_per_token"],
+                kv_tokens=smallest["kv_tokens"], max_model_len=max_model_len,
+                max_num_seqs=max_num_seqs, draft=draft, draft_gib=draft_bytes / GiB, pp=pp,
+                stages=stages if pp > 1 else [])
 
 
 def recommend(cfg: Qwen3Config, *, hw: str, precision: str, max_model_len: int = 32768,
-              min_sequences: int = 8) -> tuple[int | None, list[Plan]]:
+              min_sequences: int = 8, head: bool = True) -> tuple[int | None, list[Plan]]:
     """Plans for every valid tp on one machine, and the smallest tp that holds ``min_sequences``
     full-length sequences (else the smallest that fits at all; None if none does)."""
     h = hardware(hw)
     ep = cfg.is_moe
-    plans = [plan(cfg, hw=hw, precision=precision, tp=t, ep=ep, max_model_len=max_model_len)
+    plans = [plan(cfg, hw=hw, precision=precision, tp=t, ep=ep, max_model_len=max_model_len,
+                  head=head)
              for t in valid_tp_sizes(cfg, ep) if t <= h["npus"]]
     good = [p for p in plans if p.full_length_sequences >= min_sequences]
     fitting = [p for p in plans if p.fits]

@@ -13,7 +13,7 @@ import os
 
 import yaml
 
-from ..config import FAMILY, NO_YARN, family_config
+from ..config import EMBEDDING_FAMILY, FAMILY, NO_YARN, family_config
 from ..speculative import NPU_MAX_SPECULATIVE_TOKENS, Speculative, SpeculativeError, check_tokens
 from .launcher import DP_RPC_PORT, ServeSpec
 from .planner import HARDWARE, PRECISIONS, Plan, plan
@@ -23,7 +23,11 @@ _int, _bool, _str = int, bool, str
 SCHEMA: dict[str, tuple] = {
     "name": (_str, True, None, "profile name, equal to the file name without .yaml"),
     "description": (_str, False, None, "one line for humans"),
-    "model": (_str, True, lambda v: v in FAMILY, f"one of {', '.join(FAMILY)}"),
+    "model": (_str, True, lambda v: v in FAMILY or v in EMBEDDING_FAMILY,
+              f"one of {', '.join(list(FAMILY) + list(EMBEDDING_FAMILY))}"),
+    "runner": (_str, False, lambda v: v in ("generate", "pooling"),
+               "generate (default: chat and completions) or pooling (embeddings on "
+               "/v1/embeddings: the Qwen3-Embedding models, which need it)"),
     "model_path": (_str, True, lambda v: v.startswith("/"), "absolute checkpoint path in the container"),
     "served_model_name": (_str, True, None, "the name clients send as `model`"),
     "precision": (_str, True, lambda v: v in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
@@ -33,6 +37,10 @@ SCHEMA: dict[str, tuple] = {
            "when nodes is 2)"),
     "tp": (_int, True, lambda v: v in (1, 2, 4, 8), "tensor-parallel size per data-parallel rank "
            "(1, 2, 4, 8)"),
+    "pipeline_parallel_size": (_int, False, lambda v: v in (1, 2, 4, 8),
+                               "pipeline stages per data-parallel rank (1, 2, 4, 8; default 1), "
+                               "tp NPUs each; it must divide the model's layers unless env sets "
+                               "VLLM_PP_LAYER_PARTITION"),
     "expert_parallel": (_bool, False, None, "MoE: whole experts per rank (EP = dp x tp)"),
     "max_model_len": (_int, True, lambda v: 1024 <= v <= 131072, "context length (1024 to 131072)"),
     "yarn": (_bool, False, None, "YaRN rope scaling x4 (needed past 32768 tokens)"),
@@ -66,8 +74,19 @@ SCHEMA: dict[str, tuple] = {
     "api_key": (_str, False, lambda v: v in ("optional", "required"),
                 "optional (default: clients authenticate when VLLM_API_KEY / --api-key-file gives "
                 "a key) or required (refuse to start without one)"),
+    "lora_modules": (dict, False, lambda v: v and all(
+        isinstance(k, str) and k and "=" not in k and isinstance(x, str) and x.startswith("/")
+        for k, x in v.items()),
+        "LoRA adapters served: {name: the PEFT adapter directory's absolute path in the "
+        "container} (clients send the name as the request's model)"),
+    "max_lora_rank": (_int, False, lambda v: v in (1, 8, 16, 32, 64, 128, 256, 320, 512),
+                      "the largest adapter rank to serve, one of vLLM's 1, 8, 16, 32, 64, 128, "
+                      "256, 320, 512 (default: the adapters' own, read where they are here, "
+                      "else 16)"),
 }
 SAMPLING_KEYS = {"temperature", "top_p", "top_k", "min_p", "presence_penalty"}
+# what only a text-generation server has: required there, refused in an embedding profile
+GENERATION_KEYS = ("thinking", "reasoning_parser", "tool_call_parser", "sampling", "speculative")
 
 
 class ProfileError(ValueError):
@@ -98,9 +117,13 @@ def validate(p: dict, where: str = "profile") -> None:
     unknown = sorted(set(p) - set(SCHEMA))
     if unknown:
         raise ProfileError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(SCHEMA)}")
+    pooling = p.get("runner") == "pooling"
+    if pooling and any(k in p for k in GENERATION_KEYS):
+        raise ProfileError(f"{where}: runner pooling (an embedding server) generates no text; "
+                           f"remove {', '.join(k for k in GENERATION_KEYS if k in p)}")
     for key, (typ, required, check, help_) in SCHEMA.items():
         if key not in p:
-            if required:
+            if required and not (pooling and key in GENERATION_KEYS):
                 raise ProfileError(f"{where}: missing required key {key!r} ({help_})")
             continue
         v = p[key]
@@ -111,7 +134,7 @@ def validate(p: dict, where: str = "profile") -> None:
             raise ProfileError(f"{where}: {key} = {v!r} must be a {typ.__name__} ({help_})")
         if check is not None and not check(v):
             raise ProfileError(f"{where}: {key} = {v!r} is not allowed; expected {help_}")
-    for mode, values in p["sampling"].items():
+    for mode, values in p.get("sampling", {}).items():
         bad = set(values) - SAMPLING_KEYS if isinstance(values, dict) else {"(not a mapping)"}
         if bad:
             raise ProfileError(f"{where}: sampling.{mode} has {', '.join(sorted(bad))}; allowed: "
@@ -124,11 +147,28 @@ def validate(p: dict, where: str = "profile") -> None:
         raise ProfileError(f"{where}: {nodes} nodes need dp to be a multiple of {nodes} (each node "
                            f"runs dp / nodes data-parallel ranks; tensor parallel stays inside a "
                            f"node); set dp: {nodes}")
-    if len(p["devices"]) != p["tp"] * dp // nodes:
-        raise ProfileError(f"{where}: {len(p['devices'])} device(s) per node but tp {p['tp']} x "
+    pp = p.get("pipeline_parallel_size", 1)
+    if len(p["devices"]) != p["tp"] * pp * dp // nodes:
+        stages = f" x pp {pp}" if pp > 1 else ""
+        raise ProfileError(f"{where}: {len(p['devices'])} device(s) per node but tp {p['tp']}{stages} x "
                            f"{dp // nodes} data-parallel rank(s) per node need "
-                           f"{p['tp'] * dp // nodes}; list that many NPU ids in devices")
+                           f"{p['tp'] * pp * dp // nodes}; list that many NPU ids in devices")
     cfg = family_config(p["model"])
+    if pooling != (p["model"] in EMBEDDING_FAMILY):
+        raise ProfileError(f"{where}: {p['model']} " + (
+            "is an embedding model (no output head): set runner: pooling" if not pooling else
+            f"is a generative model; runner pooling serves the embedding models "
+            f"({', '.join(EMBEDDING_FAMILY)})"))
+    if pp > 1:
+        from ..parallel.plan import PP_PARTITION_ENV, check_pipeline
+        try:
+            check_pipeline(cfg, pp, p.get("env", {}).get(PP_PARTITION_ENV))
+        except ValueError as exc:
+            raise ProfileError(f"{where}: pipeline_parallel_size: {exc}") from None
+        if "speculative" in p:
+            raise ProfileError(f"{where}: speculative decoding with pipeline_parallel_size {pp} is "
+                               f"not supported by the project's classes; remove one of them "
+                               f"(tensor parallel spreads the model with speculative decoding)")
     if p["max_model_len"] > 32768 and not p.get("yarn"):
         raise ProfileError(f"{where}: max_model_len {p['max_model_len']} is past Qwen3's native 32768; "
                            f"set yarn: true (models from Qwen3-4B up) or lower max_model_len")
@@ -158,7 +198,10 @@ def plan_of(p: dict) -> Plan:
                 ep=bool(p.get("expert_parallel")), nodes=p.get("nodes", 1), dp=p.get("dp", 1),
                 max_model_len=p["max_model_len"], max_num_seqs=p["max_num_seqs"],
                 memory_utilization=p.get("memory_utilization", 0.9), draft=spec.get("method"),
-                draft_cfg=family_config(spec["family"]) if spec.get("family") else None)
+                draft_cfg=family_config(spec["family"]) if spec.get("family") else None,
+                pp=p.get("pipeline_parallel_size", 1),
+                pp_partition=p.get("env", {}).get("VLLM_PP_LAYER_PARTITION"),
+                head=p.get("runner", "generate") != "pooling")
 
 
 def load_profile(name_or_path: str, directory: str | None = None, check_fit: bool = True) -> dict:
@@ -186,7 +229,7 @@ def load_profile(name_or_path: str, directory: str | None = None, check_fit: boo
 
 def to_spec(p: dict, host: str = "0.0.0.0", port: int | None = None) -> ServeSpec:
     """The launcher spec of a validated profile (device npu)."""
-    mode = "thinking" if p["thinking"] else "non_thinking"
+    mode = "thinking" if p.get("thinking", True) else "non_thinking"
     extra = ["--block-size", str(p["block_size"]),
              "--gpu-memory-utilization", str(p.get("memory_utilization", 0.9))]
     if p.get("max_num_batched_tokens"):
@@ -197,12 +240,15 @@ def to_spec(p: dict, host: str = "0.0.0.0", port: int | None = None) -> ServeSpe
     return ServeSpec(require_api_key=p.get("api_key", "optional") == "required",
                      graph_mode=p.get("graph_mode", "FULL_AND_PIECEWISE"), model=p["model_path"], served_model_name=p["served_model_name"], host=host,
                      port=port or p.get("port", 8000), device="npu", dtype="bfloat16", tp=p["tp"],
+                     pp=p.get("pipeline_parallel_size", 1),
                      expert_parallel=bool(p.get("expert_parallel")), max_model_len=p["max_model_len"],
-                     max_num_seqs=p["max_num_seqs"], thinking=p["thinking"],
-                     sampling=p["sampling"][mode], yarn=bool(p.get("yarn")),
+                     max_num_seqs=p["max_num_seqs"], thinking=p.get("thinking", True),
+                     sampling=p["sampling"][mode] if "sampling" in p else None,
+                     runner=p.get("runner", "generate"), yarn=bool(p.get("yarn")),
                      config=family_config(p["model"], yarn=bool(p.get("yarn"))),
                      nodes=p.get("nodes", 1), dp=p.get("dp", 1), devices=list(p["devices"]),
                      dp_rpc_port=p.get("dp_rpc_port", DP_RPC_PORT), env=env,
                      speculative=Speculative.from_dict(p["speculative"]) if "speculative" in p
                      else None,
+                     loras=dict(p.get("lora_modules", {})), max_lora_rank=p.get("max_lora_rank"),
                      extra_args=extra)

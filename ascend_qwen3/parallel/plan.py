@@ -5,10 +5,15 @@ checkpoint tensor (Hugging Face names) to the destination parameter of the proje
 slice of the checkpoint tensor to read and the slice of the parameter to fill. The model's
 parameter shapes (``local_heads``, ``local_experts``) and the loader both follow it, and it can be
 printed and tested without building the model.
+
+Pipeline parallel is data here too: ``stage_layers`` says which decoder layers a stage holds (the
+rule of vLLM's ``get_pp_indices``), ``stage_holds`` what else it holds, ``check_pipeline`` which
+sizes the project serves, and ``rank_plan(..., stage=)`` what a stage's rank reads.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from ..config import Qwen3Config
@@ -89,6 +94,87 @@ def check_parallel(cfg: Qwen3Config, tp: int, ep: bool = False, dp: int = 1) -> 
         raise ShardingError(f"{why} of {label}; use tp in {{{choices}}}{mode}")
 
 
+# vLLM's explicit pipeline partition: comma-separated layer counts, one per stage
+# (vllm/envs.py VLLM_PP_LAYER_PARTITION, read by vllm/distributed/utils.py get_pp_indices)
+PP_PARTITION_ENV = "VLLM_PP_LAYER_PARTITION"
+_FROM_ENV = object()        # default of the functions below: read the partition from the variable
+
+
+def _partition_env(partition: str | None | object) -> str | None:
+    return os.environ.get(PP_PARTITION_ENV) if partition is _FROM_ENV else partition
+
+
+def stage_sizes(num_layers: int, pp: int, partition: str | None | object = _FROM_ENV) -> list[int]:
+    """Decoder layers held by each of ``pp`` pipeline stages, by the rule of vLLM's
+    ``get_pp_indices`` (vllm/distributed/utils.py): ``partition`` (default: the
+    ``VLLM_PP_LAYER_PARTITION`` variable), e.g. "10,14", gives them explicitly and must name
+    ``pp`` counts summing to ``num_layers``; without it each stage holds ``num_layers // pp`` and
+    the remainder goes one layer each to the stages before the last, from the second-to-last
+    backwards (the last stage holds the final norm and the head, the first the embedding)."""
+    text = _partition_env(partition)
+    if pp < 1:
+        raise ShardingError(f"pipeline-parallel size {pp} must be >= 1")
+    if text is not None:
+        try:
+            sizes = [int(x) for x in text.split(",")]
+        except ValueError:
+            raise ShardingError(f"{PP_PARTITION_ENV}={text!r} is not a comma-separated list of "
+                                f"layer counts; write e.g. {PP_PARTITION_ENV}="
+                                f"{','.join(str(n) for n in _even(num_layers, pp))}") from None
+        if len(sizes) != pp or sum(sizes) != num_layers or min(sizes) < 1:
+            raise ShardingError(f"{PP_PARTITION_ENV}={text!r} must give {pp} layer counts (one per "
+                                f"pipeline stage), each >= 1, summing to the model's {num_layers} "
+                                f"layers; found {len(sizes)} count(s) summing to {sum(sizes)}")
+        return sizes
+    return _even(num_layers, pp)
+
+
+def _even(num_layers: int, pp: int) -> list[int]:
+    sizes = [num_layers // pp] * pp
+    for i in range(2, num_layers % pp + 2):      # vLLM's remainder rule (module docstring)
+        sizes[-i] += 1
+    return sizes
+
+
+def stage_layers(num_layers: int, pp_rank: int, pp: int,
+                 partition: str | None | object = _FROM_ENV) -> tuple[int, int]:
+    """(first layer, end layer) of pipeline stage ``pp_rank``: vLLM's ``get_pp_indices``."""
+    if not 0 <= pp_rank < pp:
+        raise ShardingError(f"pipeline stage {pp_rank} is outside pp={pp}")
+    sizes = stage_sizes(num_layers, pp, partition)
+    start = sum(sizes[:pp_rank])
+    return start, start + sizes[pp_rank]
+
+
+def valid_pp_sizes(num_layers: int) -> list[int]:
+    """Pipeline sizes that split ``num_layers`` evenly (the project's rule without an explicit
+    partition)."""
+    return [p for p in range(1, num_layers + 1) if num_layers % p == 0]
+
+
+def check_pipeline(cfg: Qwen3Config, pp: int, partition: str | None | object = _FROM_ENV) -> None:
+    """Raise ShardingError, naming the valid sizes, unless ``pp`` stages can hold ``cfg``'s layers:
+    an even split, or the explicit ``VLLM_PP_LAYER_PARTITION`` (``partition``) that sums to them.
+    (vLLM itself also accepts uneven splits; the project refuses them unless the partition is
+    written out, so that every stage's share is a deliberate choice.)"""
+    label = cfg.name or cfg.architecture
+    n = cfg.num_layers
+    if pp < 1:
+        raise ShardingError(f"pipeline-parallel size {pp} must be >= 1")
+    text = _partition_env(partition)
+    if pp == 1 and text is None:
+        return
+    if pp > n:
+        raise ShardingError(f"pipeline-parallel size {pp} exceeds the {n} decoder layers of "
+                            f"{label}; use pp in {{{', '.join(map(str, valid_pp_sizes(n)))}}}")
+    if text is None and n % pp:
+        raise ShardingError(f"pipeline-parallel size {pp} does not divide the {n} decoder layers of "
+                            f"{label}; use pp in {{{', '.join(map(str, valid_pp_sizes(n)))}}}, or "
+                            f"set {PP_PARTITION_ENV} to {pp} layer counts summing to {n} (e.g. "
+                            f"{','.join(map(str, _even(n, pp)))})")
+    stage_sizes(n, pp, text)
+
+
 def local_heads(cfg: Qwen3Config, tp: int) -> tuple[int, int]:
     """(query heads, kv heads) per rank; kv heads are replicated when tp exceeds them."""
     return cfg.num_heads // tp, max(1, cfg.num_kv_heads // tp)
@@ -116,13 +202,30 @@ def _rows(start, n):
 ALL = slice(None)
 
 
+def stage_holds(cfg: Qwen3Config, stage: tuple[int, int] | None) -> dict[str, bool]:
+    """What a pipeline stage holding decoder layers ``stage`` = (start, end) holds besides them
+    (None: the whole model), as vLLM's Qwen3 places them (vllm/model_executor/models/qwen2.py
+    Qwen2Model, qwen3.py Qwen3ForCausalLM): the embedding on the first stage, and on the last
+    when the head is tied to it; the final norm and the head on the last stage."""
+    start, end = (0, cfg.num_layers) if stage is None else stage
+    if not 0 <= start < end <= cfg.num_layers:
+        raise ShardingError(f"pipeline stage layers [{start}, {end}) are not a non-empty range "
+                            f"within the model's {cfg.num_layers} layers")
+    first, last = start == 0, end == cfg.num_layers
+    return {"embed": first or (last and cfg.tie_word_embeddings), "norm": last, "head": last}
+
+
 def rank_plan(cfg: Qwen3Config, tp: int = 1, rank: int = 0, ep: bool = False, dp: int = 1,
-              dp_rank: int = 0) -> list[Assignment]:
+              dp_rank: int = 0, stage: tuple[int, int] | None = None) -> list[Assignment]:
     """Every checkpoint tensor this rank reads, with source and destination slices (the float
     tensors; a W8A8 checkpoint's extra tensors are added by ``ascend_qwen3.quant.plan``, and
     ``ascend_qwen3.loader.load_plan`` gives the two together). ``dp``/``dp_rank``: the
-    data-parallel rank, which decides the experts under ep (everything else follows tp)."""
+    data-parallel rank, which decides the experts under ep (everything else follows tp).
+    ``stage``: the (start, end) decoder layers of this rank's pipeline stage (None: all); the
+    embedding, final norm and head only where the stage holds them (``stage_holds``)."""
     check_parallel(cfg, tp, ep, dp)
+    holds = stage_holds(cfg, stage)
+    first_layer, end_layer = (0, cfg.num_layers) if stage is None else stage
     if not 0 <= rank < tp:
         raise ShardingError(f"rank {rank} is outside tp={tp}")
     if not 0 <= dp_rank < dp:
@@ -136,14 +239,16 @@ def rank_plan(cfg: Qwen3Config, tp: int = 1, rank: int = 0, ep: bool = False, dp
     plan: list[Assignment] = []
     add = plan.append
 
-    add(Assignment("model.embed_tokens.weight", (V, H), "embed_tokens.weight",
-                   (_rows(v0, v_n), ALL), (slice(0, v_n), ALL)))
-    if not cfg.tie_word_embeddings:
+    if holds["embed"]:
+        add(Assignment("model.embed_tokens.weight", (V, H), "embed_tokens.weight",
+                       (_rows(v0, v_n), ALL), (slice(0, v_n), ALL)))
+    if holds["head"] and not cfg.tie_word_embeddings:
         add(Assignment("lm_head.weight", (V, H), "lm_head.weight", (_rows(v0, v_n), ALL),
                        (slice(0, v_n), ALL)))
-    add(Assignment("model.norm.weight", (H,), "norm.weight", (ALL,), (ALL,)))
+    if holds["norm"]:
+        add(Assignment("model.norm.weight", (H,), "norm.weight", (ALL,), (ALL,)))
 
-    for i in range(cfg.num_layers):
+    for i in range(first_layer, end_layer):
         c, p = f"model.layers.{i}.", f"layers.{i}."
         for norm in ("input_layernorm", "post_attention_layernorm"):
             add(Assignment(c + norm + ".weight", (H,), p + norm + ".weight", (ALL,), (ALL,)))

@@ -82,6 +82,18 @@ VLLM_USES: list[Use] = [
         ("rank_in_group", "world_size", "cpu_group", "all_gather", "all_reduce")),
     Use("vllm.distributed.parallel_state", "GroupCoordinator.all_gather", "call", ("input_", "dim")),
     Use("vllm.distributed.parallel_state", "GroupCoordinator.all_reduce", "call", ("input_",)),
+    # pipeline parallel (model.py): the stage's rank and size, its layers, the relayed tensors
+    Use("vllm.distributed", "get_pp_group", "call"),
+    Use("vllm.distributed.utils", "get_pp_indices", "call",
+        ("num_hidden_layers", "pp_rank", "pp_size")),
+    Use("vllm.sequence", "IntermediateTensors", "exists"),
+    Use("vllm.model_executor.models.interfaces", "SupportsPP", "attrs",
+        ("supports_pp", "make_empty_intermediate_tensors")),
+    # eager pipeline parallel on the CPU: the relay buffer vLLM's CPU runner leaves unallocated
+    # (cpu_kernels.fix_cpu_pipeline_relay wraps the runner's initialize_kv_cache)
+    Use("vllm.v1.worker.cpu_model_runner", "CPUModelRunner", "attrs", ("initialize_kv_cache",)),
+    Use("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.sync_and_gather_intermediate_tensors",
+        "override", ("num_tokens", "intermediate_tensors", "sync_self")),
     Use("vllm.forward_context", "get_forward_context", "call"),
     Use("vllm.forward_context", "is_forward_context_available", "call"),
     Use("vllm.forward_context", "DPMetadata", "attrs", ("num_tokens_across_dp_cpu",)),
@@ -167,6 +179,12 @@ VLLM_USES: list[Use] = [
     Use("vllm.config", "SpeculativeConfig", "attrs",
         ("method", "num_speculative_tokens", "draft_model_config")),
     Use("vllm.config", "ModelConfig", "attrs", ("runner",)),
+    # pooling (model.py): the resolved runner and conversion, and vLLM's embedding adapter,
+    # which subclasses the project's class (its load_weights is replaced, see model.py)
+    Use("vllm.config", "ModelConfig", "attrs", ("runner_type", "convert_type")),
+    Use("vllm.model_executor.models.adapters", "as_embedding_model"),
+    Use("vllm.model_executor.models.interfaces_base", "VllmModelForPooling", "attrs",
+        ("is_pooling_model", "pooler")),
     # ... and the budget through the draft (budget.py): the input batch's holder, by its name
     Use("vllm.v1.sample.thinking_budget_state", "maybe_create_thinking_budget_state_holder"),
     Use("vllm.v1.sample.thinking_budget_state", "ThinkingBudgetStateHolder.__init__", "override",
@@ -300,6 +318,32 @@ def tp_rank_and_size() -> tuple[int, int]:
     from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 
     return get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
+
+
+# --- pipeline parallel (vllm/distributed/parallel_state.py get_pp_group, distributed/utils.py
+# get_pp_indices, sequence.py IntermediateTensors; the same names in 0.23 and 0.32) ---
+
+def pp_rank_and_size() -> tuple[int, int]:
+    from vllm.distributed import get_pp_group
+
+    group = get_pp_group()
+    return group.rank_in_group, group.world_size
+
+
+def pp_stage_layers(num_layers: int) -> tuple[int, int]:
+    """(start, end) decoder layers of this rank's pipeline stage, as vLLM's own models take them
+    (``make_layers``; honours ``VLLM_PP_LAYER_PARTITION``)."""
+    from vllm.distributed.utils import get_pp_indices
+
+    rank, size = pp_rank_and_size()
+    return get_pp_indices(num_layers, rank, size)
+
+
+def intermediate_tensors(tensors: dict):
+    """vLLM's ``IntermediateTensors``: what a pipeline stage hands to the next."""
+    from vllm.sequence import IntermediateTensors
+
+    return IntermediateTensors(tensors)
 
 
 def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
@@ -641,3 +685,21 @@ def check_full_graph_protocol() -> None:
             + "; ".join(problems) + ". Serve with graph mode PIECEWISE (`ascend-qwen3 serve "
             "--graph-mode PIECEWISE`, or `graph_mode: PIECEWISE` in the profile), or use the "
             "vllm-ascend version the Dockerfile pins (0.23)")
+
+
+def runner_type(vllm_config) -> str:
+    """The engine's resolved runner: "generate", "pooling" or "draft". 0.23 and 0.32 both keep it
+    as ``ModelConfig.runner_type`` (set in ``__post_init__`` from ``--runner``, "auto" resolved;
+    ``runner`` is the option as given)."""
+    mc = vllm_config.model_config
+    value = getattr(mc, "runner_type", None)
+    if value is None:
+        value = getattr(mc, "runner", None)
+    return value if isinstance(value, str) and value != "auto" else "generate"
+
+
+def convert_type(vllm_config) -> str:
+    """How vLLM adapts a generative class for pooling: "none", "embed" (``as_embedding_model``)
+    or "classify" (``as_seq_cls_model``); ``ModelConfig.convert_type`` on 0.23 and 0.32."""
+    value = getattr(vllm_config.model_config, "convert_type", None)
+    return value if isinstance(value, str) else "none"

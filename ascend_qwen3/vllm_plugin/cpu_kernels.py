@@ -34,6 +34,17 @@ Registered:
   weight 0 (computed, adding nothing). The intermediate size is zero-padded to a multiple of 32,
   as vLLM pads it. Quantised (W8A8_DYNAMIC) experts keep the project's int8 path: vLLM's
   ``cpu_fused_moe_int8`` is not compiled for x86.
+- ``lora_shrink`` / ``lora_expand``: vLLM's CPU punica kernels, ``bgmv_shrink`` and
+  ``bgmv_expand_slice`` of ``vllm/lora/ops/torch_ops/lora_ops.py`` (what ``PunicaWrapperCPU``,
+  ``vllm/lora/punica_wrapper/punica_cpu.py``, runs for decode; its prefill path expands per-request
+  indices to the same per-token form first). They index the stacked weights with the token's
+  slot as it is, so a slot -1 ("no adapter", ``PunicaWrapperBase.token_lora_indices``) would
+  select the last slot by Python's negative indexing: here the slots are clamped to >= 0 and
+  the -1 rows masked (h set to 0 after the shrink; an exact 0 added by the expand), on the
+  tensors, without reading them. bgmv_expand_slice multiplies in y's dtype (h rounded to it,
+  the product rounded once more before the add): in bf16 two roundings more than the
+  specification's one; in fp32 the same numbers up to the order of the sums. The shrink
+  multiplies in float32, as the specification does.
 
 Not registered: vLLM's ``rms_norm`` / ``fused_add_rms_norm`` / ``rotary_embedding`` /
 ``silu_and_mul``. Inside vLLM's compiled graph (its default on the CPU) Inductor already fuses
@@ -204,6 +215,28 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor
     return out
 
 
+def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, token_lora: torch.Tensor,
+                scale: float) -> torch.Tensor:
+    """``ops.lora_shrink`` with vLLM's ``bgmv_shrink`` (torch ops; module docstring)."""
+    from vllm.lora.ops.torch_ops import bgmv_shrink
+
+    h = torch.empty(x.shape[0], lora_a.shape[1], dtype=torch.float32, device=x.device)
+    bgmv_shrink(x, lora_a, h, token_lora.clamp(min=0), scale)
+    return torch.where((token_lora >= 0).unsqueeze(1), h, 0.0)
+
+
+def lora_expand(y: torch.Tensor, h: torch.Tensor, lora_b: torch.Tensor, token_lora: torch.Tensor,
+                offset: int) -> torch.Tensor:
+    """``ops.lora_expand`` with vLLM's ``bgmv_expand_slice`` (torch ops; module docstring):
+    in place, rows of slot -1 get an exact 0 added."""
+    from vllm.lora.ops.torch_ops import bgmv_expand_slice
+
+    live = torch.where((token_lora >= 0).unsqueeze(1), h, 0.0)
+    bgmv_expand_slice(live, lora_b, y, token_lora.clamp(min=0), offset, lora_b.shape[1],
+                      add_inputs=True)
+    return y
+
+
 KERNELS = {
     "prepare_linear_weight": prepare_linear_weight,
     "linear": linear,
@@ -211,6 +244,8 @@ KERNELS = {
     "paged_attention": paged_attention,
     "prepare_moe_experts": prepare_moe_experts,
     "moe_experts": moe_experts,
+    "lora_shrink": lora_shrink,
+    "lora_expand": lora_expand,
 }
 
 
@@ -263,4 +298,41 @@ def fix_cpu_expand_kernel() -> bool:
     if getattr(cpu_triton_utils, "_expand_kernel_impl", None) is None:
         return False
     cpu_triton_utils._expand_kernel_impl = expand_kernel_impl
+    return True
+
+
+def fix_cpu_pipeline_relay() -> bool:
+    """Pipeline parallel in eager mode on vLLM's CPU build: a stage after the first copies what
+    the previous stage sent into a buffer the runner allocates (``self.intermediate_tensors``,
+    from the model's ``make_empty_intermediate_tensors``) only in its dummy run
+    (vllm/v1/worker/gpu_model_runner.py ``_dummy_run``); the CPU worker skips that run in eager
+    mode (vllm/v1/worker/cpu_model_runner.py ``warming_up_model`` returns at
+    CompilationMode.NONE, and cpu_worker.py ``_should_warm_up_model`` skips it with an explicit
+    KV-cache size), so the first step failed in ``sync_and_gather_intermediate_tensors``
+    (``assert self.intermediate_tensors is not None``), whatever the model class. This
+    allocates the buffer, as the dummy run would, once the KV cache is set up
+    (``initialize_kv_cache``, which every worker runs after loading the model). Called by the
+    model class in a worker of a pipeline stage on the CPU; a no-op where the runner is not
+    vLLM's CPU runner or is already fixed. True when the fix is in place."""
+    try:
+        from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+    except ImportError:
+        return False
+    init = CPUModelRunner.initialize_kv_cache
+    if getattr(init, "_ascend_qwen3_relay", False):
+        return True
+
+    def initialize_kv_cache(self, *args, **kwargs):
+        out = init(self, *args, **kwargs)
+        from vllm.distributed.parallel_state import get_pp_group
+
+        pp = get_pp_group()
+        if (pp.world_size > 1 and not pp.is_first_rank
+                and getattr(self, "intermediate_tensors", None) is None):
+            self.intermediate_tensors = self.model.make_empty_intermediate_tensors(
+                batch_size=self.max_num_tokens, dtype=self.model_config.dtype, device=self.device)
+        return out
+
+    initialize_kv_cache._ascend_qwen3_relay = True
+    CPUModelRunner.initialize_kv_cache = initialize_kv_cache
     return True

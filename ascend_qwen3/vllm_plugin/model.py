@@ -8,6 +8,8 @@ vLLM builds ``AscendQwen3ForCausalLM(vllm_config=..., prefix=...)`` in each work
   ``--enforce-eager``;
 - its tensor-parallel collectives go through vLLM's TP group (``VllmParallelContext``), with
   vLLM's TP rank and size; ``--enable-expert-parallel`` gives each rank whole experts;
+  ``--pipeline-parallel-size`` gives each stage vLLM's share of the layers (``get_pp_indices``)
+  and relays (hidden, residual) between stages as vLLM's ``IntermediateTensors`` (SupportsPP);
 - attention is vLLM's ``Attention`` layer bound to the project's backend (``attention.py``), so
   vLLM owns the KV cache and metadata while ``ops`` does the work;
 - weights are read by the project's loader, straight from the model directory, each rank reading
@@ -29,14 +31,15 @@ from torch import nn
 
 import ops
 from ..config import ConfigError, Qwen3Config
-from ..loader import checkpoint_files, load_weights
+from ..loader import checkpoint_files, checkpoint_prefix, load_weights
 from ..model import Qwen3Graph
 from ..parallel import ParallelContext
+from ..parallel.plan import ShardingError, check_pipeline
 from ..quant.description import QuantConfig
 from ..speculative import (DRAFT_METHODS, METHODS, Speculative, SpeculativeError, check_draft,
                            default_eagle3_layers)
 from . import compat
-from . import cpu_kernels
+from . import cpu_kernels, npu_kernels
 from .attention import ops_attention_backend
 from .options import refusals_from_config
 
@@ -105,6 +108,9 @@ class AscendQwen3Backbone(nn.Module):
         except ConfigError as exc:
             raise ValueError(str(exc)) from None
         self.config = cfg = cfg.with_dtype(mc.dtype)
+        # --runner pooling: vLLM wraps the class (as_embedding_model) and pools the hidden states
+        # this returns; the graph then has no output head (nothing allocated or read for it)
+        self.pooling = check_pooling(vllm_config)
         rank, size = compat.tp_rank_and_size()
         ep = bool(getattr(pc, "enable_expert_parallel", False)) and cfg.is_moe
         dp_rank, dp_size = compat.dp_rank_and_size() if pc.data_parallel_size > 1 else (0, 1)
@@ -116,13 +122,31 @@ class AscendQwen3Backbone(nn.Module):
                                        else None)
         if compat.on_npu() and compat.full_graphs_requested(vllm_config):
             compat.check_full_graph_protocol()    # before any weight is read
+        # pipeline parallel: this rank's stage holds vLLM's share of the layers (get_pp_indices,
+        # as vLLM's own Qwen3 takes it), after the project's check of the size
+        self.pp_rank, self.pp_size = compat.pp_rank_and_size()
+        try:
+            check_pipeline(cfg, self.pp_size)
+        except ShardingError as exc:
+            raise ValueError(f"ascend-qwen3: --pipeline-parallel-size: {exc}") from None
+        stage = compat.pp_stage_layers(cfg.num_layers) if self.pp_size > 1 else None
+        if self.pp_size > 1 and not compat.on_npu():
+            # vLLM's CPU runner would leave a later stage's relay buffer unallocated in eager
+            # mode (cpu_kernels.fix_cpu_pipeline_relay)
+            cpu_kernels.fix_cpu_pipeline_relay()
         check_speculative(vllm_config, cfg)
         self.model_dir = _model_dir(mc, vllm_config.load_config)
         self.files = checkpoint_files(self.model_dir)
+        bare = not checkpoint_prefix(self.files, self.model_dir)   # a clear error before allocating
+        if self.pooling:
+            logger.info("ascend-qwen3: runner pooling: the graph has no output head; checkpoint "
+                        "tensors named %s", "without the model. prefix (a bare Qwen3Model "
+                        "export, as Qwen3-Embedding ships)" if bare else "model.*")
         self.quant = QuantConfig.from_model_dir(self.model_dir, cfg, set(self.files))
-        # on the CPU, vLLM's own kernels implement the ops it has kernels for (cpu_kernels.py);
-        # registered before the graph binds its ops
-        self.engine_kernels = None if compat.on_npu() else cpu_kernels.register()
+        # the engine's own kernels implement the ops they have kernels for: vLLM's on the CPU
+        # (cpu_kernels.py), vllm-ascend's on the NPU (npu_kernels.py); registered before the
+        # graph binds its ops
+        self.engine_kernels = npu_kernels.register() if compat.on_npu() else cpu_kernels.register()
         backend = ops_attention_backend()
         cache_config = vllm_config.cache_config
 
@@ -134,13 +158,15 @@ class AscendQwen3Backbone(nn.Module):
 
         device = vllm_config.device_config.device
         self.graph = Qwen3Graph(cfg, self.ctx, device=device, quant=self.quant,
-                                max_positions=max(mc.max_model_len, 1), attention=attention)
+                                max_positions=max(mc.max_model_len, 1), attention=attention,
+                                head=not self.pooling, layers=stage)
         self.attention_backend = backend
 
     @property
     def embed_tokens(self) -> nn.Module:
         """The token embedding, where vLLM's and vllm-ascend's EAGLE drafters take it
-        (``target.model.embed_tokens``) to share it; called as ``embed_tokens(input_ids)``."""
+        (``target.model.embed_tokens``) to share it; called as ``embed_tokens(input_ids)``
+        (None on a pipeline stage that does not hold it)."""
         return self.graph.embed_tokens
 
     @property
@@ -149,7 +175,34 @@ class AscendQwen3Backbone(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 intermediate_tensors=None, inputs_embeds: torch.Tensor | None = None):
-        return self.graph(input_ids, positions, inputs_embeds=inputs_embeds)
+        """A stage after the first reads the previous stage's ``intermediate_tensors``
+        ("hidden_states", "residual"); a stage before the last returns them for the next one
+        (vLLM's ``IntermediateTensors``), as vLLM's Qwen2Model does."""
+        g = self.graph
+        relay = None if g.is_first_stage else (intermediate_tensors["hidden_states"],
+                                               intermediate_tensors["residual"])
+        out = g(input_ids, positions, inputs_embeds=inputs_embeds, intermediate=relay)
+        if g.is_last_stage:
+            return out
+        return compat.intermediate_tensors({"hidden_states": out[0], "residual": out[1]})
+
+
+def check_pooling(vllm_config) -> bool:
+    """True when the engine pools (``--runner pooling``): vLLM's ``as_embedding_model`` wraps the
+    class (vllm/model_executor/models/adapters.py), calls ``forward`` for the final hidden states
+    and pools them itself, and never asks for logits. Sequence classification (``--convert
+    classify``, e.g. Qwen3-Reranker) is refused: its adapter reads a Hugging Face config object
+    and a vLLM score layer from the model, which the project's class does not have."""
+    if compat.runner_type(vllm_config) != "pooling":
+        return False
+    convert = compat.convert_type(vllm_config)
+    if convert not in ("embed", "none"):
+        raise ValueError(f"ascend-qwen3: --runner pooling with --convert {convert} is not served by "
+                         f"the project's classes (they serve embeddings: --convert embed, the "
+                         f"default for a Qwen3 checkpoint); serve this model with vLLM's built-in "
+                         f"Qwen3 class (without the architecture override or "
+                         f"ASCEND_QWEN3_TAKE_OVER)")
+    return True
 
 
 def _join(*parts: str) -> str:
@@ -165,6 +218,15 @@ def check_speculative(vllm_config, cfg: Qwen3Config) -> None:
     if sc is None or getattr(vllm_config.model_config, "runner", None) == "draft":
         return
     method = getattr(sc, "method", None)
+    pp = getattr(vllm_config.parallel_config, "pipeline_parallel_size", 1)
+    if pp > 1:
+        # vLLM runs the drafter on the last stage only; EAGLE / EAGLE-3 there need the target's
+        # embedding and its auxiliary states relayed from earlier stages, which the project's
+        # classes do not do (vLLM's EagleModelMixin does it for its own models)
+        raise ValueError(f"ascend-qwen3: speculative decoding ({method}) with pipeline parallel "
+                         f"(--pipeline-parallel-size {pp}) is not supported by the project's "
+                         f"classes; serve it with --pipeline-parallel-size 1 (use tensor "
+                         f"parallel to spread the model), or drop --speculative-config")
     device = "npu" if compat.on_npu() else "cpu"
     if method not in METHODS:
         raise ValueError(f"ascend-qwen3: speculative method {method!r} is not served by the "
@@ -241,11 +303,31 @@ class AscendQwen3ForCausalLM(nn.Module):
     supports_eagle3 = True
     has_own_lm_head = False
     has_own_embed_tokens = False
+    # LoRA (vLLM's SupportsLoRA, vllm/model_executor/models/interfaces.py: a runtime-checkable
+    # protocol, so every member is here): adapters on the attention and dense-MLP projections,
+    # none on the embedding or the head (lora.py)
+    supports_lora = True
+    packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"],
+                              "gate_up_proj": ["gate_proj", "up_proj"]}
+    embedding_modules: dict = {}
+    is_3d_moe_weight = False
+    is_non_gated_moe = False
+    lora_skip_prefixes: list = []
+    lora_manager = None
+    # pipeline parallel (vLLM's SupportsPP, vllm/model_executor/models/interfaces.py: the class
+    # must carry supports_pp, make_empty_intermediate_tensors and a forward taking the keyword
+    # intermediate_tensors; the registry checks the class itself, so the factory is a method)
+    supports_pp = True
 
     def __init__(self, *, vllm_config, prefix: str = ""):
         super().__init__()
         self.model = compiled_backbone()(vllm_config=vllm_config, prefix=_join(prefix, "model"))
         self.config, self.ctx, self.quant = self.model.config, self.model.ctx, self.model.quant
+        self.lora_config = getattr(vllm_config, "lora_config", None)
+        if self.lora_config is not None:    # vLLM's LoRA manager on the project's linears
+            from . import lora
+            lora.check_lora_config(self.lora_config, self.config)
+            self.hf_to_vllm_mapper = lora.weights_mapper()   # adapter names -> this tree
         cc = vllm_config.compilation_config
         self._compilation = ("off (eager)" if self.model.do_not_compile else
                              f"torch.compile {getattr(cc.mode, 'name', cc.mode)}, backend "
@@ -256,10 +338,14 @@ class AscendQwen3ForCausalLM(nn.Module):
         # attention runs in vLLM's opaque attention op, outside the compiled backbone)
         ops.compile_kernels(not self.model.do_not_compile)
         cfg = self.config
-        kernels = ops.registered_kernels("cpu") if self.model.engine_kernels else None
-        logger.info("ascend-qwen3 %s: %s, tp %d/%d%s, %s, attention %s, compilation %s, "
+        kernels = (ops.registered_kernels("npu" if compat.on_npu() else "cpu")
+                   if self.model.engine_kernels else None)
+        g = self.model.graph
+        logger.info("ascend-qwen3 %s: %s, tp %d/%d%s%s, %s, attention %s, compilation %s, "
                     "kernels %s", type(self).__name__, cfg.architecture, self.ctx.tp_rank,
                     self.ctx.tp_size, " (expert parallel)" if self.ctx.expert_parallel else "",
+                    f", pp {self.model.pp_rank}/{self.model.pp_size} (layers "
+                    f"{g.start_layer}..{g.end_layer - 1})" if self.model.pp_size > 1 else "",
                     "W8A8 (" + self.quant.model_quant_type + ")" if self.quant else str(cfg.dtype),
                     self.model.attention_backend.__name__, self._compilation,
                     f"{kernels.name} for {', '.join(sorted(kernels.ops))}" if kernels else
@@ -270,6 +356,9 @@ class AscendQwen3ForCausalLM(nn.Module):
     @property
     def lm_head(self) -> SharedLMHead:
         head = self.__dict__.get("_shared_head")
+        if head is None and self.model.pooling:
+            raise AttributeError("ascend-qwen3: a pooling model (--runner pooling) has no output "
+                                 "head; it returns hidden states for vLLM's pooler")
         if head is None:
             head = self.__dict__["_shared_head"] = SharedLMHead(self.model.graph.lm_head)
         return head
@@ -300,17 +389,55 @@ class AscendQwen3ForCausalLM(nn.Module):
                         self._compilation)
         return hidden
 
+    def make_empty_intermediate_tensors(self, batch_size: int, dtype: torch.dtype,
+                                        device: torch.device):
+        """The (zero) tensors a stage after the first receives, for vLLM's dummy and profiling
+        runs: "hidden_states" and "residual", [batch_size, hidden] each (as vLLM's
+        ``make_empty_intermediate_tensors_factory`` makes them)."""
+        shape = (batch_size, self.config.hidden_size)
+        return compat.intermediate_tensors({
+            key: torch.zeros(shape, dtype=dtype, device=device)
+            for key in ("hidden_states", "residual")})
+
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Logits [T, vocab]; vLLM calls it on the last pipeline stage only (the one that holds
+        the head)."""
         return self.model.graph.compute_logits(hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Reads this rank's slices with the project's loader (``weights``, vLLM's iterator over
-        whole tensors, is left unread). Returns every parameter name: all are filled or the
-        loader has raised, naming the tensor."""
+        whole tensors, is left unread). Returns the names of the parameters it filled, every
+        parameter of the backbone (all are filled or the loader has raised, naming the tensor):
+        vLLM's ``DefaultModelLoader`` raises for any other parameter of the model (one a pooling
+        adapter added, say). The loader finds the checkpoint's naming itself ("model." or a bare
+        ``Qwen3Model`` export, as Qwen3-Embedding ships) and, in a pooling model, reads no head.
+
+        The same method serves vLLM's pooling adapters, in place of theirs (``__init_subclass__``)."""
         m = self.model
         load_weights(m.graph, m.model_dir, self.config, self.ctx, self.quant, m.files)
         m.graph.finalize_weights()
-        return {name for name, _ in self.named_parameters()}
+        if self.lora_config is not None:    # after loading: the loader addresses the graph's own layers
+            from . import lora
+            n = lora.install(m.graph, self.config, self.ctx)
+            logger.info("ascend-qwen3 %s: LoRA on %d projections (vLLM's LoRA manager, ops "
+                        "lora_shrink/lora_expand)", type(self).__name__, n)
+        # (vLLM lists the model's parameters after this call: their names once LoRA is installed)
+        return {_join("model", name) for name, _ in m.named_parameters()}
+
+    def __init_subclass__(cls, **kwargs):
+        """vLLM's pooling adapters (``as_embedding_model`` / ``as_seq_cls_model`` build their class
+        with ``_create_pooling_model_cls``, vllm/model_executor/models/adapters.py, 0.23 and 0.32)
+        subclass this class with a ``load_weights`` that finds the checkpoint's naming by taking
+        tensors from vLLM's weight iterator, cloning each, until one's name, bare or under
+        "model.", is a parameter of the model, and then hands all of them on. This class's
+        parameters are named by the project's graph (``model.graph.layers.N.self_attn.qkv_proj``
+        ...), so no name would match: the whole checkpoint would be read and cloned into host
+        memory, to be dropped unread by this class's ``load_weights``, which reads the files
+        itself and finds the naming itself (``loader.checkpoint_prefix``). So the adapter's class
+        gets this class's ``load_weights`` back; its pooler and everything else stay vLLM's."""
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("is_pooling_model") and "load_weights" in cls.__dict__:
+            cls.load_weights = AscendQwen3ForCausalLM.load_weights
 
 
 class AscendQwen3MoeForCausalLM(AscendQwen3ForCausalLM):

@@ -3,8 +3,10 @@
 The project's classes replace parts of vLLM that some engine options configure: the attention
 kernel and its KV cache (``ops.paged_attention`` reads and writes the cache in the model dtype,
 with no k/v scales), the weight loader (the project's loader reads safetensors itself, and finds
-msModelSlim W8A8 checkpoints by their ``quant_model_description.json``), and the parallel layout
-(tensor and expert parallelism only). Without a check, such options would be accepted and then
+msModelSlim W8A8 checkpoints by their ``quant_model_description.json``). (Pipeline parallel is
+served; a pipeline size that does not split the model's layers evenly, without an explicit
+``VLLM_PP_LAYER_PARTITION``, is refused by ``parallel.plan.check_pipeline``, called by the
+launcher and the model class, as it needs the model's layer count.) Without a check, such options would be accepted and then
 ignored, or worse: an fp8 KV cache would be written without the scales vLLM's own kernels apply.
 
 Each ``Refused`` entry names the ``vllm serve`` flag, where vLLM keeps its value in
@@ -44,14 +46,12 @@ REFUSED: tuple[Refused, ...] = (
             "need none)"),
     Refused("--load-format", "load_config.load_format", ("auto", "safetensors"),
             "the project's loader reads the checkpoint's safetensors files itself; remove the flag"),
-    Refused("--pipeline-parallel-size", "parallel_config.pipeline_parallel_size", (1,),
-            "use tensor parallelism (--tensor-parallel-size) instead"),
     Refused("--trust-remote-code", "model_config.trust_remote_code", (False,),
             "the project runs its own Qwen3 graph and never executes code shipped with a "
             "checkpoint; remove the flag", bool_flag=True),
 )
 
-_SHORT = {"-pp": "--pipeline-parallel-size", "-q": "--quantization"}
+_SHORT = {"-q": "--quantization"}
 
 
 def _norm(value):

@@ -3,7 +3,8 @@ class and vLLM's built-in Qwen3 class side by side with the same adapters.
 
 The base is the embedded default model (the trained tiny Qwen3, bf16: what ``make serve``
 serves). The adapters are PEFT LoRA adapters on every projection of attention and MLP, the rank
-of the default model's trained adapter: the trained adapter itself (``serve/train_lora.py``;
+of the default model's trained adapter: the trained adapter itself (``serve/train_lora.py``, its
+``build_default_lora``;
 a random adapter of its shape stands in, and the results say so, while the trained file is not
 there) and, for the four-adapter runs, three more random adapters of the same shape. Configs:
 
@@ -88,12 +89,14 @@ def random_adapter(model: str, path: str, rank: int, seed: int, alpha: int | Non
 
 def adapters(model: str, base: str, log=print) -> dict:
     """Four adapters for ``model``: the trained one first (or a random stand-in of its shape)."""
+    from ascend_qwen3.serve import train_lora
+    from ascend_qwen3.serve.train_tiny import PACKAGED
+
     trained, kind = None, "random"
-    try:
-        from ascend_qwen3.serve import train_lora
-        trained = train_lora.build_default_adapter(os.path.join(base, "trained"), log=log)
+    try:     # the served default model's adapter, for the packaged model the bench serves
+        trained = train_lora.build_default_lora(speculative.home(), base_source=PACKAGED, log=log)
         kind = "trained"
-    except (ImportError, AttributeError, FileNotFoundError) as exc:
+    except (FileNotFoundError, ValueError) as exc:
         log(f"lora: no trained adapter ({exc}): a random adapter stands in")
     if trained:
         with open(os.path.join(trained, "adapter_config.json")) as f:
@@ -114,9 +117,12 @@ def run_engine(job: dict) -> dict:
     from ascend_qwen3.vllm_plugin.engine_run import answer_rate, project_architecture
 
     n = CONFIGS[job["config"]]
+    # eager for every config: vLLM's CPU build runs an engine with LoRA eagerly (its platform
+    # sets the compilation mode to NONE), so the `none` engines are eager too and the cost
+    # measured is LoRA's alone
     kw = dict(model=job["model"], skip_tokenizer_init=True, dtype="bfloat16", seed=0,
               enable_prefix_caching=False, max_model_len=MAX_MODEL_LEN,
-              max_num_seqs=max(job["batches"]))
+              max_num_seqs=max(job["batches"]), enforce_eager=True, disable_log_stats=False)
     if n:
         kw.update(enable_lora=True, max_loras=n, max_lora_rank=max(8, job["rank"]))
     if job["engine"] == "vllm-ours":

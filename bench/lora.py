@@ -31,9 +31,7 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -152,24 +150,8 @@ def run_engine(job: dict) -> dict:
 
 def run_in_subprocess(job: dict, timeout: float = 3600) -> dict:
     """``run_engine`` in a process of its own, with the speculative section's environment."""
-    from ascend_qwen3.deploy.launcher import CPU_MALLOC_ENV
-
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", HF_HUB_OFFLINE="1",
-               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    for k, v in CPU_MALLOC_ENV.items():
-        env.setdefault(k, v)
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "job.json")
-        with open(path, "w") as f:
-            json.dump(job, f)
-        done = subprocess.run([sys.executable, os.path.abspath(__file__), "--job", path], env=env,
-                              capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
-    if done.returncode != 0 or not lines:
-        raise RuntimeError(f"{job['engine']} with {job['config']} failed (exit "
-                           f"{done.returncode}):\n{done.stderr[-4000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return speculative.job_process(os.path.abspath(__file__), job, {},
+                                   f"{job['engine']} with {job['config']}", timeout)
 
 
 def merge(results: list[dict]) -> list[dict]:

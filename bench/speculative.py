@@ -199,30 +199,41 @@ def run_engine(job: dict) -> dict:
 
 
 def run_in_subprocess(job: dict, timeout: float = 3600) -> dict:
-    """``run_engine`` in a process of its own, with decode.run_in_subprocess's environment;
-    ``vllm-ours`` with ASCEND_QWEN3_TAKE_OVER=1 (the draft model on the project's class too),
-    ``vllm-builtin`` without it."""
-    from ascend_qwen3.deploy.launcher import CPU_MALLOC_ENV
+    """``run_engine`` in a process of its own (``job_process``); ``vllm-ours`` with
+    ASCEND_QWEN3_TAKE_OVER=1 (the draft model on the project's class too), ``vllm-builtin``
+    without it."""
     from ascend_qwen3.vllm_plugin import TAKE_OVER_ENV
+
+    env = {TAKE_OVER_ENV: "1" if job["engine"] == "vllm-ours" else None}
+    return job_process(os.path.abspath(__file__), job, env, f"{job['engine']} with "
+                       f"{job['method']}", timeout)
+
+
+def job_process(script: str, job: dict, env_changes: dict, what: str, timeout: float = 3600) -> dict:
+    """Run ``script --job JOB.json`` in a process of its own, with decode.run_in_subprocess's
+    environment (the engine in that process, the CPU server's allocator settings) changed by
+    ``env_changes`` (None: removed), and return the result it prints ("RESULT {...}")."""
+    from ascend_qwen3.deploy.launcher import CPU_MALLOC_ENV
 
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", HF_HUB_OFFLINE="1",
                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     for k, v in CPU_MALLOC_ENV.items():
         env.setdefault(k, v)
-    env.pop(TAKE_OVER_ENV, None)
-    if job["engine"] == "vllm-ours":
-        env[TAKE_OVER_ENV] = "1"
+    for k, v in env_changes.items():
+        if v is None:
+            env.pop(k, None)
+        else:
+            env[k] = v
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "job.json")
         with open(path, "w") as f:
             json.dump(job, f)
-        done = subprocess.run([sys.executable, os.path.abspath(__file__), "--job", path], env=env,
+        done = subprocess.run([sys.executable, script, "--job", path], env=env,
                               capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
-        raise RuntimeError(f"{job['engine']} with {job['method']} failed (exit "
-                           f"{done.returncode}):\n{done.stderr[-4000:]}")
+        raise RuntimeError(f"{what} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
     return json.loads(lines[-1][len("RESULT "):])
 
 

@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import resource
-import statistics
 import sys
 import time
 
@@ -159,19 +158,9 @@ def merge(results: list[dict]) -> list[dict]:
     median of all timed runs, ``round_medians`` each process's median, ``best_round`` the best
     of those, and ``same_as_builtin`` (prompts answered with the tokens vLLM's built-in class
     gives with the same adapters, in the first rounds: bf16, so a near-tie may differ)."""
-    groups: dict[tuple, list[dict]] = {}
-    for res in results:
-        for batch, r in res["batches"].items():
-            groups.setdefault((int(batch), res["config"], res["engine"]), []).append(r)
-    rows = []
-    for (batch, config, engine), rs in groups.items():
-        runs = [x for r in rs for x in r["runs"]]
-        medians = [statistics.median(r["runs"]) for r in rs]
-        rows.append({"batch": batch, "config": config, "engine": engine,
-                     "tokens_per_s": statistics.median(runs), "runs": runs,
-                     "round_medians": medians, "best_round": max(medians),
-                     "tokens": sum(map(len, rs[0]["token_ids"])),
-                     "prompts": len(rs[0]["token_ids"])})
+    groups = speculative.by_batch(results, "config")
+    rows = [{"batch": batch, "config": config, "engine": engine, **speculative.round_stats(rs)}
+            for (batch, config, engine), rs in groups.items()]
     answers = {key: rs[0]["token_ids"] for key, rs in groups.items()}
     for row in rows:
         other = answers.get((row["batch"], row["config"], "vllm-builtin"))

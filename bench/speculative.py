@@ -237,28 +237,39 @@ def job_process(script: str, job: dict, env_changes: dict, what: str, timeout: f
     return json.loads(lines[-1][len("RESULT "):])
 
 
+def by_batch(results: list[dict], kind: str) -> dict[tuple, list[dict]]:
+    """(batch, results' ``kind`` (method, config, ...), engine) -> that batch's result of each of
+    the engine's processes (rounds)."""
+    groups: dict[tuple, list[dict]] = {}
+    for res in results:
+        for batch, r in res["batches"].items():
+            groups.setdefault((int(batch), res[kind], res["engine"]), []).append(r)
+    return groups
+
+
+def round_stats(rs: list[dict]) -> dict:
+    """One engine's rounds at one batch: ``tokens_per_s`` the median of all timed runs, each
+    process's median and the best of those, and the first round's token and prompt counts."""
+    runs = [x for r in rs for x in r["runs"]]
+    medians = [statistics.median(r["runs"]) for r in rs]
+    return {"tokens_per_s": statistics.median(runs), "runs": runs, "round_medians": medians,
+            "best_round": max(medians), "tokens": sum(map(len, rs[0]["token_ids"])),
+            "prompts": len(rs[0]["token_ids"])}
+
+
 def merge(results: list[dict]) -> list[dict]:
     """Per (batch, method, engine), over that engine's processes (rounds): ``tokens_per_s`` the
     median of all timed runs, ``round_medians`` each process's median, ``best_round`` the best
     of those, the acceptance length from the drafts and accepted tokens of all runs, and
     ``same_as_none`` (prompts answered with the very tokens the engine gives without speculation,
     in its first round) and ``same_as_builtin`` (the same against vLLM's built-in class)."""
-    groups: dict[tuple, list[dict]] = {}
-    for res in results:
-        for batch, r in res["batches"].items():
-            groups.setdefault((int(batch), res["method"], res["engine"]), []).append(r)
+    groups = by_batch(results, "method")
     rows = []
     for (batch, method, engine), rs in groups.items():
-        runs = [x for r in rs for x in r["runs"]]
         drafts, accepted = sum(r["drafts"] for r in rs), sum(r["accepted"] for r in rs)
-        medians = [statistics.median(r["runs"]) for r in rs]
-        rows.append({"batch": batch, "method": method, "engine": engine,
-                     "tokens_per_s": statistics.median(runs), "runs": runs,
-                     "round_medians": medians, "best_round": max(medians),
+        rows.append({"batch": batch, "method": method, "engine": engine, **round_stats(rs),
                      "drafts": drafts, "accepted": accepted,
-                     "acceptance_length": 1 + accepted / drafts if drafts else None,
-                     "tokens": sum(map(len, rs[0]["token_ids"])),
-                     "prompts": len(rs[0]["token_ids"])})
+                     "acceptance_length": 1 + accepted / drafts if drafts else None})
     answers = {key: rs[0]["token_ids"] for key, rs in groups.items()}
     for row in rows:
         ids = answers[(row["batch"], row["method"], row["engine"])]

@@ -89,6 +89,19 @@ VLLM_USES: list[Use] = [
     Use("vllm.sequence", "IntermediateTensors", "exists"),
     Use("vllm.model_executor.models.interfaces", "SupportsPP", "attrs",
         ("supports_pp", "make_empty_intermediate_tensors")),
+    # LoRA (lora.py): the project's linears as vLLM LinearBase, its LoRA layer first in vLLM's
+    # list, each token's slot from the punica wrapper; vLLM's CPU punica kernels (cpu_kernels.py)
+    # (0.32 also takes tp_rank / tp_size, passed where the signature has them: lora.py)
+    Use("vllm.model_executor.layers.linear", "LinearBase.__init__", "call",
+        ("input_size", "output_size", "params_dtype", "prefix", "return_bias")),
+    Use("vllm.lora.layers.base", "BaseLayerWithLoRA", "attrs",
+        ("create_lora_weights", "reset_lora", "set_lora", "can_replace_layer")),
+    Use("vllm.lora.utils", "_all_lora_classes"),
+    Use("vllm.lora.punica_wrapper.punica_base", "PunicaWrapperBase", "attrs",
+        ("token_lora_indices",)),
+    Use("vllm.lora.ops.torch_ops.lora_ops", "bgmv_shrink"),
+    Use("vllm.lora.ops.torch_ops.lora_ops", "bgmv_expand_slice"),
+    Use("vllm.model_executor.models.utils", "WeightsMapper"),
     # eager pipeline parallel on the CPU: the relay buffer vLLM's CPU runner leaves unallocated
     # (cpu_kernels.fix_cpu_pipeline_relay wraps the runner's initialize_kv_cache)
     Use("vllm.v1.worker.cpu_model_runner", "CPUModelRunner", "attrs", ("initialize_kv_cache",)),

@@ -43,6 +43,7 @@ attention projections (and the dense MLPs of ``mlp_only_layers``) of a MoE model
 
 from __future__ import annotations
 
+import inspect
 import itertools
 
 import torch
@@ -66,6 +67,9 @@ REFUSED_TARGETS = {"experts": "the MoE experts (the project's experts are not vL
                               "vLLM's CPU LoRA kernels have no MoE path)",
                    "gate": "the MoE router", "lm_head": "the output head",
                    "embed_tokens": "the token embedding"}
+
+
+_LINEAR_TAKES_TP = "tp_rank" in inspect.signature(VllmLinearBase.__init__).parameters
 
 
 class LoRAError(ValueError):
@@ -112,9 +116,12 @@ class ProjectLinear(VllmLinearBase):
     def __init__(self, layer: nn.Module, *, kind: str, ctx, names: list[str],
                  slices: list[tuple[int, int, int]], in_full: int, in_start: int = 0,
                  prefix: str = ""):
+        # vLLM 0.32's LinearBase takes the rank and size; 0.23's (what vllm-ascend 0.23 runs)
+        # reads them from vLLM's TP group itself, the same values: set here either way
+        tp = ({"tp_rank": ctx.tp_rank, "tp_size": ctx.tp_size} if _LINEAR_TAKES_TP else {})
         super().__init__(input_size=in_full, output_size=sum(full for _, _, full in slices),
-                         params_dtype=layer.output_dtype, prefix=prefix, return_bias=False,
-                         tp_rank=ctx.tp_rank, tp_size=ctx.tp_size)
+                         params_dtype=layer.output_dtype, prefix=prefix, return_bias=False, **tp)
+        self.tp_rank, self.tp_size = ctx.tp_rank, ctx.tp_size
         # the project's layer computes and owns its weight: no vLLM linear method (vLLM's
         # process_weights_after_loading then leaves this module alone)
         self.quant_method = None

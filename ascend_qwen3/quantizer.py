@@ -356,9 +356,9 @@ def _quantize_into(work: str, model_dir: str, cfg: Qwen3Config, files: dict, kin
     cache = PagedKVCache.for_tokens(one, sum(map(len, seqs)) + 16 * len(seqs), block_size=16)
     positions, meta = cache.prepare([(r, len(s)) for r, s in enumerate(seqs)])
     ids = torch.tensor([t for s in seqs for t in s])
-    rope = ops.rope_cos_sin(ops.rope_table(ops.rope_cos_sin_cache(
-        cfg.head_dim, int(positions.max()) + 1, cfg.rope_theta, cfg.rope_scaling), torch.float32),
-        positions)
+    rope_cache = ops.rope_cos_sin_cache(cfg.head_dim, int(positions.max()) + 1, cfg.rope_theta,
+                                        cfg.rope_scaling)
+    rope = ops.rope_step(ops.rope_table(rope_cache, torch.float32), rope_cache, positions)
 
     # shard 0: embeddings, final norm, LM head (FLOAT)
     top = ["model.embed_tokens.weight", "model.norm.weight"]

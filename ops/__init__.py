@@ -39,7 +39,8 @@ from types import ModuleType
 
 import torch
 
-from .rope import rope_cos_sin, rope_cos_sin_cache, rope_inv_freq, rope_table  # noqa: F401  (backend independent)
+from .rope import (rope_cos_sin, rope_cos_sin_cache, rope_inv_freq, rope_step,  # noqa: F401
+                   rope_table)                          # (backend independent)
 
 logger = logging.getLogger("ascend_qwen3.ops")
 
@@ -50,10 +51,11 @@ KERNELS_ENV_VAR = "ASCEND_QWEN3_ENGINE_KERNELS"
 OPS = (
     "linear", "prepare_linear_weight",
     "rms_norm", "add_rms_norm", "add_rms_norm_quant", "add_rms_norm_dynamic_quant",
-    "rotary_embedding", "swiglu",
+    "rotary_embedding", "qkv_norm_rope", "swiglu",
     "write_kv_cache", "paged_attention",
     "dynamic_quant", "static_quant", "int8_matmul", "quant_matmul",
-    "moe_gating_topk", "moe_route", "moe_route_quant", "grouped_matmul", "grouped_quant_matmul", "moe_combine",
+    "moe_gating_topk", "moe_route", "moe_route_quant", "grouped_matmul", "grouped_quant_matmul",
+    "grouped_quant_swiglu_quant", "moe_combine",
     "moe_experts", "prepare_moe_experts",
     "prepare_weight", "prepare_grouped_weight", "prepare_static_quant", "prepare_norm_quant",
     "prepare_quant_scale",
@@ -68,7 +70,7 @@ KERNEL_GROUPS = (("write_kv_cache", "paged_attention"), ("prepare_moe_experts", 
 _announced: set[tuple[str, str]] = set()     # (device type, backend) choices logged
 _logged: set[tuple[str, str]] = set()        # (implementation, op) lines written to the ops log
 _kernels: dict[str, "Kernels"] = {}           # device type -> what an engine registered for it
-_bound: dict[tuple[str, str], "Bound"] = {}   # (backend, device type) -> the object bind returns
+_bound: dict[tuple[str, int], "Bound"] = {}   # (backend, id of its module) -> what bind returns
 
 
 def _device_type(device) -> str:
@@ -188,12 +190,16 @@ def bind(device, *names: str):
     docstring) and checks that the backend implements them."""
     module = backend_for(device)
     kind = _device_type(device)
-    kernels = _kernels.get(kind) if module.NAME == kind else None   # never under a forced backend
+    # the kernels registered for the backend's own device type; under a forced backend
+    # (ASCEND_QWEN3_BACKEND: the emulated NPU, whose tensors live on the CPU) those of the
+    # forced backend, never another device type's (meta tensors get none)
+    forced = os.environ.get(ENV_VAR, "").strip().lower() == module.NAME
+    kernels = _kernels.get(module.NAME) if module.NAME == kind or forced else None
     bound = module
     if kernels is not None:
-        bound = _bound.get((module.NAME, kind))
+        bound = _bound.get((module.NAME, id(module)))
         if bound is None:
-            bound = _bound[(module.NAME, kind)] = Bound(module, kernels)
+            bound = _bound[(module.NAME, id(module))] = Bound(module, kernels)
     for name in names:
         if name not in OPS or not hasattr(module, name):
             raise ValueError(f"ops.bind: {name!r} is not an op of the {module.NAME} backend; ops: "
@@ -253,5 +259,5 @@ __all__ = list(OPS) + ["backend_for", "backend_name_for", "bind", "compile_kerne
                        "engine_kernels_enabled", "Bound", "Kernels", "KERNEL_GROUPS",
                        "KERNELS_ENV_VAR",
                        "npu_visible", "rope_cos_sin", "rope_cos_sin_cache", "rope_inv_freq",
-                       "rope_table", "ENV_VAR",
+                       "rope_step", "rope_table", "ENV_VAR",
                        "LOG_ENV_VAR"]

@@ -176,6 +176,28 @@ def rotary_embedding(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: t
     return apply(q), apply(k)
 
 
+def qkv_norm_rope(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,
+                  rope: tuple, num_heads: int, num_kv_heads: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The attention's prologue: split the fused QKV projection, QK-norm q and k, rotate them.
+
+    qkv: [T, (Hq + 2 Hkv) * D], the q | k | v columns of the fused projection; q_weight,
+    k_weight: [D], the QK-norm weights (one per head dim, shared by the heads); rope: the step's
+    rotation as ``ops.rope_step`` makes it, (cos [T, 1, D], sin [T, 1, D], cos_sin_cache [P, D],
+    positions [T]): cos / sin are the cache's rows at the positions with each half repeated, so
+    an implementation may read either form (this one reads cos / sin; a kernel that gathers
+    its own rows reads the cache, vLLM's layout: cos half then sin half).
+    Returns (q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D]): q = rotary_embedding(rms_norm(q's
+    heads, q_weight)), k the same with k_weight, v the v columns (a view of qkv or a copy).
+    """
+    T, D = qkv.shape[0], q_weight.shape[0]
+    q, k, v = qkv.split([num_heads * D, num_kv_heads * D, num_kv_heads * D], dim=-1)
+    q = rms_norm(q.reshape(T, num_heads, D), q_weight, eps)
+    k = rms_norm(k.reshape(T, num_kv_heads, D), k_weight, eps)
+    q, k = rotary_embedding(q, k, rope[0], rope[1])
+    return q, k, v.reshape(T, num_kv_heads, D)
+
+
 # --------------------------------------------------------------------------------------------
 # Activation
 # --------------------------------------------------------------------------------------------
@@ -718,6 +740,22 @@ def grouped_quant_matmul(xq: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor
         out[rows] = quant_matmul(xq[rows], wq[g], scale[g], pertoken_scale[rows], None,
                                  output_dtype)
     return out
+
+
+def grouped_quant_swiglu_quant(xq: torch.Tensor, w13q: torch.Tensor, scale: torch.Tensor,
+                               pertoken_scale: torch.Tensor, group_sizes: torch.Tensor,
+                               output_dtype: torch.dtype = torch.bfloat16
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first half of W8A8_DYNAMIC experts: the gate/up GEMM, SwiGLU and the per-token
+    quantisation of its output for the down GEMM.
+
+    Arguments as ``grouped_quant_matmul`` (w13q [G, K, 2I], scale [G, 2I]). Returns
+    ``dynamic_quant(swiglu(grouped_quant_matmul(xq, w13q, scale, pertoken_scale, group_sizes,
+    output_dtype)))``: (aq [M, I] int8, a_scale [M] fp32). Rows past the last group:
+    unspecified.
+    """
+    h = grouped_quant_matmul(xq, w13q, scale, pertoken_scale, group_sizes, output_dtype)
+    return dynamic_quant(swiglu(h))
 
 
 def moe_combine(expert_out: torch.Tensor, row_of_pair: torch.Tensor, weights: torch.Tensor

@@ -243,6 +243,29 @@ def rotary_embedding(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: t
     return q_out, k_out
 
 
+def qkv_norm_rope(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,
+                  rope: tuple, num_heads: int, num_kv_heads: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``ops.cpu.qkv_norm_rope`` with torch_npu's kernels: ``rms_norm`` (npu_rms_norm) on q's
+    and on k's heads, then ``rotary_embedding`` (npu_apply_rotary_pos_emb) on the step's
+    cos / sin; the split and head reshapes are views, v is returned as a view of qkv.
+    Three kernels. (vllm-ascend runs the whole prologue as one Triton kernel of its own,
+    ``torch.ops.vllm.qkv_rmsnorm_rope``, registered for it by the vLLM plugin where vllm-ascend
+    is installed: ascend_qwen3/vllm_plugin/npu_kernels.py.)
+    Tolerance vs ops.cpu: those of ``rms_norm`` and ``rotary_embedding``.
+    """
+    D = q_weight.shape[0]
+    _check(qkv.dim() == 2 and qkv.shape[1] == (num_heads + 2 * num_kv_heads) * D,
+           "qkv_norm_rope", f"qkv [T, ({num_heads} + 2 x {num_kv_heads}) x {D}]",
+           list(qkv.shape), "pass the fused QKV projection's output")
+    T = qkv.shape[0]
+    q, k, v = qkv.split([num_heads * D, num_kv_heads * D, num_kv_heads * D], dim=-1)
+    q = rms_norm(q.reshape(T, num_heads, D), q_weight, eps)
+    k = rms_norm(k.reshape(T, num_kv_heads, D), k_weight, eps)
+    q, k = rotary_embedding(q, k, rope[0], rope[1])
+    return q, k, v.reshape(T, num_kv_heads, D)
+
+
 # --------------------------------------------------------------------------------------------
 # Activation
 # --------------------------------------------------------------------------------------------
@@ -865,6 +888,20 @@ def grouped_quant_matmul(xq: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor
         [xq.contiguous()], [wq], scale=[s], per_token_scale=[pertoken_scale.reshape(M).float()],
         group_list=gl, group_list_type=gl_type, split_item=2, group_type=0,
         output_dtype=output_dtype)[0]
+
+
+def grouped_quant_swiglu_quant(xq: torch.Tensor, w13q: torch.Tensor, scale: torch.Tensor,
+                               pertoken_scale: torch.Tensor, group_sizes: torch.Tensor,
+                               output_dtype: torch.dtype = torch.bfloat16
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ops.cpu.grouped_quant_swiglu_quant`` with torch_npu's kernels: ``grouped_quant_matmul``
+    (npu_grouped_matmul), ``swiglu`` (npu_swiglu), ``dynamic_quant`` (npu_dynamic_quant): three
+    kernels. (vllm-ascend fuses them into its own ``_C_ascend.grouped_matmul_swiglu_quant_weight_nz``,
+    registered for it by the vLLM plugin where vllm-ascend is installed.)
+    Tolerance vs ops.cpu: those of the three ops (the int8 output may differ by one step where
+    the bf16 rounding of the GEMM's output flips a rounding of the quantisation)."""
+    h = grouped_quant_matmul(xq, w13q, scale, pertoken_scale, group_sizes, output_dtype)
+    return dynamic_quant(swiglu(h))
 
 
 def moe_combine(expert_out: torch.Tensor, row_of_pair: torch.Tensor, weights: torch.Tensor

@@ -8,7 +8,9 @@
   dim) in the model's dtype, as Hugging Face and vLLM apply them (both round cos/sin to the
   activations' dtype).
 - ``rope_cos_sin``: the rows of one step's positions, gathered once per step (one kernel) and
-  shared by every layer's ``ops.rotary_embedding``.
+  shared by every layer's ``ops.rotary_embedding``;
+- ``rope_step``: those rows with the cache itself (in the model dtype) and the positions, what
+  every layer's ``ops.qkv_norm_rope`` takes.
 """
 
 from __future__ import annotations
@@ -77,6 +79,15 @@ def rope_cos_sin(table: torch.Tensor, positions: torch.Tensor
     ``ops.rotary_embedding`` takes (one row per token, broadcast over the heads)."""
     rows = table.index_select(1, positions)                            # [2, T, D]
     return rows[0].unsqueeze(1), rows[1].unsqueeze(1)
+
+
+def rope_step(table: torch.Tensor, cache: torch.Tensor, positions: torch.Tensor) -> tuple:
+    """One step's rotation for ``ops.qkv_norm_rope``, made once per step for every layer:
+    (cos, sin) of ``rope_cos_sin`` (one gather), the model-dtype ``rope_cos_sin_cache`` [P, D]
+    and the positions, for a kernel that gathers its rows itself (nothing is launched for
+    those two)."""
+    cos, sin = rope_cos_sin(table, positions)
+    return cos, sin, cache, positions
 
 
 def rope_cos_sin_cache(head_dim: int, max_positions: int, theta: float,

@@ -773,4 +773,4 @@ def test_emulated_c_ascend_schemas_match_vllm_ascends_lora_calls():
             f"vllm_ascend/lora/lora_ops.py:{call.lineno} calls {kernel} with "
             f"{[ast.unparse(a) for a in call.args]}; the emulated schema is {schema}")
         seen.add(kernel)
-    assert seen == set(c_ascend.SCHEMAS), seen
+    assert seen == {k for k in c_ascend.SCHEMAS if k.startswith("bgmv_")}, seen

@@ -1305,3 +1305,204 @@ def test_emulated_npu_fixture(emulated_npu):
     close(y, cpu.rms_norm(x, torch.ones(32), 1e-6))
     assert emulated_npu.calls.count("npu_rms_norm") == 1
     assert emulated_npu.calls.calls == ["npu_rms_norm"]
+
+
+# ============================================================================================
+# vllm-ascend's own kernels behind the ops (vllm_plugin/npu_kernels.py): the attention's
+# prologue (Triton qkv_rmsnorm_rope), the router (moe_gating_top_k) and the W8A8 experts'
+# first half (grouped_matmul_swiglu_quant_weight_nz); ops.npu's torch_npu path beside them
+# ============================================================================================
+
+def _qkv_inputs(T, hq, hk, d, dtype, max_pos=4096, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    qkv = (torch.randn(T, (hq + 2 * hk) * d, generator=g) * 3).to(dtype)
+    qw = (1 + 0.1 * torch.randn(d, generator=g)).to(dtype)
+    kw = (1 + 0.1 * torch.randn(d, generator=g)).to(dtype)
+    cache = rope_cos_sin_cache(d, max_pos, 1_000_000.0)
+    pos = torch.randint(0, max_pos, (T,), generator=g)
+    return qkv, qw, kw, ops.rope_step(ops.rope_table(cache, dtype), cache.to(dtype), pos)
+
+
+def _qkv_truth(qkv, qw, kw, rope, hq, hk):
+    """The specification in float32: what both bf16 implementations are measured from."""
+    cache, pos = rope[2].float(), rope[3]
+    r32 = ops.rope_step(ops.rope_table(cache, torch.float32), cache, pos)
+    return cpu.qkv_norm_rope(qkv.float(), qw.float(), kw.float(), 1e-6, r32, hq, hk)
+
+
+@pytest.mark.parametrize("T,hq,hk,d", [(1, 8, 2, 128), (37, 4, 4, 128), (5, 2, 1, 64)])
+def test_qkv_norm_rope(be, T, hq, hk, d):
+    """ops.npu: npu_rms_norm on q and k, npu_apply_rotary_pos_emb = ops.cpu (bf16)."""
+    qkv, qw, kw, rope = _qkv_inputs(T, hq, hk, d, torch.bfloat16)
+    got = be.run("qkv_norm_rope", qkv, qw, kw, 1e-6, rope, hq, hk,
+                 expect=("npu_rms_norm", "npu_apply_rotary_pos_emb"))
+    for a, b in zip(got, cpu.qkv_norm_rope(qkv, qw, kw, 1e-6, rope, hq, hk)):
+        close(a, b, torch.bfloat16)
+
+
+@pytest.mark.parametrize("T,hq,hk", [(1, 8, 2), (37, 4, 4), (300, 16, 2)])
+def test_qkv_norm_rope_on_vllm_ascends_triton_kernel(be, T, hq, hk):
+    """npu_kernels' qkv_norm_rope on vllm.qkv_rmsnorm_rope: q and k within 2 bf16 ulps of the
+    specification, and at most twice as far from its float32 result as the specification is
+    (the kernel rounds each product of the rotation to bf16, the specification rotates in
+    float32: measured up to 1.5x); v bit-exact; one kernel, nothing read back."""
+    qkv, qw, kw, rope = _qkv_inputs(T, hq, hk, 128, torch.bfloat16)
+    ref = cpu.qkv_norm_rope(qkv, qw, kw, 1e-6, rope, hq, hk)
+    truth = _qkv_truth(qkv, qw, kw, rope, hq, hk)
+    with _vllm_ascend_kernels(be) as (impl, calls):
+        args = (be.dev(qkv), be.dev(qw), be.dev(kw), 1e-6, be.dev(rope), hq, hk)
+        with _no_host_reads():
+            got = impl.qkv_norm_rope(*args)
+        got = be.host(got)
+        if calls is not None:
+            assert calls.count("vllm.qkv_rmsnorm_rope") == 1 and not calls.rejected
+    for a, b, t in zip(got[:2], ref[:2], truth[:2]):
+        assert a.shape == b.shape and a.dtype == b.dtype == torch.bfloat16
+        close(a, b, torch.bfloat16, rtol=2 ** -7, atol=2 * 2 ** -7 * float(b.float().abs().max()))
+        err_a = float((a.float() - t).abs().max())
+        err_b = float((b.float() - t).abs().max())
+        assert err_a <= 2 * err_b, (err_a, err_b)
+    exact(got[2].contiguous(), ref[2].contiguous())
+
+
+def test_qkv_norm_rope_falls_back_where_the_kernel_cannot(be):
+    """fp32 activations, head_dim 64 (the kernel is taken as vllm-ascend's fusion pass takes
+    it: bf16, head_dim 128): ops.npu runs, equal to it."""
+    with _vllm_ascend_kernels(be) as (impl, calls):
+        for dtype, d in ((torch.float32, 128), (torch.bfloat16, 64)):
+            qkv, qw, kw, rope = _qkv_inputs(5, 4, 2, d, dtype)
+            got = be.host(impl.qkv_norm_rope(be.dev(qkv), be.dev(qw), be.dev(kw), 1e-6,
+                                             be.dev(rope), 4, 2))
+            for a, b in zip(got, be.host(be.npu.qkv_norm_rope(be.dev(qkv), be.dev(qw), be.dev(kw),
+                                                                1e-6, be.dev(rope), 4, 2))):
+                exact(a, b)
+        if calls is not None:
+            assert calls.count("vllm.qkv_rmsnorm_rope") == 0
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("T,E,k", [(1, 128, 8), (300, 128, 8), (9, 16, 2)])
+@pytest.mark.parametrize("renorm", [True, False])
+def test_moe_gating_topk_on_vllm_ascends_kernel(be, dtype, T, E, k, renorm):
+    """npu_kernels' moe_gating_topk on _C_ascend.moe_gating_top_k = ops.cpu: the same experts,
+    weights within one rounding to the logits' dtype (the kernel renormalises in float32 and
+    rounds once, as the specification)."""
+    logits = _distinct_logits(T, E, dtype)
+    w_ref, ids_ref = cpu.moe_gating_topk(logits, k, renorm)
+    with _vllm_ascend_kernels(be) as (impl, calls):
+        dev_logits = be.dev(logits)
+        with _no_host_reads():
+            w, ids = impl.moe_gating_topk(dev_logits, k, renorm)
+        w, ids = be.host((w, ids))
+        if calls is not None:
+            assert calls.count("_C_ascend.moe_gating_top_k") == 1 and not calls.rejected
+    exact(ids, ids_ref)
+    assert w.dtype == w_ref.dtype == dtype
+    close(w, w_ref, dtype, **({"rtol": 1e-6, "atol": 1e-7} if dtype == torch.float32 else
+                              {"rtol": 2 ** -8, "atol": 0}))
+
+
+@pytest.mark.parametrize("sizes", [[0, 40, 3, 0, 57], [12], [1, 0]])
+@pytest.mark.parametrize("past", [0, 7])
+def test_grouped_quant_swiglu_quant(be, sizes, past):
+    """ops.npu (npu_grouped_matmul, npu_swiglu, npu_dynamic_quant) and npu_kernels' adapter on
+    _C_ascend.grouped_matmul_swiglu_quant_weight_nz (after one cumsum) = ops.cpu on the rows of
+    the groups: ops.npu to one int8 step, the fused kernel (no bf16 rounding of the GEMM's
+    output) within one quantisation step of the float32 result, as the specification is.
+    ``past``: rows after the last group (expert parallel), which nobody may read."""
+    K, N = 128, 96
+    M, G = sum(sizes) + past, len(sizes)
+    xq, wq = _int8(M, K), _int8(G, K, N)
+    scale = (torch.rand(G, N) * 1e-3 + 1e-4).bfloat16()
+    pts = torch.rand(M) * 0.02 + 1e-3
+    gs = torch.tensor(sizes, dtype=torch.int64)
+    rows = sum(sizes)
+    ref_q, ref_s = cpu.grouped_quant_swiglu_quant(xq, wq, scale.float(), pts, gs, torch.bfloat16)
+    h = cpu.grouped_quant_matmul(xq, wq, scale.float(), pts, gs, torch.float16)  # no bf16 step
+    truth = cpu.swiglu(h.float())[:rows]
+    w_arg = be.npu.prepare_weight(be.dev(wq))
+    s_arg = be.npu.prepare_expert_scale(be.dev(scale.float()), torch.bfloat16)
+    args = (be.dev(xq), w_arg, s_arg, be.dev(pts), be.dev(gs), torch.bfloat16)
+    with be.expect("npu_grouped_matmul", "npu_swiglu", "npu_dynamic_quant"):
+        q, s = be.host(be.npu.grouped_quant_swiglu_quant(*args))
+    assert (q.float()[:rows] - ref_q.float()[:rows]).abs().max() <= 1
+    close(s[:rows], ref_s[:rows], torch.float32, rtol=1e-5, atol=0)
+    with _vllm_ascend_kernels(be) as (impl, calls):
+        with _no_host_reads():
+            fq, fs = impl.grouped_quant_swiglu_quant(*args)
+        fq, fs = be.host((fq, fs))
+        if calls is not None:
+            assert calls.count("_C_ascend.grouped_matmul_swiglu_quant_weight_nz") == 1
+            assert not calls.rejected
+    assert fq.dtype == torch.int8 and fs.dtype == torch.float32 and fq.shape == (M, N // 2)
+    for qq, ss in ((fq, fs), (ref_q, ref_s)):
+        deq = qq.float()[:rows] * ss[:rows, None]
+        assert bool(((deq - truth).abs() <= ss[:rows, None] * 0.51 + truth.abs() * 8e-3).all())
+
+
+def test_vllm_ascend_kernels_launches(be):
+    """Kernels per call: vllm-ascend's path one for the prologue and the router, two for the
+    experts' first half (the cumsum and the fused kernel); ops.npu's torch_npu path three,
+    three (gating, sum, divide) and three."""
+    if not be.emulated:
+        pytest.skip("launches are counted by the emulator")
+    from tests.npu_emulator.kernels import KernelCounter
+    qkv, qw, kw, rope = _qkv_inputs(8, 4, 2, 128, torch.bfloat16)
+    logits = _distinct_logits(8, 16, torch.bfloat16)
+    xq, wq = _int8(8, 64), _int8(2, 64, 32)
+    scale, pts, gs = torch.rand(2, 32).bfloat16(), torch.rand(8), torch.tensor([5, 3])
+    w_arg = be.npu.prepare_weight(wq)
+
+    def launched(impl):
+        out = []
+        for call in (lambda: impl.qkv_norm_rope(qkv, qw, kw, 1e-6, rope, 4, 2),
+                     lambda: impl.moe_gating_topk(logits, 4, True),
+                     lambda: impl.grouped_quant_swiglu_quant(xq, w_arg, scale, pts, gs)):
+            counter = KernelCounter(be.calls)
+            with counter:
+                call()
+            out.append([name for _, name in counter.kernels])
+        return out
+    with _vllm_ascend_kernels(be) as (impl, _):
+        fused = launched(impl)
+    assert fused == [["vllm.qkv_rmsnorm_rope"], ["_C_ascend.moe_gating_top_k"],
+                     ["aten.cumsum", "_C_ascend.grouped_matmul_swiglu_quant_weight_nz"]], fused
+    assert [len(k) for k in launched(be.npu)] == [3, 3, 3]
+
+
+def test_emulated_moe_and_triton_kernels_fail_as_the_kernels_would(be):
+    """The adapters' and tiling checks of moe_gating_top_k, the op definition's of
+    grouped_matmul_swiglu_quant_weight_nz (an ND weight), and what qkv_rmsnorm_rope relies on
+    unchecked (contiguous bf16 inputs, positions inside the cache)."""
+    if not be.emulated:
+        pytest.skip("the emulator's strictness")
+    from tests.npu_emulator import c_ascend
+    qkv, qw, kw, rope = _qkv_inputs(4, 4, 2, 128, torch.bfloat16, max_pos=64)
+    xq, wq = _int8(8, 64), _int8(2, 64, 32)
+    with c_ascend.installed(be.calls):
+        k, t = torch.ops._C_ascend, torch.ops.vllm
+        gating = lambda x, kk=2: k.moe_gating_top_k(x, kk, 1, 1, 1, 1, 0, False, 1.0, 1e-20, None)
+        nz = be.npu.prepare_weight(wq)
+        cases = [
+            (lambda: gating(torch.randn(2, 3, 4)), "2-D"),
+            (lambda: gating(torch.randn(4, 4096)), "exceeds 2048"),
+            (lambda: gating(torch.randn(4, 16), 17), "k must lie"),
+            (lambda: k.grouped_matmul_swiglu_quant_weight_nz(
+                xq, wq, torch.rand(2, 32), torch.rand(8), torch.tensor([4, 8])), "FRACTAL_NZ"),
+            (lambda: k.grouped_matmul_swiglu_quant_weight_nz(
+                xq, nz, torch.rand(2, 32), torch.rand(8), torch.tensor([4, 8], dtype=torch.int32)),
+             "int64"),
+            (lambda: k.grouped_matmul_swiglu_quant_weight_nz(
+                xq, nz, torch.rand(2, 32), torch.rand(8), torch.tensor([5, 3])), "cumulative"),
+            (lambda: t.qkv_rmsnorm_rope(qkv.float(), rope[2], rope[3], qw, kw, 512, 256, 128, 1e-6),
+             "must be bf16"),
+            (lambda: t.qkv_rmsnorm_rope(qkv.t().contiguous().t(), rope[2], rope[3], qw, kw, 512,
+                                        256, 128, 1e-6), "contiguous"),
+            (lambda: t.qkv_rmsnorm_rope(qkv, rope[2][:2].contiguous(), rope[3], qw, kw, 512, 256,
+                                        128, 1e-6), "below the cache"),
+        ]
+        for call, match in cases:
+            with pytest.raises(NpuEmulatorError, match=match):
+                call()
+        assert len(be.calls.rejected) == len(cases)
+    assert not c_ascend.present()

@@ -58,19 +58,17 @@ class Qwen3Attention(nn.Module):
                                         method=linear_method(quant, prefix + "o_proj"))
         self.q_norm = empty_param(cfg.head_dim, dtype=cfg.dtype, device=device)
         self.k_norm = empty_param(cfg.head_dim, dtype=cfg.dtype, device=device)
-        self.ops = ops.bind(device, "rms_norm", "rotary_embedding")
+        self.ops = ops.bind(device, "qkv_norm_rope")
         self.attn = (PagedAttention(self.scale, device) if attention is None else
                      attention(layer, self.num_heads, self.num_kv_heads, self.head_dim, self.scale))
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                meta: AttentionMetadata | None, kv_cache) -> torch.Tensor:
-        """x [T, hidden]; rope: this step's (cos, sin), ``ops.rope_cos_sin``, made once per step."""
+    def forward(self, x: torch.Tensor, rope: tuple, meta: AttentionMetadata | None,
+                kv_cache) -> torch.Tensor:
+        """x [T, hidden]; rope: this step's rotation, ``ops.rope_step``, made once per step."""
         T = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        # QK-norm: RMSNorm over head_dim of every head, one weight [D] shared by the heads
-        q = self.ops.rms_norm(q.reshape(T, self.num_heads, self.head_dim), self.q_norm, self.eps)
-        k = self.ops.rms_norm(k.reshape(T, self.num_kv_heads, self.head_dim), self.k_norm, self.eps)
-        q, k = self.ops.rotary_embedding(q, k, *rope)       # the norm outputs: rotated in place
-        v = v.reshape(T, self.num_kv_heads, self.head_dim)
+        # split, QK-norm (RMSNorm over head_dim of every head, one weight [D] shared by the
+        # heads) and RoPE: one op, which a platform may run as one kernel
+        q, k, v = self.ops.qkv_norm_rope(self.qkv_proj(x), self.q_norm, self.k_norm, self.eps,
+                                         rope, self.num_heads, self.num_kv_heads)
         out = self.attn(q, k, v, meta, kv_cache)
         return self.o_proj(out.reshape(T, self.q_size))

@@ -31,8 +31,8 @@ class Qwen3DecoderLayer(nn.Module):
                                 device=device, quant=quant, prefix=p + "mlp.")
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None,
-                rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata, kv_cache):
-        """rope: the step's (cos, sin) (``ops.rope_cos_sin``), shared by the layers."""
+                rope: tuple, meta: AttentionMetadata, kv_cache):
+        """rope: the step's rotation (``ops.rope_step``), shared by the layers."""
         if residual is None:
             residual, h = x, self.input_layernorm(x)
         else:   # (a W8A8 qkv_proj gets its input quantised by the norm)

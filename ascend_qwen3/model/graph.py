@@ -80,13 +80,19 @@ class Qwen3Graph(nn.Module):
                                           dtype=cfg.dtype, device=device)
         self.max_positions = max_positions or cfg.max_position_embeddings
         # RoPE rows of every position in the model dtype ([2, P, D]: ops.rope_table); a step
-        # gathers its positions' rows once for all layers
-        table = (torch.empty(2, self.max_positions, cfg.head_dim, dtype=cfg.dtype, device="meta")
-                 if torch.device(device or "cpu").type == "meta" else
-                 ops.rope_table(ops.rope_cos_sin_cache(cfg.head_dim, self.max_positions,
-                                                       cfg.rope_theta, cfg.rope_scaling),
-                                cfg.dtype).to(device))
+        # gathers its positions' rows once for all layers. The same values in vLLM's layout
+        # ([P, D], cos half then sin half: ops.rope_cos_sin_cache in the model dtype) for
+        # kernels that gather their rows themselves (ops.qkv_norm_rope, ops.rope_step)
+        if torch.device(device or "cpu").type == "meta":
+            table = torch.empty(2, self.max_positions, cfg.head_dim, dtype=cfg.dtype, device="meta")
+            cache = torch.empty(self.max_positions, cfg.head_dim, dtype=cfg.dtype, device="meta")
+        else:
+            cache = ops.rope_cos_sin_cache(cfg.head_dim, self.max_positions, cfg.rope_theta,
+                                           cfg.rope_scaling)
+            table = ops.rope_table(cache, cfg.dtype).to(device)
+            cache = cache.to(cfg.dtype).to(device)
         self.register_buffer("rope_table", table, persistent=False)
+        self.register_buffer("rope_cache", cache, persistent=False)
         # EAGLE-3 (a drafter that reads the target's inner states): the residual stream after
         # these many decoder layers (0: the embeddings) is returned beside the final hidden
         # states, in ascending order; empty: forward returns the hidden states alone
@@ -152,7 +158,7 @@ class Qwen3Graph(nn.Module):
                              f"previous stage's (hidden, residual) as intermediate=")
         else:
             h, residual = intermediate
-        rope = ops.rope_cos_sin(self.rope_table, positions)     # once per step, for every layer
+        rope = ops.rope_step(self.rope_table, self.rope_cache, positions)   # once per step
         aux = [h] if 0 in self.aux_layers else []
         for i, kv in enumerate(kv_caches, start=self.start_layer):
             h, residual = self.layers[i](h, residual, rope, meta, kv)

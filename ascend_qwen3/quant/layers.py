@@ -167,7 +167,7 @@ def create_experts(experts: nn.Module, count: int, hidden: int, inter: int, *, d
     """W8A8_DYNAMIC expert weights in grouped layout: int8 w13 [E, H, 2I], w2 [E, I, H] and
     per-channel scales/offsets [E, 2I] and [E, H]."""
     experts.ops = ops.bind(device, "prepare_weight", "prepare_expert_scale", "grouped_quant_matmul",
-                           "dynamic_quant", "swiglu")
+                           "grouped_quant_swiglu_quant")
     experts.w13 = _param(count, hidden, 2 * inter, dtype=torch.int8, device=device)
     experts.w2 = _param(count, inter, hidden, dtype=torch.int8, device=device)
     experts.w13_scale = _param(count, 2 * inter, dtype=torch.float32, device=device)
@@ -177,17 +177,22 @@ def create_experts(experts: nn.Module, count: int, hidden: int, inter: int, *, d
 
 
 def finalize_experts(experts: nn.Module) -> None:
-    experts.w13.data = experts.ops.prepare_weight(experts.w13.data.contiguous())
-    experts.w2.data = experts.ops.prepare_weight(experts.w2.data.contiguous())
-    experts.w13_scale.data = experts.ops.prepare_expert_scale(experts.w13_scale.data, experts.dtype)
-    experts.w2_scale.data = experts.ops.prepare_expert_scale(experts.w2_scale.data, experts.dtype)
+    """The loaded parameters become buffers in the form the ops take them (the tensors the
+    ``prepare_*`` ops return, kept as they are: an NPU weight's storage format travels with
+    the tensor ``prepare_weight`` made)."""
+    prepared = {"w13": experts.ops.prepare_weight(experts.w13.data.contiguous()),
+                "w2": experts.ops.prepare_weight(experts.w2.data.contiguous()),
+                "w13_scale": experts.ops.prepare_expert_scale(experts.w13_scale.data, experts.dtype),
+                "w2_scale": experts.ops.prepare_expert_scale(experts.w2_scale.data, experts.dtype)}
+    for name, tensor in prepared.items():
+        delattr(experts, name)
+        experts.register_buffer(name, tensor, persistent=False)
 
 
 def apply_experts(experts: nn.Module, xq: torch.Tensor, token_scale: torch.Tensor,
                   counts: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """Expert FFN on rows already routed and quantised (``ops.moe_route_quant``)."""
-    h = experts.ops.grouped_quant_matmul(xq, experts.w13, experts.w13_scale, token_scale, counts,
-                                         output_dtype=out_dtype)
-    aq, a_scale = experts.ops.dynamic_quant(experts.ops.swiglu(h))
+    aq, a_scale = experts.ops.grouped_quant_swiglu_quant(xq, experts.w13, experts.w13_scale,
+                                                         token_scale, counts, output_dtype=out_dtype)
     return experts.ops.grouped_quant_matmul(aq, experts.w2, experts.w2_scale, a_scale, counts,
                                             output_dtype=out_dtype)

@@ -39,8 +39,8 @@ NO_KERNEL = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_str
              "_unsafe_view", "alias", "lift_fresh", "sym_size", "sym_stride", "sym_numel",
              "sym_storage_offset", "is_same_size", "resize_", "set_", "_local_scalar_dense",
              "is_nonzero"}
-# emulated torch_npu functions that do host work only (a size query and an allocation)
-HOST_ONLY = {"_npu_fused_infer_attention_score_get_max_workspace"}
+# emulated torch_npu functions that do host work only (a size query and a format query)
+HOST_ONLY = {"_npu_fused_infer_attention_score_get_max_workspace", "get_npu_format"}
 # operators whose own implementation is entered (their insides are seen instead)
 ENTERED_NAMESPACES = ("ascend_qwen3",)
 _COMPOSITE = torch._C.DispatchKey.CompositeImplicitAutograd
@@ -73,6 +73,30 @@ def kernel_name(func) -> str:
     return "h2d_copy" if name == "lift_fresh_copy" else f"aten.{name}"
 
 
+def ring_received(kind: str, parts: list[int], rank: int) -> int:
+    """Bytes one rank receives in a collective run as a ring over ``len(parts)`` ranks, the
+    algorithm HCCL and NCCL use for large messages (the bus-bandwidth factors of
+    https://github.com/NVIDIA/nccl-tests/blob/master/doc/PERFORMANCE.md):
+
+    - "all_reduce": ``parts`` the bytes of each rank's equal tensor; a ring all-reduce is a
+      reduce-scatter then an all-gather: 2 (n - 1) / n of the tensor;
+    - "all_gather": ``parts`` what each rank contributes (equal or not, ``all_gatherv``): every
+      other rank's part, once;
+    - "reduce_scatter": ``parts`` the rows each rank keeps, in bytes (equal or not,
+      ``reduce_scatterv``): in n - 1 steps each rank receives one partial sum of all chunks
+      but one, counted here as the other ranks' parts (exact for equal parts; for unequal ones
+      which chunk a rank skips depends on its place in the ring).
+    """
+    n = len(parts)
+    if n <= 1:
+        return 0
+    if kind == "all_reduce":
+        return 2 * (n - 1) * parts[rank] // n
+    if kind in ("all_gather", "reduce_scatter"):
+        return sum(parts) - parts[rank]
+    raise ValueError(f"ring_received: unknown collective {kind!r}")
+
+
 class KernelMode(TorchDispatchMode):
     """Calls ``launched(name, fn, args, kwargs, result)`` for every kernel launch (module
     docstring): ``fn`` re-runs the kernel (the aten operator, or the emulated torch_npu
@@ -82,15 +106,19 @@ class KernelMode(TorchDispatchMode):
         super().__init__()
         self.log = call_log
         self._entered = 0
+        self.traffic: list[tuple[str, str, int]] = []    # (layer, collective, bytes received)
 
     layer = OUTSIDE             # the decoder layer running (``attach``)
 
     def launched(self, name, fn, args, kwargs, result) -> None:
         raise NotImplementedError
 
-    def collective(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    def collective(self, name: str, tensor: torch.Tensor, received: int = 0) -> torch.Tensor:
         """A collective of the parallel context a test gives the model (one HCCL kernel on
-        the NPU; the emulated single process keeps the tensor, as the test's context does)."""
+        the NPU; the emulated single process keeps the tensor, as the test's context does).
+        ``received``: the bytes this rank receives in it (``ring_received``), kept in
+        ``traffic`` beside the layer that ran it."""
+        self.traffic.append((self.layer, f"collective.{name}", int(received)))
         self.launched(f"collective.{name}", _keep, (tensor,), {}, tensor)
         return tensor
 

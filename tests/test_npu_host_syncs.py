@@ -231,8 +231,8 @@ def test_moe_across_data_parallel_ranks_reads_nothing_back(checkpoint):
         def dp_all_gather(self, x):
             return torch.cat([x, torch.zeros_like(x)])
 
-        def ep_all_reduce(self, x):
-            return x
+        def dp_reduce_scatter(self, x):
+            return x[:x.shape[0] // 2]
 
     ctx = Rank0OfDp2(tp_rank=0, tp_size=1, expert_parallel=True, dp_rank=0, dp_size=2)
     with npu_backend() as emu:

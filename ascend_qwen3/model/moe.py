@@ -21,13 +21,19 @@ back to the host.
 
 Expert parallel across data-parallel ranks (EP = DP x TP, inside a serving engine): each
 data-parallel rank runs its own tokens, so the layer is one op, ``sparse_moe_across_dp``, that
-gathers the tokens of every data-parallel rank (each rank's rows padded with zeros to the step's
-largest count, a host value from the engine: one all-gather of equal shapes), runs the router
-and this rank's experts on all of them, sums the partial outputs over every expert-parallel rank
-(one all-reduce, which also replaces the tensor-parallel one) and keeps this rank's rows. The
-all-gather dispatch is what vllm-ascend uses on Atlas A2 for expert parallel (its
-``AllGather`` MoE communication, ``vllm_ascend/ops/fused_moe``); a data-parallel rank with no
-request runs the engine's dummy batch, so every rank joins every step's collectives.
+gathers the tokens of every data-parallel rank over the data-parallel group (each rank's rows
+padded with zeros to the step's largest count, a host value from the engine; under graphs the
+engine pads every rank to one count already: one all-gather of equal shapes), runs the router
+and this rank's experts on all of them, then sums the partial outputs back: a reduce-scatter
+over the data-parallel group (the ranks of this tensor-parallel index) leaves this rank's own
+rows summed over the data-parallel ranks, and the tensor-parallel all-reduce sums those over
+this rank's tensor-parallel group. That is vllm-ascend's all-gather MoE communication on Atlas
+A2 (``vllm_ascend/ops/fused_moe/prepare_finalize.py``, ``_prepare_with_dp_group`` /
+``_finalize_with_dp_group``: "DP AG -> MoE -> DP RS -> TP AR"), without its second all-gather
+(of the router logits: the router runs here on the gathered rows). Per rank and step it receives
+3.75 rows of hidden state per padded token against 4.75 for one all-reduce of every gathered
+row over the whole expert-parallel group (docs/serving.md has the bytes). A data-parallel rank
+with no request runs the engine's dummy batch, so every rank joins every step's collectives.
 """
 
 from __future__ import annotations
@@ -161,7 +167,8 @@ class Qwen3SparseMoeBlock(nn.Module):
 
     def forward_across_dp(self, x: torch.Tensor) -> torch.Tensor:
         """The inside of ``sparse_moe_across_dp`` (eager): every data-parallel rank's tokens meet
-        this rank's experts; the sum over all expert-parallel ranks; this rank's rows."""
+        this rank's experts; this rank's rows summed over the data-parallel ranks
+        (reduce-scatter), then over the tensor-parallel ones (all-reduce)."""
         ctx, T = self.ctx, x.shape[0]
         counts = ctx.dp_token_counts(T)
         if counts[ctx.dp_rank] != T:
@@ -173,9 +180,8 @@ class Qwen3SparseMoeBlock(nn.Module):
         everyone = ctx.dp_all_gather(x)                                 # [dp x pad, H]
         logits = self.ops.linear(everyone, self.gate)
         weights, ids = self.ops.moe_gating_topk(logits, self.top_k, self.renormalize)
-        out = ctx.ep_all_reduce(self.experts_forward(everyone, weights, ids))
-        start = ctx.dp_rank * pad
-        return out[start:start + T]
+        mine = ctx.dp_reduce_scatter(self.experts_forward(everyone, weights, ids))   # [pad, H]
+        return ctx.all_reduce(mine[:T])
 
     def finalize(self) -> None:
         finalize_float_weight(self, "gate")

@@ -8,7 +8,7 @@ Data parallel (``dp_size`` > 1) exists only inside a serving engine, where each 
 rank runs its own batch on its own tensor-parallel group; with expert parallel the experts are
 spread over all of them (EP = DP x TP, expert-parallel rank = dp_rank x tp_size + tp_rank, the
 order of vLLM's EP group) and the MoE layers exchange tokens across the data-parallel ranks. The
-collectives that needs (``dp_token_counts``, ``dp_all_gather``, ``ep_all_reduce``) run over
+collectives that needs (``dp_token_counts``, ``dp_all_gather``, ``dp_reduce_scatter``) run over
 torch.distributed groups here (``parallel.launch.run_parallel(..., dp=N)`` makes them, for tests)
 and over the engine's groups inside vLLM (``vllm_plugin.model.VllmParallelContext``).
 """
@@ -75,11 +75,13 @@ class ParallelContext:
         dist.all_gather(parts, x.contiguous(), group=self.dp_group)
         return torch.cat(parts)
 
-    def ep_all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum over every expert-parallel rank (all data- and tensor-parallel ranks)."""
-        y = x.float() if x.dtype in (torch.bfloat16, torch.float16) else x.clone()
-        dist.all_reduce(y, group=self.ep_group)
-        return y.to(x.dtype)
+    def dp_reduce_scatter(self, x: torch.Tensor) -> torch.Tensor:
+        """The sum over the data-parallel ranks of equal-shaped [dp x n, ...] tensors, this
+        rank's n rows of it (rank order, ``dp_all_gather``'s inverse)."""
+        y = x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+        out = y.new_empty((y.shape[0] // self.dp_size,) + tuple(y.shape[1:]))
+        dist.reduce_scatter_tensor(out, y.contiguous(), group=self.dp_group)
+        return out.to(x.dtype)
 
     # the collectives themselves, over torch.distributed (a serving engine's context overrides
     # them with its own group's)

@@ -77,11 +77,11 @@ VLLM_USES: list[Use] = [
     Use("vllm.distributed", "tensor_model_parallel_all_gather", "call", ("input_", "dim")),
     # data parallel + expert parallel (model/moe.py through VllmParallelContext)
     Use("vllm.distributed", "get_dp_group", "call"),
-    Use("vllm.distributed", "get_ep_group", "call"),
     Use("vllm.distributed.parallel_state", "GroupCoordinator", "attrs",
-        ("rank_in_group", "world_size", "cpu_group", "all_gather", "all_reduce")),
+        ("rank_in_group", "world_size", "cpu_group", "all_gather", "reduce_scatter")),
     Use("vllm.distributed.parallel_state", "GroupCoordinator.all_gather", "call", ("input_", "dim")),
-    Use("vllm.distributed.parallel_state", "GroupCoordinator.all_reduce", "call", ("input_",)),
+    Use("vllm.distributed.parallel_state", "GroupCoordinator.reduce_scatter", "call",
+        ("input_", "dim")),
     # pipeline parallel (model.py): the stage's rank and size, its layers, the relayed tensors
     Use("vllm.distributed", "get_pp_group", "call"),
     Use("vllm.distributed.utils", "get_pp_indices", "call",
@@ -481,8 +481,11 @@ def cpu_fused_moe(out, x, w13, w2, topk_weights, topk_ids, isa: str) -> None:
 
 # --- data parallel (vllm/distributed/parallel_state.py, vllm/forward_context.py; 0.23 and 0.32) ---
 # vLLM orders its expert-parallel group data-parallel rank major (EP rank = dp_rank x tp_size +
-# tp_rank), as the project's ParallelContext does. Its data-parallel and expert-parallel groups
-# need equal shapes for all_gather (vLLM's CPU communicator has no all_gatherv).
+# tp_rank), as the project's ParallelContext does. The MoE exchange uses equal shapes (an
+# all-gather and a reduce-scatter over the data-parallel group): vLLM's variable-size
+# all_gatherv / reduce_scatterv are implemented by neither vllm-ascend's NPU communicator nor
+# vLLM's CPU one (the base class raises NotImplementedError), and under graphs every rank runs
+# the same padded count anyway.
 
 def dp_rank_and_size() -> tuple[int, int]:
     from vllm.distributed import get_dp_group
@@ -504,10 +507,13 @@ def dp_all_gather(x: torch.Tensor) -> torch.Tensor:
     return get_dp_group().all_gather(x, dim=0)
 
 
-def ep_all_reduce(x: torch.Tensor) -> torch.Tensor:
-    from vllm.distributed import get_ep_group
+def dp_reduce_scatter(x: torch.Tensor) -> torch.Tensor:
+    """Sum over the data-parallel group, this rank's equal share of rows (vllm-ascend's
+    all-gather MoE finalises so: ``vllm_ascend/ops/fused_moe/prepare_finalize.py``
+    ``_finalize_with_dp_group``, 0.23.0 wheel 531-548)."""
+    from vllm.distributed import get_dp_group
 
-    return get_ep_group().all_reduce(x)
+    return get_dp_group().reduce_scatter(x, dim=0)
 
 
 def dp_token_counts() -> list[int] | None:

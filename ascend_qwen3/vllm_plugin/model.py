@@ -67,8 +67,8 @@ class VllmParallelContext(ParallelContext):
     def dp_all_gather(self, x: torch.Tensor) -> torch.Tensor:
         return compat.dp_all_gather(x.contiguous())
 
-    def ep_all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        return compat.ep_all_reduce(x)
+    def dp_reduce_scatter(self, x: torch.Tensor) -> torch.Tensor:
+        return compat.dp_reduce_scatter(x.contiguous())
 
 
 def _model_dir(model_config, load_config) -> str:

@@ -28,7 +28,9 @@ Checked: several decode steps with growing and changing lengths, a uniform batch
 query-1 requests and a mixed batch with a dummy request give the eager engine's hidden states,
 dense and MoE, bf16 and W8A8; the same steps without the update replay the capture's lengths and
 are caught. And the kernels each decoder layer launches in the captured decode graph stay within
-vllm-ascend's own count (``BUDGETS``; the table in docs/serving.md).
+vllm-ascend's own count with its kernels registered behind the ops, and are what they were with
+the registration off (``BUDGETS``, ``TORCH_NPU_COUNTS``; the table in docs/serving.md), data
+parallel included, whose MoE exchange is counted in bytes too (docs/multi-node.md).
 
 Speculative decoding (eagle3, draft_model, ngram: k draft tokens verified per request in one
 target step, each such request scheduled 1 + k tokens), dense and MoE, bf16, W8A8 and
@@ -779,8 +781,8 @@ def counts(names: list[str]) -> tuple[int, int]:
     return len(names) - coll, coll
 
 
-def over_budget(path: str, per_layer: dict[int, list[str]], limit=None) -> list[str]:
-    compute, collectives = limit or budget(path)
+def over_budget(path: str, per_layer: dict[int, list[str]]) -> list[str]:
+    compute, collectives = budget(path)
     problems = []
     for i, names in per_layer.items():
         if i == 0:

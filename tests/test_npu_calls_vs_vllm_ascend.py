@@ -774,3 +774,50 @@ def test_emulated_c_ascend_schemas_match_vllm_ascends_lora_calls():
             f"{[ast.unparse(a) for a in call.args]}; the emulated schema is {schema}")
         seen.add(kernel)
     assert seen == {k for k in c_ascend.SCHEMAS if k.startswith("bgmv_")}, seen
+
+
+# ============================================================================================
+# vllm-ascend's own MoE and Triton kernels: the emulator's schemas against the wheel's callers
+# ============================================================================================
+
+def _wheel_source(path: str) -> str:
+    wheel = _wheel("vllm-ascend==0.23.0", "vllm_ascend-0.23.0-*.whl", "vllm-ascend-0.23")
+    return zipfile.ZipFile(wheel).read(path).decode("utf-8")
+
+
+def test_emulated_schemas_take_vllm_ascends_moe_and_triton_calls():
+    """tests/npu_emulator/c_ascend.py's schemas of moe_gating_top_k and
+    grouped_matmul_swiglu_quant_weight_nz (from csrc/torch_binding.cpp, not in the wheel) take
+    every keyword vllm_ascend/device/device_op.py passes them, its first positional argument
+    where it passes one; the Triton qkv_rmsnorm_rope's schema lists the parameters of the
+    wheel's split_qkv_rmsnorm_rope_impl, in order."""
+    import torch
+
+    from tests.npu_emulator import c_ascend
+
+    src = _wheel_source("vllm_ascend/device/device_op.py")
+    seen = set()
+    for call in ast.walk(ast.parse(src)):
+        name = _dotted(call.func) if isinstance(call, ast.Call) else None
+        if not name or not name.startswith("torch.ops._C_ascend."):
+            continue
+        kernel = name.rsplit(".", 1)[1]
+        if kernel not in ("moe_gating_top_k", "grouped_matmul_swiglu_quant_weight_nz"):
+            continue
+        schema = torch._C.parse_schema(c_ascend.SCHEMAS[kernel])
+        params = [a.name for a in schema.arguments]
+        assert len(call.args) <= 1 and {k.arg for k in call.keywords} <= set(params[len(call.args):]), (
+            f"device_op.py:{call.lineno} calls {kernel} with {ast.unparse(call)}; the emulated "
+            f"schema is {schema}")
+        seen.add(kernel)
+    assert seen == {"moe_gating_top_k", "grouped_matmul_swiglu_quant_weight_nz"}, seen
+
+    src = _wheel_source("vllm_ascend/ops/triton/linearnorm/split_qkv_rmsnorm_rope.py")
+    impl = next(n for n in ast.walk(ast.parse(src))
+                if isinstance(n, ast.FunctionDef) and n.name == "split_qkv_rmsnorm_rope_impl")
+    schema = torch._C.parse_schema(c_ascend.TRITON_SCHEMAS["qkv_rmsnorm_rope"])
+    assert [a.arg for a in impl.args.args] == [a.name for a in schema.arguments]
+    registered = {(kw["op_name"], kw["op_func"]) for call in ast.walk(ast.parse(src))
+                  if isinstance(call, ast.Call) and _dotted(call.func) == "direct_register_custom_op"
+                  for kw in [{k.arg: ast.unparse(k.value) for k in call.keywords}]}
+    assert ("'qkv_rmsnorm_rope'", "split_qkv_rmsnorm_rope_impl") in registered, registered

@@ -349,14 +349,16 @@ def _close(a, b, what):
     return err
 
 
+@pytest.mark.parametrize("engine_kernels", [True, False], ids=["vllm-ascend kernels", "torch_npu"])
 @pytest.mark.parametrize("name", sorted(PATHS))
-def test_replays_equal_eager(monkeypatch, checkpoint, quantized, name):
+def test_replays_equal_eager(monkeypatch, checkpoint, quantized, name, engine_kernels):
     """Growing decode lengths, a changing batch (a request joins, one leaves), a uniform batch
     padded with query-1 dummies, a mixed batch (a prefill chunk with decodes) padded with one
     dummy request: every replay gives the eager engine's hidden states; without the update the
-    same replays reuse the capture's lengths and are caught."""
+    same replays reuse the capture's lengths and are caught. With vllm-ascend's kernels
+    registered behind the ops and without (the torch_npu path, ASCEND_QWEN3_ENGINE_KERNELS=0)."""
     path = _path(checkpoint, quantized, name)
-    with emulated_vllm_ascend(monkeypatch) as (emu, runners):
+    with emulated_vllm_ascend(monkeypatch, engine_kernels) as (emu, runners):
         graph, eager = Runner(emu, path), Runner(emu, path)
         runners.append(graph)
         graph.capture()

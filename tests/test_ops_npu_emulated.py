@@ -906,8 +906,9 @@ def test_lora_on_a_w8a8_linear(be, monkeypatch):
 
 
 def test_lora_registration(be, monkeypatch):
-    """npu_kernels.register() registers the adapters as "vllm-ascend" for NPU devices (what
-    ops.bind hands the graph), and ASCEND_QWEN3_ENGINE_KERNELS=0 turns it off."""
+    """npu_kernels.register() registers the adapters (LoRA, the attention's prologue, the
+    router, the experts' first half) as "vllm-ascend" for NPU devices (what ops.bind hands the
+    graph, and what the ops log names), and ASCEND_QWEN3_ENGINE_KERNELS=0 turns it off."""
     if not be.emulated:
         pytest.skip("registration is checked against the emulated kernels")
     from ascend_qwen3.vllm_plugin import npu_kernels
@@ -916,9 +917,16 @@ def test_lora_registration(be, monkeypatch):
     with _vllm_ascend_kernels(be):
         try:
             assert npu_kernels.register() is True
-            bound = ops.bind("npu", "lora_shrink", "lora_expand", "linear")
+            bound = ops.bind("npu", "lora_shrink", "lora_expand", "linear", "qkv_norm_rope",
+                             "moe_gating_topk", "grouped_quant_swiglu_quant")
             assert bound.IMPL["lora_shrink"] == bound.IMPL["lora_expand"] == "vllm-ascend"
+            assert bound.IMPL["qkv_norm_rope"] == bound.IMPL["moe_gating_topk"] == "vllm-ascend"
+            assert bound.IMPL["grouped_quant_swiglu_quant"] == "vllm-ascend"
             assert bound.IMPL["linear"] == "npu"
+            # under the forced NPU backend (the emulator's CPU tensors) the same registration
+            monkeypatch.setenv(ops.ENV_VAR, "npu")
+            assert ops.bind(None, "qkv_norm_rope").IMPL["qkv_norm_rope"] == "vllm-ascend"
+            monkeypatch.delenv(ops.ENV_VAR)
             monkeypatch.setenv(ops.KERNELS_ENV_VAR, "0")
             assert npu_kernels.register() is False
             assert ops.registered_kernels("npu") is None

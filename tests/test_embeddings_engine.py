@@ -180,7 +180,7 @@ def test_served_by_the_project_graph_without_a_head(servers):
     embedding model, read the bare checkpoint itself (no head), and the launcher left out what
     only generation uses."""
     ran = set().union(*ops_seen(str(servers["work"] / "ops")).values())
-    assert {"paged_attention", "write_kv_cache", "rotary_embedding", "swiglu"} <= ran
+    assert {"paged_attention", "write_kv_cache", "qkv_norm_rope", "swiglu"} <= ran
     log = servers["log"]["ours"].read_text()
     assert "ascend-qwen3 AscendQwen3ForEmbedding" in log, log[-3000:]
     assert ("runner pooling: the graph has no output head; checkpoint tensors named without "

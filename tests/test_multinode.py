@@ -11,7 +11,10 @@ same checkpoint, both engines having served requests (vLLM's per-engine metrics)
 is killed (every process of it, as a machine that dies) and the other node's launcher must exit
 non-zero within PEER_DEADLINE_S, leaving no process behind.
 
-Each case boots two engines (about two minutes on two cores): the two kills share the two boots.
+Each case boots two nodes (an engine each: over a minute on two cores); the two cases' four
+nodes boot at the same time (a boot is mostly one process's imports per node, so two pairs side
+by side take little longer than one), then each case is checked, and one of its nodes killed,
+in turn.
 """
 
 from __future__ import annotations
@@ -44,10 +47,17 @@ PROMPTS = [[5 + i, 17, 300 + 7 * i, 1000 + i, 42][: 2 + i % 4] + [9] * (i % 3) f
 PEER_DEADLINE_S = 60
 
 
+_PORTS: set[int] = set()      # handed out in this module: the two pairs' ports all differ
+
+
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _PORTS:
+            _PORTS.add(port)
+            return port
 
 
 def _checkpoint(tmp, kind: str) -> str:
@@ -170,18 +180,42 @@ def _reference(model: str) -> list[list[int]]:
     return [g.tokens for g in generate(m, PROMPTS, SamplingParams(max_new_tokens=N_NEW))]
 
 
-@pytest.mark.parametrize("kind,extra,killed", [
-    ("dense", [], 1),            # the follower dies: the leader's launcher must exit non-zero
-    ("moe", ["--ep"], 0),        # the leader dies: the follower's launcher must exit non-zero
-])
-def test_two_nodes_serve_and_fail_together(tmp_path, kind, extra, killed):
+# kind -> (launcher arguments, the node killed at the end)
+CASES = {
+    "dense": ([], 1),           # the follower dies: the leader's launcher must exit non-zero
+    "moe": (["--ep"], 0),       # the leader dies: the follower's launcher must exit non-zero
+}
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    """kind -> (its two nodes, ready; the single-process model's tokens): every case's nodes
+    started at once."""
     require_vllm()
-    model = _checkpoint(tmp_path, kind)
-    want = _reference(model)
-    pair = Pair(tmp_path, model, extra)
-    pair.model_name = model
+    out = {}
     try:
-        pair.wait_ready()
+        for kind, (extra, _) in CASES.items():
+            tmp = tmp_path_factory.mktemp(f"two-nodes-{kind}")
+            model = _checkpoint(tmp, kind)
+            pair = Pair(tmp, model, extra)
+            pair.model_name = model
+            out[kind] = (pair, None)
+        for kind, (pair, _) in out.items():       # computed while the nodes boot
+            out[kind] = (pair, _reference(pair.model_name))
+        for pair, _ in out.values():
+            pair.wait_ready()
+        yield out
+    finally:
+        for pair, _ in out.values():
+            pair.stop()
+
+
+@pytest.mark.parametrize("kind", list(CASES))
+def test_two_nodes_serve_and_fail_together(pairs, kind):
+    killed = CASES[kind][1]
+    pair, want = pairs[kind]
+    tmp_path = pair.tmp
+    try:
         with ThreadPoolExecutor(len(PROMPTS)) as ex:
             got = list(ex.map(pair.complete, PROMPTS))
         assert got == want, f"{kind}: greedy tokens differ from the single-process model"

@@ -133,7 +133,6 @@ def engines(models, prompts, tmp_path_factory):
                 "max_tokens": MAX_TOKENS, "sampling": {"ignore_eos": False},
                 "max_model_len": 1024, "engine_args": engine, "metrics": True}
 
-    results = {}
     # vLLM 0.32's CPU platform rebinds kernels at each engine start by scanning every loaded
     # module (vllm/triton_utils/dispatcher.py, _rebind_kernels), which fails once the n-gram
     # proposer has imported numba (llvmlite's _lib_fn_wrapper): one n-gram engine per process,
@@ -143,17 +142,16 @@ def engines(models, prompts, tmp_path_factory):
     tp1 = [job("dense", "none"), job("moe", "none")]
     tp1 += [job(t, m) for tp, t, m in SPEC_RUNS if tp == 1 and m != "ngram"]
     tp1 += [job("w8a8", "none"), job("w8a8", "eagle3"), job("dense", "eagle3-shared-head"),
-            job("dense", "eagle3-compiled", compile=True), job("dense", "ngram")]
-    for r in run_jobs(tp1, str(work / "tp1"), env=take_over):
-        results[r["job"]["key"]] = r
-    # TP 2: each engine's core and workers are processes of their own, so one runner process
-    # holds them all (the n-gram proposer imports numba in its worker, not here); the MoE with
-    # expert parallel where the method allows
+            job("dense", "eagle3-compiled", compile=True)]
+    # TP 2, the MoE with expert parallel where the method allows: each engine's workers are
+    # processes of their own, its core runs in the runner's process like the TP 1 engines'
+    # (tests/vllm_support.py vllm_env), so one runner process holds every engine, the n-gram
+    # engine last
     tp2 = [job(t, m, tp=2, ep=(t == "moe" and m != "draft_model"))
            for tp, t, m in SPEC_RUNS if tp == 2]
-    for r in run_jobs(tp2, str(work / "tp2"), tp=2, env=take_over, timeout=1800):
-        results[r["job"]["key"]] = r
-    return results
+    jobs = tp1 + tp2 + [job("dense", "ngram")]
+    return {r["job"]["key"]: r for r in run_jobs(jobs, str(work / "engines"), tp=2, env=take_over,
+                                                 timeout=2400)}
 
 
 def _same(res, key, ref, prompts, lp_tol=FP32_LP_TOL, tie=FP32_TIE):

@@ -67,11 +67,10 @@ def engines(tmp_path_factory):
         "preempted": dict(base, max_model_len=320,
                           engine_args=dict(args, block_size=32, num_gpu_blocks_override=14)),
     }
-    out = {}
+    jobs["tp2"] = dict(base, tp=2, engine_args=args)
+    # one runner process for the four (the TP 2 engine's workers are processes of their own)
     names = list(jobs)
-    for name, r in zip(names, run_jobs([jobs[n] for n in names], str(work / "tp1"))):
-        out[name] = r
-    out["tp2"] = run_jobs([dict(base, tp=2, engine_args=args)], str(work / "tp2"), tp=2)[0]
+    out = dict(zip(names, run_jobs([jobs[n] for n in names], str(work / "engines"), tp=2)))
     return {"runs": out, "tok": tok, "prompts": prompts}
 
 

@@ -58,7 +58,7 @@ FORCED_LENS = (32, 64, 128, 200, 250, 300, 350, 400)    # 1716 scored positions 
 # disagreements within BF16_FACTOR x the built-in's count + BF16_EVENTS x the positions.
 BF16_FACTOR, BF16_FLOOR, BF16_EVENTS = 1.5, 1e-3, 0.01
 
-ATTN_OPS = {"write_kv_cache", "paged_attention", "rotary_embedding", "rms_norm"}
+ATTN_OPS = {"write_kv_cache", "paged_attention", "qkv_norm_rope", "rms_norm"}
 MOE_OPS = {"moe_gating_topk"}
 # the CPU ops vLLM's kernels implement inside vLLM (ascend_qwen3/vllm_plugin/cpu_kernels.py)
 DENSE_KERNELS = {"write_kv_cache", "paged_attention", "linear", "prepare_linear_weight"}

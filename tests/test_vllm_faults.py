@@ -80,6 +80,7 @@ class Served:
     root: str
     startup_s: float
     children: list = field(default_factory=list)   # psutil.Process of each descendant at start
+    launched: float = 0.0                           # time.perf_counter() when it was started
 
     def log_tail(self, n: int = 6000) -> str:
         try:
@@ -94,6 +95,12 @@ def start_server(work: Path, args: str = "", *, via: str = "make", port: int | N
     ``work/home``) and wait for ``/health``. ``via="make"``: ``make -s serve`` as a user would
     (``args`` is SERVE_ARGS); ``via="cli"``: ``python -m ascend_qwen3.cli serve`` (``args``
     after ``serve``), whose process is the API server itself."""
+    return wait_ready(launch_server(work, args, via=via, port=port, home=home), timeout_s)
+
+
+def launch_server(work: Path, args: str = "", *, via: str = "make", port: int | None = None,
+                  home: Path | None = None) -> Served:
+    """``start_server`` without the wait: the process is started, ``wait_ready`` waits for it."""
     require_vllm()
     work.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
@@ -106,17 +113,24 @@ def start_server(work: Path, args: str = "", *, via: str = "make", port: int | N
         cmd = [sys.executable, "-m", "ascend_qwen3.cli", "serve", "--port", str(port),
                *shlex.split(args)]
     log = work / f"server-{port}-{int(time.time() * 1000)}.log"
-    t0 = time.perf_counter()
+    launched = time.perf_counter()
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-    srv = Served(proc=proc, url=f"http://127.0.0.1:{port}", port=port, home=home, log=log, root=ROOT,
-                 startup_s=0.0)
+    return Served(proc=proc, url=f"http://127.0.0.1:{port}", port=port, home=home, log=log,
+                  root=ROOT, startup_s=0.0, launched=launched)
+
+
+def wait_ready(srv: Served, timeout_s: float = 600) -> Served:
+    """Wait for a launched server's ``/health`` (its start is then ``startup_s``, its processes
+    ``children``); kill it if it exits or takes longer than ``timeout_s`` from its launch."""
+    t0, proc = srv.launched, srv.proc
     try:
         while http_status(srv.url + "/health") != 200:
             if proc.poll() is not None or time.perf_counter() - t0 > timeout_s:
                 raise AssertionError(f"the server did not come up (exit {proc.poll()}, "
-                                     f"{time.perf_counter() - t0:.0f} s); log {log}:\n{srv.log_tail()}")
+                                     f"{time.perf_counter() - t0:.0f} s); log {srv.log}:\n"
+                                     f"{srv.log_tail()}")
             time.sleep(0.5)
     except BaseException:
         kill_group(proc)
@@ -301,11 +315,18 @@ def report(what: str, **figures) -> None:
 # --- 1. a tensor-parallel worker killed ------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def worker_killed(tmp_path_factory):
+def worker_killed(tmp_path_factory, current):
     """Serve at TP=2, start a stream, SIGKILL ``VLLM::Worker_TP1``; observe the server, its
-    other processes and the stream (once, for the tests below)."""
+    other processes and the stream (once, for the tests below). The module's TP=1 server
+    (``Current``) is launched first, to start while this one does."""
     work = tmp_path_factory.mktemp("tp2-kill")
-    srv = start_server(work, "--tp 2 -- --max-model-len 1024 --enforce-eager", via="cli")
+    if current.srv is None:
+        current.launch()
+    port = free_port()
+    while port == current.port:
+        port = free_port()
+    srv = start_server(work, "--tp 2 -- --max-model-len 1024 --enforce-eager", via="cli",
+                       port=port)
     try:
         tree = {p.pid: title(p) for p in srv.children}
         workers = [p for p in srv.children if "Worker_TP1" in title(p)]
@@ -359,18 +380,27 @@ def test_worker_killed_server_exits_nonzero(worker_killed):
 
 class Current:
     """The module's TP=1 server: started once, stopped by the SIGTERM test, started again by
-    the restart test (same port and home: the default model is built once)."""
+    the restart test (same port and home: the default model is built once). The first start
+    overlaps the TP=2 server's (``worker_killed`` launches it first, the SIGTERM test waits for
+    it): two starts side by side on two cores take little longer than one."""
 
     def __init__(self, work: Path):
-        self.work, self.port, self.srv = work, free_port(), None
+        self.work, self.port, self.srv, self.ready = work, free_port(), None, False
+
+    def launch(self) -> None:
+        self.srv = launch_server(self.work, SERVE_ARGS, via="cli", port=self.port,
+                                 home=self.work / "home")
+        self.ready = False
 
     def start(self) -> Served:
-        self.srv = start_server(self.work, SERVE_ARGS, via="cli", port=self.port,
-                                home=self.work / "home")
-        return self.srv
+        self.launch()
+        return self.running()
 
     def running(self) -> Served:
-        if self.srv is None or self.srv.proc.poll() is not None:
+        if self.srv is not None and not self.ready:      # launched: wait for it
+            wait_ready(self.srv)
+            self.ready = True
+        elif self.srv is None or self.srv.proc.poll() is not None:
             self.start()
         return self.srv
 

@@ -46,12 +46,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(tmp_path_factory, name: str, serve_args: str):
+def _launch(tmp_path_factory, name: str, serve_args: str, taken=()) -> dict:
     """Start ``make serve`` (PORT free, the default model built under a temporary home, an API
-    key through a file, as a mounted Kubernetes Secret would give it) with ``serve_args``."""
+    key through a file, as a mounted Kubernetes Secret would give it) with ``serve_args``; not
+    waiting for it (``_ready``)."""
     require_vllm()
     work = tmp_path_factory.mktemp(name)
     port = _free_port()
+    while port in taken:
+        port = _free_port()
     venv = os.path.dirname(os.path.dirname(sys.executable))
     (work / "api-key").write_text(API_KEY + "\n")
     env = dict(os.environ, ASCEND_QWEN3_HOME=str(work / "home"), PYTHONPATH=ROOT,
@@ -62,7 +65,12 @@ def _start(tmp_path_factory, name: str, serve_args: str):
     proc = subprocess.Popen(["make", "-s", "serve", f"VENV={venv}", f"PORT={port}",
                              f"SERVE_ARGS={args}"], cwd=ROOT, env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    return {"url": f"http://127.0.0.1:{port}", "port": port, "work": work, "proc": proc, "log": log}
+
+
+def _ready(server: dict) -> dict:
+    """Wait for a launched server's /health; then its ``openai`` client and tokenizer."""
+    url, work, proc = server["url"], server["work"], server["proc"]
     deadline = time.time() + 600
     while True:
         try:
@@ -81,36 +89,64 @@ def _start(tmp_path_factory, name: str, serve_args: str):
 
     client = OpenAI(base_url=url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
     tok = AutoTokenizer.from_pretrained(str(work / "home" / "default-model"))
-    return {"client": client, "url": url, "tok": tok, "work": work, "proc": proc, "log": log}
+    return dict(server, client=client, tok=tok)
 
 
 def _stop(server):
-    os.killpg(server["proc"].pid, 15)
     try:
+        os.killpg(server["proc"].pid, 15)
         server["proc"].wait(30)
     except subprocess.TimeoutExpired:
         os.killpg(server["proc"].pid, 9)
+    except ProcessLookupError:      # already gone (a start that failed)
+        pass
     server["log"].close()
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """``make serve`` as a user starts it, plus the test-only ForcedTokens processor."""
-    s = _start(tmp_path_factory, "serve", f"-- --max-model-len {MAX_MODEL_LEN} --enforce-eager "
-                                          f"--logits-processors tests.forced_tokens:ForcedTokens")
-    yield s
-    _stop(s)
+def servers(tmp_path_factory):
+    """The module's two servers, started at the same time (a start is a minute of mostly one
+    process's work: two side by side take little longer than one on two cores):
+
+    - "plain": ``make serve`` as a user starts it, plus the test-only ForcedTokens processor;
+    - "eagle3": ``make serve SERVE_ARGS="--speculative eagle3"``: the default model with its
+      trained EAGLE-3 draft (no logits processors: vLLM refuses them with speculation; the
+      budget goes through the draft).
+    """
+    require_vllm()
+    # the set-up step of ``make serve`` once, before two of them run side by side (nothing to
+    # do when ``make test`` has just run it)
+    venv = os.path.dirname(os.path.dirname(sys.executable))
+    subprocess.run(["make", "-s", "setup", f"VENV={venv}"], cwd=ROOT, check=True,
+                   stdout=subprocess.DEVNULL)
+    launched = {}
+    try:
+        launched["plain"] = _launch(tmp_path_factory, "serve", (
+            f"-- --max-model-len {MAX_MODEL_LEN} --enforce-eager "
+            f"--logits-processors tests.forced_tokens:ForcedTokens"))
+        launched["eagle3"] = _launch(tmp_path_factory, "serve-eagle3", (
+            f"--speculative eagle3 -- --max-model-len {MAX_MODEL_LEN} --enforce-eager"),
+            taken={launched["plain"]["port"]})
+        ready = {name: _ready(s) for name, s in launched.items()}
+    except BaseException:
+        for s in launched.values():
+            _stop(s)
+        raise
+    yield ready
+    for s in ready.values():
+        _stop(s)
 
 
 @pytest.fixture(scope="module")
-def spec_server(tmp_path_factory):
-    """``make serve SERVE_ARGS="--speculative eagle3"``: the default model with its trained
-    EAGLE-3 draft (no logits processors: vLLM refuses them with speculation; the budget goes
-    through the draft)."""
-    s = _start(tmp_path_factory, "serve-eagle3", f"--speculative eagle3 -- --max-model-len "
-                                                 f"{MAX_MODEL_LEN} --enforce-eager")
-    yield s
-    _stop(s)
+def server(servers):
+    """``make serve`` as a user starts it, plus the test-only ForcedTokens processor."""
+    return servers["plain"]
+
+
+@pytest.fixture(scope="module")
+def spec_server(servers):
+    """``make serve SERVE_ARGS="--speculative eagle3"``."""
+    return servers["eagle3"]
 
 
 @pytest.fixture(params=["plain", "eagle3"])
@@ -178,7 +214,7 @@ def test_models_lists_the_default(server):
 def test_served_by_the_project_graph(server):
     chat(server, max_tokens=2)
     ran = set().union(*ops_seen(str(server["work"] / "ops")).values())
-    assert {"paged_attention", "write_kv_cache", "rotary_embedding", "swiglu"} <= ran
+    assert {"paged_attention", "write_kv_cache", "qkv_norm_rope", "swiglu"} <= ran
 
 
 def test_chat_completion(server):

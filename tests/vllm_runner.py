@@ -33,9 +33,10 @@ job does up to two things, and its result says which CPU capability PyTorch ran 
   logprob the engine gives the prompt's own token i and the two most likely (id, logprob) pairs
   there.
 
-Jobs with tp 1 run in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0 keeps the engine in-process,
-which the caller sets); tp > 1 needs the multiprocessing executor, and jobs of different world
-sizes may share such a process (each job sets the OpenMP binding for its own ranks).
+The caller sets VLLM_ENABLE_V1_MULTIPROCESSING=0: every job's engine core runs in this process.
+Jobs with tp 1 run here entirely; tp > 1 (or pipeline_parallel_size > 1) starts vLLM's
+multiprocessing executor, one worker process per rank. Jobs of any world sizes may share a
+process, in any order: each job sets the OpenMP binding for its own ranks.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ import time
 
 
 JOB_MARK = "[tests.vllm_runner] job "
+OMP_BIND = "VLLM_CPU_OMP_THREADS_BIND"
+OMP_BIND_AT_START = os.environ.get(OMP_BIND)
 
 
 def run_job(job: dict) -> dict:
@@ -75,10 +78,15 @@ def run_job(job: dict) -> dict:
     if world > 1:
         # one OpenMP thread per rank, round-robin over the cores (vLLM's CPU worker wants exactly
         # one entry per local rank): set per job, so a process may run engines of several world
-        # sizes one after another (the engine core and workers are new processes each time and
-        # read the variable when they start)
+        # sizes one after another (the workers are new processes each time and read the
+        # variable when they start; vLLM's cache of its variables is reset by
+        # cleanup_dist_env_and_memory after each job)
         cores = os.cpu_count() or 1
-        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(r % cores) for r in range(world))
+        os.environ[OMP_BIND] = "|".join(str(r % cores) for r in range(world))
+    elif OMP_BIND_AT_START and "|" not in OMP_BIND_AT_START:
+        os.environ[OMP_BIND] = OMP_BIND_AT_START    # the caller's binding for one rank
+    else:   # vLLM's default for one rank (also after a job of a larger world)
+        os.environ.pop(OMP_BIND, None)
     t0 = time.perf_counter()
     llm = LLM(model=job["model"], skip_tokenizer_init=not job.get("tokenizer"),
               dtype=job.get("dtype", "float32"),

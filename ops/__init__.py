@@ -55,7 +55,7 @@ OPS = (
     "write_kv_cache", "paged_attention",
     "dynamic_quant", "static_quant", "int8_matmul", "quant_matmul",
     "moe_gating_topk", "moe_route", "moe_route_quant", "grouped_matmul", "grouped_quant_matmul",
-    "grouped_quant_swiglu_quant", "moe_combine",
+    "grouped_quant_swiglu_quant", "moe_combine", "ep_dispatch", "ep_combine",
     "moe_experts", "prepare_moe_experts",
     "prepare_weight", "prepare_grouped_weight", "prepare_static_quant", "prepare_norm_quant",
     "prepare_quant_scale",
@@ -65,6 +65,7 @@ OPS = (
 
 # ops whose registered kernels share a data layout of their own: registered all or none
 KERNEL_GROUPS = (("write_kv_cache", "paged_attention"), ("prepare_moe_experts", "moe_experts"),
+                 ("ep_dispatch", "ep_combine"),
                  ("prepare_linear_weight", "linear"))
 
 _announced: set[tuple[str, str]] = set()     # (device type, backend) choices logged

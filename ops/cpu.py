@@ -11,6 +11,8 @@ k experts per token, NB cache blocks, BS block size.
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -623,12 +625,14 @@ def moe_route_quant(x: torch.Tensor, expert_ids: torch.Tensor, num_experts: int
     return xq, row_of_pair, counts, scale
 
 
-def grouped_matmul(x: torch.Tensor, weight, group_sizes: torch.Tensor) -> torch.Tensor:
+def grouped_matmul(x: torch.Tensor, weight, group_sizes: torch.Tensor,
+                   cumulative: bool = False) -> torch.Tensor:
     """Per-group float GEMM over rows sorted by group.
 
     x: [M, K]; weight: [G, K, N] in x.dtype, or what ``prepare_grouped_weight`` made of one;
-    group_sizes: [G] int64 counts summing to at most M. Rows ``offset_g : offset_g +
-    group_sizes[g]`` are multiplied by weight[g]. Returns [M, N] in x.dtype: each output
+    group_sizes: [G] int64 counts summing to at most M (``cumulative``: each group's end row
+    instead, non-decreasing, at most M: what ``ep_dispatch`` returns). Rows ``offset_g :
+    offset_g + group_sizes[g]`` are multiplied by weight[g]. Returns [M, N] in x.dtype: each output
     accumulated in fp32 and rounded once (what ``torch.mm`` and oneDNN's linear do for bf16 /
     fp16 on the CPU, so the weights are used as they are, never converted). Rows past the last
     group are not part of any group: their values are unspecified (zeros here; the NPU kernel
@@ -636,7 +640,7 @@ def grouped_matmul(x: torch.Tensor, weight, group_sizes: torch.Tensor) -> torch.
     """
     n_out = weight[0].shape[0] if isinstance(weight, list) else weight.shape[2]
     out = x.new_zeros(x.shape[0], n_out)
-    for g, rows in _groups(group_sizes, x.shape[0]):
+    for g, rows in _groups(group_sizes, x.shape[0], cumulative):
         w = weight[g]
         if w.is_mkldnn:                  # prepacked [N, K] (prepare_grouped_weight)
             out[rows] = _linear(x[rows], w)
@@ -701,10 +705,15 @@ def _route_experts_combine(be, x, weights, expert_ids, experts, num_experts):
     return be.moe_combine(out, row_of_pair, weights)
 
 
-def _groups(group_sizes: torch.Tensor, m: int):
+def _groups(group_sizes: torch.Tensor, m: int, cumulative: bool = False):
     """(group, its slice of rows) for every non-empty group of rows sorted by group; refuses
-    sizes that add up to more than the ``m`` rows there are."""
+    sizes that add up to more than the ``m`` rows there are. ``cumulative``: ``group_sizes``
+    holds each group's end row (the running sum of the counts) instead of its count."""
     sizes = group_sizes.tolist()
+    if cumulative:
+        if any(b < a for a, b in zip([0] + sizes, sizes)):
+            raise ValueError(f"cumulative group ends must not decrease, got {sizes}")
+        sizes = [b - a for a, b in zip([0] + sizes, sizes)]
     if sum(sizes) > m:
         raise ValueError(f"group sizes sum to {sum(sizes)}, x has only {m} rows")
     start = 0
@@ -727,16 +736,18 @@ def prepare_grouped_weight(weight: torch.Tensor):
 
 def grouped_quant_matmul(xq: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor,
                          pertoken_scale: torch.Tensor, group_sizes: torch.Tensor,
-                         output_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+                         output_dtype: torch.dtype = torch.bfloat16,
+                         cumulative: bool = False) -> torch.Tensor:
     """Per-group int8 GEMM (W8A8_DYNAMIC experts).
 
     xq: [M, K] int8 rows sorted by group; wq: [G, K, N] int8; scale: [G, N] fp32 per-channel weight
-    scale; pertoken_scale: [M] fp32; group_sizes: [G] int64 summing to at most M. For a row m of
+    scale; pertoken_scale: [M] fp32; group_sizes: [G] int64 summing to at most M (``cumulative``:
+    end rows, as in ``grouped_matmul``). For a row m of
     group g: y[m, n] = acc[m, n] * scale[g, n] * pertoken_scale[m], acc the int32 accumulator.
     Rows past the last group: unspecified, as in ``grouped_matmul``.
     """
     out = torch.zeros(xq.shape[0], wq.shape[2], dtype=output_dtype)
-    for g, rows in _groups(group_sizes, xq.shape[0]):
+    for g, rows in _groups(group_sizes, xq.shape[0], cumulative):
         out[rows] = quant_matmul(xq[rows], wq[g], scale[g], pertoken_scale[rows], None,
                                  output_dtype)
     return out
@@ -744,7 +755,8 @@ def grouped_quant_matmul(xq: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor
 
 def grouped_quant_swiglu_quant(xq: torch.Tensor, w13q: torch.Tensor, scale: torch.Tensor,
                                pertoken_scale: torch.Tensor, group_sizes: torch.Tensor,
-                               output_dtype: torch.dtype = torch.bfloat16
+                               output_dtype: torch.dtype = torch.bfloat16,
+                               cumulative: bool = False
                                ) -> tuple[torch.Tensor, torch.Tensor]:
     """The first half of W8A8_DYNAMIC experts: the gate/up GEMM, SwiGLU and the per-token
     quantisation of its output for the down GEMM.
@@ -754,7 +766,8 @@ def grouped_quant_swiglu_quant(xq: torch.Tensor, w13q: torch.Tensor, scale: torc
     output_dtype)))``: (aq [M, I] int8, a_scale [M] fp32). Rows past the last group:
     unspecified.
     """
-    h = grouped_quant_matmul(xq, w13q, scale, pertoken_scale, group_sizes, output_dtype)
+    h = grouped_quant_matmul(xq, w13q, scale, pertoken_scale, group_sizes, output_dtype,
+                             cumulative)
     return dynamic_quant(swiglu(h))
 
 
@@ -770,6 +783,141 @@ def moe_combine(expert_out: torch.Tensor, row_of_pair: torch.Tensor, weights: to
     T, k = weights.shape
     gathered = expert_out.float().index_select(0, row_of_pair.long()).view(T, k, expert_out.shape[-1])
     return (gathered * weights.float().unsqueeze(-1)).sum(dim=1).to(expert_out.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Expert parallel: the token exchange (dispatch to the experts' ranks, combine back)
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ExpertGroup:
+    """The expert-parallel ranks ``ep_dispatch`` / ``ep_combine`` exchange tokens over: this
+    rank's place (``rank`` of ``size``; rank r holds experts r * E / size .. (r + 1) * E / size
+    - 1) and the communicator as each backend names it: ``group``, a torch.distributed group
+    (None: the default one; the CPU backend's), ``hccl_name``, the HCCL communicator's name
+    (the NPU backend's)."""
+
+    rank: int
+    size: int
+    group: Any = None
+    hccl_name: str | None = None
+
+
+@dataclass(frozen=True)
+class Dispatched:
+    """What ``ep_combine`` needs of an ``ep_dispatch`` (its own bookkeeping here: for each
+    received row its source rank, token and slot, -1 past the received rows)."""
+
+    expert_ids: torch.Tensor
+    active: torch.Tensor | None
+    num_experts: int
+    ep: ExpertGroup
+    sources: torch.Tensor          # [A, 3] int64 (rank, token, slot)
+
+
+def _ep_all_gather(t: torch.Tensor, ep: ExpertGroup) -> list[torch.Tensor]:
+    if ep.size == 1:
+        return [t]
+    import torch.distributed as dist
+    parts = [torch.empty_like(t) for _ in range(ep.size)]
+    dist.all_gather(parts, t.contiguous(), group=ep.group)
+    return parts
+
+
+def _check_dispatch(x, expert_ids, active, num_experts, ep) -> int:
+    if not 0 <= ep.rank < ep.size:
+        raise ValueError(f"ep_dispatch: rank {ep.rank} outside the group of {ep.size}")
+    if num_experts % ep.size:
+        raise ValueError(f"ep_dispatch: {num_experts} experts do not divide over {ep.size} "
+                         f"expert-parallel ranks; pick a size that divides them")
+    if x.dim() != 2 or expert_ids.dim() != 2 or expert_ids.shape[0] != x.shape[0]:
+        raise ValueError(f"ep_dispatch: x [BS, H] and expert_ids [BS, k] expected, got "
+                         f"{list(x.shape)} and {list(expert_ids.shape)}")
+    if active is not None and (active.dtype != torch.bool or tuple(active.shape) != (x.shape[0],)):
+        raise ValueError(f"ep_dispatch: active must be a bool [{x.shape[0]}] mask, got "
+                         f"{active.dtype} {list(active.shape)}")
+    if active is not None and bool((active[1:] & ~active[:-1]).any()):
+        raise ValueError("ep_dispatch: the active rows must come first (a prefix of the rows); "
+                         "put the padding rows last")
+    return num_experts // ep.size
+
+
+def ep_dispatch(x: torch.Tensor, expert_ids: torch.Tensor, active: torch.Tensor | None,
+                num_experts: int, ep: ExpertGroup, quantize: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, Dispatched]:
+    """Send every (token, slot) pair to the rank that holds its expert; a collective: every
+    rank of ``ep`` calls it in the same step with the same number of tokens BS.
+
+    x: [BS, H] this rank's tokens; expert_ids: [BS, k] int32 in [0, num_experts) (the router's,
+    distinct within a row); active: [BS] bool, the rows that take part, a prefix (None: all; an
+    inactive row sends nothing and gets an unspecified row from ``ep_combine``: padding);
+    ``quantize``: the rows
+    travel as per-token int8 (``dynamic_quant``: W8A8_DYNAMIC experts).
+    Returns (expand_x [A, H], scale, ends, handle) with A = BS * size * min(E_l, k), E_l =
+    num_experts / size the experts of this rank: the rows this rank's experts received from
+    every rank, grouped by its expert (local 0 first; within one expert in the backend's own
+    order: here source rank, then token, then slot), rows past them unspecified (zeros here);
+    x's dtype, or int8 with ``scale`` [A] fp32 when ``quantize`` (else scale is None); ends
+    [E_l] int64, each local expert's end row (cumulative: ``grouped_matmul(...,
+    cumulative=True)``); handle for ``ep_combine``.
+    Here over torch.distributed (``ep.group``): every rank's tokens are gathered and this
+    rank keeps its pairs (the NPU backend moves only the pairs, with HCCL).
+    """
+    E_l = _check_dispatch(x, expert_ids, active, num_experts, ep)
+    BS, k = expert_ids.shape
+    act = active if active is not None else torch.ones(BS, dtype=torch.bool, device=x.device)
+    xs = _ep_all_gather(x, ep)
+    ids = _ep_all_gather(expert_ids.to(torch.int64), ep)
+    acts = _ep_all_gather(act.to(torch.uint8), ep)
+    lo = ep.rank * E_l
+    picked = []                    # (local expert, source rank, token, slot)
+    for src in range(ep.size):
+        mine = (ids[src] >= lo) & (ids[src] < lo + E_l) & acts[src].bool().unsqueeze(1)
+        t, j = mine.nonzero(as_tuple=True)
+        picked.append(torch.stack([ids[src][t, j] - lo, torch.full_like(t, src), t, j], dim=1))
+    picked = torch.cat(picked)
+    picked = picked[torch.sort(picked[:, 0], stable=True).indices]
+    A = BS * ep.size * min(E_l, k)
+    expand_x = x.new_zeros(A, x.shape[1])
+    sources = torch.full((A, 3), -1, dtype=torch.int64)
+    n = picked.shape[0]
+    if n:
+        expand_x[:n] = torch.stack([xs[int(s)][int(t)] for _, s, t, _ in picked.tolist()])
+        sources[:n] = picked[:, 1:]
+    ends = torch.bincount(picked[:, 0], minlength=E_l).cumsum(0)
+    handle = Dispatched(expert_ids, active, num_experts, ep, sources)
+    if quantize:
+        xq, scale = dynamic_quant(expand_x)
+        return xq, scale, ends, handle
+    return expand_x, None, ends, handle
+
+
+def ep_combine(expert_out: torch.Tensor, weights: torch.Tensor, handle: Dispatched
+               ) -> torch.Tensor:
+    """``ep_dispatch``'s way back: every rank's expert outputs return to the tokens they came
+    from, weighted and summed; a collective of the same ranks.
+
+    expert_out: [A, H] the experts' output for the rows ``ep_dispatch`` gave this rank (rows
+    past them are ignored); weights: [BS, k] the router's weights of this rank's tokens.
+    Returns [BS, H] in expert_out's dtype: out[t] = sum_j weights[t, j] * (the output for pair
+    (t, j)), products and sum in fp32 over j in slot order (as ``moe_combine``), one rounding;
+    the rows of inactive tokens are unspecified (zeros here; the NPU kernel does not write
+    them).
+    Here over torch.distributed: every rank's outputs are gathered and this rank picks its pairs.
+    """
+    ep = handle.ep
+    BS, k = handle.expert_ids.shape
+    outs = _ep_all_gather(expert_out, ep)
+    sources = _ep_all_gather(handle.sources, ep)
+    pairs = expert_out.new_zeros(BS, k, expert_out.shape[1], dtype=torch.float32)
+    for d in range(ep.size):
+        rows = (sources[d][:, 0] == ep.rank).nonzero(as_tuple=True)[0]
+        t, j = sources[d][rows, 1], sources[d][rows, 2]
+        pairs[t, j] = outs[d][rows].float()
+    out = (pairs * weights.float().unsqueeze(-1)).sum(dim=1)
+    if handle.active is not None:
+        out = out.masked_fill(~handle.active.unsqueeze(-1), 0)
+    return out.to(expert_out.dtype)
 
 
 # --------------------------------------------------------------------------------------------

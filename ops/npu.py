@@ -797,8 +797,10 @@ def moe_route_quant(x: torch.Tensor, expert_ids: torch.Tensor, num_experts: int
     return _route("moe_route_quant", x, expert_ids, num_experts, quant_mode=1)
 
 
-def _group_list(op: str, group_sizes: torch.Tensor, groups: int, rows: int) -> tuple[torch.Tensor, int]:
-    """(group_list, group_list_type) for npu_grouped_matmul from per-group counts.
+def _group_list(op: str, group_sizes: torch.Tensor, groups: int, rows: int,
+                cumulative: bool = False) -> tuple[torch.Tensor, int]:
+    """(group_list, group_list_type) for npu_grouped_matmul from per-group counts, or from
+    cumulative end rows (``cumulative``: type 0, the kernel's cumsum mode, as they are).
 
     Counts mode (type 1) is used, except for a single group: the doc forbids a counts list of
     length 1, and a 1-element cumsum (type 0) carries the same number. Checks at most 1024
@@ -809,11 +811,12 @@ def _group_list(op: str, group_sizes: torch.Tensor, groups: int, rows: int) -> t
            f"group_sizes [{groups}] (one count per weight group)", list(group_sizes.shape),
            "pass tokens_per_expert from ops.moe_route")
     _check(groups <= 1024, op, "at most 1024 groups", groups, "shard the experts (expert parallel)")
-    gl = group_sizes.to(torch.int64).contiguous()
-    return gl, (0 if groups == 1 else 1)
+    gl = group_sizes if group_sizes.dtype == torch.int64 else group_sizes.to(torch.int64)
+    return gl.contiguous(), (0 if groups == 1 or cumulative else 1)
 
 
-def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, group_sizes: torch.Tensor) -> torch.Tensor:
+def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, group_sizes: torch.Tensor,
+                   cumulative: bool = False) -> torch.Tensor:
     """Per-group float GEMM with ``torch_npu.npu_grouped_matmul([x], [weight], group_list=,
     group_list_type=1, split_item=2, group_type=0)[0]``.
 
@@ -838,7 +841,7 @@ def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, group_sizes: torch.Ten
     _check(x.shape[1] < 65536 and weight.shape[2] < 65536, "grouped_matmul",
            "K and N < 65536 (inner-axis limit)", list(weight.shape), "split the expert FFN")
     G, N = weight.shape[0], weight.shape[2]
-    gl, gl_type = _group_list("grouped_matmul", group_sizes, G, x.shape[0])
+    gl, gl_type = _group_list("grouped_matmul", group_sizes, G, x.shape[0], cumulative)
     if x.shape[0] == 0:
         return x.new_empty(0, N)
     return torch_npu.npu_grouped_matmul([x.contiguous()], [weight], group_list=gl,
@@ -847,7 +850,8 @@ def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, group_sizes: torch.Ten
 
 def grouped_quant_matmul(xq: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor,
                          pertoken_scale: torch.Tensor, group_sizes: torch.Tensor,
-                         output_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+                         output_dtype: torch.dtype = torch.bfloat16,
+                         cumulative: bool = False) -> torch.Tensor:
     """Per-group W8A8-dynamic GEMM with ``torch_npu.npu_grouped_matmul([xq], [wq], scale=[s],
     per_token_scale=[pts], group_list=, group_list_type=1, split_item=2, group_type=0,
     output_dtype=)[0]``.
@@ -880,7 +884,7 @@ def grouped_quant_matmul(xq: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor
            list(pertoken_scale.shape), "pass the scale returned by ops.dynamic_quant")
     _check(xq.shape[1] < 65536 and N < 65536, "grouped_quant_matmul",
            "K and N < 65536 (inner-axis limit)", list(wq.shape), "split the expert FFN")
-    gl, gl_type = _group_list("grouped_quant_matmul", group_sizes, G, M)
+    gl, gl_type = _group_list("grouped_quant_matmul", group_sizes, G, M, cumulative)
     if M == 0:
         return torch.empty(0, N, dtype=output_dtype, device=xq.device)
     s = prepare_expert_scale(scale, output_dtype)      # no copy when already prepared
@@ -892,7 +896,8 @@ def grouped_quant_matmul(xq: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor
 
 def grouped_quant_swiglu_quant(xq: torch.Tensor, w13q: torch.Tensor, scale: torch.Tensor,
                                pertoken_scale: torch.Tensor, group_sizes: torch.Tensor,
-                               output_dtype: torch.dtype = torch.bfloat16
+                               output_dtype: torch.dtype = torch.bfloat16,
+                               cumulative: bool = False
                                ) -> tuple[torch.Tensor, torch.Tensor]:
     """``ops.cpu.grouped_quant_swiglu_quant`` with torch_npu's kernels: ``grouped_quant_matmul``
     (npu_grouped_matmul), ``swiglu`` (npu_swiglu), ``dynamic_quant`` (npu_dynamic_quant): three
@@ -900,7 +905,8 @@ def grouped_quant_swiglu_quant(xq: torch.Tensor, w13q: torch.Tensor, scale: torc
     registered for it by the vLLM plugin where vllm-ascend is installed.)
     Tolerance vs ops.cpu: those of the three ops (the int8 output may differ by one step where
     the bf16 rounding of the GEMM's output flips a rounding of the quantisation)."""
-    h = grouped_quant_matmul(xq, w13q, scale, pertoken_scale, group_sizes, output_dtype)
+    h = grouped_quant_matmul(xq, w13q, scale, pertoken_scale, group_sizes, output_dtype,
+                             cumulative)
     return dynamic_quant(swiglu(h))
 
 
@@ -938,6 +944,116 @@ def moe_combine(expert_out: torch.Tensor, row_of_pair: torch.Tensor, weights: to
     return torch_npu.npu_moe_token_unpermute(expert_out.contiguous(),
                                              row_of_pair.to(device=expert_out.device, dtype=torch.int32),
                                              probs=weights.contiguous())
+
+
+# --------------------------------------------------------------------------------------------
+# Expert parallel: the token exchange (MC2)
+# --------------------------------------------------------------------------------------------
+
+# Atlas A2 limits of the MC2 kernels (torch_npu-npu_moe_distribute_dispatch_v2.md /
+# _combine_v2.md, "Constraints"): tokens per rank, hidden size, experts per token
+MC2_MAX_TOKENS = 256
+MC2_MAX_HIDDEN = 7168
+MC2_MAX_TOP_K = 16
+MC2_EP_SIZES = (2, 3, 4, 5, 6, 7, 8, 16, 32, 64, 128, 256)
+
+
+@dataclass(frozen=True)
+class Mc2Dispatched:
+    """What ``npu_moe_distribute_combine_v2`` needs of its dispatch (``ep_dispatch``'s handle)."""
+
+    expert_ids: torch.Tensor
+    active: torch.Tensor | None
+    num_experts: int
+    hccl_name: str
+    size: int
+    rank: int
+    assist_info: torch.Tensor
+    recv_counts: torch.Tensor
+    expand_scales: torch.Tensor
+
+
+def ep_dispatch(x: torch.Tensor, expert_ids: torch.Tensor, active: torch.Tensor | None,
+                num_experts: int, ep, quantize: bool = False):
+    """``ops.cpu.ep_dispatch`` with ``torch_npu.npu_moe_distribute_dispatch_v2`` (MC2: the
+    routing, the all-to-all of the pairs and, for ``quantize``, the per-token int8 quantisation
+    in one collective kernel), called as vllm-ascend 0.23 calls it on Atlas A2
+    (``vllm_ascend/ops/fused_moe/token_dispatcher.py``, TokenDispatcherWithMC2): global_bs 0
+    (every rank the same BS) with ``x_active_mask``, expert_token_nums_type 0 (cumulative),
+    no shared experts, no TP domain, quant_mode 0 or 2, over the HCCL communicator
+    ``ep.hccl_name``.
+
+    Kernel doc (torch_npu-npu_moe_distribute_dispatch_v2.md; aclnnMoeDistributeDispatchV2):
+    x [BS, H] bf16/fp16, expert_ids [BS, K] int32 (distinct in a row); returns (expand_x [A, H]
+    with A = BS * ep_world_size * min(local experts, K), rows grouped by local expert, then
+    source rank, then token; dynamic_scales [A] fp32 (quant_mode 2: 1 / (127 / max|x|)),
+    assist_info_for_combine, expert_token_nums [L] int64, ep_recv_counts, tp_recv_counts,
+    expand_scales); rows past the received ones are not written. x_active_mask: bool [BS], a
+    prefix of True; masked rows send nothing. A2: 0 < BS <= 256, H a multiple of 32 up to 7168,
+    K <= 16, experts divisible by the ranks, ep_world_size 2-8, 16, 32, 64, 128 or 256.
+    Marshalling: expert ids to int32 (the router's already are: no kernel). One kernel.
+    Tolerance vs ops.cpu: the rows exact (int8 rows within one step where x / scale lands on a
+    rounding tie: the kernel multiplies by 127 / max, ops.cpu divides by max / 127), the scales
+    within one fp32 ulp; within an expert the row order may differ from ops.cpu's (only
+    ``ep_combine`` reads it).
+    """
+    BS, H = x.shape
+    K = expert_ids.shape[1]
+    _check(isinstance(ep.hccl_name, str) and 0 < len(ep.hccl_name) < 128, "ep_dispatch",
+           "the expert-parallel group's HCCL communicator name (ExpertGroup.hccl_name)",
+           ep.hccl_name, "pass ProcessGroupHCCL.get_hccl_comm_name of the expert-parallel group")
+    _check(x.dtype in _HALF, "ep_dispatch", "x of dtype bfloat16/float16", _dt(x),
+           "run MoE models in bf16 or fp16 on the NPU")
+    _check(0 < BS <= MC2_MAX_TOKENS, "ep_dispatch", f"1 to {MC2_MAX_TOKENS} tokens per rank "
+           "(Atlas A2)", BS, "take the all-gather exchange for larger steps")
+    _check(H % 32 == 0 and H <= MC2_MAX_HIDDEN, "ep_dispatch",
+           f"a hidden size that is a multiple of 32, at most {MC2_MAX_HIDDEN}", H,
+           "take the all-gather exchange")
+    _check(K <= MC2_MAX_TOP_K, "ep_dispatch", f"at most {MC2_MAX_TOP_K} experts per token", K,
+           "take the all-gather exchange")
+    _check(ep.size in MC2_EP_SIZES and num_experts % ep.size == 0, "ep_dispatch",
+           f"an expert-parallel size in {MC2_EP_SIZES} dividing the experts",
+           f"{ep.size} ranks for {num_experts} experts", "take the all-gather exchange")
+    ids = expert_ids if expert_ids.dtype == torch.int32 else expert_ids.to(torch.int32)
+    kwargs = dict(expert_shard_type=0, shared_expert_rank_num=0, quant_mode=2 if quantize else 0,
+                  global_bs=0, expert_token_nums_type=0)
+    if active is not None:
+        kwargs["x_active_mask"] = active
+    (expand_x, dynamic_scales, assist_info, ends, recv_counts, _tp_counts,
+     expand_scales) = torch_npu.npu_moe_distribute_dispatch_v2(
+        x.contiguous(), ids, ep.hccl_name, ep.size, ep.rank, num_experts, **kwargs)[:7]
+    handle = Mc2Dispatched(ids, active, num_experts, ep.hccl_name, ep.size, ep.rank, assist_info,
+                           recv_counts, expand_scales)
+    return expand_x, (dynamic_scales if quantize else None), ends, handle
+
+
+def ep_combine(expert_out: torch.Tensor, weights: torch.Tensor, handle: Mc2Dispatched
+               ) -> torch.Tensor:
+    """``ops.cpu.ep_combine`` with ``torch_npu.npu_moe_distribute_combine_v2``, called as
+    vllm-ascend 0.23 calls it on Atlas A2 (vllm_ascend/ops/fused_moe/token_dispatcher.py, TokenDispatcherWithMC2):
+    the dispatch's assist info, receive counts (as ep_send_counts), expand scales and mask,
+    the router weights as fp32 expert_scales, comm_quant_mode 0.
+
+    Kernel doc (torch_npu-npu_moe_distribute_combine_v2.md; aclnnMoeDistributeCombineV2):
+    x[t] = sum_k expert_scales[t, k] * (the row returned for pair (t, k)), [BS, H] in
+    expand_x's dtype (bf16/fp16); expand_x must keep the dispatch's row order; rows of masked
+    tokens are not written.
+    Marshalling: the weights to fp32 (one kernel for bf16 weights, as vllm-ascend's
+    ``topk_weights.to(torch.float32)``). One kernel plus that cast.
+    Tolerance vs ops.cpu: one ulp of expert_out.dtype (fp32 products and sum over k in order,
+    one rounding, as ops.cpu).
+    """
+    _check(expert_out.dtype in _HALF, "ep_combine", "expert outputs of dtype bfloat16/float16",
+           _dt(expert_out), "run MoE models in bf16 or fp16 on the NPU")
+    h = handle
+    kwargs = dict(expert_shard_type=0, shared_expert_rank_num=0, global_bs=0, comm_quant_mode=0,
+                  expand_scales=h.expand_scales)
+    if h.active is not None:
+        kwargs["x_active_mask"] = h.active
+    scales = weights if weights.dtype == torch.float32 else weights.to(torch.float32)
+    return torch_npu.npu_moe_distribute_combine_v2(
+        expert_out.contiguous(), h.expert_ids, h.assist_info, h.recv_counts, scales,
+        h.hccl_name, h.size, h.rank, h.num_experts, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1212,4 +1328,78 @@ NPU_CALL_DIFFERENCES: dict[str, str] = {
         "(vllm_ascend/quantization/methods/w8a8_static.py get_perchannel_param). Accepted risk: "
         "ours repacks an fp32 scale, not known to equal msModelSlim's int64 bit for bit; comparing "
         "both scales, or both outputs on an A2, settles it."),
+    'npu_moe_distribute_dispatch_v2.group_tp': (
+        "Only on A3 / A5: vllm-ascend's TokenDispatcherWithMC2 adds group_tp, tp_world_size and "
+        'tp_rank_id (and tp_send_counts to the combine) when need_extra_args, i.e. the device is '
+        'A3 or A5 (vllm_ascend/ops/fused_moe/token_dispatcher.py, __init__ and '
+        'get_dispatch_mc2_kwargs / get_combine_mc_kwargs). On Atlas A2 it passes none of them, as '
+        'ours: A2 has no TP domain in MC2 (torch_npu-npu_moe_distribute_dispatch_v2.md: '
+        'tp_world_size 0 or 1, default 0).'),
+    'npu_moe_distribute_dispatch_v2.tp_world_size': (
+        "Only on A3 / A5: vllm-ascend's TokenDispatcherWithMC2 adds group_tp, tp_world_size and "
+        'tp_rank_id (and tp_send_counts to the combine) when need_extra_args, i.e. the device is '
+        'A3 or A5 (vllm_ascend/ops/fused_moe/token_dispatcher.py, __init__ and '
+        'get_dispatch_mc2_kwargs / get_combine_mc_kwargs). On Atlas A2 it passes none of them, as '
+        'ours: A2 has no TP domain in MC2 (torch_npu-npu_moe_distribute_dispatch_v2.md: '
+        'tp_world_size 0 or 1, default 0).'),
+    'npu_moe_distribute_dispatch_v2.tp_rank_id': (
+        "Only on A3 / A5: vllm-ascend's TokenDispatcherWithMC2 adds group_tp, tp_world_size and "
+        'tp_rank_id (and tp_send_counts to the combine) when need_extra_args, i.e. the device is '
+        'A3 or A5 (vllm_ascend/ops/fused_moe/token_dispatcher.py, __init__ and '
+        'get_dispatch_mc2_kwargs / get_combine_mc_kwargs). On Atlas A2 it passes none of them, as '
+        'ours: A2 has no TP domain in MC2 (torch_npu-npu_moe_distribute_dispatch_v2.md: '
+        'tp_world_size 0 or 1, default 0).'),
+    'npu_moe_distribute_combine_v2.group_tp': (
+        "Only on A3 / A5: vllm-ascend's TokenDispatcherWithMC2 adds group_tp, tp_world_size and "
+        'tp_rank_id (and tp_send_counts to the combine) when need_extra_args, i.e. the device is '
+        'A3 or A5 (vllm_ascend/ops/fused_moe/token_dispatcher.py, __init__ and '
+        'get_dispatch_mc2_kwargs / get_combine_mc_kwargs). On Atlas A2 it passes none of them, as '
+        'ours: A2 has no TP domain in MC2 (torch_npu-npu_moe_distribute_dispatch_v2.md: '
+        'tp_world_size 0 or 1, default 0).'),
+    'npu_moe_distribute_combine_v2.tp_world_size': (
+        "Only on A3 / A5: vllm-ascend's TokenDispatcherWithMC2 adds group_tp, tp_world_size and "
+        'tp_rank_id (and tp_send_counts to the combine) when need_extra_args, i.e. the device is '
+        'A3 or A5 (vllm_ascend/ops/fused_moe/token_dispatcher.py, __init__ and '
+        'get_dispatch_mc2_kwargs / get_combine_mc_kwargs). On Atlas A2 it passes none of them, as '
+        'ours: A2 has no TP domain in MC2 (torch_npu-npu_moe_distribute_dispatch_v2.md: '
+        'tp_world_size 0 or 1, default 0).'),
+    'npu_moe_distribute_combine_v2.tp_rank_id': (
+        "Only on A3 / A5: vllm-ascend's TokenDispatcherWithMC2 adds group_tp, tp_world_size and "
+        'tp_rank_id (and tp_send_counts to the combine) when need_extra_args, i.e. the device is '
+        'A3 or A5 (vllm_ascend/ops/fused_moe/token_dispatcher.py, __init__ and '
+        'get_dispatch_mc2_kwargs / get_combine_mc_kwargs). On Atlas A2 it passes none of them, as '
+        'ours: A2 has no TP domain in MC2 (torch_npu-npu_moe_distribute_dispatch_v2.md: '
+        'tp_world_size 0 or 1, default 0).'),
+    'npu_moe_distribute_combine_v2.tp_send_counts': (
+        "Only on A3 / A5: vllm-ascend's TokenDispatcherWithMC2 adds group_tp, tp_world_size and "
+        'tp_rank_id (and tp_send_counts to the combine) when need_extra_args, i.e. the device is '
+        'A3 or A5 (vllm_ascend/ops/fused_moe/token_dispatcher.py, __init__ and '
+        'get_dispatch_mc2_kwargs / get_combine_mc_kwargs). On Atlas A2 it passes none of them, as '
+        'ours: A2 has no TP domain in MC2 (torch_npu-npu_moe_distribute_dispatch_v2.md: '
+        'tp_world_size 0 or 1, default 0).'),
+    'npu_moe_distribute_dispatch_v2.comm_alg': (
+        'Only with hierarchical communication: vllm-ascend passes comm_alg="hierarchy" when '
+        'ascend_config.enable_mc2_hierarchy_comm is set (vllm_ascend/ops/fused_moe/token_dispatcher.py, need_comm_alg); off '
+        'by default, and ours runs the default full-mesh algorithm, as vllm-ascend does without '
+        'it (comm_alg "").'),
+    'npu_moe_distribute_combine_v2.comm_alg': (
+        'Only with hierarchical communication: vllm-ascend passes comm_alg="hierarchy" when '
+        'ascend_config.enable_mc2_hierarchy_comm is set (vllm_ascend/ops/fused_moe/token_dispatcher.py, need_comm_alg); off '
+        'by default, and ours runs the default full-mesh algorithm, as vllm-ascend does without '
+        'it (comm_alg "").'),
+    'npu_moe_distribute_dispatch_v2.expert_scales': (
+        'vllm-ascend passes the router weights to the dispatch only with hierarchical '
+        'communication or on A5 (vllm_ascend/ops/fused_moe/token_dispatcher.py, need_expert_scale / a5_need_extra_args); '
+        'the full-mesh A2 dispatch does not read them (the weights go to the combine, as ours).'),
+    'npu_moe_distribute_dispatch_v2.y_dtype': (
+        'Only on A5 with MXFP / FP8 dispatch quantisation (vllm_ascend/ops/fused_moe/token_dispatcher.py, '
+        "a5_need_extra_args); not on A2, not for Qwen3's bf16 or W8A8_DYNAMIC experts."),
+    'npu_moe_distribute_dispatch_v2.scales': (
+        'vllm-ascend passes scales=None explicitly (vllm_ascend/ops/fused_moe/token_dispatcher.py get_dispatch_mc2_kwargs, '
+        'no smoothing scales); ours leaves the documented default None: the same call.'),
+    'npu_moe_distribute_combine_v2.expand_idx': (
+        'vllm-ascend passes expand_idx only to the v1 kernel, npu_moe_distribute_combine, when '
+        'torch_npu lacks dispatch_v2 (vllm_ascend/ops/fused_moe/token_dispatcher.py get_combine_mc_kwargs: '
+        'enable_dispatch_v2); the v2 kernel ours calls takes assist_info_for_combine instead, '
+        'which ours passes, as vllm-ascend does with v2.'),
 }

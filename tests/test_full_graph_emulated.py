@@ -66,8 +66,9 @@ from ascend_qwen3.loader import load_model
 from ascend_qwen3.parallel import ParallelContext
 from ascend_qwen3.vllm_plugin import attention as plugin_attention
 from ascend_qwen3.vllm_plugin import compat, npu_kernels
-from tests.npu_emulator import c_ascend
-from tests.npu_emulator.kernels import OUTSIDE, KernelCounter, attach, ring_received
+from tests.npu_emulator import c_ascend, mc2
+from tests.npu_emulator.kernels import (OUTSIDE, KernelCounter, attach, is_collective,
+                                        ring_received)
 from tests.test_graph_npu_emulated import npu_backend
 
 BS = 128            # the KV block size of the NPU profiles
@@ -662,11 +663,15 @@ BUDGETS = {
     "EP MoE bf16, TP=2": (18, 2),
     "EP MoE bf16, TP=4": (18, 2),
     "EP MoE W8A8_DYNAMIC, TP=2": (20, 2),
-    # data parallel x TP with expert parallel across both: vllm-ascend's all-gather MoE
-    # communication (its path for steps above the MC2 token capacity and for EP < 16; at EP 16
-    # its decode takes MC2, 13 + 4, which the project does not match: docs/serving.md)
-    "DP 2 x TP 8 + EP, MoE bf16": (18, 5),
-    "DP 2 x TP 8 + EP, MoE W8A8_DYNAMIC": (19, 5),
+    # data parallel x TP with expert parallel across both (EP 16): decode steps within the MC2
+    # capacity dispatch and combine (vllm-ascend's MC2: its dispatch, combine and TP all-gather
+    # beside attention's all-reduce); larger steps, and EP < 16, take the all-gather MoE
+    # communication ("all-gather": DP all-gathers of hidden states and logits, DP
+    # reduce-scatter, TP all-reduce)
+    "DP 2 x TP 8 + EP, MoE bf16": (13, 4),
+    "DP 2 x TP 8 + EP, MoE W8A8_DYNAMIC": (13, 4),
+    "DP 2 x TP 8 + EP, MoE bf16, all-gather": (18, 5),
+    "DP 2 x TP 8 + EP, MoE W8A8_DYNAMIC, all-gather": (19, 5),
 }
 # the same graphs with the registration off (ASCEND_QWEN3_ENGINE_KERNELS=0: torch_npu alone),
 # what they launched before vllm-ascend's kernels were registered (docs/serving.md, the
@@ -680,9 +685,11 @@ TORCH_NPU_COUNTS = {
     "EP MoE bf16, TP=2": (23, 2),
     "EP MoE bf16, TP=4": (23, 2),
     "EP MoE W8A8_DYNAMIC, TP=2": (25, 2),
-    # (the data-parallel exchange is the reduce-scatter one since the budget was set for it)
-    "DP 2 x TP 8 + EP, MoE bf16": (23, 4),
-    "DP 2 x TP 8 + EP, MoE W8A8_DYNAMIC": (25, 4),
+    # (the data-parallel exchanges are new with the budget set for them)
+    "DP 2 x TP 8 + EP, MoE bf16": (18, 4),
+    "DP 2 x TP 8 + EP, MoE W8A8_DYNAMIC": (20, 4),
+    "DP 2 x TP 8 + EP, MoE bf16, all-gather": (23, 4),
+    "DP 2 x TP 8 + EP, MoE W8A8_DYNAMIC, all-gather": (25, 4),
 }
 
 
@@ -720,7 +727,17 @@ class CountingDpRank(CountingRank):
     """Rank 0 of data parallel x TP with expert parallel across both (EP = DP x TP) in one
     process: the other data-parallel ranks run as many tokens (the engine pads them to one
     count under graphs), their rows stood in by copies of this rank's; each collective is
-    recorded with the bytes this rank would receive."""
+    recorded with the bytes this rank would receive. With ``dispatch_capacity`` set the MoE
+    exchange is MC2's, over the emulator's stand-in communicator ``STAND_IN`` (the other ranks
+    send what this one sends; ``mc2.StandInRanks``)."""
+
+    def all_gather_rows(self, x):
+        if self.tp_size == 1:
+            return x
+        with _python_dispatch._disable_current_modes():   # the stand-in is no kernel of the model
+            everyone = torch.cat([x] * self.tp_size)
+        return self._record("all_gather", everyone,
+                            ring_received("all_gather", [x.nbytes] * self.tp_size, 0))
 
     def dp_token_counts(self, local):
         return [local] * self.dp_size
@@ -737,10 +754,17 @@ class CountingDpRank(CountingRank):
                             ring_received("reduce_scatter", [mine.nbytes] * self.dp_size, 0))
 
 
-def _counting_ctx(emu, tp, dp, counter=None):
+STAND_IN = "stand-in ep"      # the emulator's MC2 communicator of CountingDpRank
+
+
+def _counting_ctx(emu, tp, dp, counter=None, dispatch=False):
     if dp > 1:
+        if dispatch:
+            mc2.register(STAND_IN, mc2.StandInRanks(dp * tp, 0))
         return CountingDpRank(tp_size=tp, dp_size=dp, expert_parallel=True,
-                              npu=emu.torch_npu.npu, counter=counter)
+                              npu=emu.torch_npu.npu, counter=counter,
+                              dispatch_capacity=MAX_TOKENS if dispatch else 0,
+                              ep_hccl_name=STAND_IN if dispatch else None)
     if tp > 1:
         return CountingRank(tp_size=tp, expert_parallel=True, npu=emu.torch_npu.npu,
                             counter=counter)
@@ -748,30 +772,30 @@ def _counting_ctx(emu, tp, dp, counter=None):
 
 
 def captured_kernels(monkeypatch, path, tp=1, patch=None, q=1, aux_layers=(),
-                     engine_kernels=True, dp=1) -> list[tuple[str, str]]:
+                     engine_kernels=True, dp=1, dispatch=False) -> list[tuple[str, str]]:
     """The kernels of the captured decode graph in launch order, as (where, name): where is
     "layer i" for decoder layer i's, else OUTSIDE (``tp`` > 1: rank 0 of an expert-parallel TP
     group; ``patch(npu_ops)``: change the NPU backend first; ``q``: query tokens per request,
     1 + k with k drafts; ``aux_layers``: EAGLE-3's, ``Runner``; ``engine_kernels``:
     ``emulated_vllm_ascend``; ``dp`` > 1: rank 0 of data parallel x TP with expert parallel
-    across both)."""
+    across both; ``dispatch``: its MoE exchange by MC2's dispatch and combine)."""
     with emulated_vllm_ascend(monkeypatch, engine_kernels) as (emu, runners):
         if patch is not None:
             patch(emu.npu_ops)
-        ctx = _counting_ctx(emu, tp, dp)
+        ctx = _counting_ctx(emu, tp, dp, dispatch=dispatch)
         r = Runner(emu, path, ctx=ctx, aux_layers=aux_layers)
         runners.append(r)
         r.capture(q=q)
     return [(t.layer, t.name) for t in r.graph.kernels()]
 
 
-def layer_kernels(monkeypatch, path, tp=1, patch=None, q=1, engine_kernels=True, dp=1
-                  ) -> dict[int, list[str]]:
+def layer_kernels(monkeypatch, path, tp=1, patch=None, q=1, engine_kernels=True, dp=1,
+                  dispatch=False) -> dict[int, list[str]]:
     """The kernels each decoder layer launches in the captured decode graph
     (``captured_kernels``)."""
     out: dict[int, list[str]] = {}
     for where, name in captured_kernels(monkeypatch, path, tp, patch, q,
-                                        engine_kernels=engine_kernels, dp=dp):
+                                        engine_kernels=engine_kernels, dp=dp, dispatch=dispatch):
         if where.startswith("layer "):
             out.setdefault(int(where.split()[1]), []).append(name)
     return out
@@ -779,7 +803,7 @@ def layer_kernels(monkeypatch, path, tp=1, patch=None, q=1, engine_kernels=True,
 
 def counts(names: list[str]) -> tuple[int, int]:
     """(compute kernels, collectives) of one layer's launches."""
-    coll = sum(n.startswith("collective.") for n in names)
+    coll = sum(is_collective(n) for n in names)
     return len(names) - coll, coll
 
 
@@ -797,14 +821,16 @@ def over_budget(path: str, per_layer: dict[int, list[str]]) -> list[str]:
 
 
 def _kernels_for(monkeypatch, checkpoint, quantized, path, patch=None, q=1, engine_kernels=True):
-    if path.startswith("DP "):        # "DP 2 x TP 8 + EP, MoE bf16"
+    if path.startswith("DP "):        # "DP 2 x TP 8 + EP, MoE bf16[, all-gather]"
         dp, tp = int(path.split()[1]), int(path.split()[4].rstrip(","))
-        base = path.split(", ", 1)[1]
+        base = path.split(", ")[1]
+        dispatch = not path.endswith(", all-gather")
         ck, scheme, kw = PATHS[base]
         kw = dict(kw, num_attention_heads=8, num_key_value_heads=4)   # 8 heads for TP 8
         p = (checkpoint(ck, dtype=torch.bfloat16, **kw) if scheme is None else
              quantized(ck, scheme, dtype=torch.bfloat16, **kw))
-        return layer_kernels(monkeypatch, p, tp, patch, q, engine_kernels, dp=dp)
+        return layer_kernels(monkeypatch, p, tp, patch, q, engine_kernels, dp=dp,
+                             dispatch=dispatch)
     base = path.split(",")[0].replace("EP ", "")
     tp = int(path.rsplit("=", 1)[1]) if "TP=" in path else 1
     return layer_kernels(monkeypatch, _path(checkpoint, quantized, base), tp, patch, q,
@@ -861,19 +887,27 @@ def test_an_extra_kernel_breaks_the_budget(monkeypatch, checkpoint, quantized):
 TWO_NODE = dict(dp=2, tp=8, hidden=4096)      # Qwen3-235B-A22B's hidden size, the two-node profile
 
 
-def moe_exchange_bytes(monkeypatch, checkpoint, batch, dp=2, tp=8, hidden=4096):
+def moe_exchange_bytes(monkeypatch, checkpoint, batch, dp=2, tp=8, hidden=4096, dispatch=False,
+                       experts=16, top_k=4):
     """The collectives of decoder layer 1 in one decode step of ``batch`` requests per
     data-parallel rank, eager, bf16, as (name, bytes this rank receives): rank 0 of DP x TP with
-    expert parallel across both (``CountingDpRank``, ``ring_received``)."""
+    expert parallel across both (``CountingDpRank``, ``ring_received``; ``dispatch``: MC2's
+    exchange, its bytes from the emulated kernels, the other ranks standing in with this
+    rank's tokens, each tensor-parallel rank with its own slice's active rows)."""
     path = checkpoint("moe_plain", dtype=torch.bfloat16, hidden_size=hidden, head_dim=128,
-                      num_attention_heads=8, num_key_value_heads=4, norm_topk_prob=True)
+                      num_attention_heads=8, num_key_value_heads=4, norm_topk_prob=True,
+                      num_experts=experts, num_experts_per_tok=top_k)
     with emulated_vllm_ascend(monkeypatch) as (emu, _):
         counter = KernelCounter(emu.calls)
-        ctx = CountingDpRank(tp_size=tp, dp_size=dp, expert_parallel=True,
-                             npu=emu.torch_npu.npu, counter=counter)
+        ctx = _counting_ctx(emu, tp, dp, counter, dispatch)
+        if dispatch:     # tensor-parallel rank t's rows of the padded step: its active ones
+            n = -(-batch // tp)
+            mc2.register(STAND_IN, mc2.StandInRanks(
+                dp * tp, 0, [min(max(batch - (r % tp) * n, 0), n) for r in range(dp * tp)]))
         r = Runner(emu, path, ctx=ctx, max_reqs=batch, blocks=batch + 1)
+        tokens = [t % 256 for t in range(batch)]     # distinct tokens: spread over the experts
         with counter, attach(counter, r.model.layers):
-            r.eager([1] * batch, [0] * batch, [1] * batch, [1] * batch, [[0] * 4] * batch,
+            r.eager(tokens, [0] * batch, [1] * batch, [1] * batch, [[0] * 4] * batch,
                     [-1] * batch)
     return [(name, n) for where, name, n in counter.traffic if where == "layer 1"]
 
@@ -899,6 +933,36 @@ def test_moe_exchange_across_data_parallel_moves_vllm_ascends_bytes(monkeypatch,
     logits_row = 16 * 2                                           # this checkpoint's 16 experts
     vllm_ascend_all_gather = moe + batch * logits_row
     assert moe < vllm_ascend_all_gather
+
+
+@pytest.mark.parametrize("batch", [1, 64, 256])
+def test_moe_exchange_by_dispatch_and_combine_moves_the_pairs(monkeypatch, checkpoint, batch):
+    """The same step through MC2's exchange (decode within its capacity), Qwen3-235B-A22B's
+    128 experts and top 8: rank 0 receives, by the emulated kernels' counts, the pairs other
+    ranks route to its 8 experts (dispatch), its own tokens' pairs from the other ranks'
+    experts (combine), and the other tensor-parallel ranks' slices of its data-parallel rank's
+    padded step (all-gather). From 64 tokens per rank on, that is less than the all-gather
+    exchange receives (docs/serving.md has the numbers); at 1 it is more (the tensor-parallel
+    all-gather moves 8 padded rows), as for vllm-ascend's own MC2."""
+    row = TWO_NODE["hidden"] * 2
+    got = moe_exchange_bytes(monkeypatch, checkpoint, batch, **TWO_NODE, dispatch=True,
+                             experts=128, top_k=8)
+    names = [n for n, _ in got]
+    assert names == ["collective.all_reduce", "torch_npu.npu_moe_distribute_dispatch_v2",
+                     "torch_npu.npu_moe_distribute_combine_v2", "collective.all_gather"], names
+    n = -(-batch // 8)                               # this tensor-parallel rank's rows
+    dispatch, combine, gather = (b for _, b in got[1:])
+    assert gather == 7 * n * row
+    mine = min(batch, n)                             # this rank's active tokens
+    assert combine % row == 0 and combine <= mine * 8 * row
+    # the stand-ins send what this rank sends: 15 other ranks, the active ones among them
+    assert dispatch % row == 0 and dispatch <= 15 * mine * 8 * row
+    all_gather_exchange = batch * row + batch * row + 2 * 7 * batch * row // 8
+    if batch >= 64:
+        assert dispatch + combine + gather < all_gather_exchange, (got, all_gather_exchange)
+    print(f"\nMC2 bytes, batch {batch}: dispatch {dispatch}, combine {combine}, "
+          f"all-gather {gather}, total {dispatch + combine + gather}; "
+          f"all-gather exchange {all_gather_exchange}")
 
 
 # --- kernels with speculative decoding -------------------------------------------------------

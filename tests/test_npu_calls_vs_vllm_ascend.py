@@ -12,7 +12,8 @@ What is compared, per kernel ``ops/npu.py`` calls (``torch_npu.<k>``, ``torch.op
   one vllm-ascend call of that kernel, and every name all of vllm-ascend's fully readable calls
   pass must be passed by ops.npu. vllm-ascend's ``**kwargs`` forwarders (``DeviceOperator.x(...,
   **kwargs)``, the way its A2 attention reaches the kernel) are followed to their callers, and
-  ``**d`` of a dict built in the same function is expanded;
+  ``**d`` of a dict built in the same function (or returned by a method of the class it calls
+  for it) is expanded;
 - literal values (constants, ``torch.<dtype>``, module constants such as vllm-ascend's
   ``ACL_FORMAT_FRACTAL_NZ``): where ops.npu passes a literal and vllm-ascend passes literals for
   the same argument, ours must be one of theirs;
@@ -69,6 +70,11 @@ SCHEMAS: dict[str, tuple[str, ...]] = {
     "npu_moe_gating_top_k_softmax": ("x", "finished", "k"),
     "npu_moe_init_routing_v2": ("x", "expert_idx"),
     "npu_grouped_matmul": ("x", "weight"),
+    "npu_moe_distribute_dispatch_v2": ("x", "expert_ids", "group_ep", "ep_world_size",
+                                       "ep_rank_id", "moe_expert_num"),
+    "npu_moe_distribute_combine_v2": ("expand_x", "expert_ids", "assist_info_for_combine",
+                                      "ep_send_counts", "expert_scales", "group_ep",
+                                      "ep_world_size", "ep_rank_id", "moe_expert_num"),
     "npu_moe_token_unpermute": ("permuted_tokens", "sorted_indices", "probs", "padded_mode",
                                 "restore_shape"),
     "npu_moe_finalize_routing": ("expanded_permuted_rows", "skip1", "skip2", "bias", "scales",
@@ -118,26 +124,53 @@ def _platform(path: str, scope: tuple[str, ...]) -> str:
     return "A2"
 
 
-def _local_dict(fn, expr) -> dict | None:
+def _str_dict(v) -> dict | None:
+    """The entries of a dict display with string keys, or of ``dict(k=v, ...)``."""
+    if isinstance(v, ast.Dict) and all(isinstance(k, ast.Constant) and isinstance(k.value, str)
+                                       for k in v.keys):
+        return {k.value: x for k, x in zip(v.keys, v.values)}
+    if (isinstance(v, ast.Call) and isinstance(v.func, ast.Name) and v.func.id == "dict"
+            and not v.args and all(k.arg for k in v.keywords)):
+        return {k.arg: k.value for k in v.keywords}
+    return None
+
+
+def _local_dict(fn, expr, method=None) -> dict | None:
     """The entries of ``**expr`` when expr names a dict built in ``fn`` from string keys
-    (``d = {...}``, ``d = dict(...)``, ``d["k"] = v``); None if it cannot be read."""
+    (``d = {...}``, ``d = dict(...)``, ``d["k"] = v``, ``d.update({...})`` or ``d.update(e)`` of
+    another such dict; ``d = self.m(...)`` where ``method(fn, call)`` finds the method m of the
+    class and m returns such a dict, as vllm-ascend's MC2 dispatcher builds its kwargs); None if
+    it cannot be read."""
     if fn is None or not isinstance(expr, ast.Name):
         return None
     out, seen = {}, False
     for n in ast.walk(fn):
+        if (isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "update"
+                and isinstance(n.func.value, ast.Name) and n.func.value.id == expr.id):
+            if len(n.args) != 1 or n.keywords:
+                return None
+            more = _str_dict(n.args[0])
+            if more is None:
+                more = _local_dict(fn, n.args[0], method)
+            if more is None:
+                return None
+            out.update(more)
+            continue
         if not isinstance(n, ast.Assign):
             continue
         for t in n.targets:
             if isinstance(t, ast.Name) and t.id == expr.id:
                 v = n.value
-                if isinstance(v, ast.Dict) and all(isinstance(k, ast.Constant) and isinstance(k.value, str)
-                                                   for k in v.keys):
-                    out.update({k.value: x for k, x in zip(v.keys, v.values)})
-                elif (isinstance(v, ast.Call) and isinstance(v.func, ast.Name) and v.func.id == "dict"
-                      and not v.args and all(k.arg for k in v.keywords)):
-                    out.update({k.arg: k.value for k in v.keywords})
-                else:
+                entries = _str_dict(v)
+                if entries is None and method is not None and isinstance(v, ast.Call):
+                    m = method(fn, v)
+                    returned = [r.value for r in ast.walk(m) if isinstance(r, ast.Return)] \
+                        if m is not None else []
+                    if len(returned) == 1:
+                        entries = _local_dict(m, returned[0], method)
+                if entries is None:
                     return None
+                out.update(entries)
                 seen = True
             elif (isinstance(t, ast.Subscript) and isinstance(t.value, ast.Name) and t.value.id == expr.id
                   and isinstance(t.slice, ast.Constant) and isinstance(t.slice.value, str)):
@@ -167,6 +200,11 @@ class ModuleCalls:
         self.functions = {s.name: s for s in self.ast.body if isinstance(s, ast.FunctionDef)}
         self.mods, self.funcs = {"torch_npu"}, {}
         self.all_calls = []                      # (Call node, enclosing scope names, function)
+        self.methods: dict[int, dict[str, ast.FunctionDef]] = {}   # id(method) -> its class's
+        for cls in ast.walk(self.ast):
+            if isinstance(cls, ast.ClassDef):
+                own = {m.name: m for m in cls.body if isinstance(m, ast.FunctionDef)}
+                self.methods.update({id(m): own for m in own.values()})
         todo = [(self.ast, (), None)]
         while todo:                              # one pass: every call with its scope, and imports
             node, scope, fn = todo.pop()
@@ -199,6 +237,14 @@ class ModuleCalls:
                 a = fn.args
                 own = {p.arg for p in a.posonlyargs + a.args + a.kwonlyargs}
                 self.forwarders.append((fn.name, call, own))
+
+    def method(self, fn, call: ast.Call):
+        """The method ``self.<name>(...)`` calls, in ``fn``'s class; None otherwise."""
+        f = call.func
+        if (isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) and f.value.id == "self"
+                and id(fn) in self.methods):
+            return self.methods[id(fn)].get(f.attr)
+        return None
 
     def kernel_of(self, func: ast.AST) -> str | None:
         d = _dotted(func)
@@ -248,7 +294,7 @@ class ModuleCalls:
             if k.arg is not None:
                 args[k.arg] = k.value
             else:
-                expanded = _local_dict(fn, k.value)
+                expanded = _local_dict(fn, k.value, self.method)
                 if expanded is None:
                     complete = False
                 else:

@@ -726,6 +726,90 @@ def test_linear(be, dtype):
     close(ref, (x.float() @ w.float().t()).to(dtype), dtype)
 
 
+@pytest.mark.parametrize("quantize", [False, True])
+def test_ep_dispatch_and_combine_contract(quantize):
+    """``ep_dispatch`` / ``ep_combine`` with torch_npu's MC2 kernels (emulated), in one process:
+    rank 0 of 2 whose stand-in partner sends what it sends (``mc2.StandInRanks``), every id
+    among rank 0's experts so that nothing depends on the partner's experts. The received rows
+    are each pair twice (this rank's, then the partner's), grouped by expert; the ends
+    cumulative; the combine the weighted sum of the experts' outputs of this rank's own pairs;
+    the padding row (inactive) unspecified. (Across real ranks against ops.cpu:
+    tests/test_ep_exchange.py.)"""
+    from ops.cpu import ExpertGroup
+    from tests.npu_emulator import mc2
+
+    E, K, H = 8, 2, 64
+    x = torch.randn(4, H).bfloat16()
+    ids = torch.tensor([[1, 0], [2, 3], [0, 2], [3, 1]], dtype=torch.int32)
+    w = torch.rand(4, K).bfloat16()
+    active = torch.tensor([True, True, True, False])
+    with npu_emulator.installed() as emu:
+        mc2.register("contract", mc2.StandInRanks(2, 0))
+        try:
+            ep = ExpertGroup(rank=0, size=2, hccl_name="contract")
+            rows, scale, ends, handle = emu.npu_ops.ep_dispatch(x, ids, active, E, ep, quantize)
+            assert rows.shape == (4 * 2 * min(E // 2, K), H) and ends.dtype == torch.int64
+            want = [x[t] for j in range(4) for src in range(2) for t in range(3)
+                    if j in ids[t].tolist()]
+            n = len(want)
+            assert ends.tolist() == list(torch.tensor(
+                [2 * int((ids[:3] == j).any(dim=1).sum()) for j in range(4)]).cumsum(0))
+            if quantize:
+                assert rows.dtype == torch.int8 and scale.shape == (rows.shape[0],)
+                got = rows[:n].float() * scale[:n].unsqueeze(-1)
+                close(got, torch.stack(want).float(), torch.bfloat16, rtol=1e-2, atol=2e-2)
+            else:
+                assert scale is None
+                exact(rows[:n], torch.stack(want))
+            out = torch.zeros(rows.shape[0], H, dtype=torch.bfloat16)
+            start = 0
+            for j, end in enumerate(ends.tolist()):         # expert j scales its rows by j + 1
+                part = rows[start:end].float()
+                if quantize:
+                    part = part * scale[start:end].unsqueeze(-1)
+                out[start:end] = (part * (j + 1)).bfloat16()
+                start = end
+            y = emu.npu_ops.ep_combine(out, w, handle)
+            assert y.shape == (4, H) and y.dtype == torch.bfloat16
+            # expert e's output for token t is (e + 1) * x[t] (dequantised: within int8 steps)
+            ref = torch.stack([sum(float(w[t, k]) * (int(ids[t, k]) + 1) * x[t].float()
+                                   for k in range(K)) for t in range(3)])
+            close(y[:3].float(), ref, torch.bfloat16, rtol=2e-2, atol=5e-2)
+            assert emu.calls.count("npu_moe_distribute_dispatch_v2") == 1
+            assert emu.calls.count("npu_moe_distribute_combine_v2") == 1
+        finally:
+            mc2.unregister("contract")
+
+
+@pytest.mark.parametrize("quant", [False, True])
+def test_grouped_matmul_takes_cumulative_ends(be, quant):
+    """``cumulative=True`` (each group's end row, as ``ep_dispatch`` gives them) is the same as
+    the counts, on both backends."""
+    counts = torch.tensor([3, 0, 2, 1])
+    ends = counts.cumsum(0)
+    if quant:
+        xq = torch.randint(-127, 128, (7, 64), dtype=torch.int8)
+        w = torch.randint(-127, 128, (4, 64, 32), dtype=torch.int8)
+        s, pts = torch.rand(4, 32) * 1e-2, torch.rand(7) * 1e-2
+        wp = be.npu.prepare_weight(be.dev(w))
+        sp = be.npu.prepare_expert_scale(be.dev(s), torch.bfloat16)
+        got = be.host(be.npu.grouped_quant_matmul(be.dev(xq), wp, sp, be.dev(pts), be.dev(ends),
+                                                  torch.bfloat16, cumulative=True))[:6]
+        want = cpu.grouped_quant_matmul(xq, w, s, pts, counts, torch.bfloat16)[:6]
+        close(got, want, torch.bfloat16)
+        exact(cpu.grouped_quant_matmul(xq, w, s, pts, ends, torch.bfloat16, cumulative=True),
+              cpu.grouped_quant_matmul(xq, w, s, pts, counts, torch.bfloat16))
+    else:
+        x, w = torch.randn(7, 64).bfloat16(), torch.randn(4, 64, 32).bfloat16()
+        got = be.host(be.npu.grouped_matmul(be.dev(x), be.npu.prepare_grouped_weight(be.dev(w)),
+                                            be.dev(ends), cumulative=True))[:6]
+        close(got, cpu.grouped_matmul(x, w, counts)[:6], torch.bfloat16)
+        exact(cpu.grouped_matmul(x, w, ends, cumulative=True), cpu.grouped_matmul(x, w, counts))
+    with pytest.raises(ValueError, match="must not decrease"):
+        cpu.grouped_matmul(torch.zeros(7, 64), torch.zeros(4, 64, 32), torch.tensor([3, 2, 5, 6]),
+                           cumulative=True)
+
+
 def test_every_op_is_covered():
     """Each op of ops.OPS has a contract test in this file."""
     import ops

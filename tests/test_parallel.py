@@ -109,7 +109,18 @@ def test_w8a8_dynamic_tp_within_quantisation_noise(quantized, name, ep):
 DP_PROMPTS = [[PROMPTS[0], PROMPTS[2]], [PROMPTS[1]]]
 
 
-def _dp_job(ctx, path):
+def _exchange(ctx, exchange):
+    """The context with this MoE exchange across data-parallel ranks: "all_gather", or
+    "dispatch" (``ops.ep_dispatch`` / ``ep_combine``, vllm-ascend's MC2, for every step; on the
+    emulated NPU over the communicator "ep", every rank of the default group)."""
+    import dataclasses
+    if exchange == "all_gather":
+        return ctx
+    return dataclasses.replace(ctx, dispatch_capacity=1 << 20, ep_hccl_name="ep")
+
+
+def _dp_job(ctx, path, exchange="all_gather"):
+    ctx = _exchange(ctx, exchange)
     model, _ = load_model(path, dtype="float32", ctx=ctx)
     out = generate(model, DP_PROMPTS[ctx.dp_rank], SamplingParams(max_new_tokens=N_NEW),
                    keep_logits=True, block_size=16)
@@ -123,11 +134,12 @@ def _prompts_job(ctx, path, prompts):
     return [o.tokens for o in out], [torch.stack(o.logits) for o in out]
 
 
-@pytest.mark.parametrize("dp,tp", [(2, 1), (2, 2)])
-def test_expert_parallel_across_data_parallel_ranks(checkpoint, dp, tp):
+@pytest.mark.parametrize("dp,tp,exchange", [(2, 1, "all_gather"), (2, 2, "all_gather"),
+                                             (2, 2, "dispatch")])
+def test_expert_parallel_across_data_parallel_ranks(checkpoint, dp, tp, exchange):
     path = checkpoint("moe_norm")
     refs = [run_parallel(_prompts_job, 1, path, prompts)[0] for prompts in DP_PROMPTS]
-    results = run_parallel(_dp_job, tp, path, ep=True, dp=dp)
+    results = run_parallel(_dp_job, tp, path, exchange, ep=True, dp=dp)
     for rank, (tokens, logits) in enumerate(results):
         ref_tokens, ref_logits = refs[rank // tp]
         assert tokens == ref_tokens, f"dp={dp} tp={tp} rank {rank}: tokens differ"
@@ -135,38 +147,51 @@ def test_expert_parallel_across_data_parallel_ranks(checkpoint, dp, tp):
             assert float((a - b).abs().max() / b.abs().max()) < 1e-5, (dp, tp, rank)
 
 
-def _dp_npu_job(ctx, path, on_npu):
+def _dp_npu_job(ctx, path, on_npu, exchanges=("all_gather",)):
     """One rank of the data-parallel expert-parallel run in bf16, on the emulated NPU backend
-    (torch_npu's kernels from their documentation, tests/npu_emulator) or on the CPU one; the
-    NPU kernels that ran."""
+    (torch_npu's kernels from their documentation, tests/npu_emulator) or on the CPU one, with
+    each exchange: {exchange: (outputs, the NPU kernels that ran)}."""
     import contextlib
 
+    from tests.npu_emulator import mc2
     from tests.test_graph_npu_emulated import npu_backend
 
-    with (npu_backend() if on_npu else contextlib.nullcontext()) as emu:
-        model, _ = load_model(path, dtype="bfloat16", ctx=ctx)
-        out = generate(model, DP_PROMPTS[ctx.dp_rank], SamplingParams(max_new_tokens=4),
-                       keep_logits=True, block_size=128)
-        ran = sorted(emu.calls.names()) if on_npu else []
-    return [(o.tokens, torch.stack(o.logits).float()) for o in out], ran
+    results = {}
+    for exchange in exchanges:
+        with (npu_backend() if on_npu else contextlib.nullcontext()) as emu:
+            mc2.register("ep", mc2.GlooRanks())
+            try:
+                model, _ = load_model(path, dtype="bfloat16", ctx=_exchange(ctx, exchange))
+                out = generate(model, DP_PROMPTS[ctx.dp_rank], SamplingParams(max_new_tokens=4),
+                               keep_logits=True, block_size=128)
+            finally:
+                mc2.unregister("ep")
+            ran = sorted(emu.calls.names()) if on_npu else []
+        results[exchange] = [(o.tokens, torch.stack(o.logits).float()) for o in out], ran
+    return results
 
 
 @pytest.mark.parametrize("scheme", [None, "w8a8_dynamic"])
 def test_expert_parallel_across_data_parallel_ranks_on_emulated_npu(checkpoint, quantized, scheme):
-    """The same exchange with the NPU backend's kernels: equal to the CPU backend's run."""
+    """The same exchange with the NPU backend's kernels, and the dispatch-and-combine one
+    (torch_npu's MC2 kernels, emulated across the two ranks): equal to the CPU backend's run."""
     if scheme is None:
         path = checkpoint("moe_plain", dtype=torch.bfloat16, head_dim=128)
     else:
         path = quantized("moe_plain", scheme, dtype=torch.bfloat16, head_dim=128, vocab_size=320)
     cpu = run_parallel(_dp_npu_job, 1, path, False, ep=True, dp=2)
-    npu = run_parallel(_dp_npu_job, 1, path, True, ep=True, dp=2)
-    for rank, ((got, ran), (ref, _)) in enumerate(zip(npu, cpu)):
-        assert "npu_grouped_matmul" in ran and "npu_moe_gating_top_k_softmax" in ran, ran
-        for (tokens, a), (ref_tokens, b) in zip(got, ref):
-            # bf16: a near tie may pick another greedy token, after which the two runs continue
-            # different texts; the steps up to the first such token are compared
-            n = len(ref_tokens) - b.shape[0]        # prompt length
-            same = next((i for i in range(b.shape[0]) if tokens[n + i] != ref_tokens[n + i]),
-                        b.shape[0])
-            for i in range(min(same + 1, b.shape[0])):
-                assert float((a[i] - b[i]).abs().max() / b[i].abs().max()) < 3e-2, (rank, i)
+    npu = run_parallel(_dp_npu_job, 1, path, True, ("all_gather", "dispatch"), ep=True, dp=2)
+    for rank, (runs, cpu_runs) in enumerate(zip(npu, cpu)):
+        ref, _ = cpu_runs["all_gather"]
+        for exchange, (got, ran) in runs.items():
+            assert "npu_grouped_matmul" in ran and "npu_moe_gating_top_k_softmax" in ran, ran
+            assert ("npu_moe_distribute_dispatch_v2" in ran) == (exchange == "dispatch"), ran
+            for (tokens, a), (ref_tokens, b) in zip(got, ref):
+                # bf16: a near tie may pick another greedy token, after which the two runs
+                # continue different texts; the steps up to the first such token are compared
+                n = len(ref_tokens) - b.shape[0]        # prompt length
+                same = next((i for i in range(b.shape[0])
+                             if tokens[n + i] != ref_tokens[n + i]), b.shape[0])
+                for i in range(min(same + 1, b.shape[0])):
+                    err = float((a[i] - b[i]).abs().max() / b[i].abs().max())
+                    assert err < 3e-2, (rank, exchange, i)

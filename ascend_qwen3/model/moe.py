@@ -147,8 +147,9 @@ class Qwen3SparseMoeBlock(nn.Module):
         scheme = quant.scheme(prefix + "experts") if quant is not None else None
         self.experts = Qwen3MoeExperts(cfg, ctx, device=device, scheme=scheme)
         self.ops = ops.bind(device, "linear", "prepare_linear_weight", "moe_gating_topk",
+                            "ep_dispatch", "ep_combine",
                             *(("moe_route_quant", "moe_combine") if scheme is not None else
-                              ("moe_experts",)))
+                              ("moe_experts", "grouped_matmul", "swiglu")))
         self.op_name = f"{prefix or 'moe'}#{next(_NAMES)}"
         _LAYERS[self.op_name] = self
         first, count, E = self.experts.first, self.experts.count, cfg.num_experts
@@ -175,6 +176,9 @@ class Qwen3SparseMoeBlock(nn.Module):
             raise RuntimeError(f"data-parallel rank {ctx.dp_rank} runs {T} tokens but the step's "
                                f"counts say {counts}: the engine's metadata and the batch disagree")
         pad = max(counts)
+        padded = -(-pad // ctx.tp_size) * ctx.tp_size
+        if ctx.dispatch_exchange(padded):
+            return self.forward_dispatch_combine(x, padded)
         if pad > T:
             x = torch.cat([x, x.new_zeros(pad - T, x.shape[1])])
         everyone = ctx.dp_all_gather(x)                                 # [dp x pad, H]
@@ -182,6 +186,36 @@ class Qwen3SparseMoeBlock(nn.Module):
         weights, ids = self.ops.moe_gating_topk(logits, self.top_k, self.renormalize)
         mine = ctx.dp_reduce_scatter(self.experts_forward(everyone, weights, ids))   # [pad, H]
         return ctx.all_reduce(mine[:T])
+
+    def forward_dispatch_combine(self, x: torch.Tensor, padded: int) -> torch.Tensor:
+        """The dispatch-and-combine exchange (vllm-ascend's MC2 on Atlas A2): this data-parallel
+        rank's rows padded to ``padded`` (a multiple of tp_size), each tensor-parallel rank takes
+        its 1 / tp_size of them, routes them, sends each (token, expert) pair to the rank holding
+        the expert (``ep_dispatch``), runs the pairs it received through its experts, sends the
+        outputs back weighted and summed (``ep_combine``); the tensor-parallel all-gather puts
+        this data-parallel rank's rows together again. Padding rows are inactive: sent nowhere."""
+        ctx, T = self.ctx, x.shape[0]
+        if padded > T:
+            x = torch.nn.functional.pad(x, (0, 0, 0, padded - T))
+        n = padded // ctx.tp_size
+        first = ctx.tp_rank * n
+        mine = x[first:first + n]
+        # the rows past this rank's real tokens take no part (a host decision: no mask at all
+        # when every row is real, as under graphs, where the engine pads every rank to one count)
+        active = None if first + n <= T else self._rows(first + n, x.device)[first:] < T
+        logits = self.ops.linear(mine, self.gate)
+        weights, ids = self.ops.moe_gating_topk(logits, self.top_k, self.renormalize)
+        experts, quantised = self.experts, self.experts.scheme is not None
+        rows, scale, ends, handle = self.ops.ep_dispatch(mine, ids, active, self.num_experts,
+                                                         ctx.expert_group, quantised)
+        if quantised:
+            out = apply_experts(experts, rows, scale, ends, experts.dtype, cumulative=True)
+        else:
+            g = experts.grouped()
+            h = self.ops.grouped_matmul(rows, g.w13, ends, cumulative=True)
+            out = self.ops.grouped_matmul(self.ops.swiglu(h), g.w2, ends, cumulative=True)
+        mine_out = self.ops.ep_combine(out, weights, handle)
+        return ctx.all_gather_rows(mine_out)[:T]
 
     def finalize(self) -> None:
         finalize_float_weight(self, "gate")

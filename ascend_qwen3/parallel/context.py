@@ -32,6 +32,11 @@ class ParallelContext:
     dp_size: int = 1
     dp_group: Any = None      # the ranks with this tp_rank in every data-parallel rank
     ep_group: Any = None      # every rank (data- and tensor-parallel): None, the default group
+    # the MoE exchange across data-parallel ranks by dispatch and combine (``ops.ep_dispatch``,
+    # vllm-ascend's MC2 on Atlas A2) for steps of up to this many tokens per data-parallel rank
+    # (padded to a multiple of tp_size); larger steps, or 0, take the all-gather exchange
+    dispatch_capacity: int = 0
+    ep_hccl_name: str | None = None   # the expert-parallel group's HCCL communicator (NPU)
 
     def __post_init__(self):
         if not (0 <= self.tp_rank < self.tp_size):
@@ -59,6 +64,23 @@ class ParallelContext:
     def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
         """Concatenate the ranks' tensors along the last dim (rank order)."""
         return x if self.tp_size == 1 else self._gather_last(x.contiguous())
+
+    def all_gather_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Concatenate the tensor-parallel ranks' equal-shaped tensors along dim 0 (rank order)."""
+        return x if self.tp_size == 1 else self._gather_rows(x.contiguous())
+
+    def dispatch_exchange(self, padded_tokens: int) -> bool:
+        """True when a step whose data-parallel ranks run up to ``padded_tokens`` tokens each
+        (a multiple of tp_size) exchanges its MoE tokens by ``ops.ep_dispatch`` /
+        ``ops.ep_combine``; False: the all-gather exchange."""
+        return self.experts_across_dp and 0 < padded_tokens <= self.dispatch_capacity
+
+    @property
+    def expert_group(self):
+        """The expert-parallel group as ``ops.ep_dispatch`` takes it."""
+        from ops.cpu import ExpertGroup
+        return ExpertGroup(rank=self.ep_rank, size=self.ep_size, group=self.ep_group,
+                           hccl_name=self.ep_hccl_name)
 
     # across data-parallel ranks (a serving engine's context overrides these with its groups)
     def dp_token_counts(self, local: int) -> list[int]:
@@ -95,6 +117,11 @@ class ParallelContext:
         parts = [torch.empty_like(x) for _ in range(self.tp_size)]
         dist.all_gather(parts, x, group=self.group)
         return torch.cat(parts, dim=-1)
+
+    def _gather_rows(self, x: torch.Tensor) -> torch.Tensor:
+        out = x.new_empty((self.tp_size * x.shape[0],) + tuple(x.shape[1:]))
+        dist.all_gather_into_tensor(out, x, group=self.group)
+        return out
 
 
 SINGLE = ParallelContext()

@@ -190,9 +190,12 @@ def finalize_experts(experts: nn.Module) -> None:
 
 
 def apply_experts(experts: nn.Module, xq: torch.Tensor, token_scale: torch.Tensor,
-                  counts: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """Expert FFN on rows already routed and quantised (``ops.moe_route_quant``)."""
+                  counts: torch.Tensor, out_dtype: torch.dtype, cumulative: bool = False
+                  ) -> torch.Tensor:
+    """Expert FFN on rows already routed and quantised (``ops.moe_route_quant``, or
+    ``ops.ep_dispatch`` with its cumulative group ends: ``cumulative``)."""
     aq, a_scale = experts.ops.grouped_quant_swiglu_quant(xq, experts.w13, experts.w13_scale,
-                                                         token_scale, counts, output_dtype=out_dtype)
+                                                         token_scale, counts, output_dtype=out_dtype,
+                                                         cumulative=cumulative)
     return experts.ops.grouped_quant_matmul(aq, experts.w2, experts.w2_scale, a_scale, counts,
-                                            output_dtype=out_dtype)
+                                            output_dtype=out_dtype, cumulative=cumulative)

@@ -236,6 +236,9 @@ VLLM_ASCEND_USES: list[Use] = [
     Use("vllm_ascend.compilation.acl_graph", "GraphParams", "attrs",
         ("events", "workspaces", "handles", "attn_params")),
     Use("vllm_ascend.ascend_forward_context", "_EXTRA_CTX"),
+    # the MoE dispatch-and-combine exchange (MC2) across data-parallel ranks
+    Use("vllm_ascend.ascend_forward_context", "get_mc2_tokens_capacity", "call", ()),
+    Use("vllm_ascend.distributed.parallel_state", "get_mc2_group", "call", ()),
 ]
 
 
@@ -514,6 +517,52 @@ def dp_reduce_scatter(x: torch.Tensor) -> torch.Tensor:
     from vllm.distributed import get_dp_group
 
     return get_dp_group().reduce_scatter(x, dim=0)
+
+
+# Atlas A2's choice of MoE exchange in vllm-ascend 0.23 (``_select_a2_moe_comm_method``,
+# ``vllm_ascend/ascend_forward_context.py`` 240-252): dispatch and combine (MC2) when each rank
+# holds at most 24 experts, the expert-parallel group has at least 16 ranks and the step's
+# largest data-parallel token count fits the MC2 capacity; else the all-gather exchange.
+MC2_MIN_EP = 16
+MC2_MAX_LOCAL_EXPERTS = 24
+MC2_MAX_TOKENS_PER_TP_RANK = 512        # set_mc2_tokens_capacity's cap (same file, 202-217)
+# the A2 kernels' own limit of tokens per rank (torch_npu-npu_moe_distribute_dispatch_v2.md,
+# "Constraints": 0 < BS <= 256 on Atlas A2), below vllm-ascend's cap of 512: steps above it
+# take the all-gather exchange instead of failing in the kernel
+MC2_A2_MAX_TOKENS_PER_RANK = 256
+
+
+def mc2_capacity(vllm_config, num_experts: int, ep_size: int, tp_size: int) -> int:
+    """The most tokens per data-parallel rank a step may run and still take the dispatch-and-
+    combine exchange, as vllm-ascend 0.23 decides on Atlas A2; 0 where it never does. The
+    capacity is vllm-ascend's own (``get_mc2_tokens_capacity``, set by its model runner before
+    the model is built), else computed as it computes it: the largest graph size (or
+    max_num_seqs) over tp_size, rounded up, at most 512, times tp_size; either at most 256 per
+    tensor-parallel rank, the A2 kernels' limit."""
+    if ep_size < MC2_MIN_EP or num_experts // ep_size > MC2_MAX_LOCAL_EXPERTS:
+        return 0
+    try:
+        from vllm_ascend.ascend_forward_context import get_mc2_tokens_capacity
+        capacity = get_mc2_tokens_capacity()
+    except ImportError:
+        capacity = None
+    if not capacity:
+        cc, sc = vllm_config.compilation_config, vllm_config.scheduler_config
+        most = (getattr(cc, "max_cudagraph_capture_size", None) or
+                max(getattr(cc, "cudagraph_capture_sizes", None) or [0]) or sc.max_num_seqs)
+        capacity = min(-(-int(most) // tp_size), MC2_MAX_TOKENS_PER_TP_RANK) * tp_size
+    return min(int(capacity), MC2_A2_MAX_TOKENS_PER_RANK * tp_size)
+
+
+def mc2_hccl_name() -> str:
+    """The HCCL communicator name of vllm-ascend's MC2 group (the expert-parallel ranks), what
+    ``torch_npu.npu_moe_distribute_dispatch_v2`` takes as ``group_ep``
+    (``vllm_ascend/ops/fused_moe/token_dispatcher.py``, TokenDispatcherWithMC2.__init__)."""
+    from vllm_ascend.distributed.parallel_state import get_mc2_group
+
+    group = get_mc2_group().device_group
+    rank = torch.distributed.get_rank(group=group)
+    return group._get_backend(torch.device("npu")).get_hccl_comm_name(rank)
 
 
 def dp_token_counts() -> list[int] | None:

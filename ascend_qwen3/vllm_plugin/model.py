@@ -70,6 +70,9 @@ class VllmParallelContext(ParallelContext):
     def dp_reduce_scatter(self, x: torch.Tensor) -> torch.Tensor:
         return compat.dp_reduce_scatter(x.contiguous())
 
+    def _gather_rows(self, x: torch.Tensor) -> torch.Tensor:
+        return compat.tp_all_gather(x, dim=0)
+
 
 def _model_dir(model_config, load_config) -> str:
     path = model_config.model
@@ -116,10 +119,16 @@ class AscendQwen3Backbone(nn.Module):
         dp_rank, dp_size = compat.dp_rank_and_size() if pc.data_parallel_size > 1 else (0, 1)
         # data parallel: each rank its own batch; with expert parallel the experts are spread
         # over dp x tp ranks and the MoE layers exchange tokens (model/moe.py)
+        across_dp = ep and dp_size > 1
+        # on the NPU, vllm-ascend's choice of exchange: dispatch and combine (MC2) for steps up
+        # to its capacity where it would take them, over its MC2 group's HCCL communicator
+        capacity = (compat.mc2_capacity(vllm_config, cfg.num_experts, dp_size * size, size)
+                    if across_dp and compat.on_npu() else 0)
         self.ctx = VllmParallelContext(tp_rank=rank, tp_size=size, expert_parallel=ep,
                                        dp_rank=dp_rank if ep else 0, dp_size=dp_size if ep else 1,
-                                       dp_group=compat.dp_cpu_group() if ep and dp_size > 1
-                                       else None)
+                                       dp_group=compat.dp_cpu_group() if across_dp else None,
+                                       dispatch_capacity=capacity,
+                                       ep_hccl_name=compat.mc2_hccl_name() if capacity else None)
         if compat.on_npu() and compat.full_graphs_requested(vllm_config):
             compat.check_full_graph_protocol()    # before any weight is read
         # pipeline parallel: this rank's stage holds vLLM's share of the layers (get_pp_indices,

@@ -189,17 +189,22 @@ def _grouped_quant_swiglu_quant(backend: ModuleType) -> Callable:
 
     def grouped_quant_swiglu_quant(xq: torch.Tensor, w13q: torch.Tensor, scale: torch.Tensor,
                                    pertoken_scale: torch.Tensor, group_sizes: torch.Tensor,
-                                   output_dtype: torch.dtype = torch.bfloat16):
+                                   output_dtype: torch.dtype = torch.bfloat16,
+                                   cumulative: bool = False):
         """``ops.grouped_quant_swiglu_quant`` with vllm-ascend's
-        ``grouped_matmul_swiglu_quant_weight_nz`` (module docstring)."""
+        ``grouped_matmul_swiglu_quant_weight_nz`` (module docstring). Cumulative group ends
+        (``ops.ep_dispatch``'s) go in as they are, as vllm-ascend's MC2 path passes the
+        dispatch's ``expert_token_nums`` (``cumsum_group_list`` with equal types: no kernel)."""
         M = xq.shape[0]
         if (xq.dtype != torch.int8 or w13q.dtype != torch.int8 or w13q.dim() != 3 or M == 0
                 or w13q.shape[2] % 2 or w13q.shape[2] > GMM_SWIGLU_MAX_N
                 or w13q.shape[1] >= 65536 or tuple(scale.shape) != (w13q.shape[0], w13q.shape[2])
                 or torch_npu.get_npu_format(w13q) != 29):   # 29: FRACTAL_NZ (a host-side query)
             return backend.grouped_quant_swiglu_quant(xq, w13q, scale, pertoken_scale,
-                                                      group_sizes, output_dtype)
-        ends = group_sizes.to(torch.int64).cumsum(0)     # the kernel takes cumulative row ends
+                                                      group_sizes, output_dtype, cumulative)
+        ends = group_sizes.to(torch.int64)               # the kernel takes cumulative row ends
+        if not cumulative:
+            ends = ends.cumsum(0)
         aq, a_scale, _ = fused(xq.contiguous(), w13q, scale, pertoken_scale.reshape(M).float(),
                                ends)
         return aq, a_scale

@@ -24,7 +24,7 @@ from typing import Iterator
 
 from ._base import OPS, CallLog, NpuEmulatorError, bind
 from .attention import OUT_OVERLOADS
-from . import attention, formats, gmm, kv_cache, moe, norm_act, quant  # noqa: F401 (registers ops)
+from . import attention, formats, gmm, kv_cache, mc2, moe, norm_act, quant  # noqa: F401 (registers ops)
 from . import graphs
 from .formats import Format
 

@@ -14,7 +14,9 @@ modes and why vllm-ascend captures graphs). ``KernelMode`` sees, while a block r
   whose schema says the result aliases the input without writing it) and allocations
   (``empty*``) launch nothing. A tensor made from a Python list (``torch.tensor([...])``) is a
   host-to-device copy and counts;
-- collectives, reported by the parallel context a test gives the model (``collective``).
+- collectives, reported by the parallel context a test gives the model (``collective``), and
+  the emulated torch_npu kernels that are collectives themselves (MC2's dispatch and combine,
+  ``COLLECTIVE_KERNELS``; the bytes they receive come from ``mc2.traffic_listeners``).
 
 Custom operators (``torch.library``, e.g. the project's MoE op) are entered: their
 CompositeExplicitAutograd implementation runs under the mode, so the kernels inside are seen.
@@ -41,6 +43,9 @@ NO_KERNEL = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_str
              "is_nonzero"}
 # emulated torch_npu functions that do host work only (a size query and a format query)
 HOST_ONLY = {"_npu_fused_infer_attention_score_get_max_workspace", "get_npu_format"}
+# emulated torch_npu functions that are collectives (HCCL kernels over a communicator)
+COLLECTIVE_KERNELS = ("torch_npu.npu_moe_distribute_dispatch_v2",
+                      "torch_npu.npu_moe_distribute_combine_v2")
 # operators whose own implementation is entered (their insides are seen instead)
 ENTERED_NAMESPACES = ("ascend_qwen3",)
 _COMPOSITE = torch._C.DispatchKey.CompositeImplicitAutograd
@@ -71,6 +76,11 @@ def kernel_name(func) -> str:
     if namespace not in ("aten", "prim"):      # a library's own operator: "_C_ascend.bgmv_shrink"
         return f"{namespace}.{name}"
     return "h2d_copy" if name == "lift_fresh_copy" else f"aten.{name}"
+
+
+def is_collective(name: str) -> bool:
+    """A kernel name of ``KernelMode`` that is a collective."""
+    return name.startswith("collective.") or name in COLLECTIVE_KERNELS
 
 
 def ring_received(kind: str, parts: list[int], rank: int) -> int:
@@ -141,16 +151,23 @@ class KernelMode(TorchDispatchMode):
             self.launched(kernel_name(func), func, args, kwargs, result)
         return result
 
+    def _mc2_traffic(self, name: str, nbytes: int) -> None:
+        self.traffic.append((self.layer, f"torch_npu.{name}", nbytes))
+
     def __enter__(self):
+        from . import mc2
         self._entered += 1                      # re-entered for custom operators
         if self._entered == 1:
             self.log.listeners.append(self._torch_npu_call)
+            mc2.traffic_listeners.append(self._mc2_traffic)
         return super().__enter__()
 
     def __exit__(self, *exc):
+        from . import mc2
         self._entered -= 1
         if self._entered == 0:
             self.log.listeners.remove(self._torch_npu_call)
+            mc2.traffic_listeners.remove(self._mc2_traffic)
         return super().__exit__(*exc)
 
 

@@ -394,6 +394,31 @@ def test_replays_equal_eager(monkeypatch, checkpoint, quantized, name, engine_ke
         assert min(stale) > 0.1, stale
 
 
+@pytest.mark.parametrize("scheme", [None, "w8a8_dynamic"])
+def test_dispatch_and_combine_replays_equal_eager(monkeypatch, checkpoint, quantized, scheme):
+    """Rank 0 of DP 2 x TP 8 + EP with MC2's exchange (``CountingDpRank``: the other ranks stand
+    in with this rank's rows) in the captured FULL decode graph: replays of decode steps with a
+    changing batch give the eager steps' hidden states, the dispatch and combine kernels
+    replayed from the graph with the step's data."""
+    kw = dict(PATHS["MoE bf16"][2], num_attention_heads=8, num_key_value_heads=4)
+    path = (checkpoint("moe_plain", dtype=torch.bfloat16, **kw) if scheme is None else
+            quantized("moe_plain", scheme, dtype=torch.bfloat16, vocab_size=320, **kw))
+    with emulated_vllm_ascend(monkeypatch) as (emu, runners):
+        ctx = _counting_ctx(emu, 8, 2, dispatch=True)
+        graph, eager = Runner(emu, path, ctx=ctx), Runner(emu, path, ctx=ctx)
+        runners.append(graph)
+        graph.capture()
+        calls = emu.calls.count("npu_moe_distribute_dispatch_v2")
+        reqs = Requests(graph.cfg.vocab_size)
+        prefill = reqs.step([(0, 20), (1, 9), (2, 33)])
+        for r in (graph, eager):
+            r.eager(*prefill)
+        for plan in ([(0, 1), (1, 1), (2, 1)], [(0, 1), (2, 1)], [(0, 1), (2, 1), (3, 1)]):
+            step = reqs.step(plan)
+            _close(graph.replay(*step), eager.eager(*step), f"{scheme}, step {plan}")
+        assert emu.calls.count("npu_moe_distribute_dispatch_v2") > calls     # they ran
+
+
 # --- speculative decoding: verification steps of 1 + k tokens per request -------------------
 #
 # vllm-ascend 0.23 verifies a request's k draft tokens (eagle3, draft_model, ngram) in one target
@@ -708,9 +733,9 @@ class CountingRank(ParallelContext):
     npu: object = None
     counter: object = None      # a KernelCounter for eager steps (else the capture's recorder)
 
-    def _record(self, name, out, received):
+    def _record(self, name, out, received, stand_in=None):
         rec = self.counter if self.counter is not None else self.npu.state.recorder
-        return out if rec is None else rec.collective(name, out, received)
+        return out if rec is None else rec.collective(name, out, received, stand_in)
 
     def all_reduce(self, x):
         if self.tp_size == 1:
@@ -731,27 +756,31 @@ class CountingDpRank(CountingRank):
     exchange is MC2's, over the emulator's stand-in communicator ``STAND_IN`` (the other ranks
     send what this one sends; ``mc2.StandInRanks``)."""
 
+    def _copies(self, x, n):
+        with _python_dispatch._disable_current_modes():   # the stand-in is no kernel of the model
+            return torch.cat([x] * n)
+
     def all_gather_rows(self, x):
         if self.tp_size == 1:
             return x
-        with _python_dispatch._disable_current_modes():   # the stand-in is no kernel of the model
-            everyone = torch.cat([x] * self.tp_size)
-        return self._record("all_gather", everyone,
-                            ring_received("all_gather", [x.nbytes] * self.tp_size, 0))
+        return self._record("all_gather", self._copies(x, self.tp_size),
+                            ring_received("all_gather", [x.nbytes] * self.tp_size, 0),
+                            (lambda t: torch.cat([t] * self.tp_size), (x,)))
 
     def dp_token_counts(self, local):
         return [local] * self.dp_size
 
     def dp_all_gather(self, x):
-        with _python_dispatch._disable_current_modes():   # the stand-in is no kernel of the model
-            everyone = torch.cat([x] * self.dp_size)
-        return self._record("all_gather", everyone,
-                            ring_received("all_gather", [x.nbytes] * self.dp_size, 0))
+        return self._record("all_gather", self._copies(x, self.dp_size),
+                            ring_received("all_gather", [x.nbytes] * self.dp_size, 0),
+                            (lambda t: torch.cat([t] * self.dp_size), (x,)))
 
     def dp_reduce_scatter(self, x):
-        mine = x[:x.shape[0] // self.dp_size]
+        n = x.shape[0] // self.dp_size
+        mine = x[:n]
         return self._record("reduce_scatter", mine,
-                            ring_received("reduce_scatter", [mine.nbytes] * self.dp_size, 0))
+                            ring_received("reduce_scatter", [mine.nbytes] * self.dp_size, 0),
+                            (lambda t: t[:n], (x,)))
 
 
 STAND_IN = "stand-in ep"      # the emulator's MC2 communicator of CountingDpRank

@@ -212,11 +212,14 @@ def test_the_counter_catches_a_host_read(checkpoint, monkeypatch):
         _assert_no_reads(reads)
 
 
-def test_moe_across_data_parallel_ranks_reads_nothing_back(checkpoint):
+@pytest.mark.parametrize("dispatch", [False, True], ids=["all-gather", "dispatch-combine"])
+def test_moe_across_data_parallel_ranks_reads_nothing_back(checkpoint, dispatch):
     """Expert parallel across data-parallel ranks (one rank of DP 2 x TP 1, the other rank's
-    rows stood in by zeros, its collectives kept local): the step's counts are the engine's host
-    values (vLLM's DPMetadata), the padding and this rank's rows are found by shape; nothing is
-    read back from the device."""
+    rows stood in by zeros, its collectives kept local; or MC2's dispatch and combine, the
+    other rank standing in with this one's tokens): the step's counts are the engine's host
+    values (vLLM's DPMetadata), the padding and this rank's rows are found by shape, the
+    padding rows masked off by a device comparison; nothing is read back from the device."""
+    from tests.npu_emulator import mc2
     from dataclasses import dataclass
 
     from ascend_qwen3.parallel import ParallelContext
@@ -234,10 +237,16 @@ def test_moe_across_data_parallel_ranks_reads_nothing_back(checkpoint):
         def dp_reduce_scatter(self, x):
             return x[:x.shape[0] // 2]
 
-    ctx = Rank0OfDp2(tp_rank=0, tp_size=1, expert_parallel=True, dp_rank=0, dp_size=2)
+    ctx = Rank0OfDp2(tp_rank=0, tp_size=1, expert_parallel=True, dp_rank=0, dp_size=2,
+                     dispatch_capacity=256 if dispatch else 0, ep_hccl_name="stand-in")
     with npu_backend() as emu:
-        model, _ = load_model(path, dtype="bfloat16", ctx=ctx)
-        assert model.layers[0].mlp.experts.count == model.config.num_experts // 2
-        reads = _one_decode_step(model)
+        mc2.register("stand-in", mc2.StandInRanks(2, 0))
+        try:
+            model, _ = load_model(path, dtype="bfloat16", ctx=ctx)
+            assert model.layers[0].mlp.experts.count == model.config.num_experts // 2
+            reads = _one_decode_step(model)
+        finally:
+            mc2.unregister("stand-in")
         assert emu.calls.count("npu_grouped_matmul") > 0
+        assert (emu.calls.count("npu_moe_distribute_combine_v2") > 0) == dispatch
     _assert_no_reads(reads)

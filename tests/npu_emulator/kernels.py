@@ -123,13 +123,16 @@ class KernelMode(TorchDispatchMode):
     def launched(self, name, fn, args, kwargs, result) -> None:
         raise NotImplementedError
 
-    def collective(self, name: str, tensor: torch.Tensor, received: int = 0) -> torch.Tensor:
+    def collective(self, name: str, tensor: torch.Tensor, received: int = 0,
+                   stand_in=None) -> torch.Tensor:
         """A collective of the parallel context a test gives the model (one HCCL kernel on
-        the NPU; the emulated single process keeps the tensor, as the test's context does).
-        ``received``: the bytes this rank receives in it (``ring_received``), kept in
-        ``traffic`` beside the layer that ran it."""
+        the NPU). ``tensor`` its result in the emulated single process: what the test's context
+        made it; ``stand_in`` (fn, inputs): how it made it, re-run when a graph replays the
+        collective (else the tensor is kept as it is). ``received``: the bytes this rank
+        receives in it (``ring_received``), kept in ``traffic`` beside the layer that ran it."""
         self.traffic.append((self.layer, f"collective.{name}", int(received)))
-        self.launched(f"collective.{name}", _keep, (tensor,), {}, tensor)
+        fn, inputs = stand_in if stand_in is not None else (_keep, (tensor,))
+        self.launched(f"collective.{name}", fn, tuple(inputs), {}, tensor)
         return tensor
 
     def _torch_npu_call(self, name, args, kwargs, result) -> None:

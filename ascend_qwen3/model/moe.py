@@ -32,8 +32,16 @@ A2 (``vllm_ascend/ops/fused_moe/prepare_finalize.py``, ``_prepare_with_dp_group`
 ``_finalize_with_dp_group``: "DP AG -> MoE -> DP RS -> TP AR"), without its second all-gather
 (of the router logits: the router runs here on the gathered rows). Per rank and step it receives
 3.75 rows of hidden state per padded token against 4.75 for one all-reduce of every gathered
-row over the whole expert-parallel group (docs/serving.md has the bytes). A data-parallel rank
-with no request runs the engine's dummy batch, so every rank joins every step's collectives.
+row over the whole expert-parallel group (docs/multi-node.md has the bytes). A data-parallel
+rank with no request runs the engine's dummy batch, so every rank joins every step's collectives.
+
+Where the context says so (``ParallelContext.dispatch_exchange``: inside vllm-ascend, as it
+chooses MC2 on Atlas A2), steps of up to its capacity exchange by dispatch and combine instead
+(``forward_dispatch_combine``): each tensor-parallel rank routes its share of the rows,
+``ops.ep_dispatch`` sends each (token, expert) pair to the expert's rank, ``ops.ep_combine``
+brings the outputs back weighted, and a tensor-parallel all-gather joins the shares: only the
+routed pairs cross the network, and the routing, permutation and weighting happen inside the
+two collectives (vllm-ascend's ``TokenDispatcherWithMC2``).
 """
 
 from __future__ import annotations

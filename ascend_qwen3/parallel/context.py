@@ -8,9 +8,12 @@ Data parallel (``dp_size`` > 1) exists only inside a serving engine, where each 
 rank runs its own batch on its own tensor-parallel group; with expert parallel the experts are
 spread over all of them (EP = DP x TP, expert-parallel rank = dp_rank x tp_size + tp_rank, the
 order of vLLM's EP group) and the MoE layers exchange tokens across the data-parallel ranks. The
-collectives that needs (``dp_token_counts``, ``dp_all_gather``, ``dp_reduce_scatter``) run over
-torch.distributed groups here (``parallel.launch.run_parallel(..., dp=N)`` makes them, for tests)
-and over the engine's groups inside vLLM (``vllm_plugin.model.VllmParallelContext``).
+collectives that needs (``dp_token_counts``, ``dp_all_gather``, ``dp_reduce_scatter``,
+``all_gather_rows``) run over torch.distributed groups here (``parallel.launch.run_parallel(...,
+dp=N)`` makes them, for tests) and over the engine's groups inside vLLM
+(``vllm_plugin.model.VllmParallelContext``). With ``dispatch_capacity`` set, steps up to it
+exchange by ``ops.ep_dispatch`` / ``ops.ep_combine`` over ``expert_group`` instead (MC2 on the
+NPU, over the HCCL communicator ``ep_hccl_name``).
 """
 
 from __future__ import annotations

@@ -971,7 +971,7 @@ def test_moe_exchange_by_dispatch_and_combine_moves_the_pairs(monkeypatch, check
     ranks route to its 8 experts (dispatch), its own tokens' pairs from the other ranks'
     experts (combine), and the other tensor-parallel ranks' slices of its data-parallel rank's
     padded step (all-gather). From 64 tokens per rank on, that is less than the all-gather
-    exchange receives (docs/serving.md has the numbers); at 1 it is more (the tensor-parallel
+    exchange receives (docs/multi-node.md has the numbers); at 1 it is more (the tensor-parallel
     all-gather moves 8 padded rows), as for vllm-ascend's own MC2."""
     row = TWO_NODE["hidden"] * 2
     got = moe_exchange_bytes(monkeypatch, checkpoint, batch, **TWO_NODE, dispatch=True,

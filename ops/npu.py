@@ -1336,57 +1336,38 @@ NPU_CALL_DIFFERENCES: dict[str, str] = {
         'ours: A2 has no TP domain in MC2 (torch_npu-npu_moe_distribute_dispatch_v2.md: '
         'tp_world_size 0 or 1, default 0).'),
     'npu_moe_distribute_dispatch_v2.tp_world_size': (
-        "Only on A3 / A5: vllm-ascend's TokenDispatcherWithMC2 adds group_tp, tp_world_size and "
-        'tp_rank_id (and tp_send_counts to the combine) when need_extra_args, i.e. the device is '
-        'A3 or A5 (vllm_ascend/ops/fused_moe/token_dispatcher.py, __init__ and '
-        'get_dispatch_mc2_kwargs / get_combine_mc_kwargs). On Atlas A2 it passes none of them, as '
-        'ours: A2 has no TP domain in MC2 (torch_npu-npu_moe_distribute_dispatch_v2.md: '
-        'tp_world_size 0 or 1, default 0).'),
+        'A TP-domain argument, like group_tp (the entry above): vllm-ascend passes it only on A3 '
+        '/ A5 (vllm_ascend/ops/fused_moe/token_dispatcher.py, need_extra_args); on A2 neither it '
+        'nor ours does.'),
     'npu_moe_distribute_dispatch_v2.tp_rank_id': (
-        "Only on A3 / A5: vllm-ascend's TokenDispatcherWithMC2 adds group_tp, tp_world_size and "
-        'tp_rank_id (and tp_send_counts to the combine) when need_extra_args, i.e. the device is '
-        'A3 or A5 (vllm_ascend/ops/fused_moe/token_dispatcher.py, __init__ and '
-        'get_dispatch_mc2_kwargs / get_combine_mc_kwargs). On Atlas A2 it passes none of them, as '
-        'ours: A2 has no TP domain in MC2 (torch_npu-npu_moe_distribute_dispatch_v2.md: '
-        'tp_world_size 0 or 1, default 0).'),
+        "The TP rank in MC2's TP domain: vllm-ascend passes 0 only on A3 / A5 "
+        "(vllm_ascend/ops/fused_moe/token_dispatcher.py, need_extra_args); A2's MC2 has no TP "
+        'domain, so neither passes it there.'),
     'npu_moe_distribute_combine_v2.group_tp': (
-        "Only on A3 / A5: vllm-ascend's TokenDispatcherWithMC2 adds group_tp, tp_world_size and "
-        'tp_rank_id (and tp_send_counts to the combine) when need_extra_args, i.e. the device is '
-        'A3 or A5 (vllm_ascend/ops/fused_moe/token_dispatcher.py, __init__ and '
-        'get_dispatch_mc2_kwargs / get_combine_mc_kwargs). On Atlas A2 it passes none of them, as '
-        'ours: A2 has no TP domain in MC2 (torch_npu-npu_moe_distribute_dispatch_v2.md: '
-        'tp_world_size 0 or 1, default 0).'),
+        "The combine's TP domain, set with the dispatch's "
+        '(npu_moe_distribute_dispatch_v2.group_tp): vllm-ascend passes it on A3 / A5 only '
+        '(vllm_ascend/ops/fused_moe/token_dispatcher.py get_combine_mc_kwargs).'),
     'npu_moe_distribute_combine_v2.tp_world_size': (
-        "Only on A3 / A5: vllm-ascend's TokenDispatcherWithMC2 adds group_tp, tp_world_size and "
-        'tp_rank_id (and tp_send_counts to the combine) when need_extra_args, i.e. the device is '
-        'A3 or A5 (vllm_ascend/ops/fused_moe/token_dispatcher.py, __init__ and '
-        'get_dispatch_mc2_kwargs / get_combine_mc_kwargs). On Atlas A2 it passes none of them, as '
-        'ours: A2 has no TP domain in MC2 (torch_npu-npu_moe_distribute_dispatch_v2.md: '
-        'tp_world_size 0 or 1, default 0).'),
+        'Left at its default 0 on A2 by vllm-ascend too: it sets it only when need_extra_args (A3 '
+        '/ A5; vllm_ascend/ops/fused_moe/token_dispatcher.py get_combine_mc_kwargs).'),
     'npu_moe_distribute_combine_v2.tp_rank_id': (
-        "Only on A3 / A5: vllm-ascend's TokenDispatcherWithMC2 adds group_tp, tp_world_size and "
-        'tp_rank_id (and tp_send_counts to the combine) when need_extra_args, i.e. the device is '
-        'A3 or A5 (vllm_ascend/ops/fused_moe/token_dispatcher.py, __init__ and '
-        'get_dispatch_mc2_kwargs / get_combine_mc_kwargs). On Atlas A2 it passes none of them, as '
-        'ours: A2 has no TP domain in MC2 (torch_npu-npu_moe_distribute_dispatch_v2.md: '
-        'tp_world_size 0 or 1, default 0).'),
+        'Passed by vllm-ascend on A3 / A5 alone (vllm_ascend/ops/fused_moe/token_dispatcher.py '
+        'get_combine_mc_kwargs, need_extra_args); A2 runs the combine without a TP domain, as '
+        'ours calls it.'),
     'npu_moe_distribute_combine_v2.tp_send_counts': (
-        "Only on A3 / A5: vllm-ascend's TokenDispatcherWithMC2 adds group_tp, tp_world_size and "
-        'tp_rank_id (and tp_send_counts to the combine) when need_extra_args, i.e. the device is '
-        'A3 or A5 (vllm_ascend/ops/fused_moe/token_dispatcher.py, __init__ and '
-        'get_dispatch_mc2_kwargs / get_combine_mc_kwargs). On Atlas A2 it passes none of them, as '
-        'ours: A2 has no TP domain in MC2 (torch_npu-npu_moe_distribute_dispatch_v2.md: '
-        'tp_world_size 0 or 1, default 0).'),
+        "The dispatch's tp_recv_counts, which vllm-ascend hands back only on A3 / A5 "
+        '(vllm_ascend/ops/fused_moe/token_dispatcher.py get_combine_mc_kwargs); on A2 the '
+        'dispatch returns it empty and neither passes it.'),
     'npu_moe_distribute_dispatch_v2.comm_alg': (
         'Only with hierarchical communication: vllm-ascend passes comm_alg="hierarchy" when '
         'ascend_config.enable_mc2_hierarchy_comm is set (vllm_ascend/ops/fused_moe/token_dispatcher.py, need_comm_alg); off '
         'by default, and ours runs the default full-mesh algorithm, as vllm-ascend does without '
         'it (comm_alg "").'),
     'npu_moe_distribute_combine_v2.comm_alg': (
-        'Only with hierarchical communication: vllm-ascend passes comm_alg="hierarchy" when '
-        'ascend_config.enable_mc2_hierarchy_comm is set (vllm_ascend/ops/fused_moe/token_dispatcher.py, need_comm_alg); off '
-        'by default, and ours runs the default full-mesh algorithm, as vllm-ascend does without '
-        'it (comm_alg "").'),
+        'As for the dispatch (npu_moe_distribute_dispatch_v2.comm_alg): the hierarchical '
+        'algorithm only with enable_mc2_hierarchy_comm '
+        '(vllm_ascend/ops/fused_moe/token_dispatcher.py get_combine_mc_kwargs); ours and '
+        "vllm-ascend's default run full mesh."),
     'npu_moe_distribute_dispatch_v2.expert_scales': (
         'vllm-ascend passes the router weights to the dispatch only with hierarchical '
         'communication or on A5 (vllm_ascend/ops/fused_moe/token_dispatcher.py, need_expert_scale / a5_need_extra_args); '

@@ -190,3 +190,33 @@ def test_the_plugin_takes_mc2_where_vllm_ascend_does():
     assert compat.mc2_capacity(config(capture=100), 128, 16, 8) == 104
     assert compat.mc2_capacity(config(capture=8192), 128, 16, 8) == 256 * 8
     assert compat.mc2_capacity(config(capture=None), 128, 32, 4) == 256   # eager: max_num_seqs
+
+
+def test_inside_vllm_ascend_the_mask_is_its_own(monkeypatch):
+    """Inside vllm-ascend the dispatch's mask is vllm-ascend's per-step buffer of real tokens
+    (``_EXTRA_CTX.mc2_mask``, filled before every forward and graph replay), this tensor-
+    parallel rank's slice of it, a view: a captured graph reads each step's. Without one (no
+    vllm-ascend, another length) the step's count decides."""
+    import sys
+    import types
+
+    from ascend_qwen3.vllm_plugin.model import VllmParallelContext
+
+    ctx = VllmParallelContext(tp_rank=1, tp_size=2, expert_parallel=True, dp_rank=0, dp_size=2)
+    rows = torch.arange(8)
+    assert ctx.dispatch_active(8, 4, 4, rows) is None                # no vllm-ascend: all real
+    assert ctx.dispatch_active(6, 4, 4, rows).tolist() == [True, True, False, False]
+
+    buffer = torch.zeros(16, dtype=torch.bool)
+    buffer[:5] = True                                                 # 5 real tokens this step
+    extra = types.SimpleNamespace(mc2_mask=buffer[:8])
+    fake = types.ModuleType("vllm_ascend.ascend_forward_context")
+    fake._EXTRA_CTX = extra
+    monkeypatch.setitem(sys.modules, "vllm_ascend", types.ModuleType("vllm_ascend"))
+    monkeypatch.setitem(sys.modules, "vllm_ascend.ascend_forward_context", fake)
+    mask = ctx.dispatch_active(8, 4, 4, rows)
+    assert mask.tolist() == [True, False, False, False]
+    buffer[5:7] = True                                                # the next step: 7 real
+    assert mask.tolist() == [True, True, True, False]                 # the same storage
+    extra.mc2_mask = buffer[:6]                                       # another step length
+    assert ctx.dispatch_active(8, 4, 4, rows) is None

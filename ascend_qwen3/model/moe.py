@@ -208,9 +208,9 @@ class Qwen3SparseMoeBlock(nn.Module):
         n = padded // ctx.tp_size
         first = ctx.tp_rank * n
         mine = x[first:first + n]
-        # the rows past this rank's real tokens take no part (a host decision: no mask at all
-        # when every row is real, as under graphs, where the engine pads every rank to one count)
-        active = None if first + n <= T else self._rows(first + n, x.device)[first:] < T
+        # the rows past this rank's real tokens take no part (inside vllm-ascend: its own mask
+        # of the step's real tokens, refreshed before every graph replay)
+        active = ctx.dispatch_active(T, first, n, self._rows(padded, x.device))
         logits = self.ops.linear(mine, self.gate)
         weights, ids = self.ops.moe_gating_topk(logits, self.top_k, self.renormalize)
         experts, quantised = self.experts, self.experts.scheme is not None

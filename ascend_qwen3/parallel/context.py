@@ -78,6 +78,13 @@ class ParallelContext:
         ``ops.ep_combine``; False: the all-gather exchange."""
         return self.experts_across_dp and 0 < padded_tokens <= self.dispatch_capacity
 
+    def dispatch_active(self, tokens: int, first: int, n: int, rows: torch.Tensor):
+        """Which of rows ``first`` .. ``first + n`` of a step padded past its ``tokens`` rows
+        take part in the dispatch: a bool [n] mask on the rows' device, or None for all.
+        ``rows``: 0, 1, ... on that device (a view, no kernel). Here: the rows before
+        ``tokens`` (a host decision: no mask at all when every row is real)."""
+        return None if first + n <= tokens else rows[first:first + n] < tokens
+
     @property
     def expert_group(self):
         """The expert-parallel group as ``ops.ep_dispatch`` takes it."""

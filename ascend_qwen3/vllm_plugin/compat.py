@@ -554,6 +554,23 @@ def mc2_capacity(vllm_config, num_experts: int, ep_size: int, tp_size: int) -> i
     return min(int(capacity), MC2_A2_MAX_TOKENS_PER_RANK * tp_size)
 
 
+def mc2_active_mask(padded: int) -> torch.Tensor | None:
+    """vllm-ascend's MC2 mask of this step: True for the step's real tokens, False for its
+    padding, ``padded`` rows of a persistent buffer that vllm-ascend fills before every forward,
+    graph replays included (``_EXTRA_CTX.mc2_mask``, ``vllm_ascend/ascend_forward_context.py``
+    181-191 and 224-237; its MC2 layers slice it per tensor-parallel rank,
+    ``ops/fused_moe/prepare_finalize.py`` 271-275). None outside vllm-ascend's forward, or when
+    it keeps none of this length."""
+    try:
+        from vllm_ascend.ascend_forward_context import _EXTRA_CTX
+        mask = _EXTRA_CTX.mc2_mask
+    except (ImportError, AttributeError, AssertionError):   # no vllm-ascend, or no forward
+        return None
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 1 or mask.shape[0] != padded:
+        return None
+    return mask
+
+
 def mc2_hccl_name() -> str:
     """The HCCL communicator name of vllm-ascend's MC2 group (the expert-parallel ranks), what
     ``torch_npu.npu_moe_distribute_dispatch_v2`` takes as ``group_ep``

